@@ -1,0 +1,28 @@
+"""prunekit: make trained PyTorch models smaller and faster by pruning them.
+
+The public verbs:
+
+>>> import torch, prunekit
+>>> net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+>>> report = prunekit.prune(net, sparsity=0.5, scope="global")  # masks, on a copy
+>>> pruned = prunekit.finalize(report.model)                      # plain nn.Sequential again
+>>> round(prunekit.stats(pruned).layer("0").sparsity, 2)
+0.5
+"""
+
+from prunekit._version import __version__
+from prunekit.compress.io import load, save
+from prunekit.masks import finalize
+from prunekit.prune import prune
+from prunekit.report import PruneReport, SparsityReport, stats
+
+__all__ = [
+    "PruneReport",
+    "SparsityReport",
+    "__version__",
+    "finalize",
+    "load",
+    "prune",
+    "save",
+    "stats",
+]

@@ -1,0 +1,1 @@
+"""Storage: save and load pruned models without pickle."""

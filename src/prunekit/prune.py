@@ -1,0 +1,232 @@
+"""The ``prune`` verb: score, pattern and scope, composed; masks applied all at once."""
+
+from __future__ import annotations
+
+import copy
+import numbers
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.masks import apply_mask
+from prunekit.patterns import NM, Pattern, parse_pattern
+from prunekit.report import PruneReport, layer_stats, model_counts
+from prunekit.scope import NORMALIZATIONS, SCOPES, normalize_scores, select_global, select_local
+from prunekit.scores import Criterion, LayerContext, get_criterion
+from prunekit.targets import Target, per_layer_overrides, resolve_targets
+
+DEFAULT_SPARSITY = 0.5
+
+
+def _check_sparsity(value: Any, what: str = "sparsity") -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{what} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _resolve_sparsity(sparsity: float | None, pattern: Pattern) -> float:
+    if isinstance(pattern, NM):
+        if sparsity is not None and abs(_check_sparsity(sparsity) - pattern.sparsity) > 1e-9:
+            raise ValueError(
+                f"pattern {pattern} implies sparsity {pattern.sparsity:g}, but sparsity={sparsity!r} "
+                "was given; leave sparsity out (or equal to 1 - N/M) for N:M patterns"
+            )
+        return pattern.sparsity
+    return DEFAULT_SPARSITY if sparsity is None else _check_sparsity(sparsity)
+
+
+def _check_choice(name: str, value: Any, accepted: Iterable[str]) -> str:
+    accepted = tuple(accepted)
+    if value not in accepted:
+        raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(map(repr, accepted))}")
+    return value
+
+
+def _element_scores(criterion: Criterion, target: Target, stats: dict, generator) -> torch.Tensor:
+    """Scores shaped like the weight; entries that are already zero get -inf (removed first)."""
+    weight = target.weight()
+    context = LayerContext(target, weight, stats.get(target.name, {}), generator)
+    scores = criterion.score(context).detach().float()
+    if scores.shape != weight.shape:
+        raise ValueError(
+            f"criterion {criterion.name!r} returned shape {tuple(scores.shape)} for "
+            f"{target.name} of shape {tuple(weight.shape)}"
+        )
+    return scores.masked_fill(weight == 0, float("-inf"))
+
+
+def _plan_masks(
+    targets: list[Target],
+    scores: dict[str, torch.Tensor],
+    pattern: Pattern,
+    sparsity: float,
+    overrides: dict[str, float],
+    scope: str,
+    normalize: str,
+) -> dict[str, torch.Tensor]:
+    """Keep-masks (weight-shaped, bool) for every target; touches no weight."""
+    matrices = {t.name: t.as_matrix(scores[t.name]) for t in targets}
+    if isinstance(pattern, NM):
+        return {
+            t.name: t.from_matrix(pattern.keep_mask(matrices[t.name]), scores[t.name].shape)
+            for t in targets
+        }
+    unit_scores = {t.name: pattern.unit_scores(matrices[t.name]) for t in targets}
+    unit_keep: dict[str, torch.Tensor] = {}
+    pool = [t for t in targets if scope == "global" and t.name not in overrides]
+    for t in targets:
+        if t not in pool:
+            unit_keep[t.name] = select_local(unit_scores[t.name], overrides.get(t.name, sparsity))
+    pooled = [normalize_scores(unit_scores[t.name], normalize) for t in pool]
+    for t, keep in zip(pool, select_global(pooled, sparsity), strict=True):
+        unit_keep[t.name] = keep
+    return {
+        t.name: t.from_matrix(
+            pattern.expand(unit_keep[t.name], tuple(matrices[t.name].shape)), scores[t.name].shape
+        )
+        for t in targets
+    }
+
+
+def prune(
+    model: nn.Module,
+    sparsity: float | None = None,
+    method: str | Criterion = "magnitude",
+    pattern: str | Pattern = "unstructured",
+    scope: str = "global",
+    targets: str | Iterable[str] | None = None,
+    ignore: str | Iterable[str] | None = None,
+    per_layer: dict[str, float] | None = None,
+    *,
+    normalize: str = "auto",
+    data: Iterable[Any] | None = None,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    max_batches: int | None = None,
+    seed: int = 0,
+    inplace: bool = False,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune the weights of a model with masks, and report what was removed.
+
+    Args:
+        model: any ``nn.Module``.
+        sparsity: fraction of zeros in the targeted weights after the call, in [0, 1) (absolute,
+            not "of what remains"; default 0.5). Global scope: over all targeted weights
+            together; local: in each layer. Implied by N:M patterns.
+        method: importance criterion: ``"magnitude"`` (|w|), ``"random"`` (seeded),
+            ``"taylor"`` (|w * grad| summed over ``data`` batches, needs ``loss_fn``), or any
+            registered :class:`prunekit.scores.Criterion`.
+        pattern: ``"unstructured"``, ``"N:M"`` (e.g. ``"2:4"``) or ``"block:RxC"``.
+        scope: ``"global"`` (one ranking over all targeted layers) or ``"local"``.
+        targets: name patterns (glob, or ``re:`` regex) of the layers to prune. Default: every
+            Linear / Conv weight except the output head (see :mod:`prunekit.targets`).
+        ignore: name patterns of layers to leave alone.
+        per_layer: ``{pattern: sparsity}`` overrides; matching layers get their own (local)
+            sparsity, the first matching pattern wins.
+        normalize: per-layer score normalisation under global scope: ``"auto"``, ``"none"``,
+            ``"mean"``, ``"l2"`` or ``"max"`` (see :mod:`prunekit.scope`).
+        data: batches for data-driven methods (``taylor``).
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor`` for data-driven methods.
+        max_batches: use at most this many batches of ``data``.
+        seed: seed of the ``random`` method (and of any stochastic criterion).
+        inplace: prune ``model`` itself; by default a deep copy is pruned and ``model`` is left
+            untouched.
+        progress: show progress bars for data-driven scoring.
+
+    Returns:
+        A :class:`PruneReport`: per-layer and total params, zeros and sparsity (``print`` it, or
+        ``.to_dict()``), with the pruned model in ``.model``.
+
+    Pruning an already pruned model extends its masks: a zero stays zero.
+
+    Example:
+        >>> import torch, prunekit
+        >>> net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        >>> report = prunekit.prune(net, sparsity=0.5, pattern="2:4")
+        >>> report.sparsity
+        0.5
+    """
+    pattern = parse_pattern(pattern)
+    sparsity = _resolve_sparsity(sparsity, pattern)
+    criterion = get_criterion(method)
+    _check_choice("scope", scope, SCOPES)
+    _check_choice("normalize", normalize, NORMALIZATIONS)
+    overrides_in = dict(per_layer or {})
+    for key, value in overrides_in.items():
+        _check_sparsity(value, f"per_layer[{key!r}]")
+    if overrides_in and isinstance(pattern, NM):
+        raise ValueError(
+            "per_layer sparsities do not apply to N:M patterns (their sparsity is fixed)"
+        )
+    if criterion.needs_data and (data is None or loss_fn is None):
+        raise ValueError(
+            f"method {criterion.name!r} scores weights on data: pass data=<iterable of batches> "
+            "and loss_fn=<callable(model, batch) -> scalar loss>"
+        )
+    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+
+    # Validate names on the user's model before copying anything.
+    chosen = resolve_targets(model, targets, ignore)
+    overrides = per_layer_overrides(chosen, overrides_in)
+    if not inplace:
+        names = [t.module_name for t in chosen]
+        model = copy.deepcopy(model)
+        modules = dict(model.named_modules())
+        chosen = [Target(n, modules[n]) for n in names]
+
+    skipped: dict[str, str] = {}
+    usable = []
+    for t in chosen:
+        reason = pattern.skip_reason(tuple(t.as_matrix(t.weight()).shape))
+        if reason:
+            skipped[t.name] = reason
+            warnings.warn(
+                f"prunekit: skipping {t.name} for pattern {pattern}: {reason}", stacklevel=2
+            )
+        else:
+            usable.append(t)
+    if not usable:
+        raise ValueError(
+            f"no targeted layer can take pattern {pattern}: "
+            + "; ".join(f"{n}: {r}" for n, r in skipped.items())
+        )
+
+    stats = {}
+    if criterion.needs_data:
+        stats = criterion.collect(
+            model, usable, data=data, loss_fn=loss_fn, max_batches=max_batches, progress=progress
+        )
+    if normalize == "auto":
+        normalize = "none" if criterion.comparable_across_layers else "mean"
+    generator = torch.Generator().manual_seed(seed)
+    scores = {t.name: _element_scores(criterion, t, stats, generator) for t in usable}
+    keeps = _plan_masks(usable, scores, pattern, sparsity, overrides, scope, normalize)
+
+    for t in usable:
+        apply_mask(t.module, t.param_name, keeps[t.name])
+
+    rows = [layer_stats(t) for t in chosen]
+    for row in rows:
+        wanted = overrides.get(row.name, sparsity)
+        if (
+            row.name not in skipped
+            and (scope == "local" or row.name in overrides)
+            and row.sparsity > wanted + 1.0 / row.params
+        ):
+            warnings.warn(
+                f"prunekit: {row.name} was already sparser ({row.sparsity:.4f}) than asked "
+                f"({wanted:.4f}); its zeros stay zero",
+                stacklevel=2,
+            )
+    params, zeros = model_counts(model)
+    settings = {
+        "method": criterion.name,
+        "pattern": str(pattern),
+        "scope": scope,
+        "sparsity": sparsity,
+    }
+    return PruneReport(rows, params, zeros, skipped, model=model, settings=settings)

@@ -1,0 +1,77 @@
+"""The criterion interface and its registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from prunekit.targets import Target
+
+
+@dataclass
+class LayerContext:
+    """What a score function sees for one layer."""
+
+    target: Target
+    weight: torch.Tensor
+    """The effective (masked) weight, detached."""
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Statistics the criterion's collector gathered for this layer (empty if none)."""
+    generator: torch.Generator | None = None
+    """Seeded random generator shared by the whole call (for stochastic criteria)."""
+
+
+ScoreFn = Callable[[LayerContext], torch.Tensor]
+CollectFn = Callable[..., dict[str, dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """An importance criterion.
+
+    Attributes:
+        name: the ``method=`` name users pass.
+        score: maps a :class:`LayerContext` to a score tensor shaped like the weight.
+        comparable_across_layers: whether raw scores of different layers may compete in one
+            global ranking; when False, global scope normalises each layer's scores by default.
+        collect: for data-driven criteria, ``collect(model, targets, data=, loss_fn=,
+            max_batches=, progress=)`` returning per-target statistics.
+    """
+
+    name: str
+    score: ScoreFn
+    comparable_across_layers: bool = True
+    collect: CollectFn | None = None
+
+    @property
+    def needs_data(self) -> bool:
+        return self.collect is not None
+
+
+_REGISTRY: dict[str, Criterion] = {}
+
+
+def register(criterion: Criterion) -> Criterion:
+    """Register a criterion under its name (replacing any previous one of that name)."""
+    _REGISTRY[criterion.name] = criterion
+    return criterion
+
+
+def list_criteria() -> list[str]:
+    """Names of the registered criteria."""
+    return sorted(_REGISTRY)
+
+
+def get_criterion(method: Any) -> Criterion:
+    """Look a criterion up by name; a :class:`Criterion` passes through."""
+    if isinstance(method, Criterion):
+        return method
+    if not isinstance(method, str) or method not in _REGISTRY:
+        raise ValueError(
+            f"unknown method {method!r}; accepted: {', '.join(list_criteria())}, "
+            "or a prunekit.scores.Criterion"
+        )
+    return _REGISTRY[method]
