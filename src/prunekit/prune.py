@@ -14,7 +14,14 @@ from torch import nn
 from prunekit.masks import apply_mask
 from prunekit.patterns import NM, Pattern, parse_pattern
 from prunekit.report import PruneReport, layer_stats, model_counts
-from prunekit.scope import NORMALIZATIONS, SCOPES, normalize_scores, select_global, select_local
+from prunekit.scope import (
+    NORMALIZATIONS,
+    SCOPES,
+    count_to_remove,
+    normalize_scores,
+    select_global,
+    select_local,
+)
 from prunekit.scores import Criterion, LayerContext, get_criterion
 from prunekit.targets import Target, per_layer_overrides, resolve_targets
 
@@ -58,6 +65,18 @@ def _element_scores(criterion: Criterion, target: Target, stats: dict, generator
     return scores.masked_fill(weight == 0, float("-inf"))
 
 
+def _warn_if_already_sparser(what: str, unit_scores: list[torch.Tensor], sparsity: float) -> None:
+    """Zeros are never revived: say so when more units are already zero than the call removes."""
+    units = sum(s.numel() for s in unit_scores)
+    dead = sum(int(torch.isneginf(s).sum()) for s in unit_scores)
+    if dead > count_to_remove(sparsity, units):
+        warnings.warn(
+            f"prunekit: {what} is already sparser ({dead / units:.4f}) than asked "
+            f"({sparsity:.4f}); its zeros stay zero",
+            stacklevel=3,
+        )
+
+
 def _plan_masks(
     targets: list[Target],
     scores: dict[str, torch.Tensor],
@@ -79,8 +98,12 @@ def _plan_masks(
     pool = [t for t in targets if scope == "global" and t.name not in overrides]
     for t in targets:
         if t not in pool:
-            unit_keep[t.name] = select_local(unit_scores[t.name], overrides.get(t.name, sparsity))
+            wanted = overrides.get(t.name, sparsity)
+            _warn_if_already_sparser(t.name, [unit_scores[t.name]], wanted)
+            unit_keep[t.name] = select_local(unit_scores[t.name], wanted)
     pooled = [normalize_scores(unit_scores[t.name], normalize) for t in pool]
+    if pool:
+        _warn_if_already_sparser("the global pool", pooled, sparsity)
     for t, keep in zip(pool, select_global(pooled, sparsity), strict=True):
         unit_keep[t.name] = keep
     return {
@@ -210,18 +233,6 @@ def prune(
         apply_mask(t.module, t.param_name, keeps[t.name])
 
     rows = [layer_stats(t) for t in chosen]
-    for row in rows:
-        wanted = overrides.get(row.name, sparsity)
-        if (
-            row.name not in skipped
-            and (scope == "local" or row.name in overrides)
-            and row.sparsity > wanted + 1.0 / row.params
-        ):
-            warnings.warn(
-                f"prunekit: {row.name} was already sparser ({row.sparsity:.4f}) than asked "
-                f"({wanted:.4f}); its zeros stay zero",
-                stacklevel=2,
-            )
     params, zeros = model_counts(model)
     settings = {
         "method": criterion.name,
