@@ -113,3 +113,12 @@ def test_tied_weights_are_stored_once() -> None:
 def test_mask_packing_round_trips(shape, seed) -> None:
     mask = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) > 0.5
     assert torch.equal(unpack_mask(pack_mask(mask), shape), mask)
+
+
+def test_load_replaces_masks_the_model_already_has(cnn: SmallCNN, tmp_path) -> None:
+    saved = prunekit.prune(cnn, 0.5, method="random", seed=1).model
+    folder = prunekit.save(saved, tmp_path / "s")
+    busy = prunekit.prune(SmallCNN(), 0.5, method="random", seed=2).model
+    restored = prunekit.load(folder, busy)
+    assert torch.equal(get_mask(restored.fc1), get_mask(saved.fc1))
+    assert all(torch.equal(v, restored.state_dict()[k]) for k, v in saved.state_dict().items())

@@ -234,10 +234,7 @@ def prune(
 
     rows = [layer_stats(t) for t in chosen]
     params, zeros = model_counts(model)
-    settings = {
-        "method": criterion.name,
-        "pattern": str(pattern),
-        "scope": scope,
-        "sparsity": sparsity,
-    }
+    settings = {"method": criterion.name, "pattern": str(pattern), "sparsity": sparsity}
+    if pattern.selects_by_count:
+        settings["scope"] = scope
     return PruneReport(rows, params, zeros, skipped, model=model, settings=settings)

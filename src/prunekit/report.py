@@ -83,7 +83,9 @@ class SparsityReport:
         header = ("layer", "shape", "params", "nonzeros", "sparsity")
         rows = [
             (
-                r.name + (" *" if r.masked else ""),
+                r.name
+                + (" *" if r.masked else "")
+                + (" (skipped)" if r.name in self.skipped else ""),
                 "x".join(map(str, r.shape)),
                 f"{r.params:,}",
                 f"{r.nonzeros:,}",

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunekit._version import __version__
-from prunekit.masks import MASK_SUFFIX, apply_mask, masked_parameters
+from prunekit.masks import MASK_SUFFIX, apply_mask, masked_parameters, remove_mask
 from prunekit.report import stats
 
 FORMAT_VERSION = 1
@@ -153,10 +153,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
-    """Load weights and masks saved by :func:`save` into ``model`` (a fresh instance), in place.
+    """Load weights and masks saved by :func:`save` into ``model``, in place.
 
-    The weights are restored bit for bit and every mask is re-attached, so pruning or training
-    can go on. Shapes must match exactly; a mismatch raises before any weight is changed.
+    ``model`` is an instance of the saved architecture (fresh, or carrying masks of its own,
+    which the saved ones replace). The weights are restored bit for bit and every mask is
+    re-attached, so pruning or training can go on. Shapes must match exactly; a mismatch raises before any weight is changed.
 
     Example:
         >>> restored = prunekit.load("out/net", MyNet())  # doctest: +SKIP
@@ -179,6 +180,8 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     }
     _check_compatible(expected, tensors, meta, params)
 
+    for _, module, name in list(masked_parameters(model)):
+        remove_mask(module, name)  # the file's masks replace any the model carries
     modules = dict(model.named_modules())
     for name, packed in masks.items():
         module_name, _, param_name = name.rpartition(".")
