@@ -131,10 +131,18 @@ def test_apply_mask_rejects_wrong_shape() -> None:
         apply_mask(layer, "weight", torch.ones(3, 3, dtype=torch.bool))
 
 
-def test_dtype_and_device_moves_keep_bool_mask(masked: SmallCNN) -> None:
-    half = copy.deepcopy(masked).to(torch.float64)
-    assert get_mask(half.fc1).dtype == torch.bool
-    assert half.fc1.weight.dtype == torch.float64
+def test_dtype_moves_carry_the_mask_along(masked: SmallCNN, cnn_input) -> None:
+    wide = copy.deepcopy(masked).to(torch.float64)
+    assert wide.fc1.weight_mask.dtype == torch.float64 == wide.fc1.weight.dtype
+    assert torch.equal(get_mask(wide.fc1), get_mask(masked.fc1))
+    torch.testing.assert_close(wide(cnn_input.double()).float(), masked(cnn_input))
+
+
+def test_get_mask_is_a_bool_copy(masked: SmallCNN) -> None:
+    mask = get_mask(masked.fc1)
+    assert mask.dtype == torch.bool
+    mask.fill_(True)
+    assert not get_mask(masked.fc1).all()
 
 
 def test_pickled_bytes_do_not_need_prunekit_classes_by_name(masked: SmallCNN) -> None:

@@ -3,11 +3,19 @@
 How it works: masking parameter ``weight`` of a module swaps the module's class for a small
 subclass (``MaskedLinear`` for ``nn.Linear`` and so on) whose ``weight`` is a property returning
 ``raw * mask``. The raw tensor stays a normal ``nn.Parameter`` under its own name, so
-``state_dict()`` keeps the key ``weight`` (plus a bool buffer ``weight_mask``) and optimisers see
-the same parameter object. Because the mask multiplies the weight inside the forward pass, the
-gradient of every masked entry is exactly zero: plain SGD, momentum, Adam and AdamW never revive
-a pruned weight. The raw values at masked positions are also set to zero, so the raw parameter
-alone is already the pruned weight.
+``state_dict()`` keeps the key ``weight`` (plus a 0/1 buffer ``weight_mask`` in the weight's
+dtype: multiplying by it is twice as fast as by a bool mask) and optimisers see the same
+parameter object. Because the mask multiplies the weight inside the forward pass, the gradient
+of every masked entry is exactly zero, and the raw values at masked positions are set to zero
+when the mask is applied; SGD (with momentum), Adam and AdamW started after masking therefore
+never move them. Optimiser state from before the mask (momentum) can move a raw value, but the
+effective weight stays zero regardless, :func:`finalize` bakes the mask in, and
+:func:`reapply_masks` re-zeroes the raw values.
+
+One consequence to know: on a masked module ``module.weight`` is a computed tensor, not the
+parameter. Read gradients, re-initialise or edit weights through ``raw_parameter(module)`` (or
+``model.parameters()``); ``module.weight.grad`` is None and ``module.weight.data.fill_()``
+changes nothing.
 
 Unlike ``torch.nn.utils.prune`` there are no forward pre-hooks and no ``weight_orig`` keys, and
 unlike ``torch.nn.utils.parametrize`` the module pickles: the subclass rebuilds itself on
@@ -85,10 +93,10 @@ def is_masked(module: nn.Module, name: str | None = None) -> bool:
 
 
 def get_mask(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
-    """The bool keep-mask of ``module.<name>`` (True = kept), or None when it is not masked."""
+    """A bool copy of the keep-mask of ``module.<name>`` (True = kept), or None if unmasked."""
     if not is_masked(module, name):
         return None
-    return module._buffers[name + MASK_SUFFIX]
+    return module._buffers[name + MASK_SUFFIX] != 0
 
 
 def raw_parameter(module: nn.Module, name: str = "weight") -> nn.Parameter:
@@ -118,7 +126,9 @@ def apply_mask(module: nn.Module, name: str, keep: torch.Tensor) -> None:
     keep = keep.to(device=param.device, dtype=torch.bool)
     mask_name = name + MASK_SUFFIX
     if is_masked(module, name):
-        keep = keep & module._buffers[mask_name]
+        keep = keep & (module._buffers[mask_name] != 0)
+    keep = keep.to(param.dtype)
+    if is_masked(module, name):
         module._buffers[mask_name] = keep
     else:
         module.register_buffer(mask_name, keep)
@@ -171,10 +181,10 @@ def finalize(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 
 def reapply_masks(model: nn.Module) -> None:
-    """Zero every masked raw parameter again, e.g. after an optimiser step that moved it.
+    """Zero every masked raw parameter again.
 
     Masked entries receive zero gradient, so this is only needed after code that writes the raw
-    parameters directly (or an optimiser whose state predates the mask, such as momentum).
+    parameters directly, or after steps of an optimiser whose momentum predates the mask.
     """
     with torch.no_grad():
         for _, module, name in masked_parameters(model):

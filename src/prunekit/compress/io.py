@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunekit._version import __version__
-from prunekit.masks import MASK_SUFFIX, apply_mask, masked_parameters, remove_mask
+from prunekit.masks import MASK_SUFFIX, apply_mask, get_mask, masked_parameters, remove_mask
 from prunekit.report import stats
 
 FORMAT_VERSION = 1
@@ -111,7 +111,7 @@ def save(
     masks = {}
     for module_name, module, name in masked_parameters(model):
         full = f"{module_name}.{name}" if module_name else name
-        masks[full] = module._buffers[name + MASK_SUFFIX]
+        masks[full] = get_mask(module, name)
         state.pop(full + MASK_SUFFIX, None)
     tensors, aliases = _dedupe_shared(state)
     for name, mask in masks.items():
