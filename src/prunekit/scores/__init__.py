@@ -2,7 +2,8 @@
 
 A criterion maps one layer's weight (and any statistics it collected on data) to a score tensor
 of the same shape; higher means more important, and the lowest scores are pruned first. Adding a
-criterion is one small file that calls :func:`register`.
+criterion is one small file in this folder that calls :func:`register`; every module here is
+imported (and so registered) when ``prunekit.scores`` is.
 
 Example:
     >>> import torch
@@ -10,7 +11,13 @@ Example:
     >>> register(Criterion("square", lambda layer: layer.weight.float() ** 2))  # doctest: +SKIP
 """
 
-from prunekit.scores import magnitude, random, taylor  # noqa: F401,E402  (registration)
+import importlib
+import pkgutil
+
 from prunekit.scores.base import Criterion, LayerContext, get_criterion, list_criteria, register
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["Criterion", "LayerContext", "get_criterion", "list_criteria", "register"]
