@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from prunekit.masks import apply_mask
-from prunekit.patterns import NM, Pattern, parse_pattern
+from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from prunekit.report import PruneReport, layer_stats, model_counts
 from prunekit.scope import (
     NORMALIZATIONS,
@@ -21,6 +21,7 @@ from prunekit.scope import (
     normalize_scores,
     select_global,
     select_local,
+    select_rows,
 )
 from prunekit.scores import Criterion, LayerContext, get_criterion
 from prunekit.targets import Target, per_layer_overrides, resolve_targets
@@ -93,6 +94,13 @@ def _plan_masks(
             t.name: t.from_matrix(pattern.keep_mask(matrices[t.name]), scores[t.name].shape)
             for t in targets
         }
+    if scope == "row":
+        out = {}
+        for t in targets:
+            wanted = overrides.get(t.name, sparsity)
+            _warn_if_already_sparser(t.name, [matrices[t.name]], wanted)
+            out[t.name] = t.from_matrix(select_rows(matrices[t.name], wanted), scores[t.name].shape)
+        return out
     unit_scores = {t.name: pattern.unit_scores(matrices[t.name]) for t in targets}
     unit_keep: dict[str, torch.Tensor] = {}
     pool = [t for t in targets if scope == "global" and t.name not in overrides]
@@ -112,6 +120,51 @@ def _plan_masks(
         )
         for t in targets
     }
+
+
+def split_by_pattern(
+    targets: list[Target], pattern: Pattern
+) -> tuple[list[Target], dict[str, str]]:
+    """Targets that can take ``pattern``, and the reasons for those that cannot (with a warning)."""
+    skipped: dict[str, str] = {}
+    usable = []
+    for t in targets:
+        reason = pattern.skip_reason(tuple(t.as_matrix(t.weight()).shape))
+        if reason:
+            skipped[t.name] = reason
+            warnings.warn(
+                f"prunekit: skipping {t.name} for pattern {pattern}: {reason}", stacklevel=3
+            )
+        else:
+            usable.append(t)
+    if not usable:
+        raise ValueError(
+            f"no targeted layer can take pattern {pattern}: "
+            + "; ".join(f"{n}: {r}" for n, r in skipped.items())
+        )
+    return usable, skipped
+
+
+def compute_masks(
+    targets: list[Target],
+    criterion: Criterion,
+    stats: dict[str, dict[str, torch.Tensor]],
+    pattern: Pattern,
+    sparsity: float,
+    overrides: dict[str, float],
+    scope: str,
+    normalize: str = "auto",
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Score every target and turn the scores into keep-masks; changes no weight.
+
+    The shared core of :func:`prune`, ``oneshot`` and the train-time pruner.
+    """
+    if normalize == "auto":
+        normalize = "none" if criterion.comparable_across_layers else "mean"
+    generator = generator or torch.Generator().manual_seed(0)
+    scores = {t.name: _element_scores(criterion, t, stats, generator) for t in targets}
+    return _plan_masks(targets, scores, pattern, sparsity, overrides, scope, normalize)
 
 
 def prune(
@@ -143,7 +196,9 @@ def prune(
             ``"taylor"`` (|w * grad| summed over ``data`` batches, needs ``loss_fn``), or any
             registered :class:`prunekit.scores.Criterion`.
         pattern: ``"unstructured"``, ``"N:M"`` (e.g. ``"2:4"``) or ``"block:RxC"``.
-        scope: ``"global"`` (one ranking over all targeted layers) or ``"local"``.
+        scope: ``"global"`` (one ranking over all targeted layers), ``"local"`` (each layer its
+            own sparsity) or ``"row"`` (each output row of each layer its own sparsity, as Wanda
+            compares weights; unstructured only).
         targets: name patterns (glob, or ``re:`` regex) of the layers to prune. Default: every
             Linear / Conv weight except the output head (see :mod:`prunekit.targets`).
         ignore: name patterns of layers to leave alone.
@@ -184,11 +239,21 @@ def prune(
         raise ValueError(
             "per_layer sparsities do not apply to N:M patterns (their sparsity is fixed)"
         )
-    if criterion.needs_data and (data is None or loss_fn is None):
+    if criterion.needs_data and data is None:
         raise ValueError(
-            f"method {criterion.name!r} scores weights on data: pass data=<iterable of batches> "
-            "and loss_fn=<callable(model, batch) -> scalar loss>"
+            f"method {criterion.name!r} scores weights on data: pass data=<iterable of batches>"
+            + (
+                " and loss_fn=<callable(model, batch) -> scalar loss>"
+                if criterion.needs_loss
+                else ""
+            )
         )
+    if criterion.needs_loss and loss_fn is None:
+        raise ValueError(
+            f"method {criterion.name!r} needs loss_fn=<callable(model, batch) -> scalar loss>"
+        )
+    if scope == "row" and not isinstance(pattern, Unstructured):
+        raise ValueError(f"scope 'row' works with the unstructured pattern, not {pattern}")
     if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
         raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
 
@@ -201,33 +266,16 @@ def prune(
         modules = dict(model.named_modules())
         chosen = [Target(n, modules[n]) for n in names]
 
-    skipped: dict[str, str] = {}
-    usable = []
-    for t in chosen:
-        reason = pattern.skip_reason(tuple(t.as_matrix(t.weight()).shape))
-        if reason:
-            skipped[t.name] = reason
-            warnings.warn(
-                f"prunekit: skipping {t.name} for pattern {pattern}: {reason}", stacklevel=2
-            )
-        else:
-            usable.append(t)
-    if not usable:
-        raise ValueError(
-            f"no targeted layer can take pattern {pattern}: "
-            + "; ".join(f"{n}: {r}" for n, r in skipped.items())
-        )
-
+    usable, skipped = split_by_pattern(chosen, pattern)
     stats = {}
     if criterion.needs_data:
         stats = criterion.collect(
             model, usable, data=data, loss_fn=loss_fn, max_batches=max_batches, progress=progress
         )
-    if normalize == "auto":
-        normalize = "none" if criterion.comparable_across_layers else "mean"
     generator = torch.Generator().manual_seed(seed)
-    scores = {t.name: _element_scores(criterion, t, stats, generator) for t in usable}
-    keeps = _plan_masks(usable, scores, pattern, sparsity, overrides, scope, normalize)
+    keeps = compute_masks(
+        usable, criterion, stats, pattern, sparsity, overrides, scope, normalize, generator
+    )
 
     for t in usable:
         apply_mask(t.module, t.param_name, keeps[t.name])

@@ -147,13 +147,21 @@ class PruneReport(SparsityReport):
 
     model: nn.Module | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    """Method-specific detail not shown in the table (e.g. ``oneshot``'s per-layer allocation)."""
+
+    _TITLE_KEYS = ("method", "pattern", "sparsity", "scope", "allocation")
 
     def _title(self) -> str:
-        shown = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        shown = ", ".join(f"{k}={v}" for k, v in self.settings.items() if k in self._TITLE_KEYS)
         return f"prunekit prune ({shown})"
 
+    def __str__(self) -> str:
+        extra = [f"{k}: {v}" for k, v in self.settings.items() if k not in self._TITLE_KEYS]
+        return "\n".join([super().__str__(), *extra])
+
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "settings": dict(self.settings)}
+        return {**super().to_dict(), "settings": dict(self.settings), "details": dict(self.details)}
 
 
 def _count_zeros(tensor: torch.Tensor) -> int:

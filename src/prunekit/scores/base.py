@@ -39,12 +39,14 @@ class Criterion:
             global ranking; when False, global scope normalises each layer's scores by default.
         collect: for data-driven criteria, ``collect(model, targets, data=, loss_fn=,
             max_batches=, progress=)`` returning per-target statistics.
+        needs_loss: whether ``collect`` needs the user's ``loss_fn`` (gradient-based criteria).
     """
 
     name: str
     score: ScoreFn
     comparable_across_layers: bool = True
     collect: CollectFn | None = None
+    needs_loss: bool = False
 
     @property
     def needs_data(self) -> bool:

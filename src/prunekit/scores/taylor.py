@@ -71,4 +71,4 @@ def collect_taylor(
     return {t.name: {"taylor": s} for t, s in zip(targets, sums, strict=True)}
 
 
-register(Criterion("taylor", taylor_score, collect=collect_taylor))
+register(Criterion("taylor", taylor_score, collect=collect_taylor, needs_loss=True))

@@ -1,0 +1,152 @@
+"""Statistics of the inputs that each targeted layer sees, gathered with forward hooks.
+
+* ``"norm"``: the sum of squares of every input feature over all calibration tokens (Wanda's
+  ||X_j||^2, OWL's outlier scores).
+* ``"hessian"``: H = 2/n * sum(x x^T) over the n calibration tokens (SparseGPT's layer Hessian).
+
+Linear and Hugging Face ``Conv1D`` inputs are read as (tokens, in_features); Conv1d / Conv2d
+(``groups=1``) inputs are unfolded into (positions, in_channels * kernel) so that the features
+line up with the flattened weight, exactly as the convolution multiplies them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit.targets import Target
+
+
+def check_calibratable(target: Target) -> None:
+    """Raise a clear error for layers whose inputs cannot be read as feature rows."""
+    module = target.module
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if module.groups != 1 or isinstance(module.padding, str) or module.padding_mode != "zeros":
+            raise ValueError(
+                f"{target.module_name}: calibrated methods read conv inputs with unfold, which "
+                "needs groups=1, numeric padding and padding_mode='zeros'; ignore this layer "
+                "(ignore=[...]) or prune it with method='magnitude'"
+            )
+    elif isinstance(module, nn.Conv3d):
+        raise ValueError(
+            f"{target.module_name}: calibrated methods support Linear, HF Conv1D and "
+            "Conv1d/Conv2d layers, not Conv3d; ignore it or use method='magnitude'"
+        )
+
+
+def input_rows(target: Target, x: torch.Tensor) -> torch.Tensor:
+    """The layer input as a (rows, in_features) matrix matching the (out, in) weight view."""
+    module = target.module
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(-2)
+        cols = F.unfold(
+            x,
+            (1, module.kernel_size[0]),
+            dilation=(1, module.dilation[0]),
+            padding=(0, module.padding[0]),
+            stride=(1, module.stride[0]),
+        )
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    if isinstance(module, nn.Conv2d):
+        cols = F.unfold(
+            x,
+            module.kernel_size,
+            dilation=module.dilation,
+            padding=module.padding,
+            stride=module.stride,
+        )
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+class InputStats:
+    """Context manager that accumulates input statistics of ``targets`` while the model runs.
+
+    Example:
+        >>> with InputStats(targets, need={"norm"}) as collected:  # doctest: +SKIP
+        ...     model(batch)
+        >>> collected.stats["fc1.weight"]["norm"]                  # doctest: +SKIP
+    """
+
+    def __init__(self, targets: list[Target], need: set[str]) -> None:
+        unknown = set(need) - {"norm", "hessian"}
+        if unknown:
+            raise ValueError(f"unknown statistics {sorted(unknown)}; accepted: norm, hessian")
+        for t in targets:
+            check_calibratable(t)
+        self.targets = targets
+        self.need = set(need)
+        self.stats: dict[str, dict[str, torch.Tensor]] = {t.name: {} for t in targets}
+        self.rows: dict[str, int] = {t.name: 0 for t in targets}
+        self._handles: list[Any] = []
+
+    def _hook(self, target: Target):
+        def record(module: nn.Module, inputs: tuple, output: Any) -> None:
+            rows = input_rows(target, inputs[0].detach()).float()
+            n_old, n_new = self.rows[target.name], rows.shape[0]
+            entry = self.stats[target.name]
+            if "norm" in self.need:
+                sq = rows.pow(2).sum(0)
+                entry["norm"] = entry["norm"] + sq if "norm" in entry else sq
+            if "hessian" in self.need:
+                scaled = rows * (2.0 / (n_old + n_new)) ** 0.5
+                if "hessian" in entry:
+                    entry["hessian"].mul_(n_old / (n_old + n_new)).add_(scaled.t() @ scaled)
+                else:
+                    entry["hessian"] = scaled.t() @ scaled
+            self.rows[target.name] = n_old + n_new
+
+        return record
+
+    def __enter__(self) -> InputStats:
+        for t in self.targets:
+            self._handles.append(t.module.register_forward_hook(self._hook(t)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def run_model(model: nn.Module, sample: Any) -> Any:
+    """Call the model on one sample: a dict of keyword arguments, a tuple, or a tensor."""
+    if isinstance(sample, dict):
+        return model(**sample)
+    if isinstance(sample, (tuple, list)):
+        return model(*sample)
+    return model(sample)
+
+
+@torch.no_grad()
+def collect_input_stats(
+    model: nn.Module,
+    targets: list[Target],
+    data: Iterable[Any],
+    need: set[str],
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Run ``model`` over ``data`` (eval mode) and return the statistics of every target."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    try:
+        with InputStats(targets, need) as collected:
+            for i, sample in enumerate(
+                tqdm(data, desc="calibration", disable=not progress, leave=False)
+            ):
+                if max_batches is not None and i >= max_batches:
+                    break
+                run_model(model, sample)
+    finally:
+        model.train(was_training)
+    missing = [name for name, n in collected.rows.items() if n == 0]
+    if missing:
+        raise ValueError(f"these layers never ran on the calibration data: {', '.join(missing)}")
+    return collected.stats

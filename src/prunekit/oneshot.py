@@ -1,0 +1,353 @@
+"""``oneshot``: calibrated post-training pruning (magnitude, Wanda, SparseGPT), block by block."""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.calibrate.data import CalibrationSet, calibration
+from prunekit.calibrate.sequential import find_blocks, run_sequential
+from prunekit.calibrate.stats import InputStats, check_calibratable, collect_input_stats
+from prunekit.masks import apply_mask, raw_parameter
+from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
+from prunekit.prune import _check_choice, _resolve_sparsity, compute_masks
+from prunekit.report import PruneReport, layer_stats, model_counts
+from prunekit.runtime.memory import PeakMemory
+from prunekit.scope import owl_allocation
+from prunekit.scores import get_criterion
+from prunekit.sparsegpt import SparseGPTFailure, sparsegpt_prune
+from prunekit.targets import Target, resolve_targets
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+ALLOCATIONS = ("uniform", "owl")
+_NEEDS = {"magnitude": set(), "wanda": {"norm"}, "sparsegpt": {"hessian"}}
+
+
+def _owl_ratio(targets: list[Target], stats: dict, threshold: float) -> float:
+    """Share of Wanda scores above ``threshold`` times their mean, over a group of layers."""
+    scores = torch.cat(
+        [
+            (t.as_matrix(t.weight().abs().float()) * stats[t.name]["norm"].sqrt()[None, :]).reshape(
+                -1
+            )
+            for t in targets
+        ]
+    )
+    return float((scores > threshold * scores.mean()).float().mean())
+
+
+def _nm_for(pattern: NM, sparsity: float) -> NM:
+    """The N:M pattern of a layer whose allocated sparsity differs from the target (mixed N:M)."""
+    n = min(pattern.m - 1, max(1, round(pattern.m * (1 - sparsity))))
+    return NM(n, pattern.m)
+
+
+class _Pruner:
+    """Prunes groups of layers with one method, given their calibration statistics."""
+
+    def __init__(
+        self, method: str, pattern: Pattern, scope: str, block_size: int, damp: float, seed: int
+    ) -> None:
+        self.method = method
+        self.pattern = pattern
+        self.scope = scope
+        self.block_size = block_size
+        self.damp = damp
+        self.generator = torch.Generator().manual_seed(seed)
+        self.allocated: dict[str, float] = {}
+        self.fallbacks: dict[str, str] = {}
+
+    def prune(self, targets: list[Target], stats: dict, sparsity: float) -> None:
+        pattern = _nm_for(self.pattern, sparsity) if isinstance(self.pattern, NM) else self.pattern
+        for t in targets:
+            self.allocated[t.name] = pattern.sparsity if isinstance(pattern, NM) else sparsity
+        if self.method == "sparsegpt":
+            for t in targets:
+                self._sparsegpt(t, stats[t.name]["hessian"], pattern, sparsity)
+            return
+        keeps = compute_masks(
+            targets,
+            get_criterion(self.method),
+            stats,
+            pattern,
+            sparsity,
+            {},
+            self.scope,
+            generator=self.generator,
+        )
+        for t in targets:
+            apply_mask(t.module, t.param_name, keeps[t.name])
+
+    def _sparsegpt(
+        self, t: Target, hessian: torch.Tensor, pattern: Pattern, sparsity: float
+    ) -> None:
+        weight = t.weight()
+        matrix = t.as_matrix(weight)
+        nm = (pattern.n, pattern.m) if isinstance(pattern, NM) else None
+        try:
+            result = sparsegpt_prune(
+                matrix,
+                hessian,
+                sparsity,
+                nm,
+                frozen=matrix == 0,
+                block_size=self.block_size,
+                damp=self.damp,
+                name=t.name,
+            )
+        except SparseGPTFailure as exc:
+            warnings.warn(f"prunekit: {exc}; pruning {t.name} by magnitude instead", stacklevel=4)
+            self.fallbacks[t.name] = str(exc)
+            keeps = compute_masks(
+                [t], get_criterion("magnitude"), {}, pattern, sparsity, {}, "local"
+            )
+            apply_mask(t.module, t.param_name, keeps[t.name])
+            return
+        with torch.no_grad():
+            raw_parameter(t.module, t.param_name).copy_(t.from_matrix(result.weight, weight.shape))
+        apply_mask(t.module, t.param_name, t.from_matrix(result.keep, weight.shape))
+
+
+def oneshot(
+    model: nn.Module,
+    calib: Any,
+    method: str = "wanda",
+    sparsity: float | None = None,
+    pattern: str | Pattern = "unstructured",
+    allocation: str = "uniform",
+    targets: str | Iterable[str] | None = None,
+    ignore: str | Iterable[str] | None = None,
+    *,
+    blocks: str | None = None,
+    sequential: bool = True,
+    propagate: str = "pruned",
+    scope: str | None = None,
+    owl_threshold: float = 5.0,
+    owl_lambda: float = 0.08,
+    block_size: int = 128,
+    damp: float = 0.01,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    inplace: bool = False,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune a trained model in one shot with calibration data; no retraining.
+
+    Args:
+        model: a Hugging Face causal LM or encoder, or any model (name its ``blocks``).
+        calib: calibration samples: a :class:`prunekit.calibrate.CalibrationSet` (see
+            ``prunekit.calibration``), a 1-D tensor of token ids, or an iterable of model inputs.
+        method: ``"wanda"`` (|W| * ||X||), ``"sparsegpt"`` (second order, updates the surviving
+            weights) or ``"magnitude"``.
+        sparsity: fraction of zeros of every targeted layer (default 0.5; implied by N:M).
+        pattern: ``"unstructured"`` or ``"N:M"``.
+        allocation: ``"uniform"`` (every layer the same sparsity) or ``"owl"`` (outlier-weighted
+            layerwise sparsity: blocks with more activation outliers keep more weights, within
+            ``sparsity +- owl_lambda``, averaging exactly ``sparsity``; with N:M each block gets
+            the nearest N:M, so 2:4 stays uniform unless ``owl_lambda >= 0.125``).
+        targets, ignore: name patterns, as in :func:`prunekit.prune` (the head is excluded).
+        blocks: module path of the repeated blocks (default: the largest ``ModuleList``).
+        sequential: prune block by block (bounded memory); False runs the whole model at once.
+        propagate: ``"pruned"`` (next block sees the pruned block's outputs) or ``"dense"``.
+        scope: ``"row"`` (Wanda's default) or ``"local"`` for unstructured magnitude / Wanda.
+        owl_threshold: OWL's M: a score is an outlier above M times the mean score.
+        owl_lambda: OWL's lambda, the largest deviation from the target sparsity.
+        block_size, damp: SparseGPT's column block size and damping fraction.
+        device: run each block there (e.g. ``"cuda"``) and move it back; the rest stays put.
+        inplace: prune ``model`` itself (recommended for large models); default: a copy.
+
+    Returns:
+        A :class:`prunekit.PruneReport`; ``settings`` holds the wall time (s), the peak memory
+        growth (MiB) and the per-layer sparsity allocated.
+
+    Example:
+        >>> calib = prunekit.calibration("pydoc", tokenizer, n_samples=64, seq_len=256)  # doctest: +SKIP
+        >>> report = prunekit.oneshot(model, calib, method="sparsegpt", pattern="2:4", inplace=True)  # doctest: +SKIP
+    """
+    _check_choice("method", method, METHODS)
+    _check_choice("allocation", allocation, ALLOCATIONS)
+    _check_choice("propagate", propagate, ("pruned", "dense"))
+    pattern = parse_pattern(pattern)
+    if not isinstance(pattern, (Unstructured, NM)):
+        raise ValueError(f"oneshot supports the unstructured and N:M patterns, not {pattern}")
+    sparsity = _resolve_sparsity(sparsity, pattern)
+    scope = scope or ("row" if method == "wanda" else "local")
+    _check_choice("scope", scope, ("row", "local"))
+    if allocation == "owl":
+        owl_allocation([0.0], [1], sparsity, owl_lambda)  # validates lambda against sparsity
+    if not isinstance(calib, CalibrationSet):
+        calib = calibration(calib)
+    if len(calib) == 0:
+        raise ValueError("calib holds no sample")
+
+    chosen = resolve_targets(model, targets, ignore)
+    if method != "magnitude" or allocation == "owl":
+        for t in chosen:
+            check_calibratable(t)
+    skip = {t.name: pattern.skip_reason(tuple(t.as_matrix(t.weight()).shape)) for t in chosen}
+    skipped = {name: reason for name, reason in skip.items() if reason}
+    for name, reason in skipped.items():
+        warnings.warn(f"prunekit: skipping {name} for pattern {pattern}: {reason}", stacklevel=2)
+    if not inplace:
+        names = [t.module_name for t in chosen]
+        model = copy.deepcopy(model)
+        modules = dict(model.named_modules())
+        chosen = [Target(n, modules[n]) for n in names]
+    usable = [t for t in chosen if t.name not in skipped]
+
+    pruner = _Pruner(method, pattern, scope, block_size, damp, seed)
+    need = _NEEDS[method]
+    found = find_blocks(model, blocks) if sequential else None
+    started = time.perf_counter()
+    with PeakMemory() as memory:
+        if found is None:
+            if sequential:
+                warnings.warn(
+                    "prunekit: no repeated blocks found; calibrating the whole model at once",
+                    stacklevel=2,
+                )
+            _prune_all_at_once(
+                model,
+                usable,
+                calib,
+                pruner,
+                need,
+                allocation,
+                sparsity,
+                owl_threshold,
+                owl_lambda,
+                progress,
+            )
+        else:
+            _prune_sequentially(
+                model,
+                found,
+                usable,
+                calib,
+                pruner,
+                need,
+                allocation,
+                sparsity,
+                owl_threshold,
+                owl_lambda,
+                propagate,
+                device,
+                progress,
+            )
+    elapsed = time.perf_counter() - started
+
+    rows = [layer_stats(t) for t in chosen]
+    params, zeros = model_counts(model)
+    settings = {
+        "method": method,
+        "pattern": str(pattern),
+        "sparsity": sparsity,
+        "allocation": allocation,
+        "calibration": calib.description,
+        "wall_time_s": round(elapsed, 3),
+        "peak_memory_mb": round(memory.peak_mb, 1),
+    }
+    if memory.cuda_peak_mb is not None:
+        settings["cuda_peak_memory_mb"] = round(memory.cuda_peak_mb, 1)
+    if isinstance(pattern, Unstructured):
+        settings["scope"] = scope
+    details = {"allocated": pruner.allocated, "fallbacks": pruner.fallbacks}
+    return PruneReport(
+        rows, params, zeros, skipped, model=model, settings=settings, details=details
+    )
+
+
+def _prune_all_at_once(
+    model, targets, calib, pruner, need, allocation, sparsity, threshold, lam, progress
+) -> None:
+    wanted = need | ({"norm"} if allocation == "owl" else set())
+    stats = collect_input_stats(model, targets, calib, wanted, progress=progress) if wanted else {}
+    per_layer = [sparsity] * len(targets)
+    if allocation == "owl":
+        ratios = [_owl_ratio([t], stats, threshold) for t in targets]
+        per_layer = owl_allocation(ratios, [t.weight().numel() for t in targets], sparsity, lam)
+    for t, s in zip(targets, per_layer, strict=True):
+        pruner.prune([t], stats, s)
+
+
+def _block_targets(blocks_name: str, n_blocks: int, targets: list[Target]) -> tuple[list, list]:
+    prefix = f"{blocks_name}." if blocks_name else ""
+    groups: list[list[Target]] = [[] for _ in range(n_blocks)]
+    rest = []
+    for t in targets:
+        head, _, _ = t.module_name[len(prefix) :].partition(".")
+        if t.module_name.startswith(prefix) and head.isdigit() and int(head) < n_blocks:
+            groups[int(head)].append(t)
+        else:
+            rest.append(t)
+    return groups, rest
+
+
+def _prune_sequentially(
+    model,
+    found,
+    targets,
+    calib,
+    pruner,
+    need,
+    allocation,
+    sparsity,
+    threshold,
+    lam,
+    propagate,
+    device,
+    progress,
+) -> None:
+    blocks_name, blocks = found
+    groups, rest = _block_targets(blocks_name, len(blocks), targets)
+    per_block = [sparsity] * len(blocks)
+    bar = (
+        (lambda it: tqdm(it, desc="oneshot (OWL pass)", unit="block", leave=False))
+        if progress
+        else None
+    )
+    if allocation == "owl":
+        ratios: list[float] = [0.0] * len(blocks)
+
+        def measure(index: int, block: nn.Module, run) -> None:
+            if groups[index]:
+                with InputStats(groups[index], {"norm"}) as collected:
+                    run()
+                ratios[index] = _owl_ratio(groups[index], collected.stats, threshold)
+
+        run_sequential(
+            model, blocks, calib, measure, propagate="dense", device=device, progress=bar
+        )
+        used = [i for i, g in enumerate(groups) if g]
+        sizes = [sum(t.weight().numel() for t in groups[i]) for i in used]
+        for i, s in zip(
+            used, owl_allocation([ratios[i] for i in used], sizes, sparsity, lam), strict=True
+        ):
+            per_block[i] = s
+
+    def prune_block(index: int, block: nn.Module, run) -> None:
+        if not groups[index]:
+            return
+        if need:
+            with InputStats(groups[index], need) as collected:
+                run()
+            stats = collected.stats
+        else:
+            stats = {}
+        pruner.prune(groups[index], stats, per_block[index])
+
+    bar = (lambda it: tqdm(it, desc=f"oneshot {pruner.method}", unit="block")) if progress else None
+    run_sequential(
+        model, blocks, calib, prune_block, propagate=propagate, device=device, progress=bar
+    )
+    if rest:
+        _prune_all_at_once(
+            model, rest, calib, pruner, need, "uniform", sparsity, threshold, lam, progress
+        )
