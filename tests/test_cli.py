@@ -125,3 +125,47 @@ def test_stats_reads_prunekit_save_folder(tmp_path, capsys) -> None:
     assert main(["stats", str(folder)]) == 0
     text = capsys.readouterr().out
     assert "0.weight *" in text and "50.00 %" in text and "__prunekit_mask__" not in text
+
+
+def test_oneshot_command_on_hf_folder_with_tokenizer(llama_dir, tmp_path) -> None:
+    tokenizers = pytest.importorskip("tokenizers")
+    words = [f"w{i}" for i in range(60)]
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    folder = tmp_path / "with-tok"
+    import shutil
+
+    shutil.copytree(llama_dir, folder)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]").save_pretrained(
+        folder
+    )
+    text = tmp_path / "calib.txt"
+    generator = torch.Generator().manual_seed(0)
+    text.write_text(" ".join(words[i] for i in torch.randint(0, 60, (3000,), generator=generator)))
+    out = tmp_path / "sparse"
+    args = [
+        "oneshot",
+        str(folder),
+        "--method",
+        "sparsegpt",
+        "--pattern",
+        "2:4",
+        "--calib",
+        str(text),
+        "--n-samples",
+        "8",
+        "--seq-len",
+        "32",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    up = model.model.layers[1].mlp.up_proj.weight.detach()
+    assert torch.all((up.reshape(up.shape[0], -1, 4) != 0).sum(-1) <= 2)
+    assert json.loads((out / "prunekit.json").read_text())["settings"]["method"] == "sparsegpt"
+    assert (out / "tokenizer.json").is_file()
+    assert (
+        main(["oneshot", str(folder), "--calib", "missing.txt", "--out", str(tmp_path / "x")]) == 2
+    )

@@ -289,3 +289,50 @@ def test_perplexity_matches_manual_computation() -> None:
     )
     strided = perplexity(model, tokens, 16, stride=8)
     assert math.isfinite(strided) and strided != perplexity(model, tokens, 16)
+
+
+def _tiny(arch: str) -> nn.Module:
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    if arch == "opt":
+        config = transformers.OPTConfig(
+            vocab_size=64,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+        )
+        return transformers.OPTForCausalLM(config).eval()
+    if arch == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**common)).eval()
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)).eval()
+
+
+@pytest.mark.parametrize("arch", ["opt", "mistral", "qwen2"])
+def test_other_causal_lms(arch, calib) -> None:
+    model = _tiny(arch)
+    report = oneshot(model, calib, method="sparsegpt", sparsity=0.5, progress=False)
+    assert len(report.layers) >= 8 and all(r.zeros == r.params // 2 for r in report.layers)
+    assert torch.isfinite(report.model(torch.randint(0, 64, (1, 12))).logits).all()
+
+
+def test_device_option_moves_each_block_and_back(calib) -> None:
+    report = oneshot(tiny_llama(), calib, method="wanda", device="cpu", progress=False)
+    assert report.sparsity == 0.5
+    assert all(p.device.type == "cpu" for p in report.model.parameters())

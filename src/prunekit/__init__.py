@@ -10,9 +10,12 @@ The public verbs:
 0.5
 """
 
+from prunekit import eval
 from prunekit._version import __version__
+from prunekit.calibrate import calibration
 from prunekit.compress.io import load, save
 from prunekit.masks import finalize
+from prunekit.oneshot import oneshot
 from prunekit.prune import prune
 from prunekit.report import PruneReport, SparsityReport, stats
 
@@ -20,8 +23,11 @@ __all__ = [
     "PruneReport",
     "SparsityReport",
     "__version__",
+    "calibration",
+    "eval",
     "finalize",
     "load",
+    "oneshot",
     "prune",
     "save",
     "stats",

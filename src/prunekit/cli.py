@@ -3,6 +3,7 @@
     prunekit --version
     prunekit stats PATH [--json]
     prunekit prune PATH --sparsity 0.5 --pattern 2:4 --out OUT
+    prunekit oneshot MODEL_DIR --method sparsegpt --pattern 2:4 --calib FILE --out OUT
 
 PATH is a Hugging Face model folder (``config.json`` + ``*.safetensors``), a folder written by
 ``prunekit.save``, or a single ``.safetensors`` file. ``stats`` reads the tensors directly and
@@ -169,9 +170,10 @@ def _load_hf(path: Path) -> nn.Module:
     return cls.from_pretrained(path, local_files_only=True)
 
 
-def _prune_hf(args: argparse.Namespace, source: Path, out: Path) -> SparsityReport:
-    model = _load_hf(source)
-    report = prune(model, **_prune_options(args), targets=args.targets or None, inplace=True)
+def _write_hf(
+    model: nn.Module, source: Path, out: Path, report: SparsityReport, overwrite: bool
+) -> None:
+    """Finalize the model and write it as a Hugging Face folder with the source's side files."""
     finalize(model, inplace=True)
 
     def write(folder: Path) -> None:
@@ -186,7 +188,53 @@ def _prune_hf(args: argparse.Namespace, source: Path, out: Path) -> SparsityRepo
         meta = {"format": "prunekit-hf", "prunekit_version": __version__, **report.to_dict()}
         (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
-    _atomic_dir_write(out, args.overwrite, write)
+    _atomic_dir_write(out, overwrite, write)
+
+
+def _prune_hf(args: argparse.Namespace, source: Path, out: Path) -> SparsityReport:
+    model = _load_hf(source)
+    report = prune(model, **_prune_options(args), targets=args.targets or None, inplace=True)
+    _write_hf(model, source, out, report, args.overwrite)
+    return report
+
+
+def _oneshot_hf(args: argparse.Namespace, source: Path, out: Path) -> SparsityReport:
+    from prunekit.calibrate.data import calibration
+    from prunekit.oneshot import oneshot
+
+    model = _load_hf(source)  # raises a clear error when transformers is missing
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CliError(
+            f"{source}: no tokenizer found to tokenize the calibration text ({exc})"
+        ) from exc
+    if args.calib and not Path(args.calib).is_file():
+        raise CliError(f"--calib {args.calib}: no such file")
+    calib = calibration(
+        args.calib or "pydoc",
+        tokenizer,
+        n_samples=args.n_samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+    )
+    model = _load_hf(source)
+    report = oneshot(
+        model,
+        calib,
+        method=args.method,
+        sparsity=args.sparsity,
+        pattern=args.pattern,
+        allocation=args.allocation,
+        targets=args.targets or None,
+        ignore=args.ignore or None,
+        seed=args.seed,
+        inplace=True,
+        progress=True,
+    )
+    _write_hf(model, source, out, report, args.overwrite)
     return report
 
 
@@ -210,16 +258,27 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_prune(args: argparse.Namespace) -> int:
-    source, out = Path(args.path), Path(args.out)
+def _check_out(source: Path, out: Path, overwrite: bool) -> None:
     if not source.exists():
         raise CliError(f"{source}: no such file or folder")
     if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
         raise CliError(
             f"--out {out} would overwrite or nest inside the input {source}; choose another path"
         )
-    if out.exists() and not args.overwrite:
+    if out.exists() and not overwrite:
         raise CliError(f"{out} already exists; pass --overwrite to replace it")
+
+
+def _print_written(report: SparsityReport, out: Path) -> None:
+    for row in report.layers:
+        row.masked = False  # the written model is finalized: zeros baked in, no masks
+    print(report)
+    print(f"wrote {out}")
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    source, out = Path(args.path), Path(args.out)
+    _check_out(source, out, args.overwrite)
     if args.method not in ("magnitude", "random"):
         raise CliError(
             f"--method {args.method!r} is not available from the command line; accepted: magnitude, random"
@@ -233,10 +292,16 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         raise CliError(
             f"{source}: expected a Hugging Face model folder (with config.json) or a .safetensors file"
         )
-    for row in report.layers:
-        row.masked = False  # the written model is finalized: zeros baked in, no masks
-    print(report)
-    print(f"wrote {out}")
+    _print_written(report, out)
+    return 0
+
+
+def _cmd_oneshot(args: argparse.Namespace) -> int:
+    source, out = Path(args.path), Path(args.out)
+    _check_out(source, out, args.overwrite)
+    if not (source.is_dir() and (source / "config.json").is_file()):
+        raise CliError(f"{source}: oneshot needs a Hugging Face model folder (with config.json)")
+    _print_written(_oneshot_hf(args, source, out), out)
     return 0
 
 
@@ -278,6 +343,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for --method random")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_prune)
+
+    o = commands.add_parser(
+        "oneshot", help="calibrated one-shot pruning of a Hugging Face model (Wanda, SparseGPT)"
+    )
+    o.add_argument("path", help="a Hugging Face model folder with its tokenizer")
+    o.add_argument("--out", required=True, help="output folder")
+    o.add_argument("--method", default="wanda", choices=["wanda", "sparsegpt", "magnitude"])
+    o.add_argument(
+        "--sparsity",
+        type=float,
+        default=None,
+        help="fraction of zeros per layer, [0, 1) (default 0.5; implied by N:M)",
+    )
+    o.add_argument("--pattern", default="unstructured", help="unstructured or N:M (e.g. 2:4)")
+    o.add_argument("--allocation", default="uniform", choices=["uniform", "owl"])
+    o.add_argument(
+        "--calib", default=None, help="calibration text file (default: CPython's pydoc prose)"
+    )
+    o.add_argument("--n-samples", type=int, default=128, help="calibration windows")
+    o.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    o.add_argument("--targets", nargs="*", default=[], help="name patterns of layers to prune")
+    o.add_argument("--ignore", nargs="*", default=[], help="name patterns of layers to leave alone")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    o.set_defaults(func=_cmd_oneshot)
     return parser
 
 
