@@ -336,3 +336,26 @@ def test_device_option_moves_each_block_and_back(calib) -> None:
     report = oneshot(tiny_llama(), calib, method="wanda", device="cpu", progress=False)
     assert report.sparsity == 0.5
     assert all(p.device.type == "cpu" for p in report.model.parameters())
+
+
+def test_owl_with_n_m_keeps_the_average_exact(calib) -> None:
+    from prunekit.oneshot import round_nm_allocation
+    from prunekit.patterns import NM
+
+    assert round_nm_allocation([0.42, 0.5, 0.56, 0.52], [1, 1, 1, 1], NM(4, 8)) == [
+        0.375,
+        0.5,
+        0.625,
+        0.5,
+    ]
+    report = oneshot(
+        tiny_llama(),
+        calib,
+        method="wanda",
+        pattern="4:8",
+        allocation="owl",
+        owl_lambda=0.15,
+        progress=False,
+    )
+    assert report.zeros == report.params // 2
+    assert set(report.details["allocated"].values()) <= {0.375, 0.5, 0.625}

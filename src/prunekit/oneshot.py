@@ -49,6 +49,29 @@ def _nm_for(pattern: NM, sparsity: float) -> NM:
     return NM(n, pattern.m)
 
 
+def round_nm_allocation(sparsities: list[float], sizes: list[int], pattern: NM) -> list[float]:
+    """Snap per-unit sparsities to N:M levels while keeping the size-weighted average.
+
+    Each unit gets ``floor(M * density)`` kept weights per group, then the units with the
+    largest remainders get one more until the kept total reaches the target's (largest-remainder
+    rounding), so mixed N:M averages the pattern's own sparsity whenever the sizes allow.
+
+    Example:
+        >>> round_nm_allocation([0.42, 0.5, 0.56, 0.52], [1, 1, 1, 1], NM(4, 8))
+        [0.375, 0.5, 0.625, 0.5]
+    """
+    m = pattern.m
+    ideal = [m * (1 - s) for s in sparsities]
+    kept = [min(m - 1, max(1, int(x))) for x in ideal]
+    target = (1 - pattern.sparsity) * sum(sizes)
+    total = sum(k / m * size for k, size in zip(kept, sizes, strict=True))
+    for i in sorted(range(len(ideal)), key=lambda j: ideal[j] - int(ideal[j]), reverse=True):
+        if kept[i] < m - 1 and total + sizes[i] / m <= target + 1e-9:
+            kept[i] += 1
+            total += sizes[i] / m
+    return [1 - k / m for k in kept]
+
+
 class _Pruner:
     """Prunes groups of layers with one method, given their calibration statistics."""
 
@@ -151,7 +174,8 @@ def oneshot(
         allocation: ``"uniform"`` (every layer the same sparsity) or ``"owl"`` (outlier-weighted
             layerwise sparsity: blocks with more activation outliers keep more weights, within
             ``sparsity +- owl_lambda``, averaging exactly ``sparsity``; with N:M each block gets
-            the nearest N:M, so 2:4 stays uniform unless ``owl_lambda >= 0.125``).
+            an N:M level, rounded so the average stays the pattern's sparsity, so 2:4 mostly
+            stays uniform while 4:8 mixes 3:8, 4:8 and 5:8).
         targets, ignore: name patterns, as in :func:`prunekit.prune` (the head is excluded).
         blocks: module path of the repeated blocks (default: the largest ``ModuleList``).
         sequential: prune block by block (bounded memory); False runs the whole model at once.
@@ -272,7 +296,10 @@ def _prune_all_at_once(
     per_layer = [sparsity] * len(targets)
     if allocation == "owl":
         ratios = [_owl_ratio([t], stats, threshold) for t in targets]
-        per_layer = owl_allocation(ratios, [t.weight().numel() for t in targets], sparsity, lam)
+        sizes = [t.weight().numel() for t in targets]
+        per_layer = owl_allocation(ratios, sizes, sparsity, lam)
+        if isinstance(pruner.pattern, NM):
+            per_layer = round_nm_allocation(per_layer, sizes, pruner.pattern)
     for t, s in zip(targets, per_layer, strict=True):
         pruner.prune([t], stats, s)
 
@@ -327,9 +354,10 @@ def _prune_sequentially(
         )
         used = [i for i, g in enumerate(groups) if g]
         sizes = [sum(t.weight().numel() for t in groups[i]) for i in used]
-        for i, s in zip(
-            used, owl_allocation([ratios[i] for i in used], sizes, sparsity, lam), strict=True
-        ):
+        allocated = owl_allocation([ratios[i] for i in used], sizes, sparsity, lam)
+        if isinstance(pruner.pattern, NM):
+            allocated = round_nm_allocation(allocated, sizes, pruner.pattern)
+        for i, s in zip(used, allocated, strict=True):
             per_block[i] = s
 
     def prune_block(index: int, block: nn.Module, run) -> None:
