@@ -203,6 +203,8 @@ def measure_memory_child(method: str, steps: int, calib_samples: int) -> None:
     train_ids, _, chars = load_text()
     model = trained_model(train_ids, len(chars), steps)
     calib = prunekit.calibration(train_ids, n_samples=calib_samples, seq_len=SEQ_LEN, seed=0)
+    with torch.no_grad():  # warm up: library loading and first-call buffers are not the method's
+        model(**calib[0])
     gc.collect()
     report = oneshot(model, calib, method=method, sparsity=0.5, inplace=True, progress=False)
     print(
