@@ -1,0 +1,455 @@
+"""The train-time pruner: masks that follow a sparsity schedule, a few lines in any training loop.
+
+    pruner = GradualPruner(model, PolynomialSchedule(final_sparsity=0.9, end_step=5000),
+                           optimizer=optimizer)
+    for batch in data:
+        loss = loss_fn(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        pruner.step()          # after every optimizer step
+
+What ``step()`` does, in order:
+
+1. For gradient-based methods trained on the fly (``movement``, and ``taylor`` without
+   ``data=``), add this step's ``-w * g`` (or ``|w * g|``) to the running scores, with ``w`` the
+   weights the gradient was computed at.
+2. Count the step and ask the schedule for the sparsity at the new step count; if it is higher
+   than what is applied, call ``prunekit.prune(..., inplace=True)`` with the method, pattern,
+   scope, targets and ignore given here, which extends the masks (a zero stays zero).
+3. Keep pruned weights at exactly zero: re-zero the raw parameters at masked positions, and
+   clear the optimizer's per-weight state (momentum, Adam moments) there whenever masks change,
+   so nothing stored before the mask can move a pruned weight again.
+
+``state_dict()`` / ``load_state_dict()`` hold everything needed to resume exactly: the step count,
+the applied sparsity, the masks, the running scores and the weights they refer to. Resume by
+building the model, optimizer and pruner as before, then loading the pruner's state first (it
+puts the masks on the model, so the model's state dict with its ``*_mask`` buffers loads), then
+the model's and the optimizer's.
+
+Structured patterns (channels, heads) are not available yet: prunekit has no dependency graph
+for surgery; the pruner takes every pattern ``prunekit.prune`` takes (unstructured, N:M, block).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.masks import (
+    apply_mask,
+    finalize,
+    get_mask,
+    is_masked,
+    raw_parameter,
+    reapply_masks,
+    remove_mask,
+)
+from prunekit.patterns import NM, Pattern, parse_pattern
+from prunekit.prune import prune
+from prunekit.report import PruneReport
+from prunekit.scope import NORMALIZATIONS, SCOPES
+from prunekit.scores import Criterion, LayerContext, get_criterion
+from prunekit.targets import Target, resolve_targets
+from prunekit.train.schedules import SupportsSparsityAt, as_schedule
+
+STATE_VERSION = 1
+ONLINE_METHODS = ("movement", "taylor")
+"""Methods the pruner can score from the training gradients themselves (no ``data=`` needed)."""
+
+
+def _check_choice(name: str, value: Any, accepted: Iterable[str]) -> None:
+    accepted = tuple(accepted)
+    if value not in accepted:
+        raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(map(repr, accepted))}")
+
+
+def clear_optimizer_state(
+    optimizer: torch.optim.Optimizer, masks: dict[nn.Parameter, torch.Tensor]
+) -> None:
+    """Zero every per-weight state tensor (momentum, Adam moments) at masked positions.
+
+    ``masks`` maps parameters to bool keep-masks of their shape; state tensors of another shape
+    (step counters, scalars) are left alone.
+    """
+    for param, keep in masks.items():
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                value.masked_fill_(~keep.to(value.device), 0)
+
+
+class GradualPruner:
+    """Prune during training on a schedule; call :meth:`step` after every optimizer step.
+
+    Args:
+        model: the model to prune, in place.
+        schedule: a schedule (:mod:`prunekit.train.schedules`), a number (constant sparsity from
+            step 0), or a callable ``step -> sparsity``. ``step`` counts optimizer steps.
+        method: any ``prunekit.prune`` method (``"magnitude"``, ``"random"``, ``"taylor"``,
+            ``"movement"``, a registered name or a :class:`~prunekit.scores.Criterion`).
+            ``"movement"`` and ``"taylor"`` are scored from the training gradients seen by
+            :meth:`step` (movement: ``-w * g`` summed over all of training; taylor:
+            ``|w * g|`` summed since the last mask update), unless ``data`` and ``loss_fn`` are
+            given, in which case every update scores on that data like ``prunekit.prune``.
+        pattern: ``"unstructured"``, ``"N:M"`` or ``"block:RxC"``. N:M is reached gradually:
+            when the schedule asks for sparsity ``s``, every group of M keeps
+            ``max(N, ceil((1 - s) * M))`` weights (4:4, 3:4, then 2:4 for ``"2:4"``).
+        scope: ``"global"`` or ``"local"`` (see ``prunekit.prune``).
+        targets: name patterns of the layers to prune (default: Linear / Conv except the head).
+        ignore: name patterns of layers to leave alone.
+        optimizer: the optimizer training ``model``; its state at masked positions is cleared
+            whenever masks change. Can be set later through :attr:`optimizer`.
+        normalize, data, loss_fn, max_batches, seed: passed to ``prunekit.prune``.
+        progress: show progress bars of data-driven scoring.
+
+    Attributes:
+        step_count: optimizer steps seen so far.
+        sparsity: the scheduled sparsity currently applied.
+        history: ``(step, sparsity)`` of every mask update.
+        report: the :class:`~prunekit.PruneReport` of the last update (None before the first).
+
+    Example:
+        >>> import torch, prunekit
+        >>> from prunekit.train import GradualPruner, PolynomialSchedule
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        >>> pruner = GradualPruner(net, PolynomialSchedule(final_sparsity=0.5, end_step=10),
+        ...                        optimizer=opt)
+        >>> for _ in range(10):
+        ...     opt.zero_grad(); net(torch.randn(4, 8)).sum().backward(); opt.step(); _ = pruner.step()
+        >>> pruner.sparsity, int((net[0].weight == 0).sum())
+        (0.5, 32)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: SupportsSparsityAt | float | Callable[[int], float],
+        method: str | Criterion = "magnitude",
+        pattern: str | Pattern = "unstructured",
+        scope: str = "global",
+        targets: str | Iterable[str] | None = None,
+        ignore: str | Iterable[str] | None = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        normalize: str = "auto",
+        data: Iterable[Any] | None = None,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        max_batches: int | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.schedule = as_schedule(schedule)
+        self.pattern = parse_pattern(pattern)
+        _check_choice("scope", scope, SCOPES)
+        _check_choice("normalize", normalize, NORMALIZATIONS)
+        criterion = get_criterion(method)
+        self.targets_patterns, self.ignore_patterns = targets, ignore
+        self.scope, self.normalize = scope, normalize
+        self.data, self.loss_fn, self.max_batches = data, loss_fn, max_batches
+        self.seed, self.progress = seed, progress
+
+        self._online: str | None = None
+        if data is None and criterion.name in ONLINE_METHODS and criterion.collect is not None:
+            self._online = criterion.name
+            criterion = Criterion(
+                criterion.name,
+                self._online_score,
+                comparable_across_layers=criterion.comparable_across_layers,
+            )
+        elif criterion.needs_data and data is None:
+            raise ValueError(
+                f"method {criterion.name!r} scores weights on data: pass data=<iterable of "
+                "batches> (and loss_fn=) to GradualPruner; only "
+                f"{', '.join(map(repr, ONLINE_METHODS))} can be scored from training gradients"
+            )
+        elif criterion.needs_data and loss_fn is None and getattr(criterion, "needs_loss", True):
+            raise ValueError(
+                f"method {criterion.name!r} needs loss_fn=<callable(model, batch) -> scalar loss>"
+            )
+        self.criterion = criterion
+
+        self.targets: list[Target] = resolve_targets(model, targets, ignore)
+        usable = [
+            t
+            for t in self.targets
+            if self.pattern.skip_reason(tuple(t.as_matrix(t.weight()).shape)) is None
+        ]
+        if not usable:
+            raise ValueError(f"no targeted layer can take pattern {self.pattern}")
+        self._scored = usable
+        self._scores: dict[str, torch.Tensor] = {}
+        self._previous: dict[str, torch.Tensor] = {}
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._warned_skip = False
+        self._warned_decrease = False
+        self._finalized = False
+        self.step_count = 0
+        self.sparsity = 0.0
+        self.history: list[tuple[int, float]] = []
+        self.report: PruneReport | None = None
+
+        first = self._scheduled(0)
+        if first > 0 and self._online:
+            raise ValueError(
+                f"method {self._online!r} is scored from training gradients, so the schedule "
+                f"cannot ask for sparsity at step 0 (it asks for {first:g}); start it at "
+                "begin_step >= 1"
+            )
+        if self._online:
+            self._reset_scores()
+            self._remember_weights()
+        self.optimizer = optimizer
+        if first > 0:
+            self._update(first)
+
+    # ------------------------------------------------------------------------------------------
+    # The training-loop API
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer whose state is cleared at masked positions (settable)."""
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
+        self._optimizer = optimizer
+        self._clear_optimizer_state()
+
+    def step(self) -> bool:
+        """Count one optimizer step and update the masks if the schedule asks for more sparsity.
+
+        Returns True when the masks changed at this step.
+        """
+        if self._online:
+            self._accumulate()
+        self.step_count += 1
+        target = self._scheduled(self.step_count)
+        changed = False
+        if self._needs_update(target):
+            self._update(target)
+            changed = True
+        else:
+            self._rezero()
+        if self._online:
+            self._remember_weights()
+        return changed
+
+    def finalize(self) -> nn.Module:
+        """Bake the masks into the weights (``prunekit.finalize`` in place) and return the model.
+
+        The pruner cannot step any more afterwards.
+        """
+        finalize(self.model, inplace=True)
+        self._finalized = True
+        return self.model
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Bool keep-masks (True = kept) of every masked target, by parameter name."""
+        out = {}
+        for t in self.targets:
+            keep = get_mask(t.module, t.param_name)
+            if keep is not None:
+                out[t.name] = keep
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"GradualPruner(method={self.criterion.name!r}, pattern='{self.pattern}', "
+            f"scope={self.scope!r}, step={self.step_count}, sparsity={self.sparsity:.4f}, "
+            f"schedule={self.schedule!r})"
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: step, applied sparsity, masks, running scores.
+
+        Tensors are copies; the dict holds only tensors, numbers, strings and lists, so
+        ``torch.save`` / ``torch.load(weights_only=True)`` round-trip it.
+        """
+        return {
+            "version": STATE_VERSION,
+            "step": self.step_count,
+            "sparsity": self.sparsity,
+            "history": [[s, v] for s, v in self.history],
+            "method": self.criterion.name,
+            "pattern": str(self.pattern),
+            "scope": self.scope,
+            "targets": [t.name for t in self.targets],
+            "masks": {k: v.clone() for k, v in self.masks().items()},
+            "scores": {k: v.clone() for k, v in self._scores.items()},
+            "previous": {k: v.clone() for k, v in self._previous.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`: step, sparsity, running scores, and the masks on the model.
+
+        Masks are replaced, not intersected: the model's masks become exactly the saved ones.
+        Load the pruner before ``model.load_state_dict(...)`` when the model is freshly built.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"unsupported pruner state version {state.get('version')!r}; "
+                f"this prunekit reads version {STATE_VERSION}"
+            )
+        names = [t.name for t in self.targets]
+        if list(state["targets"]) != names:
+            raise ValueError(
+                "the saved pruner state is for other layers: saved targets "
+                f"{list(state['targets'])}, this pruner's targets {names}"
+            )
+        for key, mine in (
+            ("method", self.criterion.name),
+            ("pattern", str(self.pattern)),
+            ("scope", self.scope),
+        ):
+            if state[key] != mine:
+                warnings.warn(
+                    f"prunekit: loading a pruner state saved with {key}={state[key]!r} into a "
+                    f"pruner with {key}={mine!r}",
+                    stacklevel=2,
+                )
+        masks = state["masks"]
+        for t in self.targets:
+            keep = masks.get(t.name)
+            current = get_mask(t.module, t.param_name)
+            if keep is None:
+                if current is not None:
+                    remove_mask(t.module, t.param_name)
+                continue
+            keep = keep.to(torch.bool)
+            if current is not None and torch.equal(current.cpu(), keep.cpu()):
+                continue
+            if current is not None:
+                remove_mask(t.module, t.param_name)
+            apply_mask(t.module, t.param_name, keep)
+        self.step_count = int(state["step"])
+        self.sparsity = float(state["sparsity"])
+        self.history = [(int(s), float(v)) for s, v in state["history"]]
+        self._scores = {k: v.clone() for k, v in state["scores"].items()}
+        self._previous = {k: v.clone() for k, v in state["previous"].items()}
+        self._clear_optimizer_state()
+
+    # ------------------------------------------------------------------------------------------
+    # Internals
+
+    def _scheduled(self, step: int) -> float:
+        value = self.schedule.sparsity_at(step)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(
+                f"the schedule returned {value!r} at step {step}; sparsities must be in [0, 1)"
+            )
+        return float(value)
+
+    def _nm_at(self, sparsity: float) -> NM | None:
+        """The N':M pattern applied at ``sparsity`` for a gradual N:M target (None: dense)."""
+        assert isinstance(self.pattern, NM)
+        m = self.pattern.m
+        n = max(self.pattern.n, math.ceil((1.0 - sparsity) * m - 1e-9))
+        return None if n >= m else NM(n, m)
+
+    def _needs_update(self, target: float) -> bool:
+        if self._finalized:
+            raise RuntimeError("the pruner was finalized; build a new one to keep pruning")
+        if target < self.sparsity - 1e-12:
+            if not self._warned_decrease:
+                warnings.warn(
+                    f"prunekit: the schedule went down from {self.sparsity:g} to {target:g} at "
+                    f"step {self.step_count}; masks never shrink, so sparsity stays",
+                    stacklevel=3,
+                )
+                self._warned_decrease = True
+            return False
+        if isinstance(self.pattern, NM):
+            return self._nm_at(target) != self._nm_at(self.sparsity)
+        return target > self.sparsity + 1e-12
+
+    def _update(self, target: float) -> None:
+        pattern: Pattern | None = self.pattern
+        sparsity: float | None = target
+        if isinstance(self.pattern, NM):
+            pattern, sparsity = self._nm_at(target), None
+        if pattern is not None:
+            with warnings.catch_warnings():
+                if self._warned_skip:
+                    warnings.filterwarnings("ignore", message="prunekit: skipping")
+                self.report = prune(
+                    self.model,
+                    sparsity,
+                    method=self.criterion,
+                    pattern=pattern,
+                    scope=self.scope,
+                    targets=self.targets_patterns,
+                    ignore=self.ignore_patterns,
+                    normalize=self.normalize,
+                    data=self.data,
+                    loss_fn=self.loss_fn,
+                    max_batches=self.max_batches,
+                    seed=self.seed + len(self.history),
+                    inplace=True,
+                    progress=self.progress,
+                )
+            self._warned_skip = True
+        self.sparsity = target
+        self.history.append((self.step_count, target))
+        if self._online == "taylor":
+            self._reset_scores()
+        self._clear_optimizer_state()
+
+    def _online_score(self, layer: LayerContext) -> torch.Tensor:
+        return self._scores[layer.target.name].to(layer.weight.device)
+
+    def _reset_scores(self) -> None:
+        self._scores = {
+            t.name: torch.zeros(t.weight().shape, dtype=torch.float32, device=t.weight().device)
+            for t in self._scored
+        }
+
+    def _remember_weights(self) -> None:
+        self._previous = {t.name: t.weight().float().clone() for t in self._scored}
+
+    def _accumulate(self) -> None:
+        for t in self._scored:
+            grad = raw_parameter(t.module, t.param_name).grad
+            previous = self._previous.get(t.name)
+            if grad is None or previous is None:
+                continue
+            product = previous * grad.detach().float()
+            if self._online == "movement":
+                self._scores[t.name].sub_(product)
+            else:
+                self._scores[t.name].add_(product.abs())
+
+    def _masked(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        out = []
+        for t in self.targets:
+            if is_masked(t.module, t.param_name):
+                keep = get_mask(t.module, t.param_name)
+                out.append((raw_parameter(t.module, t.param_name), keep))
+        return out
+
+    def _rezero(self) -> None:
+        reapply_masks(self.model)
+
+    def _clear_optimizer_state(self) -> None:
+        masked = self._masked()
+        with torch.no_grad():
+            for param, keep in masked:
+                param.masked_fill_(~keep, 0)
+        if self._optimizer is not None:
+            clear_optimizer_state(self._optimizer, dict(masked))
