@@ -122,3 +122,18 @@ def test_load_replaces_masks_the_model_already_has(cnn: SmallCNN, tmp_path) -> N
     restored = prunekit.load(folder, busy)
     assert torch.equal(get_mask(restored.fc1), get_mask(saved.fc1))
     assert all(torch.equal(v, restored.state_dict()[k]) for k, v in saved.state_dict().items())
+
+
+def test_structurally_pruned_model_loads_through_a_factory(
+    cnn: SmallCNN, cnn_input, tmp_path
+) -> None:
+    from prunekit.graph import prune_structured
+
+    pruned = prune_structured(cnn, cnn_input, ratio=0.5, progress=False).model
+    folder = prunekit.save(pruned, tmp_path / "s")
+    assert json.loads((folder / "prunekit.json").read_text())["structure"][0]["kind"] == "width"
+    restored = prunekit.load(folder, SmallCNN)
+    assert restored.fc1.out_features == 16 and restored.conv1.out_channels == 4
+    assert torch.equal(restored(cnn_input), pruned(cnn_input))
+    with pytest.raises(ValueError, match="does not fit"):
+        prunekit.load(prunekit.save(cnn, tmp_path / "dense"), lambda: pruned)

@@ -5,7 +5,10 @@ A saved model is a folder:
 * ``model.safetensors``: the model's ``state_dict`` (masked weights as stored, zeros in place)
   with every mask bit-packed (8 per byte) under ``__prunekit_mask__.<parameter name>``.
 * ``prunekit.json``: prunekit and format versions, the masked parameters with their shapes, and
-  per-layer sparsity, plus whatever ``metadata`` the caller adds (the pruning settings).
+  per-layer sparsity, plus whatever ``metadata`` the caller adds (the pruning settings). For a
+  structurally pruned model (``prunekit.prune_structured``) it also holds ``"structure"``: every
+  changed shape, attribute and removed block, which :func:`load` replays on a fresh instance built
+  by a factory (see :mod:`prunekit.compress.structured`).
 
 Writes go to a temporary folder beside the destination, which is then renamed into place, so an
 interrupted save never leaves a half-written model under the final name.
@@ -13,10 +16,12 @@ interrupted save never leaves a half-written model under the final name.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunekit._version import __version__
+from prunekit.compress.structured import STRUCTURE_ATTR, apply_structure
 from prunekit.masks import MASK_SUFFIX, apply_mask, get_mask, masked_parameters, remove_mask
 from prunekit.report import stats
 
@@ -129,6 +135,9 @@ def save(
         "total_sparsity": round(report.sparsity, 6),
         **(metadata or {}),
     }
+    structure = getattr(model, STRUCTURE_ATTR, None)
+    if structure:
+        meta["structure"] = structure
 
     def write(folder: Path) -> None:
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -152,16 +161,43 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module]) -> nn.Module:
     """Load weights and masks saved by :func:`save` into ``model``, in place.
 
     ``model`` is an instance of the saved architecture (fresh, or carrying masks of its own,
-    which the saved ones replace). The weights are restored bit for bit and every mask is
-    re-attached, so pruning or training can go on. Shapes must match exactly; a mismatch raises before any weight is changed.
+    which the saved ones replace), or a zero-argument factory that builds one. The weights are
+    restored bit for bit and every mask is re-attached, so pruning or training can go on. Shapes
+    must match exactly; a mismatch raises before any weight is changed.
+
+    A structurally pruned model (``prunekit.prune_structured``) has smaller layers than a fresh
+    instance: its saved record of changed shapes is first replayed on the fresh model (checked
+    on a copy first when you pass an instance), then the weights are loaded.
 
     Example:
         >>> restored = prunekit.load("out/net", MyNet())  # doctest: +SKIP
+        >>> restored = prunekit.load("out/pruned", MyNet)  # a factory works too  # doctest: +SKIP
     """
+    if not isinstance(model, nn.Module):
+        if not callable(model):
+            raise TypeError(
+                f"model must be an nn.Module or a callable returning one, got {type(model).__name__}"
+            )
+        built = model()
+        if not isinstance(built, nn.Module):
+            raise TypeError(f"the model factory returned {type(built).__name__}, not an nn.Module")
+        model, fresh = built, True
+    else:
+        fresh = False
+    structure = read_metadata(path).get("structure")
+    if structure:
+        if not fresh:
+            _load_into(path, apply_structure(copy.deepcopy(model), structure))  # check first
+        apply_structure(model, structure)
+        object.__setattr__(model, STRUCTURE_ATTR, structure)
+    return _load_into(path, model)
+
+
+def _load_into(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     path = Path(path)
     meta = read_metadata(path)
     tensors = load_file(str(path / WEIGHTS_FILE))

@@ -1,0 +1,86 @@
+"""Shared helpers of the structured-pruning benchmarks: data location, latency, tables."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def data_root(override: str | None = None) -> Path | None:
+    """``--data`` / ``PRUNEKIT_DATA``, else ``../shared/data`` next to the repository."""
+    chosen = override or os.environ.get("PRUNEKIT_DATA")
+    root = (
+        Path(chosen).expanduser()
+        if chosen
+        else Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    )
+    return root.resolve() if root.is_dir() else None
+
+
+def latency(
+    models: dict[str, nn.Module],
+    run: Callable[[nn.Module], Any],
+    *,
+    threads: int,
+    reps: int = 30,
+    rounds: int = 5,
+    warmup: int = 5,
+) -> dict[str, float]:
+    """Median seconds of one call per model: warm-up, then ``rounds`` rounds (model order rotated
+    every round) of ``reps`` timed calls each; the result is the median of the round medians."""
+    torch.set_num_threads(threads)
+    names = list(models)
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    with torch.inference_mode():
+        for name in names:
+            for _ in range(warmup):
+                run(models[name])
+        for r in range(rounds):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
+                times = []
+                for _ in range(reps):
+                    start = time.perf_counter()
+                    run(models[name])
+                    times.append(time.perf_counter() - start)
+                per_round[name].append(statistics.median(times))
+    return {n: statistics.median(v) for n, v in per_round.items()}
+
+
+def machine() -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"load average {load:.2f} at start"
+    )
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = []
+    for j, row in enumerate(cells):
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def macs_params(model: nn.Module, inputs: Any) -> tuple[int, int]:
+    from prunekit.graph import count
+
+    report = count(model, inputs)
+    return report.macs, report.params

@@ -1,0 +1,127 @@
+"""The prune-structured and count commands (called through an argparse parser built here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+import prunekit.graph as pg
+from prunekit.graph.cli import add_commands
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    folder = tmp_path_factory.mktemp("hf") / "llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    (folder / "tokenizer_config.json").write_text("{}")
+    return folder
+
+
+def run(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="prunekit")
+    add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_prune_structured_writes_a_loadable_folder(llama_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "pruned"
+    assert (
+        run(
+            "prune-structured",
+            str(llama_dir),
+            "--out",
+            str(out),
+            "--unit",
+            "channel,head",
+            "--ratio",
+            "0.5",
+            "--round-to",
+            "8",
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "params" in printed and f"wrote {out}" in printed
+    assert (out / "tokenizer_config.json").is_file()
+    meta = json.loads((out / "prunekit.json").read_text())
+    assert (
+        meta["plain_loadable"] and meta["report"]["params_after"] < meta["report"]["params_before"]
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.intermediate_size == 32 and model.config.num_key_value_heads == 1
+    restored = pg.from_pretrained(out)
+    ids = torch.randint(0, 64, (1, 5))
+    torch.testing.assert_close(restored(ids).logits, model.eval()(ids).logits)
+
+
+def test_prune_structured_layers_and_targets(llama_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "p"
+    assert (
+        run(
+            "prune-structured",
+            str(llama_dir),
+            "--out",
+            str(out),
+            "--unit",
+            "layer",
+            "--ratio",
+            "0.5",
+            "--json",
+        )
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out.rsplit("wrote", 1)[0])
+    assert len(report["removed_layers"]) == 1
+    assert (
+        run(
+            "prune-structured",
+            str(llama_dir),
+            "--out",
+            str(out),
+            "--target-macs",
+            "0.6",
+            "--overwrite",
+        )
+        == 0
+    )
+    meta = json.loads((out / "prunekit.json").read_text())
+    assert meta["report"]["macs_after"] <= 0.6 * meta["report"]["macs_before"]
+
+
+def test_count_command(llama_dir, capsys) -> None:
+    assert run("count", str(llama_dir), "--seq-len", "4", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["params"] > 0 and report["macs"] > 0 and report["inputs"] == "1x4"
+    assert run("count", str(llama_dir)) == 0
+    assert "total" in capsys.readouterr().out
+
+
+def test_cli_errors(llama_dir, tmp_path) -> None:
+    with pytest.raises(FileNotFoundError):
+        run("count", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="Hugging Face model folder"):
+        run("count", str(tmp_path))
+    with pytest.raises(ValueError, match="nest inside the input"):
+        run("prune-structured", str(llama_dir), "--out", str(llama_dir / "x"))
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run("prune-structured", str(llama_dir), "--out", str(tmp_path / "taken"))
+    with pytest.raises(ValueError, match="ratio must be"):
+        run("prune-structured", str(llama_dir), "--out", str(tmp_path / "y"), "--ratio", "2")
+    assert not (tmp_path / "y").exists()
