@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -178,7 +179,7 @@ def test_oneshot_falls_back_to_magnitude_when_sparsegpt_fails(calib, monkeypatch
     def fail(*args, **kwargs):
         raise SparseGPTFailure("forced failure")
 
-    monkeypatch.setattr("prunekit.oneshot.sparsegpt_prune", fail)
+    monkeypatch.setattr(sys.modules["prunekit.oneshot"], "sparsegpt_prune", fail)
     with pytest.warns(UserWarning, match="by magnitude instead"):
         report = oneshot(tiny_llama(), calib, method="sparsegpt", progress=False)
     assert report.sparsity == 0.5 and report.details["fallbacks"]

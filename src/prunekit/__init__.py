@@ -8,27 +8,55 @@ The public verbs:
 >>> pruned = prunekit.finalize(report.model)                      # plain nn.Sequential again
 >>> round(prunekit.stats(pruned).layer("0").sparsity, 2)
 0.5
+
+Structured pruning (``prune_structured``, ``count``), calibrated one-shot pruning
+(``oneshot``, ``calibration``), train-time pruning (``GradualPruner``, ``finetune``,
+``lottery_ticket``, ``prune_at_init``) and evaluation (``eval``) build on the same pieces.
 """
 
-from prunekit import eval
+from prunekit import eval, train
 from prunekit._version import __version__
 from prunekit.calibrate import calibration
 from prunekit.compress.io import load, save
+from prunekit.graph import (
+    CountReport,
+    StructuredPruningError,
+    StructuredReport,
+    UnsupportedOperationError,
+    count,
+    from_pretrained,
+    prune_structured,
+    save_pretrained,
+)
 from prunekit.masks import finalize
 from prunekit.oneshot import oneshot
 from prunekit.prune import prune
 from prunekit.report import PruneReport, SparsityReport, stats
+from prunekit.train import GradualPruner, finetune, lottery_ticket, prune_at_init
 
 __all__ = [
+    "CountReport",
+    "GradualPruner",
     "PruneReport",
     "SparsityReport",
+    "StructuredPruningError",
+    "StructuredReport",
+    "UnsupportedOperationError",
     "__version__",
     "calibration",
+    "count",
     "eval",
     "finalize",
+    "finetune",
+    "from_pretrained",
     "load",
+    "lottery_ticket",
     "oneshot",
     "prune",
+    "prune_at_init",
+    "prune_structured",
     "save",
+    "save_pretrained",
     "stats",
+    "train",
 ]

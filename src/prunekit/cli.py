@@ -4,6 +4,8 @@
     prunekit stats PATH [--json]
     prunekit prune PATH --sparsity 0.5 --pattern 2:4 --out OUT
     prunekit oneshot MODEL_DIR --method sparsegpt --pattern 2:4 --calib FILE --out OUT
+    prunekit prune-structured MODEL_DIR --out OUT --ratio 0.3 --unit channel
+    prunekit count MODEL_DIR
 
 PATH is a Hugging Face model folder (``config.json`` + ``*.safetensors``), a folder written by
 ``prunekit.save``, or a single ``.safetensors`` file. ``stats`` reads the tensors directly and
@@ -32,6 +34,7 @@ from torch import nn
 
 from prunekit._version import __version__
 from prunekit.compress.io import MASK_PREFIX, META_FILE, _atomic_dir_write
+from prunekit.graph import StructuredPruningError, UnsupportedOperationError
 from prunekit.masks import finalize
 from prunekit.prune import prune
 from prunekit.report import LayerStats, SparsityReport
@@ -368,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     o.set_defaults(func=_cmd_oneshot)
+
+    from prunekit.graph.cli import add_commands
+
+    add_commands(commands)  # prune-structured, count
     return parser
 
 
@@ -380,7 +387,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (CliError, ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (
+        CliError,
+        ValueError,
+        TypeError,
+        FileExistsError,
+        FileNotFoundError,
+        UnsupportedOperationError,
+        StructuredPruningError,
+    ) as exc:
         print(f"prunekit: error: {exc}", file=sys.stderr)
         return 2
 
