@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
 import json
 import os
 import platform
@@ -50,7 +49,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,75 +57,26 @@ from torch.nn.utils import prune as torch_prune
 import prunekit
 from prunekit.masks import get_mask
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_common import MnistNet, find_folder, load_mnist  # noqa: E402
+from train_common import load_mnist_model as load_model  # noqa: E402
+
 LAYERS = ("conv1", "conv2", "fc1", "fc2")
 SPARSITIES = (0.5, 0.7, 0.8, 0.9)
 EVAL_RANGE = (5000, 10000)
 TRAIN_RANGE = (0, 5000)
 TIMING_SPARSITY = 0.9
 TARGET_RATIO = 1.15
-MEAN, STD = 0.1307, 0.3081
 Batch = tuple[torch.Tensor, torch.Tensor]
 FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "mnist_cnn.pt")
 
 
-class Net(nn.Module):
-    """The CNN that ``mnist_cnn.pt`` was trained as."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 20, 5)
-        self.conv2 = nn.Conv2d(20, 50, 5)
-        self.fc1 = nn.Linear(800, 500)
-        self.fc2 = nn.Linear(500, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = F.relu(self.fc1(x.flatten(1)))
-        return F.log_softmax(self.fc2(x), dim=1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data and model
+Net = MnistNet
 
 
 def find_data_dir(override: str | None) -> Path | None:
     """The folder holding the MNIST files, or None when they are not there."""
-    if override:
-        base = Path(override).expanduser()
-        candidates = [base / "mnist", base]
-    else:
-        candidates = [Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist"]
-    for folder in candidates:
-        if all((folder / name).is_file() for name in FILES):
-            return folder.resolve()
-    return None
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read a gzipped IDX file: magic (0, 0, dtype, ndim), big-endian dims, then uint8 data."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    zero, dtype_code, ndim = int.from_bytes(raw[0:2], "big"), raw[2], raw[3]
-    if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file")
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def load_mnist(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised test images (N, 1, 28, 28) and their labels (N,)."""
-    images = read_idx(folder / "t10k-images-idx3-ubyte.gz")
-    labels = read_idx(folder / "t10k-labels-idx1-ubyte.gz")
-    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
-    return (x - MEAN) / STD, torch.from_numpy(labels.astype(np.int64))
-
-
-def load_model(folder: Path) -> Net:
-    model = Net()
-    state = torch.load(folder / "mnist_cnn.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.eval()
+    return find_folder(override, "mnist", FILES)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,3 +39,31 @@ def cnn() -> SmallCNN:
 @pytest.fixture
 def cnn_input() -> torch.Tensor:
     return torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+TINY_LLAMA = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def tiny_llama(seed: int = 0, **overrides) -> nn.Module:
+    """A 2-layer Llama with grouped-query attention (4 q heads, 2 kv heads), random weights."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**{**TINY_LLAMA, **overrides})
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """The tiny Llama saved as a Hugging Face folder (with a stub tokenizer config)."""
+    folder = tmp_path_factory.mktemp("hf") / "llama"
+    tiny_llama().save_pretrained(folder)
+    (folder / "tokenizer_config.json").write_text("{}")
+    return folder

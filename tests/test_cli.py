@@ -16,24 +16,6 @@ from prunekit.cli import main
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    folder = tmp_path_factory.mktemp("hf") / "llama"
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    (folder / "tokenizer_config.json").write_text("{}")
-    return folder
-
-
 @pytest.fixture
 def weights_file(tmp_path):
     torch.manual_seed(0)

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 import prunekit
+from conftest import TINY_LLAMA
+from conftest import tiny_llama as _tiny_llama
 from prunekit.calibrate import calibration
 from prunekit.eval import perplexity
 from prunekit.masks import get_mask
@@ -21,20 +23,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def tiny_llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return _tiny_llama(bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
 def tiny_gpt2() -> nn.Module:
@@ -294,18 +283,7 @@ def test_perplexity_matches_manual_computation() -> None:
 
 def _tiny(arch: str) -> nn.Module:
     torch.manual_seed(0)
-    common = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
+    common = dict(TINY_LLAMA, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if arch == "opt":
         config = transformers.OPTConfig(
             vocab_size=64,

@@ -6,6 +6,7 @@ import copy
 import time
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -72,20 +73,40 @@ def round_nm_allocation(sparsities: list[float], sizes: list[int], pattern: NM) 
     return [1 - k / m for k in kept]
 
 
+@dataclass
 class _Pruner:
-    """Prunes groups of layers with one method, given their calibration statistics."""
+    """One oneshot job's settings; prunes groups of layers given their calibration statistics."""
 
-    def __init__(
-        self, method: str, pattern: Pattern, scope: str, block_size: int, damp: float, seed: int
-    ) -> None:
-        self.method = method
-        self.pattern = pattern
-        self.scope = scope
-        self.block_size = block_size
-        self.damp = damp
-        self.generator = torch.Generator().manual_seed(seed)
-        self.allocated: dict[str, float] = {}
-        self.fallbacks: dict[str, str] = {}
+    method: str
+    pattern: Pattern
+    scope: str
+    sparsity: float
+    allocation: str
+    owl_threshold: float
+    owl_lambda: float
+    block_size: int
+    damp: float
+    seed: int
+    progress: bool
+    allocated: dict[str, float] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    @property
+    def need(self) -> set[str]:
+        """Statistics the method needs from calibration."""
+        return _NEEDS[self.method]
+
+    def owl(self, groups: list[list[Target]], stats: dict) -> list[float]:
+        """Per-group sparsity from the groups' outlier ratios (N:M levels rounded)."""
+        ratios = [_owl_ratio(group, stats, self.owl_threshold) for group in groups]
+        sizes = [sum(t.weight().numel() for t in group) for group in groups]
+        allocated = owl_allocation(ratios, sizes, self.sparsity, self.owl_lambda)
+        if isinstance(self.pattern, NM):
+            allocated = round_nm_allocation(allocated, sizes, self.pattern)
+        return allocated
 
     def prune(self, targets: list[Target], stats: dict, sparsity: float) -> None:
         pattern = _nm_for(self.pattern, sparsity) if isinstance(self.pattern, NM) else self.pattern
@@ -226,8 +247,19 @@ def oneshot(
         chosen = [Target(n, modules[n]) for n in names]
     usable = [t for t in chosen if t.name not in skipped]
 
-    pruner = _Pruner(method, pattern, scope, block_size, damp, seed)
-    need = _NEEDS[method]
+    pruner = _Pruner(
+        method,
+        pattern,
+        scope,
+        sparsity,
+        allocation,
+        owl_threshold,
+        owl_lambda,
+        block_size,
+        damp,
+        seed,
+        progress,
+    )
     found = find_blocks(model, blocks) if sequential else None
     started = time.perf_counter()
     with PeakMemory() as memory:
@@ -237,34 +269,9 @@ def oneshot(
                     "prunekit: no repeated blocks found; calibrating the whole model at once",
                     stacklevel=2,
                 )
-            _prune_all_at_once(
-                model,
-                usable,
-                calib,
-                pruner,
-                need,
-                allocation,
-                sparsity,
-                owl_threshold,
-                owl_lambda,
-                progress,
-            )
+            _prune_all_at_once(model, usable, calib, pruner, allocation)
         else:
-            _prune_sequentially(
-                model,
-                found,
-                usable,
-                calib,
-                pruner,
-                need,
-                allocation,
-                sparsity,
-                owl_threshold,
-                owl_lambda,
-                propagate,
-                device,
-                progress,
-            )
+            _prune_sequentially(model, found, usable, calib, pruner, propagate, device)
     elapsed = time.perf_counter() - started
 
     rows = [layer_stats(t) for t in chosen]
@@ -289,17 +296,15 @@ def oneshot(
 
 
 def _prune_all_at_once(
-    model, targets, calib, pruner, need, allocation, sparsity, threshold, lam, progress
+    model: nn.Module, targets: list[Target], calib: Any, pruner: _Pruner, allocation: str
 ) -> None:
-    wanted = need | ({"norm"} if allocation == "owl" else set())
-    stats = collect_input_stats(model, targets, calib, wanted, progress=progress) if wanted else {}
-    per_layer = [sparsity] * len(targets)
+    wanted = pruner.need | ({"norm"} if allocation == "owl" else set())
+    stats = {}
+    if wanted:
+        stats = collect_input_stats(model, targets, calib, wanted, progress=pruner.progress)
+    per_layer = [pruner.sparsity] * len(targets)
     if allocation == "owl":
-        ratios = [_owl_ratio([t], stats, threshold) for t in targets]
-        sizes = [t.weight().numel() for t in targets]
-        per_layer = owl_allocation(ratios, sizes, sparsity, lam)
-        if isinstance(pruner.pattern, NM):
-            per_layer = round_nm_allocation(per_layer, sizes, pruner.pattern)
+        per_layer = pruner.owl([[t] for t in targets], stats)
     for t, s in zip(targets, per_layer, strict=True):
         pruner.prune([t], stats, s)
 
@@ -318,64 +323,63 @@ def _block_targets(blocks_name: str, n_blocks: int, targets: list[Target]) -> tu
 
 
 def _prune_sequentially(
-    model,
-    found,
-    targets,
-    calib,
-    pruner,
-    need,
-    allocation,
-    sparsity,
-    threshold,
-    lam,
-    propagate,
-    device,
-    progress,
+    model: nn.Module,
+    found: tuple[str, nn.ModuleList],
+    targets: list[Target],
+    calib: Any,
+    pruner: _Pruner,
+    propagate: str,
+    device: str | torch.device | None,
 ) -> None:
     blocks_name, blocks = found
     groups, rest = _block_targets(blocks_name, len(blocks), targets)
-    per_block = [sparsity] * len(blocks)
-    bar = (
-        (lambda it: tqdm(it, desc="oneshot (OWL pass)", unit="block", leave=False))
-        if progress
-        else None
-    )
-    if allocation == "owl":
-        ratios: list[float] = [0.0] * len(blocks)
+    per_block = [pruner.sparsity] * len(blocks)
+
+    def bar(desc: str):
+        return (
+            (lambda it: tqdm(it, desc=desc, unit="block", leave=False)) if pruner.progress else None
+        )
+
+    if pruner.allocation == "owl":
+        stats: dict = {}
 
         def measure(index: int, block: nn.Module, run) -> None:
             if groups[index]:
                 with InputStats(groups[index], {"norm"}) as collected:
                     run()
-                ratios[index] = _owl_ratio(groups[index], collected.stats, threshold)
+                stats.update(collected.stats)
 
         run_sequential(
-            model, blocks, calib, measure, propagate="dense", device=device, progress=bar
+            model,
+            blocks,
+            calib,
+            measure,
+            propagate="dense",
+            device=device,
+            progress=bar("oneshot (OWL pass)"),
         )
         used = [i for i, g in enumerate(groups) if g]
-        sizes = [sum(t.weight().numel() for t in groups[i]) for i in used]
-        allocated = owl_allocation([ratios[i] for i in used], sizes, sparsity, lam)
-        if isinstance(pruner.pattern, NM):
-            allocated = round_nm_allocation(allocated, sizes, pruner.pattern)
-        for i, s in zip(used, allocated, strict=True):
+        for i, s in zip(used, pruner.owl([groups[i] for i in used], stats), strict=True):
             per_block[i] = s
 
     def prune_block(index: int, block: nn.Module, run) -> None:
         if not groups[index]:
             return
-        if need:
-            with InputStats(groups[index], need) as collected:
+        stats = {}
+        if pruner.need:
+            with InputStats(groups[index], pruner.need) as collected:
                 run()
             stats = collected.stats
-        else:
-            stats = {}
         pruner.prune(groups[index], stats, per_block[index])
 
-    bar = (lambda it: tqdm(it, desc=f"oneshot {pruner.method}", unit="block")) if progress else None
     run_sequential(
-        model, blocks, calib, prune_block, propagate=propagate, device=device, progress=bar
+        model,
+        blocks,
+        calib,
+        prune_block,
+        propagate=propagate,
+        device=device,
+        progress=bar(f"oneshot {pruner.method}"),
     )
     if rest:
-        _prune_all_at_once(
-            model, rest, calib, pruner, need, "uniform", sparsity, threshold, lam, progress
-        )
+        _prune_all_at_once(model, rest, calib, pruner, "uniform")
