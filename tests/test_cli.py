@@ -151,3 +151,27 @@ def test_oneshot_command_on_hf_folder_with_tokenizer(llama_dir, tmp_path) -> Non
     assert (
         main(["oneshot", str(folder), "--calib", "missing.txt", "--out", str(tmp_path / "x")]) == 2
     )
+
+
+def test_cli_reports_broken_files_without_a_traceback(tmp_path, capsys) -> None:
+    broken = tmp_path / "bad.safetensors"
+    broken.write_bytes(b"\xff" * 64)
+    assert main(["stats", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prunekit: error:") and "Traceback" not in err
+
+
+def test_cli_creates_the_output_folder(weights_file, tmp_path) -> None:
+    out = tmp_path / "new" / "deeper" / "o.safetensors"
+    assert main(["prune", str(weights_file), "--out", str(out)]) == 0
+    assert out.is_file()
+
+
+def test_cli_never_loads_pickled_checkpoints(llama_dir, tmp_path, capsys) -> None:
+    import shutil
+
+    folder = tmp_path / "bin-only"
+    shutil.copytree(llama_dir, folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    assert main(["prune", str(folder), "--out", str(tmp_path / "o")]) == 2
+    assert "never loads pickle" in capsys.readouterr().err

@@ -137,3 +137,14 @@ def test_structurally_pruned_model_loads_through_a_factory(
     assert torch.equal(restored(cnn_input), pruned(cnn_input))
     with pytest.raises(ValueError, match="does not fit"):
         prunekit.load(prunekit.save(cnn, tmp_path / "dense"), lambda: pruned)
+
+
+def test_save_stores_masked_values_even_if_raw_weights_drifted(cnn: SmallCNN, tmp_path) -> None:
+    pruned = prunekit.prune(cnn, 0.5).model
+    with torch.no_grad():  # what stale optimiser momentum can do to a raw parameter
+        prunekit.masks.raw_parameter(pruned.fc1).add_(1.0)
+    folder = prunekit.save(pruned, tmp_path / "s")
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        stored = f.get_tensor("fc1.weight")
+    assert torch.equal(stored, pruned.fc1.weight.detach())
+    assert int((stored == 0).sum()) == prunekit.stats(pruned).layer("fc1").zeros

@@ -215,8 +215,27 @@ def test_oneshot_reports_time_and_memory_and_leaves_input_alone(calib) -> None:
     before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
     report = oneshot(model, calib, method="sparsegpt", progress=False)
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
-    assert report.settings["wall_time_s"] > 0 and report.settings["peak_memory_mb"] >= 0
-    assert "peak_memory_mb" in str(report)
+    assert report.settings["wall_time_s"] > 0 and "peak_memory_mb" in str(report)
+
+
+def test_peak_memory_sees_a_large_allocation() -> None:
+    from prunekit.runtime import PeakMemory
+
+    with PeakMemory(interval=0.001) as memory:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    assert memory.peak_mb >= 48
+
+
+def test_unreachable_target_stops_oneshot_before_any_change(calib) -> None:
+    model = tiny_llama()
+    model.model.layers[1].mlp.spare = nn.Linear(32, 32)  # registered, never called
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match="never run on the calibration data: model.layers.1.mlp.spare"
+    ):
+        oneshot(model, calib, method="wanda", inplace=True, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize(
@@ -258,6 +277,8 @@ def test_calibration_sources(tmp_path) -> None:
     assert len(ready) == 5
     with pytest.raises(ValueError, match="needs a tokenizer"):
         calibration("some text")
+    with pytest.raises(ValueError, match="does not exist"):
+        calibration("data/missing.txt", char_tokenizer)
     with pytest.raises(ValueError, match="fewer than seq_len"):
         calibration(torch.arange(10), seq_len=20)
 

@@ -222,3 +222,27 @@ def test_report_table_and_dict(cnn: SmallCNN) -> None:
     data = report.to_dict()
     assert data["settings"]["sparsity"] == 0.5 and data["zeros"] == report.zeros
     assert len(data["layers"]) == 3 and data["layers"][0]["name"] == "conv1.weight"
+
+
+def test_block_tiles_with_signed_scores_prune_the_most_negative() -> None:
+    from prunekit.scores import Criterion
+
+    signed = Criterion("signed", lambda layer: torch.tensor([[-10.0, -10.0, 0.1, 0.1]] * 2))
+    model = nn.ModuleDict({"a": nn.Linear(4, 2, bias=False)})
+    out = prunekit.prune(model, 0.5, method=signed, pattern="block:2x2", targets="a")
+    weight = out.model["a"].weight.detach()
+    assert torch.all(weight[:, :2] == 0) and torch.all(weight[:, 2:] != 0)
+
+
+def test_pattern_objects_are_validated() -> None:
+    from prunekit.patterns import NM, Block
+
+    with pytest.raises(ValueError, match="needs 1 <= N < M"):
+        NM(0, 4)
+    with pytest.raises(ValueError, match="needs R, C >= 1"):
+        Block(0, 4)
+
+
+def test_report_unpacks_as_model_and_report(cnn: SmallCNN) -> None:
+    model, report = prunekit.prune(cnn, 0.5)
+    assert model is report.model and report.sparsity == 0.5

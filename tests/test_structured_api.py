@@ -375,3 +375,12 @@ def test_depth_target_and_patterns() -> None:
     assert report.removed_layers == ["layer3.1"]  # layer3.0 changes shape: not removable
     with pytest.raises(ValueError, match="match no removable block"):
         pg.prune_structured(model, IMG, unit="layer", layers=["nothing.*"], progress=False)
+
+
+def test_structured_taylor_leaves_the_callers_gradients_alone(net) -> None:
+    _loss(net, _data(1)[0]).backward()
+    before = {k: p.grad.clone() for k, p in net.named_parameters()}
+    pg.prune_structured(
+        net, X, ratio=0.5, importance="taylor", calib=_data(), loss_fn=_loss, progress=False
+    )
+    assert all(torch.equal(p.grad, before[k]) for k, p in net.named_parameters())

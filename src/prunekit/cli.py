@@ -7,9 +7,9 @@
     prunekit prune-structured MODEL_DIR --out OUT --ratio 0.3 --unit channel
     prunekit count MODEL_DIR
 
-PATH is a Hugging Face model folder (``config.json`` + ``*.safetensors``), a folder written by
-``prunekit.save``, or a single ``.safetensors`` file. ``stats`` reads the tensors directly and
-needs no model code. ``prune`` on a Hugging Face folder loads the model with ``transformers``
+For ``stats``, PATH is a Hugging Face model folder (``config.json`` + ``*.safetensors``), a
+folder written by ``prunekit.save``, or a single ``.safetensors`` file; it reads the tensors
+directly and needs no model code. ``prune`` takes a Hugging Face folder or a safetensors file. ``prune`` on a Hugging Face folder loads the model with ``transformers``
 (``pip install prunekit[hf]``) and writes a folder that ``from_pretrained`` loads; on a bare
 safetensors file it prunes every weight matrix or conv kernel in PyTorch's (out, in, ...) layout
 and writes a safetensors file with the same keys. Output goes to a temporary name and is renamed
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -170,7 +170,12 @@ def _load_hf(path: Path) -> nn.Module:
     architectures = getattr(config, "architectures", None) or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
     cls = cls or transformers.AutoModel
-    return cls.from_pretrained(path, local_files_only=True)
+    if not any(path.glob("*.safetensors")):
+        raise CliError(
+            f"{path}: no *.safetensors weights. prunekit never loads pickle (.bin/.pt); convert "
+            "with transformers: Model.from_pretrained(path).save_pretrained(out, safe_serialization=True)"
+        )
+    return cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
 
 
 def _write_hf(
@@ -205,9 +210,10 @@ def _oneshot_hf(args: argparse.Namespace, source: Path, out: Path) -> SparsityRe
     from prunekit.calibrate.data import calibration
     from prunekit.oneshot import oneshot
 
-    model = _load_hf(source)  # raises a clear error when transformers is missing
-    import transformers
-
+    try:
+        import transformers
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise CliError("oneshot needs transformers: pip install 'prunekit[hf]'") from exc
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -223,7 +229,7 @@ def _oneshot_hf(args: argparse.Namespace, source: Path, out: Path) -> SparsityRe
         seq_len=args.seq_len,
         seed=args.seed,
     )
-    model = _load_hf(source)
+    model = _load_hf(source)  # once, after the cheap checks
     report = oneshot(
         model,
         calib,
@@ -264,6 +270,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 def _check_out(source: Path, out: Path, overwrite: bool) -> None:
     if not source.exists():
         raise CliError(f"{source}: no such file or folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
     if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
         raise CliError(
             f"--out {out} would overwrite or nest inside the input {source}; choose another path"
@@ -391,8 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         CliError,
         ValueError,
         TypeError,
-        FileExistsError,
-        FileNotFoundError,
+        OSError,
+        SafetensorError,
         UnsupportedOperationError,
         StructuredPruningError,
     ) as exc:

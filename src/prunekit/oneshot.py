@@ -15,7 +15,12 @@ from tqdm.auto import tqdm
 
 from prunekit.calibrate.data import CalibrationSet, calibration
 from prunekit.calibrate.sequential import find_blocks, run_sequential
-from prunekit.calibrate.stats import InputStats, check_calibratable, collect_input_stats
+from prunekit.calibrate.stats import (
+    InputStats,
+    check_calibratable,
+    check_targets_run,
+    collect_input_stats,
+)
 from prunekit.masks import apply_mask, raw_parameter
 from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from prunekit.prune import _check_choice, _resolve_sparsity, compute_masks
@@ -33,14 +38,13 @@ _NEEDS = {"magnitude": set(), "wanda": {"norm"}, "sparsegpt": {"hessian"}}
 
 def _owl_ratio(targets: list[Target], stats: dict, threshold: float) -> float:
     """Share of Wanda scores above ``threshold`` times their mean, over a group of layers."""
-    scores = torch.cat(
-        [
-            (t.as_matrix(t.weight().abs().float()) * stats[t.name]["norm"].sqrt()[None, :]).reshape(
-                -1
-            )
-            for t in targets
-        ]
-    )
+    parts = []
+    for t in targets:
+        weight = t.as_matrix(t.weight().abs().float())
+        parts.append(
+            (weight * stats[t.name]["norm"].to(weight.device).sqrt()[None, :]).reshape(-1).cpu()
+        )
+    scores = torch.cat(parts)
     return float((scores > threshold * scores.mean()).float().mean())
 
 
@@ -240,6 +244,8 @@ def oneshot(
     skipped = {name: reason for name, reason in skip.items() if reason}
     for name, reason in skipped.items():
         warnings.warn(f"prunekit: skipping {name} for pattern {pattern}: {reason}", stacklevel=2)
+    if method != "magnitude" or allocation == "owl":
+        check_targets_run(model, chosen, calib[0])
     if not inplace:
         names = [t.module_name for t in chosen]
         model = copy.deepcopy(model)
@@ -347,7 +353,10 @@ def _prune_sequentially(
             if groups[index]:
                 with InputStats(groups[index], {"norm"}) as collected:
                     run()
-                stats.update(collected.stats)
+                # blocks go back to their home device after their turn: keep the norms on the CPU
+                stats.update(
+                    {name: {"norm": entry["norm"].cpu()} for name, entry in collected.stats.items()}
+                )
 
         run_sequential(
             model,

@@ -60,6 +60,12 @@ class NM(Pattern):
     m: int
     selects_by_count = False
 
+    def __post_init__(self) -> None:
+        if not (isinstance(self.n, int) and isinstance(self.m, int) and 1 <= self.n < self.m):
+            raise ValueError(
+                f"N:M pattern {self.n}:{self.m} needs 1 <= N < M (integers); accepted: {ACCEPTED}"
+            )
+
     @property
     def sparsity(self) -> float:
         return 1.0 - self.n / self.m
@@ -89,6 +95,14 @@ class Block(Pattern):
     r: int
     c: int
 
+    def __post_init__(self) -> None:
+        if not (
+            isinstance(self.r, int) and isinstance(self.c, int) and self.r >= 1 and self.c >= 1
+        ):
+            raise ValueError(
+                f"block pattern {self.r}x{self.c} needs R, C >= 1 (integers); accepted: {ACCEPTED}"
+            )
+
     @property
     def unit_size(self) -> int:  # type: ignore[override]
         return self.r * self.c
@@ -108,10 +122,16 @@ class Block(Pattern):
         return tiles.permute(0, 2, 1, 3).reshape(out // self.r, inp // self.c, self.r * self.c)
 
     def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Tile scores: the L2 norm of non-negative element scores (for magnitude, the tile's
+        norm); the sum when scores are signed (movement), so a negative tile is pruned first."""
         tiles = self._tiles(scores)
         dead = torch.isneginf(tiles).all(dim=-1)
-        norms = torch.where(torch.isneginf(tiles), 0.0, tiles).pow(2).sum(-1).sqrt()
-        return torch.where(dead, float("-inf"), norms).reshape(-1)
+        finite = torch.where(torch.isneginf(tiles), 0.0, tiles)
+        if bool((finite < 0).any()):
+            pooled = finite.sum(-1)
+        else:
+            pooled = finite.pow(2).sum(-1).sqrt()
+        return torch.where(dead, float("-inf"), pooled).reshape(-1)
 
     def expand(self, unit_keep: torch.Tensor, matrix_shape: tuple[int, int]) -> torch.Tensor:
         out, inp = matrix_shape
@@ -141,14 +161,8 @@ def parse_pattern(pattern: str | Pattern) -> Pattern:
         return Unstructured()
     nm = _NM_RE.match(pattern)
     if nm:
-        n, m = int(nm.group(1)), int(nm.group(2))
-        if not 1 <= n < m:
-            raise ValueError(f"N:M pattern {pattern!r} needs 1 <= N < M; accepted: {ACCEPTED}")
-        return NM(n, m)
+        return NM(int(nm.group(1)), int(nm.group(2)))
     block = _BLOCK_RE.match(pattern)
     if block:
-        r, c = int(block.group(1)), int(block.group(2))
-        if r < 1 or c < 1:
-            raise ValueError(f"block pattern {pattern!r} needs R, C >= 1; accepted: {ACCEPTED}")
-        return Block(r, c)
+        return Block(int(block.group(1)), int(block.group(2)))
     raise ValueError(f"unknown pattern {pattern!r}; accepted: {ACCEPTED}")

@@ -152,6 +152,10 @@ class PruneReport(SparsityReport):
 
     _TITLE_KEYS = ("method", "pattern", "sparsity", "scope", "allocation")
 
+    def __iter__(self):
+        """Unpack as ``model, report = prunekit.prune(...)``, like ``prune_structured``."""
+        return iter((self.model, self))
+
     def _title(self) -> str:
         shown = ", ".join(f"{k}={v}" for k, v in self.settings.items() if k in self._TITLE_KEYS)
         return f"prunekit prune ({shown})"

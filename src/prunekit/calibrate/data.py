@@ -103,7 +103,20 @@ def _read_text(source: str | os.PathLike | list[str]) -> tuple[str, str]:
         return path.read_text(encoding="utf-8", errors="replace"), f"text file {path}"
     if source == "pydoc":
         return pydoc_text(), "CPython pydoc_data prose"
+    if "\n" not in source and len(source) < 4096 and _looks_like_path(source):
+        raise ValueError(f"calibration file {source!r} does not exist")
     return str(source), f"a string of {len(source)} characters"
+
+
+def _looks_like_path(text: str) -> bool:
+    """A short single-line string with a path separator or a text-file suffix: a missing file,
+    not calibration text."""
+    return (
+        "/" in text
+        or os.sep in text
+        or Path(text).suffix.lower()
+        in (".txt", ".text", ".md", ".tokens", ".raw", ".csv", ".json", ".jsonl")
+    )
 
 
 def calibration(

@@ -150,3 +150,30 @@ def collect_input_stats(
     if missing:
         raise ValueError(f"these layers never ran on the calibration data: {', '.join(missing)}")
     return collected.stats
+
+
+@torch.no_grad()
+def check_targets_run(model: nn.Module, targets: list[Target], sample: Any) -> None:
+    """Run one calibration sample and raise, naming them, if some targets never execute.
+
+    Called before any weight changes, so a layer the calibration data cannot reach stops the
+    job up front instead of after the blocks before it were pruned.
+    """
+    ran: set[str] = set()
+    handles = [
+        t.module.register_forward_hook(lambda *_, name=t.name: ran.add(name)) for t in targets
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        run_model(model, sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    missing = [t.name for t in targets if t.name not in ran]
+    if missing:
+        raise ValueError(
+            f"these targeted layers never run on the calibration data: {', '.join(missing)}; "
+            "ignore them (ignore=[...]) or calibrate with inputs that reach them"
+        )

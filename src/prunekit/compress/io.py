@@ -119,6 +119,8 @@ def save(
         full = f"{module_name}.{name}" if module_name else name
         masks[full] = get_mask(module, name)
         state.pop(full + MASK_SUFFIX, None)
+        # Optimiser momentum from before the mask can move raw values: store the masked weight.
+        state[full] = getattr(module, name).detach()
     tensors, aliases = _dedupe_shared(state)
     for name, mask in masks.items():
         tensors[MASK_PREFIX + name] = pack_mask(mask)

@@ -273,6 +273,7 @@ def from_pretrained(
     cls = model_class or _model_class(config) or transformers.AutoModel
     structure = meta.get("structure") or []
     if not structure:
+        kwargs.setdefault("use_safetensors", True)  # never unpickle a .bin checkpoint
         return cls.from_pretrained(path, local_files_only=True, **kwargs)
     original = meta.get("original_config")
     if original is None:

@@ -181,7 +181,9 @@ class Taylor(GroupImportance):
         self.name = name
 
     def collect(self, model, graph, groups, calib, loss_fn, progress) -> dict[str, Any]:
-        params = dict(model.named_parameters())
+        # Gradients come from torch.autograd.grad: the caller's .grad fields stay as they were.
+        params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        names = list(params)
         scores = {g.index: np.zeros(g.n_units) for g in groups}
         grouped = self.name == "taylor_group"
         fn = (lambda t: t) if grouped else torch.abs
@@ -189,23 +191,27 @@ class Taylor(GroupImportance):
         model.eval()
         try:
             for batch in tqdm(list(calib), desc=self.name, disable=not progress, leave=False):
-                model.zero_grad(set_to_none=True)
                 loss = (loss_fn or default_loss)(model, batch)
-                loss.backward()
+                grads = dict(
+                    zip(
+                        names,
+                        torch.autograd.grad(loss, [params[k] for k in names], allow_unused=True),
+                        strict=True,
+                    )
+                )
                 cache: dict[Member, np.ndarray] = {}
                 for g in groups:
                     s = np.zeros(g.n_units)
                     for member in g.members:
                         key, dim = member
-                        p = params.get(key)
-                        if p is None or p.grad is None:
+                        p, grad = params.get(key), grads.get(key)
+                        if p is None or grad is None:
                             continue
                         if member not in cache:
-                            cache[member] = per_index(p.detach() * p.grad, dim, fn)
+                            cache[member] = per_index(p.detach() * grad, dim, fn)
                         s += unit_sums(g, member, cache[member])
                     scores[g.index] += s**2 if grouped else s
         finally:
-            model.zero_grad(set_to_none=True)
             model.train(was_training)
         return {self.name: scores}
 

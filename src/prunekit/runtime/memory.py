@@ -30,8 +30,9 @@ def current_rss_bytes() -> int:
 class PeakMemory:
     """Peak resident memory above the level at entry, sampled every ``interval`` seconds.
 
-    ``peak_mb`` is the CPU figure (RSS growth); ``cuda_peak_mb`` is CUDA's max allocated memory
-    during the block when CUDA is in use, else None.
+    ``peak_mb`` is the CPU figure (RSS growth); ``cuda_peak_mb`` is the growth of CUDA's
+    allocated memory (peak minus the level at entry) when CUDA is in use, else None. RSS growth
+    understates in a process that already freed memory it can reuse: measure in a fresh one.
     """
 
     def __init__(self, interval: float = 0.005) -> None:
@@ -39,6 +40,7 @@ class PeakMemory:
         self.start = 0
         self.peak = 0
         self.cuda_peak_mb: float | None = None
+        self._cuda_start = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -51,6 +53,7 @@ class PeakMemory:
         self.start = self.peak = current_rss_bytes()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+            self._cuda_start = torch.cuda.memory_allocated()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -61,7 +64,7 @@ class PeakMemory:
             self._thread.join()
         self.peak = max(self.peak, current_rss_bytes())
         if torch.cuda.is_available():
-            self.cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20
+            self.cuda_peak_mb = (torch.cuda.max_memory_allocated() - self._cuda_start) / 2**20
 
     @property
     def peak_mb(self) -> float:
