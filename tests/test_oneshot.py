@@ -359,3 +359,12 @@ def test_owl_with_n_m_keeps_the_average_exact(calib) -> None:
     )
     assert report.zeros == report.params // 2
     assert set(report.details["allocated"].values()) <= {0.375, 0.5, 0.625}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: blocks move to the GPU")
+def test_owl_on_cuda_blocks(calib) -> None:
+    report = oneshot(
+        tiny_llama(), calib, method="wanda", allocation="owl", device="cuda", progress=False
+    )
+    assert report.zeros == pytest.approx(0.5 * report.params, abs=len(report.layers))
+    assert all(p.device.type == "cpu" for p in report.model.parameters())

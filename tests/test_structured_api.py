@@ -384,3 +384,12 @@ def test_structured_taylor_leaves_the_callers_gradients_alone(net) -> None:
         net, X, ratio=0.5, importance="taylor", calib=_data(), loss_fn=_loss, progress=False
     )
     assert all(torch.equal(p.grad, before[k]) for k, p in net.named_parameters())
+
+
+def test_layer_unit_refuses_options_it_does_not_use() -> None:
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (1, 8))
+    with pytest.raises(ValueError, match="unit='layer' .* does not use round_to, scope"):
+        pg.prune_structured(model, ids, unit="layer", round_to=8, scope="global", progress=False)

@@ -319,6 +319,22 @@ def prune_structured(
     if units == {"layer"}:
         from prunekit.graph.depth import prune_layers
 
+        unused = {
+            "per_layer": bool(per_layer),
+            "round_to": round_to is not None,
+            "scope": scope != "local",
+            "reduce": reduce != "sum",
+            "normalize": normalize != "mean",
+            "gqa": gqa != "kv",
+        }
+        given = [name for name, set_ in unused.items() if set_]
+        if given:
+            raise ValueError(
+                f"unit='layer' removes whole blocks and does not use {', '.join(given)}; "
+                "leave them at their defaults (layers are chosen with ratio, target_macs, "
+                "target_params, layers=, ignore= and importance)"
+            )
+
         return prune_layers(
             model,
             example_inputs,
