@@ -27,8 +27,10 @@ building the model, optimizer and pruner as before, then loading the pruner's st
 puts the masks on the model, so the model's state dict with its ``*_mask`` buffers loads), then
 the model's and the optimizer's.
 
-Structured patterns (channels, heads) are not available yet: prunekit has no dependency graph
-for surgery; the pruner takes every pattern ``prunekit.prune`` takes (unstructured, N:M, block).
+Patterns: every pattern ``prunekit.prune`` takes (unstructured, N:M, block), and structured
+units (``"channel"`` / ``"neuron"``, ``"head"``, ``"channel+head"``): whole units of the
+dependency groups ``prunekit.prune_structured`` uses are zeroed with soft masks on every slice
+surgery would remove, and ``finalize()`` then cuts them out (``prunekit.train.structured``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from prunekit.scope import NORMALIZATIONS, SCOPES
 from prunekit.scores import Criterion, LayerContext, get_criterion
 from prunekit.targets import Target, resolve_targets
 from prunekit.train.schedules import SupportsSparsityAt, as_schedule
+from prunekit.train.structured import StructuredMasks, structured_units
 
 STATE_VERSION = 1
 ONLINE_METHODS = ("movement", "taylor")
@@ -102,13 +105,24 @@ class GradualPruner:
         pattern: ``"unstructured"``, ``"N:M"`` or ``"block:RxC"``. N:M is reached gradually:
             when the schedule asks for sparsity ``s``, every group of M keeps
             ``max(N, ceil((1 - s) * M))`` weights (4:4, 3:4, then 2:4 for ``"2:4"``).
+            Structured: ``"channel"`` (``"neuron"``), ``"head"``, ``"channel+head"`` or a list;
+            the sparsity is then the fraction of removable units removed (over all groups for
+            ``scope="global"``, per group for ``"local"``), ``method`` is a group importance
+            of ``prunekit.prune_structured`` (``"l2"``, the default for ``"magnitude"``,
+            ``"l1"``, ``"bn_scale"``, ``"random"``, ``"activation"``, ``"apoz"`` and
+            ``"taylor"``, which without ``data`` sums ``|w * g|`` of the training gradients),
+            ``example_inputs`` is required and :meth:`finalize` performs surgery.
         scope: ``"global"`` or ``"local"`` (see ``prunekit.prune``).
         targets: name patterns of the layers to prune (default: Linear / Conv except the head).
-        ignore: name patterns of layers to leave alone.
+            Structured: only groups produced by a matching module.
+        ignore: name patterns of layers to leave alone (structured: groups produced by a
+            matching module are left whole).
         optimizer: the optimizer training ``model``; its state at masked positions is cleared
             whenever masks change. Can be set later through :attr:`optimizer`.
         normalize, data, loss_fn, max_batches, seed: passed to ``prunekit.prune``.
         progress: show progress bars of data-driven scoring.
+        example_inputs, min_keep, reduce, pin_outputs: structured patterns only; as in
+            ``prunekit.prune_structured`` (``normalize="auto"`` means ``"mean"`` there).
 
     Attributes:
         step_count: optimizer steps seen so far.
@@ -146,11 +160,37 @@ class GradualPruner:
         max_batches: int | None = None,
         seed: int = 0,
         progress: bool = False,
+        example_inputs: Any = None,
+        min_keep: int = 1,
+        reduce: str = "sum",
+        pin_outputs: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.schedule = as_schedule(schedule)
+        self._structured: StructuredMasks | None = None
+        units = structured_units(pattern)
+        if units is not None:
+            self._init_structured(
+                units,
+                method,
+                scope,
+                targets,
+                ignore,
+                optimizer=optimizer,
+                normalize=normalize,
+                data=data,
+                loss_fn=loss_fn,
+                max_batches=max_batches,
+                seed=seed,
+                progress=progress,
+                example_inputs=example_inputs,
+                min_keep=min_keep,
+                reduce=reduce,
+                pin_outputs=pin_outputs,
+            )
+            return
         self.pattern = parse_pattern(pattern)
         _check_choice("scope", scope, SCOPES)
         _check_choice("normalize", normalize, NORMALIZATIONS)
@@ -214,6 +254,79 @@ class GradualPruner:
         if first > 0:
             self._update(first)
 
+    def _init_structured(
+        self, units: set[str], method: Any, scope: str, targets: Any, ignore: Any, **kw: Any
+    ) -> None:
+        _check_choice("scope", scope, SCOPES)
+        if not isinstance(method, str) and not hasattr(method, "score"):
+            raise TypeError(
+                "structured patterns take a group importance (a name such as 'l2' or a "
+                f"prunekit.graph.importance.GroupImportance), got {method!r}"
+            )
+        normalize = "mean" if kw["normalize"] == "auto" else kw["normalize"]
+        self._structured = engine = StructuredMasks(
+            self.model,
+            units,
+            kw["example_inputs"],
+            importance=method,
+            scope=scope,
+            targets=targets,
+            ignore=ignore,
+            normalize=normalize,
+            reduce=kw["reduce"],
+            min_keep=kw["min_keep"],
+            pin_outputs=kw["pin_outputs"],
+            data=kw["data"],
+            loss_fn=kw["loss_fn"],
+            max_batches=kw["max_batches"],
+            seed=kw["seed"],
+            progress=kw["progress"],
+        )
+        self.pattern = "+".join(sorted(units))
+        self.criterion = engine.criterion
+        self.targets_patterns, self.ignore_patterns = targets, ignore
+        self.scope, self.normalize = scope, normalize
+        self.data, self.loss_fn, self.max_batches = kw["data"], kw["loss_fn"], kw["max_batches"]
+        self.seed, self.progress = kw["seed"], kw["progress"]
+        self._online = "taylor" if engine.online else None
+        self.targets = []
+        self._scored = []
+        self._scores, self._previous = {}, {}
+        self._optimizer = None
+        self._warned_skip = self._warned_decrease = self._finalized = False
+        self.step_count = 0
+        self.sparsity = 0.0
+        self.history = []
+        self.report = None
+        first = self._scheduled(0)
+        if first > 0 and self._online:
+            raise ValueError(
+                "method 'taylor' without data= is scored from training gradients, so the "
+                f"schedule cannot ask for sparsity at step 0 (it asks for {first:g}); start it "
+                "at begin_step >= 1"
+            )
+        self.optimizer = kw["optimizer"]
+        if first > 0:
+            self._update(first)
+
+    @property
+    def structured(self) -> bool:
+        """Whether this pruner removes whole units (channels, heads) and finalizes by surgery."""
+        return self._structured is not None
+
+    @property
+    def unit_sparsity(self) -> float:
+        """Structured patterns: the fraction of removable units currently removed."""
+        if self._structured is None:
+            raise AttributeError("unit_sparsity is defined for structured patterns only")
+        return self._structured.removed_count / self._structured.total_units
+
+    def removed_units(self) -> dict[str, list[int]]:
+        """Structured patterns: the removed units (indices) of every dependency group, by name."""
+        if self._structured is None:
+            raise AttributeError("removed_units() is defined for structured patterns only")
+        return self._structured.removed_units()
+
     # ------------------------------------------------------------------------------------------
     # The training-loop API
 
@@ -235,7 +348,10 @@ class GradualPruner:
         Returns True when the masks changed at this step.
         """
         if self._online:
-            self._accumulate()
+            if self._structured is not None:
+                self._structured.accumulate()
+            else:
+                self._accumulate()
         self.step_count += 1
         target = self._scheduled(self.step_count)
         changed = False
@@ -245,20 +361,47 @@ class GradualPruner:
         else:
             self._rezero()
         if self._online:
-            self._remember_weights()
+            if self._structured is not None:
+                self._structured.remember_weights()
+            else:
+                self._remember_weights()
         return changed
 
-    def finalize(self) -> nn.Module:
+    def finalize(self, surgery: bool | None = None, *, check: bool = True) -> nn.Module:
         """Bake the masks into the weights (``prunekit.finalize`` in place) and return the model.
+
+        Structured patterns (``surgery`` defaults to True there): then cut the removed units
+        out (the surgery of ``prunekit.prune_structured``), in place, and return the smaller
+        dense model. It computes what the masked model computed, except where a removed unit
+        takes part in a cross-channel computation such as LayerNorm over a pruned hidden size;
+        with ``check``, the outputs on ``example_inputs`` are compared and a warning says so.
+        The optimizer holds the old parameters afterwards: build a new one to keep training.
+        ``surgery=False`` only bakes the zeros in (same shapes).
 
         The pruner cannot step any more afterwards.
         """
-        finalize(self.model, inplace=True)
+        if surgery is None:
+            surgery = self._structured is not None
+        if surgery and self._structured is None:
+            raise ValueError(
+                f"surgery needs a structured pattern ('channel', 'head'); this pruner's pattern "
+                f"is '{self.pattern}'"
+            )
+        if self._finalized:
+            raise RuntimeError("the pruner was finalized already")
+        if surgery:
+            self._structured.surgery(check=check)
+        else:
+            finalize(self.model, inplace=True)
+            if self._structured is not None:
+                self._structured.sites = []
         self._finalized = True
         return self.model
 
     def masks(self) -> dict[str, torch.Tensor]:
         """Bool keep-masks (True = kept) of every masked target, by parameter name."""
+        if self._structured is not None:
+            return self._structured.keep_masks() if not self._finalized else {}
         out = {}
         for t in self.targets:
             keep = get_mask(t.module, t.param_name)
@@ -280,8 +423,26 @@ class GradualPruner:
         """Everything needed to resume: step, applied sparsity, masks, running scores.
 
         Tensors are copies; the dict holds only tensors, numbers, strings and lists, so
-        ``torch.save`` / ``torch.load(weights_only=True)`` round-trip it.
+        ``torch.save`` / ``torch.load(weights_only=True)`` round-trip it. Structured patterns
+        add ``groups`` (names) and ``removed`` (the removed units of each group).
         """
+        if self._structured is not None:
+            engine = self._structured.state_dict()
+            return {
+                "version": STATE_VERSION,
+                "step": self.step_count,
+                "sparsity": self.sparsity,
+                "history": [[s, v] for s, v in self.history],
+                "method": self.criterion.name,
+                "pattern": str(self.pattern),
+                "scope": self.scope,
+                "targets": [],
+                "groups": engine["groups"],
+                "removed": engine["removed"],
+                "masks": {k: v.clone() for k, v in self.masks().items()},
+                "scores": engine["scores"],
+                "previous": engine["previous"],
+            }
         return {
             "version": STATE_VERSION,
             "step": self.step_count,
@@ -307,6 +468,9 @@ class GradualPruner:
                 f"unsupported pruner state version {state.get('version')!r}; "
                 f"this prunekit reads version {STATE_VERSION}"
             )
+        if self._structured is not None:
+            self._load_structured(state)
+            return
         names = [t.name for t in self.targets]
         if list(state["targets"]) != names:
             raise ValueError(
@@ -345,6 +509,26 @@ class GradualPruner:
         self._previous = {k: v.clone() for k, v in state["previous"].items()}
         self._clear_optimizer_state()
 
+    def _load_structured(self, state: dict[str, Any]) -> None:
+        if "removed" not in state:
+            raise ValueError("the saved pruner state is not of a structured pattern")
+        for key, mine in (
+            ("method", self.criterion.name),
+            ("pattern", str(self.pattern)),
+            ("scope", self.scope),
+        ):
+            if state[key] != mine:
+                warnings.warn(
+                    f"prunekit: loading a pruner state saved with {key}={state[key]!r} into a "
+                    f"pruner with {key}={mine!r}",
+                    stacklevel=3,
+                )
+        self._structured.load_state_dict(state)
+        self.step_count = int(state["step"])
+        self.sparsity = float(state["sparsity"])
+        self.history = [(int(s), float(v)) for s, v in state["history"]]
+        self._clear_optimizer_state()
+
     # ------------------------------------------------------------------------------------------
     # Internals
 
@@ -380,6 +564,12 @@ class GradualPruner:
         return target > self.sparsity + 1e-12
 
     def _update(self, target: float) -> None:
+        if self._structured is not None:
+            self._structured.update(target, len(self.history))
+            self.sparsity = target
+            self.history.append((self.step_count, target))
+            self._clear_optimizer_state()
+            return
         pattern: Pattern | None = self.pattern
         sparsity: float | None = target
         if isinstance(self.pattern, NM):
@@ -436,6 +626,8 @@ class GradualPruner:
                 self._scores[t.name].add_(product.abs())
 
     def _masked(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        if self._structured is not None:
+            return self._structured.masked()
         out = []
         for t in self.targets:
             if is_masked(t.module, t.param_name):
@@ -445,6 +637,8 @@ class GradualPruner:
 
     def _rezero(self) -> None:
         reapply_masks(self.model)
+        if self._structured is not None:
+            self._structured.rezero_buffers()
 
     def _clear_optimizer_state(self) -> None:
         masked = self._masked()
