@@ -319,3 +319,22 @@ def test_bad_input_is_rejected_before_anything_changes() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         GradualPruner(make(), lambda step: 0.0).step()
+
+
+def test_n_m_schedule_is_checked_and_reports_the_applied_sparsity() -> None:
+    from prunekit.train import PolynomialSchedule
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match="stops at sparsity 0.5"):
+        GradualPruner(net, PolynomialSchedule(final_sparsity=0.9, end_step=10), pattern="2:4")
+    with pytest.raises(ValueError, match="scope 'row'"):
+        GradualPruner(net, 0.5, pattern="2:4", scope="row")
+    pruner = GradualPruner(
+        net, PolynomialSchedule(final_sparsity=0.5, end_step=8, frequency=1), pattern="2:4"
+    )
+    seen = set()
+    for _ in range(10):
+        pruner.step()
+        seen.add(pruner.sparsity)
+    assert seen <= {0.0, 0.25, 0.5} and pruner.sparsity == 0.5

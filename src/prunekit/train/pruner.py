@@ -52,7 +52,7 @@ from prunekit.masks import (
     reapply_masks,
     remove_mask,
 )
-from prunekit.patterns import NM, Pattern, parse_pattern
+from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from prunekit.prune import prune
 from prunekit.report import PruneReport
 from prunekit.scope import NORMALIZATIONS, SCOPES
@@ -193,6 +193,19 @@ class GradualPruner:
             return
         self.pattern = parse_pattern(pattern)
         _check_choice("scope", scope, SCOPES)
+        if scope == "row" and not isinstance(self.pattern, Unstructured):
+            raise ValueError(f"scope 'row' works with the unstructured pattern, not {self.pattern}")
+        final = getattr(self.schedule, "final_sparsity", None)
+        if (
+            isinstance(self.pattern, NM)
+            and final is not None
+            and final > self.pattern.sparsity + 1e-9
+        ):
+            raise ValueError(
+                f"pattern {self.pattern} stops at sparsity {self.pattern.sparsity:g}, but the "
+                f"schedule asks for final_sparsity={final:g}; use final_sparsity <= "
+                f"{self.pattern.sparsity:g} (the pruner ramps N:M from dense to {self.pattern})"
+            )
         _check_choice("normalize", normalize, NORMALIZATIONS)
         criterion = get_criterion(method)
         self.targets_patterns, self.ignore_patterns = targets, ignore
@@ -595,6 +608,8 @@ class GradualPruner:
                     progress=self.progress,
                 )
             self._warned_skip = True
+        if isinstance(self.pattern, NM):  # record what was applied: N':M levels are discrete
+            target = 0.0 if pattern is None else pattern.sparsity
         self.sparsity = target
         self.history.append((self.step_count, target))
         if self._online == "taylor":
