@@ -67,3 +67,12 @@ def llama_dir(tmp_path_factory):
     tiny_llama().save_pretrained(folder)
     (folder / "tokenizer_config.json").write_text("{}")
     return folder
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (training loops thrash on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

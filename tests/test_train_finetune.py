@@ -15,13 +15,7 @@ from conftest import mlp
 from prunekit.masks import get_mask, is_masked
 from prunekit.train import GradualPruner, PolynomialSchedule, finetune, hidden_loss, kd_loss
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 G = torch.Generator().manual_seed(0)

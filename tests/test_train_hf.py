@@ -16,13 +16,7 @@ from prunekit.masks import get_mask  # noqa: E402
 from prunekit.train import PolynomialSchedule  # noqa: E402
 from prunekit.train.hf import PruningCallback  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tiny(nn.Module):

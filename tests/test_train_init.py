@@ -19,12 +19,7 @@ SIZES = (32, 128, 128, 16, 10)
 LAYERS = ["0", "2", "4", "6"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def deep_mlp(seed: int = 0) -> nn.Sequential:

@@ -12,13 +12,7 @@ from conftest import mlp
 from prunekit.masks import get_mask
 from prunekit.train import lottery_ticket
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 G = torch.Generator().manual_seed(0)

@@ -21,13 +21,7 @@ from prunekit.train import (
     PolynomialSchedule,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches(count: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:

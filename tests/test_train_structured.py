@@ -15,13 +15,7 @@ from conftest import mlp
 from prunekit.masks import is_masked, raw_parameter
 from prunekit.train import GradualPruner, PolynomialSchedule
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ResCNN(nn.Module):

@@ -490,17 +490,7 @@ class GradualPruner:
                 "the saved pruner state is for other layers: saved targets "
                 f"{list(state['targets'])}, this pruner's targets {names}"
             )
-        for key, mine in (
-            ("method", self.criterion.name),
-            ("pattern", str(self.pattern)),
-            ("scope", self.scope),
-        ):
-            if state[key] != mine:
-                warnings.warn(
-                    f"prunekit: loading a pruner state saved with {key}={state[key]!r} into a "
-                    f"pruner with {key}={mine!r}",
-                    stacklevel=2,
-                )
+        self._warn_on_other_settings(state)
         masks = state["masks"]
         for t in self.targets:
             keep = masks.get(t.name)
@@ -522,9 +512,7 @@ class GradualPruner:
         self._previous = {k: v.clone() for k, v in state["previous"].items()}
         self._clear_optimizer_state()
 
-    def _load_structured(self, state: dict[str, Any]) -> None:
-        if "removed" not in state:
-            raise ValueError("the saved pruner state is not of a structured pattern")
+    def _warn_on_other_settings(self, state: dict[str, Any]) -> None:
         for key, mine in (
             ("method", self.criterion.name),
             ("pattern", str(self.pattern)),
@@ -534,8 +522,13 @@ class GradualPruner:
                 warnings.warn(
                     f"prunekit: loading a pruner state saved with {key}={state[key]!r} into a "
                     f"pruner with {key}={mine!r}",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
+
+    def _load_structured(self, state: dict[str, Any]) -> None:
+        if "removed" not in state:
+            raise ValueError("the saved pruner state is not of a structured pattern")
+        self._warn_on_other_settings(state)
         self._structured.load_state_dict(state)
         self.step_count = int(state["step"])
         self.sparsity = float(state["sparsity"])
