@@ -18,6 +18,7 @@ from prunekit import eval, train
 from prunekit._version import __version__
 from prunekit.calibrate import calibration
 from prunekit.compress.io import load, save
+from prunekit.compress.onnx_export import OnnxCheckError, OnnxExport, export_onnx
 from prunekit.graph import (
     CountReport,
     StructuredPruningError,
@@ -32,20 +33,26 @@ from prunekit.masks import finalize
 from prunekit.oneshot import oneshot
 from prunekit.prune import prune
 from prunekit.report import PruneReport, SparsityReport, stats
+from prunekit.runtime.bench import BenchReport, bench
 from prunekit.train import GradualPruner, finetune, lottery_ticket, prune_at_init
 
 __all__ = [
+    "BenchReport",
     "CountReport",
     "GradualPruner",
+    "OnnxCheckError",
+    "OnnxExport",
     "PruneReport",
     "SparsityReport",
     "StructuredPruningError",
     "StructuredReport",
     "UnsupportedOperationError",
     "__version__",
+    "bench",
     "calibration",
     "count",
     "eval",
+    "export_onnx",
     "finalize",
     "finetune",
     "from_pretrained",

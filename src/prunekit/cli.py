@@ -6,6 +6,7 @@
     prunekit oneshot MODEL_DIR --method sparsegpt --pattern 2:4 --calib FILE --out OUT
     prunekit prune-structured MODEL_DIR --out OUT --ratio 0.3 --unit channel
     prunekit count MODEL_DIR
+    prunekit bench MODEL_DIR [MODEL_DIR2 ...] --batch 1 32 --seq-len 128
 
 For ``stats``, PATH is a Hugging Face model folder (``config.json`` + ``*.safetensors``), a
 folder written by ``prunekit.save``, or a single ``.safetensors`` file; it reads the tensors
@@ -379,9 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     o.set_defaults(func=_cmd_oneshot)
 
-    from prunekit.graph.cli import add_commands
+    from prunekit.graph.cli import add_commands as add_graph_commands
+    from prunekit.runtime.cli import add_commands as add_runtime_commands
 
-    add_commands(commands)  # prune-structured, count
+    add_graph_commands(commands)  # prune-structured, count
+    add_runtime_commands(commands)  # bench
     return parser
 
 
