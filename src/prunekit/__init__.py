@@ -19,6 +19,7 @@ from prunekit._version import __version__
 from prunekit.calibrate import calibration
 from prunekit.compress.io import load, save
 from prunekit.compress.onnx_export import OnnxCheckError, OnnxExport, export_onnx
+from prunekit.compress.quantize import QuantizeReport, quantize
 from prunekit.graph import (
     CountReport,
     StructuredPruningError,
@@ -43,6 +44,7 @@ __all__ = [
     "OnnxCheckError",
     "OnnxExport",
     "PruneReport",
+    "QuantizeReport",
     "SparsityReport",
     "StructuredPruningError",
     "StructuredReport",
@@ -62,6 +64,7 @@ __all__ = [
     "prune",
     "prune_at_init",
     "prune_structured",
+    "quantize",
     "save",
     "save_pretrained",
     "stats",

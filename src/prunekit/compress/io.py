@@ -10,6 +10,15 @@ A saved model is a folder:
   changed shape, attribute and removed block, which :func:`load` replays on a fresh instance built
   by a factory (see :mod:`prunekit.compress.structured`).
 
+With ``save(..., compressed=True)`` (format version 2) every floating weight of two or more
+dimensions is stored as its non-zero values plus the smallest index (bitmask, run-length or CSR;
+see :mod:`prunekit.compress.sparse_format`), the values as int8 / int4 codes with scales when the
+model was quantized with ``prunekit.quantize(..., mode="int")`` or when ``bits`` is given. The
+JSON gains ``"compressed"`` (per tensor: shape, dtype, index kind, quantization) and
+``"derived_masks"`` (masks equal to the non-zero pattern of the stored values, so not stored).
+Loading restores the dense tensors exactly (bit for bit for float values, the exact dequantized
+values for quantized ones).
+
 Writes go to a temporary folder beside the destination, which is then renamed into place, so an
 interrupted save never leaves a half-written model under the final name.
 """
@@ -31,14 +40,24 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunekit._version import __version__
+from prunekit.compress.quantize import (
+    QUANT_ATTR,
+    QuantizedTensor,
+    check_bits,
+    parse_granularity,
+    quantize_tensor,
+)
+from prunekit.compress.sparse_format import _check_index, decode, encode, nonzero_bits
 from prunekit.compress.structured import STRUCTURE_ATTR, apply_structure
 from prunekit.masks import MASK_SUFFIX, apply_mask, get_mask, masked_parameters, remove_mask
 from prunekit.report import stats
+from prunekit.targets import matches
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this prunekit reads; plain saves still write 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "prunekit.json"
 MASK_PREFIX = "__prunekit_mask__."
+SPARSE_PREFIX = "__prunekit_sparse__."
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -102,8 +121,21 @@ def save(
     *,
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
+    compressed: bool = False,
+    bits: int | dict[str, int | tuple[int, str]] | None = None,
+    granularity: str = "per_channel",
+    index: str = "auto",
 ) -> Path:
     """Save a (pruned) model's weights and masks to the folder ``path``, without pickle.
+
+    ``compressed=True`` stores each floating weight with two or more dimensions as non-zero
+    values plus an index (``index``: ``"auto"`` picks the smallest of bitmask / rle / csr /
+    dense per tensor, or force one). Weights quantized by ``prunekit.quantize(mode="int")`` are
+    stored as their integer codes and scales; ``bits=8`` or ``4`` quantizes the other ones too
+    (symmetric, ``granularity`` ``"per_channel"`` or ``"group:G"``), so loading gives the
+    dequantized values. ``bits`` may also map name patterns (globs, ``re:`` regexes; the first
+    match wins) to ``bits`` or ``(bits, granularity)``, e.g. ``{"*embeddings*": (4, "group:64"),
+    "*": 8}``; weights no pattern matches keep their float values.
 
     Example:
         >>> import torch, prunekit, tempfile
@@ -113,6 +145,11 @@ def save(
         ['model.safetensors', 'prunekit.json']
     """
     path = Path(path)
+    if not compressed and (bits is not None or index != "auto"):
+        raise ValueError("bits and index apply to compressed saves: pass compressed=True")
+    parse_granularity(granularity)
+    rules = _bit_rules(bits, granularity)
+    _check_index(index)
     state = model.state_dict()
     masks = {}
     for module_name, module, name in masked_parameters(model):
@@ -122,19 +159,24 @@ def save(
         # Optimiser momentum from before the mask can move raw values: store the masked weight.
         state[full] = getattr(module, name).detach()
     tensors, aliases = _dedupe_shared(state)
+    extra: dict[str, Any] = {}
+    mask_shapes = {name: list(mask.shape) for name, mask in masks.items()}
+    if compressed:
+        masks = _compress(model, tensors, masks, rules, index, extra)
     for name, mask in masks.items():
         tensors[MASK_PREFIX + name] = pack_mask(mask)
     report = stats(model)
     meta = {
         "format": "prunekit",
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if compressed else 1,
         "prunekit_version": __version__,
         "torch_version": torch.__version__,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "masks": {name: list(mask.shape) for name, mask in masks.items()},
+        "masks": mask_shapes,
         "aliases": aliases,
         "sparsity": {row.name: round(row.sparsity, 6) for row in report.layers},
         "total_sparsity": round(report.sparsity, 6),
+        **extra,
         **(metadata or {}),
     }
     structure = getattr(model, STRUCTURE_ATTR, None)
@@ -147,6 +189,103 @@ def save(
 
     _atomic_dir_write(path, overwrite, write)
     return path
+
+
+def _compress(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    rules: list[tuple[str, int, str]],
+    index: str,
+    extra: dict[str, Any],
+) -> dict[str, torch.Tensor]:
+    """Replace eligible dense tensors by their sparse encoding, in ``tensors``; return the masks
+    still to be stored (the others are derived from the values on load)."""
+    record = getattr(model, QUANT_ATTR, None) or {}
+    quantized: dict[str, QuantizedTensor] = record.get("layers", {})
+    entries: dict[str, Any] = {}
+    decoded: dict[str, torch.Tensor] = {}
+    for name in list(tensors):
+        tensor = tensors[name]
+        if not tensor.is_floating_point() or tensor.dim() < 2:
+            continue
+        q = quantized.get(name)
+        if q is not None and not torch.equal(q.dequantize(), tensor):
+            q = None  # changed since quantize(): quantize again below if asked
+            if not rules:
+                q = quantize_tensor(
+                    tensor, record["bits"], record["granularity"], record.get("symmetric", True)
+                )
+        rule = next((r for r in rules if matches(r[0], name)), None)
+        if q is None and rule is not None:
+            q = quantize_tensor(tensor, rule[1], rule[2], symmetric=True)
+        arrays, entry = encode(tensor, index, q)
+        del tensors[name]
+        for key, value in arrays.items():
+            tensors[f"{SPARSE_PREFIX}{name}.{key}"] = value
+        entries[name] = entry
+        if name in masks:
+            decoded[name] = decode(arrays, entry)[0]
+    kept, derived = {}, {}
+    for name, mask in masks.items():
+        if name in decoded and torch.equal(nonzero_bits(decoded[name]), mask.cpu()):
+            derived[name] = mask
+        else:
+            kept[name] = mask
+    extra["compressed"] = entries
+    extra["derived_masks"] = sorted(derived)
+    if record:
+        extra["quantization"] = {k: v for k, v in record.items() if k != "layers"}
+    return kept
+
+
+def _bit_rules(bits: Any, granularity: str) -> list[tuple[str, int, str]]:
+    """``bits`` as a list of (pattern, bits, granularity), validated."""
+    if bits is None:
+        return []
+    if not isinstance(bits, dict):
+        return [("*", check_bits(bits), granularity)]
+    rules = []
+    for pattern, value in bits.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"bits patterns must be strings, got {pattern!r}")
+        b, g = value if isinstance(value, tuple) else (value, granularity)
+        parse_granularity(g)
+        rules.append((pattern, check_bits(b), g))
+    return rules
+
+
+def load_state(path: str | os.PathLike, aliases: bool = True) -> dict[str, torch.Tensor]:
+    """The saved weights as a plain dense state dict (compressed tensors decoded, masks applied
+    and left out), without needing the model class."""
+    return _read_tensors(Path(path), read_metadata(path), aliases)[0]
+
+
+def _read_tensors(
+    path: Path, meta: dict[str, Any], aliases: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
+    tensors = load_file(str(path / WEIGHTS_FILE))
+    masks = {
+        name[len(MASK_PREFIX) :]: tensors.pop(name)
+        for name in list(tensors)
+        if name.startswith(MASK_PREFIX)
+    }
+    quantized = {}
+    for name, entry in meta.get("compressed", {}).items():
+        prefix = f"{SPARSE_PREFIX}{name}."
+        arrays = {k[len(prefix) :]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+        tensors[name], q = decode(arrays, entry)
+        if q is not None:
+            quantized[name] = q
+    unknown = [k for k in tensors if k.startswith(SPARSE_PREFIX)]
+    if unknown:
+        raise ValueError(f"{path}: compressed tensors without metadata: {unknown[:5]}")
+    for name in meta.get("derived_masks", []):
+        masks[name] = nonzero_bits(tensors[name])
+    if aliases:
+        for alias, source in meta.get("aliases", {}).items():
+            tensors[alias] = tensors[source]
+    return tensors, masks, quantized
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -202,14 +341,7 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module]) ->
 def _load_into(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     path = Path(path)
     meta = read_metadata(path)
-    tensors = load_file(str(path / WEIGHTS_FILE))
-    masks = {
-        name[len(MASK_PREFIX) :]: tensors.pop(name)
-        for name in list(tensors)
-        if name.startswith(MASK_PREFIX)
-    }
-    for alias, source in meta.get("aliases", {}).items():
-        tensors[alias] = tensors[source]
+    tensors, masks, quantized = _read_tensors(path, meta)
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = {
         k: v
@@ -223,11 +355,16 @@ def _load_into(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     modules = dict(model.named_modules())
     for name, packed in masks.items():
         module_name, _, param_name = name.rpartition(".")
-        apply_mask(modules[module_name], param_name, unpack_mask(packed, meta["masks"][name]))
+        if packed.dtype != torch.bool:
+            packed = unpack_mask(packed, meta["masks"][name])
+        apply_mask(modules[module_name], param_name, packed)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not k.endswith(MASK_SUFFIX)]
     if missing or unexpected:  # pragma: no cover - _check_compatible catches these first
         raise ValueError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    if quantized:  # keep the codes, so that saving again stores exactly the same values
+        record = {**meta.get("quantization", {"mode": "int"}), "layers": quantized}
+        object.__setattr__(model, QUANT_ATTR, record)
     return model
 
 

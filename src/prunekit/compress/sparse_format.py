@@ -1,0 +1,285 @@
+"""Compressed storage of one weight: its non-zero values plus the smallest index that finds them.
+
+A tensor is viewed as a matrix (rows = first dimension, row-major; Hugging Face Conv1D as stored).
+Its non-zero entries are stored, bit for bit, in row-major order, in the tensor's dtype, or as integer codes (int8; int4 packed two per
+byte) with per-channel / per-group scales and zero points when the weight is quantized. The
+positions are stored with whichever index is smallest for that tensor:
+
+* ``bitmask``: one bit per entry (``np.packbits``);
+* ``rle``: the run of zeros before each value (uint8, uint16 or uint32, the smallest that fits);
+* ``csr``: row pointers (rows + 1) and column indices, each in the smallest unsigned dtype;
+* ``dense``: no index, every value stored (chosen for dense tensors such as embeddings).
+
+Every array is a tensor in the safetensors file (index arrays as raw bytes, their dtype in the
+JSON metadata): no pickle. :func:`encode` / :func:`decode` are exact inverses, except that every
+zero found through an index comes back as ``+0.0`` (``dense`` keeps every bit): a masked weight is stored by prunekit as ``raw * 0``, which is
+``-0.0`` for a negative raw value, and keeping those signs would cost an index entry per zero.
+``torch.equal`` and every arithmetic result are unaffected.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from prunekit.compress.quantize import QuantizedTensor, dequantize_codes
+
+INDEX_KINDS = ("bitmask", "rle", "csr", "dense")
+
+
+def _check_index(index: str) -> None:
+    if index != "auto" and index not in INDEX_KINDS:
+        raise ValueError(
+            f"index={index!r} is not accepted: use 'auto' (smallest) or one of "
+            f"{', '.join(INDEX_KINDS)}"
+        )
+
+
+def _uint_for(maximum: int) -> np.dtype:
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if maximum <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+def nonzero_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """Bool tensor, True where the entry is stored (not +0.0 or -0.0; NaN is stored)."""
+    return tensor != 0
+
+
+def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return 1, shape[0]
+    return shape[0], int(np.prod(shape[1:]))
+
+
+def index_bytes(present: np.ndarray, rows: int, cols: int) -> dict[str, int]:
+    """Size in bytes of each index kind for this presence pattern (values not counted)."""
+    n = present.size
+    pos = np.flatnonzero(present)
+    nnz = pos.size
+    gaps_max = int(np.diff(pos, prepend=-1).max() - 1) if nnz else 0
+    return {
+        "bitmask": -(-n // 8),
+        "rle": nnz * _uint_for(gaps_max).itemsize,
+        "csr": (rows + 1) * _uint_for(nnz).itemsize + nnz * _uint_for(max(cols - 1, 0)).itemsize,
+        "dense": 0,
+    }
+
+
+def _encode_index(present: np.ndarray, rows: int, cols: int, kind: str) -> dict[str, np.ndarray]:
+    if kind == "bitmask":
+        return {"bits": np.packbits(present)}
+    pos = np.flatnonzero(present)
+    if kind == "rle":
+        gaps = np.diff(pos, prepend=-1) - 1
+        return {"gaps": gaps.astype(_uint_for(int(gaps.max()) if gaps.size else 0))}
+    if kind == "csr":
+        counts = present.reshape(rows, cols).sum(1)
+        rowptr = np.concatenate([[0], np.cumsum(counts)])
+        return {
+            "rowptr": rowptr.astype(_uint_for(pos.size)),
+            "col": (pos % cols).astype(_uint_for(max(cols - 1, 0))),
+        }
+    return {}
+
+
+def _decode_index(arrays: dict[str, np.ndarray], kind: str, rows: int, cols: int) -> np.ndarray:
+    n = rows * cols
+    if kind == "bitmask":
+        return np.unpackbits(arrays["bits"], count=n).astype(bool)
+    present = np.zeros(n, dtype=bool)
+    if kind == "rle":
+        pos = np.cumsum(arrays["gaps"].astype(np.int64) + 1) - 1
+    elif kind == "csr":
+        counts = np.diff(arrays["rowptr"].astype(np.int64))
+        pos = np.repeat(np.arange(rows, dtype=np.int64) * cols, counts) + arrays["col"]
+    else:
+        present[:] = True
+        return present
+    present[pos] = True
+    return present
+
+
+def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    nibbles = (codes.to(torch.int16) + 8).to(torch.uint8)
+    if nibbles.numel() % 2:
+        nibbles = torch.cat([nibbles, nibbles.new_zeros(1)])
+    pairs = nibbles.reshape(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def _unpack_int4(packed: torch.Tensor, count: int) -> torch.Tensor:
+    low = (packed & 0x0F).to(torch.int16) - 8
+    high = (packed >> 4).to(torch.int16) - 8
+    return torch.stack([low, high], 1).reshape(-1)[:count].to(torch.int8)
+
+
+def encode(
+    tensor: torch.Tensor, index: str = "auto", quant: QuantizedTensor | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Encode one dense tensor (or its quantized codes); returns (arrays, JSON-able metadata).
+
+    ``index`` forces one index kind (``bitmask``, ``rle``, ``csr``, ``dense``); ``"auto"``
+    picks the smallest total (values + index).
+    """
+    _check_index(index)
+    tensor = tensor.detach().cpu().contiguous()
+    shape = tuple(tensor.shape)
+    meta: dict[str, Any] = {"shape": list(shape), "dtype": str(tensor.dtype).replace("torch.", "")}
+    if quant is not None:
+        codes = quant.codes
+        rows, cols = codes.shape
+        zero_full = _expand_groups(quant.zero_point, quant.group, cols)
+        present_t = (codes != zero_full).reshape(-1)
+        flat_values = codes.reshape(-1)
+        value_bits = quant.bits
+        meta["quant"] = {
+            "bits": quant.bits,
+            "group": quant.group,
+            "transposed": quant.transposed,
+            "codes_shape": [rows, cols],
+        }
+    else:
+        rows, cols = _matrix_shape(shape)
+        flat_values = tensor.reshape(-1)
+        present_t = nonzero_bits(flat_values)
+        value_bits = 8 * tensor.element_size()
+    present = present_t.numpy()
+    nnz = int(present.sum())
+    sizes = index_bytes(present, rows, cols)
+    totals = {
+        kind: size + -(-(present.size if kind == "dense" else nnz) * value_bits // 8)
+        for kind, size in sizes.items()
+    }
+    kind = min(totals, key=totals.get) if index == "auto" else index
+    values = flat_values if kind == "dense" else flat_values[present_t]
+    arrays: dict[str, torch.Tensor] = {}
+    if quant is not None:
+        arrays["values"] = _pack_int4(values) if quant.bits == 4 else values.to(torch.int8)
+        arrays["scale"] = quant.scale.float().contiguous()
+        if bool(quant.zero_point.any()):  # symmetric codes need no zero points
+            arrays["zero_point"] = quant.zero_point.to(torch.int8).contiguous()
+    else:
+        arrays["values"] = values.contiguous()
+    index_dtypes = {}
+    for name, array in _encode_index(present, rows, cols, kind).items():
+        index_dtypes[name] = array.dtype.name
+        arrays[name] = torch.from_numpy(np.ascontiguousarray(array).view(np.uint8).copy())
+    meta.update({"index": kind, "index_dtypes": index_dtypes, "nnz": nnz, "count": len(values)})
+    return arrays, meta
+
+
+def _expand_groups(per_group: torch.Tensor, group: int | None, cols: int) -> torch.Tensor:
+    if group is None:
+        return per_group.expand(-1, cols)
+    return per_group.repeat_interleave(group, dim=1)[:, :cols]
+
+
+def decode(
+    arrays: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> tuple[torch.Tensor, QuantizedTensor | None]:
+    """Inverse of :func:`encode`: the dense tensor, and its quantized codes if it was quantized."""
+    shape = tuple(meta["shape"])
+    dtype = getattr(torch, meta["dtype"])
+    kind = meta["index"]
+    quant = meta.get("quant")
+    rows, cols = quant["codes_shape"] if quant else _matrix_shape(shape)
+    index_arrays = {
+        name: arrays[name].numpy().view(np.dtype(dt)) for name, dt in meta["index_dtypes"].items()
+    }
+    present = torch.from_numpy(_decode_index(index_arrays, kind, rows, cols))
+    values = arrays["values"]
+    if quant is None:
+        out = torch.zeros(rows * cols, dtype=dtype)
+        out[present] = values
+        return out.reshape(shape), None
+    if quant["bits"] == 4:
+        values = _unpack_int4(values, int(meta["count"]))
+    zero_point = arrays.get("zero_point")
+    if zero_point is None:
+        zero_point = torch.zeros(arrays["scale"].shape, dtype=torch.int8)
+    codes = _expand_groups(zero_point, quant["group"], cols).reshape(-1).clone()
+    codes[present] = values
+    codes = codes.reshape(rows, cols)
+    q = QuantizedTensor(
+        codes=codes,
+        scale=arrays["scale"],
+        zero_point=zero_point,
+        bits=quant["bits"],
+        group=quant["group"],
+        shape=shape,
+        dtype=dtype,
+        transposed=quant["transposed"],
+    )
+    return dequantize_codes(codes, q.scale, zero_point, q.group, shape, dtype, q.transposed), q
+
+
+def _gzip_size(data: bytes) -> int:
+    return len(gzip.compress(data, compresslevel=9))
+
+
+@dataclass
+class SizeReport:
+    """Dense fp32 bytes vs compressed file bytes, each also gzip -9'd.
+
+    The dense file holds the same (pruned, possibly dequantized) weights as float32 with their
+    zeros in place, so ``gzip_ratio`` shows what the format gains over plain gzip of that file.
+    """
+
+    dense_fp32_bytes: int
+    dense_fp32_gzip_bytes: int
+    compressed_bytes: int
+    compressed_gzip_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        """Compressed file size as a fraction of the dense fp32 file."""
+        return self.compressed_bytes / self.dense_fp32_bytes
+
+    @property
+    def gzip_ratio(self) -> float:
+        return self.compressed_gzip_bytes / self.dense_fp32_gzip_bytes
+
+    def __str__(self) -> str:
+        return "\n".join(
+            [
+                "prunekit size         bytes       gzip -9",
+                f"dense fp32   {self.dense_fp32_bytes:>12,}  {self.dense_fp32_gzip_bytes:>12,}",
+                f"compressed   {self.compressed_bytes:>12,}  {self.compressed_gzip_bytes:>12,}",
+                f"ratio        {100 * self.ratio:>11.2f}%  {100 * self.gzip_ratio:>11.2f}%",
+            ]
+        )
+
+
+def size_report(model_or_path: Any, **save_kwargs: Any) -> SizeReport:
+    """Sizes of a model (saved compressed to a temporary folder with ``save_kwargs``) or of a
+    folder written by ``prunekit.save``: the dense fp32 safetensors file (every floating tensor
+    as float32) and the compressed save folder, raw and gzip -9 of their bytes.
+    """
+    from safetensors.torch import save as st_save
+
+    from prunekit.compress.io import load_state, save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(model_or_path, (str, os.PathLike)):
+            folder = Path(model_or_path)
+        else:
+            folder = save(model_or_path, Path(tmp) / "model", compressed=True, **save_kwargs)
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        data = b"".join(p.read_bytes() for p in files)
+        state = {
+            k: (v.float() if v.is_floating_point() else v).contiguous()
+            for k, v in load_state(folder).items()
+        }
+        dense = st_save(state)
+        return SizeReport(len(dense), _gzip_size(dense), len(data), _gzip_size(data))

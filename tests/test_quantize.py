@@ -1,0 +1,119 @@
+"""quantize: zeros and masks kept, bounded error, straight-through gradient, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from conftest import SmallCNN, mlp
+from prunekit.compress.quantize import (
+    fake_quant_forward,
+    fake_quantize,
+    quantize,
+    quantize_tensor,
+)
+from prunekit.masks import get_mask
+
+
+def _weight(rows: int = 64, cols: int = 256, sparsity: float = 0.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(rows, cols, generator=gen)
+    if sparsity:
+        w[torch.rand(rows, cols, generator=gen) < sparsity] = 0
+    return w
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "group:128", "group:100"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_zeros_stay_zero_and_error_is_bounded(bits, granularity, symmetric) -> None:
+    w = _weight(sparsity=0.5)
+    q = quantize_tensor(w, bits, granularity, symmetric)
+    deq = q.dequantize()
+    assert torch.equal(deq[w == 0], torch.zeros(int((w == 0).sum())))
+    rel = float((deq - w).norm() / w.norm())
+    assert rel < (0.01 if bits == 8 else 0.15)
+    assert q.codes.dtype == torch.int8
+    lo, hi = (-127, 127) if symmetric and bits == 8 else (-128, 127) if bits == 8 else (-8, 7)
+    assert int(q.codes.min()) >= lo and int(q.codes.max()) <= hi
+
+
+def test_group_error_is_not_worse_than_per_channel() -> None:
+    w = _weight()
+    w[:, :8] *= 50  # outliers in a few columns hurt a per-channel scale
+    err = {
+        g: float((quantize_tensor(w, 4, g).dequantize() - w).norm() / w.norm())
+        for g in ("per_channel", "group:32")
+    }
+    assert err["group:32"] < err["per_channel"]
+
+
+def test_quantize_model_keeps_every_mask_and_zero(cnn: SmallCNN, cnn_input) -> None:
+    pruned = prunekit.prune(cnn, 0.8).model
+    before = {
+        n: get_mask(m, "weight")
+        for n, m in pruned.named_modules()
+        if get_mask(m, "weight") is not None
+    }
+    report = quantize(pruned, bits=4, granularity="group:16")
+    model = report.model
+    assert model is not pruned
+    for name, mask in before.items():
+        module = model.get_submodule(name)
+        assert torch.equal(get_mask(module, "weight"), mask)
+        assert torch.all(module.weight[~mask] == 0)
+    assert all(row.zeros_kept for row in report.layers)
+    assert "head" not in {r.name.split(".")[0] for r in report.layers}  # same targets as prune
+    text = str(report)
+    assert "rel. error" in text and "conv1.weight" in text
+    assert prunekit.stats(model).sparsity == pytest.approx(prunekit.stats(pruned).sparsity)
+    assert model(cnn_input).shape == (4, 10)
+
+
+def test_int8_model_error_and_inplace(cnn: SmallCNN) -> None:
+    original = cnn.fc1.weight.detach().clone()
+    model, report = quantize(cnn, bits=8, mode="int", inplace=True)
+    assert model is cnn
+    assert report.max_rel_error < 0.01
+    assert not torch.equal(cnn.fc1.weight, original)
+    assert report.layer("fc1").max_abs_error <= float(original.abs().max()) / 127
+
+
+def test_ste_gradient_flows_and_masks_hold(cnn: SmallCNN, cnn_input) -> None:
+    w = torch.randn(8, 16, requires_grad=True)
+    fake_quantize(w, 4).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+    pruned = prunekit.prune(cnn, 0.5).model
+    out = fake_quant_forward(pruned, cnn_input, bits=4)
+    out.square().mean().backward()
+    raw = pruned.fc1._parameters["weight"]
+    mask = get_mask(pruned.fc1)
+    assert raw.grad is not None and raw.grad.abs().sum() > 0
+    assert torch.all(raw.grad[~mask] == 0)
+    assert not torch.equal(out, pruned(cnn_input))  # the weights really were quantized
+
+
+def test_bad_inputs(cnn: SmallCNN) -> None:
+    with pytest.raises(ValueError, match="use 8 .int8. or 4"):
+        quantize(cnn, bits=3)
+    with pytest.raises(ValueError, match="per_channel"):
+        quantize(cnn, granularity="group:0")
+    with pytest.raises(ValueError, match="per_channel"):
+        quantize(cnn, granularity="per_tensor")
+    with pytest.raises(ValueError, match="'fake' or 'int'"):
+        quantize(cnn, mode="float")
+    with pytest.raises(ValueError, match="matches no prunable layer"):
+        quantize(cnn, targets="nope")
+    with pytest.raises(ValueError, match="bits"):
+        fake_quantize(torch.ones(2, 2), bits=16)
+
+
+def test_all_zero_rows_and_transposed_shapes() -> None:
+    net = mlp()
+    with torch.no_grad():
+        net[0].weight[:5] = 0
+    report = quantize(net, bits=8, targets=["0", "2"])
+    assert torch.all(report.model[0].weight[:5] == 0)
+    assert isinstance(report.model[0], nn.Linear)
