@@ -95,16 +95,22 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     c.set_defaults(func=cmd_count)
 
 
-def _hf_folder(path: str) -> Path:
+def hf_folder(path: str) -> Path:
+    """A Hugging Face model folder holding safetensors weights (prunekit never loads pickle)."""
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"{folder}: no such file or folder")
     if not (folder.is_dir() and (folder / "config.json").is_file()):
         raise ValueError(f"{folder}: expected a Hugging Face model folder (with config.json)")
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(
+            f"{folder}: no *.safetensors file; prunekit loads safetensors only (never pickle)"
+        )
     return folder
 
 
-def _load(folder: Path) -> torch.nn.Module:
+def load_hf_folder(folder: Path) -> torch.nn.Module:
+    """Load a (possibly structurally pruned) Hugging Face folder in eval mode."""
     try:
         import transformers  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -162,7 +168,7 @@ def cmd_prune_structured(args: argparse.Namespace) -> int:
     from prunekit.graph.hf import save_pretrained
     from prunekit.graph.pruner import prune_structured
 
-    source, out = _hf_folder(args.path), Path(args.out)
+    source, out = hf_folder(args.path), Path(args.out)
     if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
         raise ValueError(
             f"--out {out} would overwrite or nest inside the input {source}; choose another path"
@@ -170,7 +176,7 @@ def cmd_prune_structured(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     units = [u.strip() for u in args.unit.split(",") if u.strip()]
-    model = _load(source)
+    model = load_hf_folder(source)
     inputs = example_inputs(model, args.batch, args.seq_len, args.seed)
     calib = _calibration(source, model, args)
     report = prune_structured(
@@ -206,8 +212,8 @@ def cmd_count(args: argparse.Namespace) -> int:
     """``prunekit count``: parameters and MACs per layer of a Hugging Face folder."""
     from prunekit.graph.count import count
 
-    folder = _hf_folder(args.path)
-    model = _load(folder)
+    folder = hf_folder(args.path)
+    model = load_hf_folder(folder)
     report = count(model, example_inputs(model, args.batch, args.seq_len))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return 0

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from prunekit.graph.cli import hf_folder, load_hf_folder
+
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``bench`` to the ``prunekit`` command's subparsers."""
@@ -53,33 +55,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     b.set_defaults(func=cmd_bench)
 
 
-def _folder(path: str) -> Path:
-    folder = Path(path)
-    if not folder.exists():
-        raise FileNotFoundError(f"{folder}: no such file or folder")
-    if not (folder.is_dir() and (folder / "config.json").is_file()):
-        raise ValueError(f"{folder}: expected a Hugging Face model folder (with config.json)")
-    if not any(folder.glob("*.safetensors")):
-        raise ValueError(
-            f"{folder}: no *.safetensors file; prunekit loads safetensors only (never pickle)"
-        )
-    return folder
-
-
-def _load(folder: Path) -> torch.nn.Module:
-    try:
-        import transformers  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ValueError(
-            "Hugging Face folders need transformers: pip install 'prunekit[hf]'"
-        ) from exc
-    from prunekit.graph.hf import from_pretrained
-
-    # Plain folders: transformers' from_pretrained(local_files_only=True, use_safetensors=True);
-    # folders from prune-structured: the same, rebuilt with their pruned widths.
-    return from_pretrained(folder).eval()
-
-
 def _names(paths: list[str]) -> list[str]:
     """Short unique labels: folder names, disambiguated with their parents when they clash."""
     names = [Path(p).name or str(p) for p in paths]
@@ -110,8 +85,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
     if any(b < 1 for b in args.batch):
         raise ValueError(f"--batch sizes must be >= 1, got {args.batch}")
-    folders = [_folder(p) for p in args.paths]
-    models = [_load(f) for f in folders]
+    folders = [hf_folder(p) for p in args.paths]
+    models = [load_hf_folder(f) for f in folders]
     inputs = _inputs(models, max(args.batch), args.seq_len, args.seed)
     report = bench(
         dict(zip(_names(args.paths), models, strict=True)),
