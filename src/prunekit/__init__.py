@@ -34,10 +34,12 @@ from prunekit.masks import finalize
 from prunekit.oneshot import oneshot
 from prunekit.prune import prune
 from prunekit.report import PruneReport, SparsityReport, stats
+from prunekit.runtime.accelerate import AccelerateReport, accelerate
 from prunekit.runtime.bench import BenchReport, bench
 from prunekit.train import GradualPruner, finetune, lottery_ticket, prune_at_init
 
 __all__ = [
+    "AccelerateReport",
     "BenchReport",
     "CountReport",
     "GradualPruner",
@@ -50,6 +52,7 @@ __all__ = [
     "StructuredReport",
     "UnsupportedOperationError",
     "__version__",
+    "accelerate",
     "bench",
     "calibration",
     "count",

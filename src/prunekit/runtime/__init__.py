@@ -1,6 +1,16 @@
-"""Measurement at run time: latency and throughput (``bench``) and peak memory."""
+"""Run time: sparse kernels (``accelerate``), latency and throughput (``bench``), peak memory."""
 
+from prunekit.runtime.accelerate import AccelerateReport, AccelerateRow, SparseLinear, accelerate
 from prunekit.runtime.bench import BenchReport, BenchRow, bench
 from prunekit.runtime.memory import PeakMemory
 
-__all__ = ["BenchReport", "BenchRow", "PeakMemory", "bench"]
+__all__ = [
+    "AccelerateReport",
+    "AccelerateRow",
+    "BenchReport",
+    "BenchRow",
+    "PeakMemory",
+    "SparseLinear",
+    "accelerate",
+    "bench",
+]

@@ -1,0 +1,177 @@
+"""prunekit.runtime.accelerate: sparse Linear kernels, the swap decision and the fallback."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import prunekit
+from prunekit.runtime.accelerate import AccelerateReport, SparseLinear, accelerate
+
+acc_mod = importlib.import_module("prunekit.runtime.accelerate")  # the module, not the function
+
+needs_numba = pytest.mark.skipif(
+    not acc_mod.NUMBA_AVAILABLE, reason="numba is not installed (pip install 'prunekit[fast]')"
+)
+
+
+def sparse_linear(
+    in_f: int = 512, out_f: int = 256, sparsity: float = 0.9, bias: bool = True
+) -> nn.Linear:
+    torch.manual_seed(0)
+    layer = nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand_like(layer.weight) >= sparsity)
+    return layer
+
+
+class Net(nn.Module):
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = sparse_linear(512, 256, 0.9, bias)
+        self.fc2 = sparse_linear(256, 512, 0.9, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def force_swap(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, AccelerateReport]:
+    # min_speedup=0: swap every sparse layer regardless of timing, so outputs are tested
+    return accelerate(model, x, min_speedup=0.0)
+
+
+@needs_numba
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 512), (32, 512), (1, 7, 512), (4, 9, 512)])
+def test_outputs_match_dense(shape: tuple[int, ...], bias: bool) -> None:
+    model = Net(bias).eval()
+    x = torch.randn(*shape)
+    fast, report = force_swap(model, x)
+    assert isinstance(fast.fc1, SparseLinear) and isinstance(fast.fc2, SparseLinear)
+    assert report.swapped == ["fc1", "fc2"]
+    assert isinstance(model.fc1, nn.Linear) and not isinstance(model.fc1, SparseLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=1e-4)
+        # other batch sizes than the example work too
+        y = torch.randn(5, 512)
+        torch.testing.assert_close(fast(y), model(y), atol=1e-4, rtol=1e-4)
+
+
+@needs_numba
+def test_sparse_linear_module_roundtrip() -> None:
+    layer = sparse_linear(512, 256, 0.8)
+    sparse = SparseLinear.from_linear(layer)
+    assert sparse.nnz == int((layer.weight != 0).sum())
+    assert "density=" in repr(sparse) and "uint16" in repr(sparse)
+    torch.testing.assert_close(sparse.to_dense().weight, layer.weight)
+    torch.testing.assert_close(sparse.to_dense().bias, layer.bias)
+    x = torch.randn(3, 512)
+    for clone in (copy.deepcopy(sparse), pickle.loads(pickle.dumps(sparse))):
+        torch.testing.assert_close(clone(x), layer(x).detach(), atol=1e-4, rtol=1e-4)
+    fresh = SparseLinear.from_linear(sparse_linear(512, 256, 0.8))
+    fresh.load_state_dict(sparse.state_dict())
+    torch.testing.assert_close(fresh(x), sparse(x))
+    # inputs that need a gradient take the dense path, and gradients flow to the input
+    xg = torch.randn(2, 512, requires_grad=True)
+    sparse(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, layer.weight.detach().sum(0).expand(2, -1))
+    # empty rows and an all-zero weight
+    zero = SparseLinear.from_dense(torch.zeros(4, 8), torch.ones(4))
+    torch.testing.assert_close(zero(torch.randn(3, 8)), torch.ones(3, 4))
+
+
+@needs_numba
+def test_wide_layer_int32_columns() -> None:
+    w = torch.zeros(3, 70000)
+    w[0, 69999] = 2.0
+    w[2, 5] = -1.0
+    sparse = SparseLinear.from_dense(w)
+    assert sparse.col_indices.dtype == torch.int32
+    x = torch.randn(2, 70000)
+    torch.testing.assert_close(sparse(x), F.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
+@needs_numba
+def test_dense_layer_kept_and_report() -> None:
+    model = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), sparse_linear(256, 128, 0.9))
+    fast, report = force_swap(model, torch.randn(2, 512))
+    assert type(fast[0]) is nn.Linear
+    assert isinstance(fast[2], SparseLinear)
+    row = report.row("0")
+    assert not row.swapped and row.reason == "dense" and row.density == 1.0
+    assert report.row("2").swapped and report.row("2").input_shape == [2, 256]
+    assert report.row("2").dense_ms is not None and report.row("2").sparse_ms is not None
+    text = str(report)
+    assert "density" in text and "dense ms" in text and "1/2" in text and "JIT compile" in text
+    assert report.to_dict()["rows"][1]["swapped"] is True
+
+
+@needs_numba
+def test_swap_rule_and_other_dtypes() -> None:
+    model = nn.Sequential(sparse_linear(512, 256, 0.9), sparse_linear(256, 64, 0.9).double())
+    x = torch.randn(1, 512)
+
+    class Cast(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner[1](self.inner[0](x).double())
+
+    fast, report = accelerate(Cast(model), x, min_speedup=float("inf"), threads=1)
+    assert report.swapped == []
+    assert report.row("inner.0").reason == "not faster"
+    assert report.row("inner.1").reason == "dtype torch.float64"
+    assert type(fast.inner[0]) is nn.Linear
+
+
+@needs_numba
+def test_masked_model_and_inplace() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 32))
+    masked = prunekit.prune(net, 0.8).model
+    x = torch.randn(4, 512)
+    with torch.no_grad():
+        expected = masked(x)
+    fast, report = force_swap(masked, x)
+    # every masked layer (prune may leave the output head dense) is swapped
+    assert "0" in report.swapped
+    assert report.swapped == [r.name for r in report.rows if r.density < 1.0]
+    assert report.row("0").density == pytest.approx(0.2, abs=0.05)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=1e-4)
+    same, _ = accelerate(masked, x, min_speedup=0.0, inplace=True)
+    assert same is masked and isinstance(masked[0], SparseLinear)
+
+
+def test_fallback_without_numba(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(acc_mod, "NUMBA_AVAILABLE", False)
+    monkeypatch.setattr(acc_mod, "NUMBA_ERROR", "numba is not importable (test)")
+    model = Net()
+    x = torch.randn(2, 512)
+    fast, report = accelerate(model, x, min_speedup=0.0)
+    assert report.swapped == []
+    assert all(r.reason == "numba unavailable" for r in report.rows)
+    assert "numba is not importable (test)" in str(report)
+    assert type(fast.fc1) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))
+    # a SparseLinear made elsewhere still computes (dense weight rebuilt)
+    layer = sparse_linear(512, 256, 0.9)
+    sparse = SparseLinear.from_linear(layer)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="nn.Module"):
+        accelerate("model", torch.randn(1, 4))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="threads"):
+        accelerate(nn.Linear(4, 4), torch.randn(1, 4), threads=0)
