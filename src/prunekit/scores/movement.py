@@ -28,8 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.scores.base import Criterion, LayerContext, register
-from prunekit.scores.snip import LossFn, accumulate_gradients, criterion_kwargs
+from prunekit.scores.base import (
+    Criterion,
+    LayerContext,
+    LossFn,
+    accumulate_gradients,
+    register,
+)
 from prunekit.targets import Target
 
 STAT = "movement"
@@ -74,6 +79,6 @@ register(
         movement_score,
         comparable_across_layers=False,
         collect=collect_movement,
-        **criterion_kwargs(True),
+        needs_loss=True,
     )
 )

@@ -19,66 +19,20 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from prunekit.masks import raw_parameter
-from prunekit.scores.base import Criterion, LayerContext, register
+from prunekit.scores.base import (
+    Criterion,
+    LayerContext,
+    LossFn,
+    accumulate_gradients,
+    register,
+)
 from prunekit.targets import Target
-
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
-
-
-def criterion_kwargs(needs_loss: bool) -> dict[str, Any]:
-    """``needs_loss=`` for :class:`Criterion` when this version of prunekit has the field."""
-    fields = getattr(Criterion, "__dataclass_fields__", {})
-    return {"needs_loss": needs_loss} if "needs_loss" in fields else {}
-
-
-def accumulate_gradients(
-    model: nn.Module,
-    targets: list[Target],
-    data: Iterable[Any],
-    loss_fn: LossFn | None,
-    max_batches: int | None,
-    progress: bool,
-    desc: str,
-    on_batch: Callable[[list[torch.Tensor], list[torch.Tensor | None]], None],
-) -> int:
-    """Run ``loss_fn`` on each batch and hand (raw weights, their gradients) to ``on_batch``.
-
-    Returns the number of batches used. Gradients are taken with ``torch.autograd.grad``, so the
-    parameters' ``.grad`` fields are not touched; ``requires_grad`` is restored afterwards.
-    """
-    if loss_fn is None:
-        raise ValueError(f"{desc} needs loss_fn=<callable(model, batch) -> scalar loss>")
-    params = [raw_parameter(t.module, t.param_name) for t in targets]
-    flags = [p.requires_grad for p in params]
-    batches = 0
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        for batch in tqdm(
-            data, desc=desc, unit="batch", disable=not progress, total=max_batches, leave=False
-        ):
-            if max_batches is not None and batches >= max_batches:
-                break
-            loss = loss_fn(model, batch)
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                raise TypeError("loss_fn(model, batch) must return a scalar tensor")
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            on_batch([p.detach() for p in params], list(grads))
-            batches += 1
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-    if batches == 0:
-        raise ValueError(f"{desc} got no batches from `data`")
-    return batches
 
 
 def snip_score(layer: LayerContext) -> torch.Tensor:
@@ -107,4 +61,4 @@ def collect_snip(
     return {t.name: {"snip_grad": s} for t, s in zip(targets, sums, strict=True)}
 
 
-register(Criterion("snip", snip_score, collect=collect_snip, **criterion_kwargs(True)))
+register(Criterion("snip", snip_score, collect=collect_snip, needs_loss=True))

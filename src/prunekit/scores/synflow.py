@@ -44,7 +44,6 @@ from tqdm.auto import trange
 
 from prunekit.masks import raw_parameter
 from prunekit.scores.base import Criterion, LayerContext, register
-from prunekit.scores.snip import criterion_kwargs
 from prunekit.targets import Target
 
 DEFAULT_ITERATIONS = 200
@@ -199,7 +198,6 @@ def make_synflow(
         synflow_score,
         comparable_across_layers=True,
         collect=collect,
-        **criterion_kwargs(False),
     )
 
 

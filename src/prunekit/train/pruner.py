@@ -439,24 +439,7 @@ class GradualPruner:
         ``torch.save`` / ``torch.load(weights_only=True)`` round-trip it. Structured patterns
         add ``groups`` (names) and ``removed`` (the removed units of each group).
         """
-        if self._structured is not None:
-            engine = self._structured.state_dict()
-            return {
-                "version": STATE_VERSION,
-                "step": self.step_count,
-                "sparsity": self.sparsity,
-                "history": [[s, v] for s, v in self.history],
-                "method": self.criterion.name,
-                "pattern": str(self.pattern),
-                "scope": self.scope,
-                "targets": [],
-                "groups": engine["groups"],
-                "removed": engine["removed"],
-                "masks": {k: v.clone() for k, v in self.masks().items()},
-                "scores": engine["scores"],
-                "previous": engine["previous"],
-            }
-        return {
+        state = {
             "version": STATE_VERSION,
             "step": self.step_count,
             "sparsity": self.sparsity,
@@ -464,8 +447,21 @@ class GradualPruner:
             "method": self.criterion.name,
             "pattern": str(self.pattern),
             "scope": self.scope,
-            "targets": [t.name for t in self.targets],
             "masks": {k: v.clone() for k, v in self.masks().items()},
+        }
+        if self._structured is not None:
+            engine = self._structured.state_dict()
+            return {
+                **state,
+                "targets": [],
+                "groups": engine["groups"],
+                "removed": engine["removed"],
+                "scores": engine["scores"],
+                "previous": engine["previous"],
+            }
+        return {
+            **state,
+            "targets": [t.name for t in self.targets],
             "scores": {k: v.clone() for k, v in self._scores.items()},
             "previous": {k: v.clone() for k, v in self._previous.items()},
         }
