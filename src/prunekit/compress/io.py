@@ -17,7 +17,9 @@ model was quantized with ``prunekit.quantize(..., mode="int")`` or when ``bits``
 JSON gains ``"compressed"`` (per tensor: shape, dtype, index kind, quantization) and
 ``"derived_masks"`` (masks equal to the non-zero pattern of the stored values, so not stored).
 Loading restores the dense tensors exactly (bit for bit for float values, the exact dequantized
-values for quantized ones).
+values for quantized ones). :func:`encode_state` / :func:`decode_state` are this encoding for a
+whole state dict, shared with the compressed Hugging Face folders of
+:func:`prunekit.save_pretrained`.
 
 Writes go to a temporary folder beside the destination, which is then renamed into place, so an
 interrupted save never leaves a half-written model under the final name.
@@ -145,11 +147,7 @@ def save(
         ['model.safetensors', 'prunekit.json']
     """
     path = Path(path)
-    if not compressed and (bits is not None or index != "auto"):
-        raise ValueError("bits and index apply to compressed saves: pass compressed=True")
-    parse_granularity(granularity)
-    rules = _bit_rules(bits, granularity)
-    _check_index(index)
+    check_compress_args(compressed, bits, granularity, index)
     state = model.state_dict()
     masks = {}
     for module_name, module, name in masked_parameters(model):
@@ -162,7 +160,14 @@ def save(
     extra: dict[str, Any] = {}
     mask_shapes = {name: list(mask.shape) for name, mask in masks.items()}
     if compressed:
-        masks = _compress(model, tensors, masks, rules, index, extra)
+        tensors, extra = encode_state(
+            tensors,
+            quantization=getattr(model, QUANT_ATTR, None),
+            bits=bits,
+            granularity=granularity,
+            index=index,
+        )
+        masks = _stored_masks(tensors, extra, masks)
     for name, mask in masks.items():
         tensors[MASK_PREFIX + name] = pack_mask(mask)
     report = stats(model)
@@ -191,26 +196,71 @@ def save(
     return path
 
 
-def _compress(
-    model: nn.Module,
-    tensors: dict[str, torch.Tensor],
-    masks: dict[str, torch.Tensor],
-    rules: list[tuple[str, int, str]],
+def check_compress_args(
+    compressed: bool,
+    bits: int | dict[str, int | tuple[int, str]] | None,
+    granularity: str,
     index: str,
-    extra: dict[str, Any],
-) -> dict[str, torch.Tensor]:
-    """Replace eligible dense tensors by their sparse encoding, in ``tensors``; return the masks
-    still to be stored (the others are derived from the values on load)."""
-    record = getattr(model, QUANT_ATTR, None) or {}
+) -> list[tuple[str, int, str]]:
+    """Validate the compression arguments of a save; return ``bits`` as (pattern, bits,
+    granularity) rules. ``bits`` and ``index`` need ``compressed=True``.
+
+    Example:
+        >>> check_compress_args(True, 8, "per_channel", "auto")
+        [('*', 8, 'per_channel')]
+    """
+    if not compressed and (bits is not None or index != "auto"):
+        raise ValueError(
+            f"bits={bits!r} and index={index!r} apply to compressed saves only: pass "
+            "compressed=True, or leave bits=None and index='auto' for a plain save"
+        )
+    parse_granularity(granularity)
+    rules = _bit_rules(bits, granularity)
+    _check_index(index)
+    return rules
+
+
+def encode_state(
+    tensors: dict[str, torch.Tensor],
+    *,
+    quantization: dict[str, Any] | None = None,
+    bits: int | dict[str, int | tuple[int, str]] | None = None,
+    granularity: str = "per_channel",
+    index: str = "auto",
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Encode a state dict for a compressed safetensors file; the inverse is :func:`decode_state`.
+
+    Every floating tensor of two or more dimensions becomes its non-zero values plus an index
+    (see :func:`prunekit.compress.sparse_format.encode`), stored under
+    ``__prunekit_sparse__.<name>.<array>``; the other tensors are kept as they are. ``tensors``
+    must not hold two views of one storage (tied weights: keep one, record the other as an
+    alias). ``quantization`` is a model's ``prunekit.quantize(mode="int")`` record
+    (``model._prunekit_quant``): its weights are stored as their integer codes, as long as they
+    still equal their dequantized codes. ``bits`` / ``granularity`` / ``index`` are those of
+    :func:`save`.
+
+    Returns the tensors to write and the JSON-able metadata: ``"compressed"`` (per tensor:
+    shape, dtype, index kind, quantization) and, for a quantized model, ``"quantization"``.
+
+    Example:
+        >>> state = {"w": torch.tensor([[0.0, 1.5], [0.0, 0.0]])}
+        >>> tensors, meta = encode_state(state, index="csr")
+        >>> sorted(tensors), meta["compressed"]["w"]["nnz"]
+        (['__prunekit_sparse__.w.col', '__prunekit_sparse__.w.rowptr', '__prunekit_sparse__.w.values'], 1)
+        >>> torch.equal(decode_state(tensors, meta)[0]["w"], state["w"])
+        True
+    """
+    rules = check_compress_args(True, bits, granularity, index)
+    record = quantization or {}
     quantized: dict[str, QuantizedTensor] = record.get("layers", {})
+    out: dict[str, torch.Tensor] = {}
     entries: dict[str, Any] = {}
-    decoded: dict[str, torch.Tensor] = {}
-    for name in list(tensors):
-        tensor = tensors[name]
+    for name, tensor in tensors.items():
         if not tensor.is_floating_point() or tensor.dim() < 2:
+            out[name] = tensor
             continue
         q = quantized.get(name)
-        if q is not None and not torch.equal(q.dequantize(), tensor):
+        if q is not None and not torch.equal(q.dequantize(), tensor.cpu()):
             q = None  # changed since quantize(): quantize again below if asked
             if not rules:
                 q = quantize_tensor(
@@ -220,22 +270,66 @@ def _compress(
         if q is None and rule is not None:
             q = quantize_tensor(tensor, rule[1], rule[2], symmetric=True)
         arrays, entry = encode(tensor, index, q)
-        del tensors[name]
         for key, value in arrays.items():
-            tensors[f"{SPARSE_PREFIX}{name}.{key}"] = value
+            out[f"{SPARSE_PREFIX}{name}.{key}"] = value
         entries[name] = entry
-        if name in masks:
-            decoded[name] = decode(arrays, entry)[0]
-    kept, derived = {}, {}
-    for name, mask in masks.items():
-        if name in decoded and torch.equal(nonzero_bits(decoded[name]), mask.cpu()):
-            derived[name] = mask
-        else:
-            kept[name] = mask
-    extra["compressed"] = entries
-    extra["derived_masks"] = sorted(derived)
+    meta: dict[str, Any] = {"compressed": entries}
     if record:
-        extra["quantization"] = {k: v for k, v in record.items() if k != "layers"}
+        meta["quantization"] = {k: v for k, v in record.items() if k != "layers"}
+    return out, meta
+
+
+def decode_state(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], *, source: str = "the file"
+) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
+    """Inverse of :func:`encode_state`: the dense state dict (float values bit for bit,
+    quantized ones as exactly their dequantized values) and the integer codes of the quantized
+    tensors. ``tensors`` (read from the safetensors file) is not changed; ``source`` names it in
+    errors.
+
+    Example:
+        >>> tensors, meta = encode_state({"w": torch.eye(3)})
+        >>> state, codes = decode_state(tensors, meta)
+        >>> torch.equal(state["w"], torch.eye(3)), codes
+        (True, {})
+    """
+    state = dict(tensors)
+    quantized: dict[str, QuantizedTensor] = {}
+    for name, entry in meta.get("compressed", {}).items():
+        prefix = f"{SPARSE_PREFIX}{name}."
+        arrays = {k[len(prefix) :]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+        if not arrays:
+            raise ValueError(f"{source}: no stored arrays for the compressed tensor {name!r}")
+        try:
+            state[name], q = decode(arrays, entry)
+        except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{source}: cannot decode the compressed tensor {name!r}: {exc}"
+            ) from exc
+        if q is not None:
+            quantized[name] = q
+    unknown = [k for k in state if k.startswith(SPARSE_PREFIX)]
+    if unknown:
+        raise ValueError(f"{source}: compressed tensors without metadata: {unknown[:5]}")
+    return state, quantized
+
+
+def _stored_masks(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], masks: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The masks that a compressed save must store: those not equal to the non-zero pattern of
+    their decoded values (the others are derived on load, listed in ``meta["derived_masks"]``)."""
+    kept, derived = {}, []
+    entries = meta["compressed"]
+    for name, mask in masks.items():
+        if name in entries:
+            prefix = f"{SPARSE_PREFIX}{name}."
+            arrays = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if torch.equal(nonzero_bits(decode(arrays, entries[name])[0]), mask.cpu()):
+                derived.append(name)
+                continue
+        kept[name] = mask
+    meta["derived_masks"] = sorted(derived)
     return kept
 
 
@@ -270,16 +364,7 @@ def _read_tensors(
         for name in list(tensors)
         if name.startswith(MASK_PREFIX)
     }
-    quantized = {}
-    for name, entry in meta.get("compressed", {}).items():
-        prefix = f"{SPARSE_PREFIX}{name}."
-        arrays = {k[len(prefix) :]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
-        tensors[name], q = decode(arrays, entry)
-        if q is not None:
-            quantized[name] = q
-    unknown = [k for k in tensors if k.startswith(SPARSE_PREFIX)]
-    if unknown:
-        raise ValueError(f"{path}: compressed tensors without metadata: {unknown[:5]}")
+    tensors, quantized = decode_state(tensors, meta, source=str(path))
     for name in meta.get("derived_masks", []):
         masks[name] = nonzero_bits(tensors[name])
     if aliases:

@@ -6,6 +6,12 @@ architecture's config can express the new shapes (uniform widths, head counts, l
 plain ``AutoModel.from_pretrained`` loads the saved folder. Where it cannot (per-layer widths,
 BERT / GPT-2 heads whose head size is derived from ``hidden_size / num_heads``),
 :func:`from_pretrained` rebuilds the model from the original config and replays the record.
+
+``save_pretrained(..., compressed=True)`` writes the weights in prunekit's compressed encoding
+(non-zero values plus the smallest index per tensor, integer codes for quantized weights; see
+:mod:`prunekit.compress.io`) to ``prunekit-compressed.safetensors`` instead of
+``model.safetensors``, so plain ``AutoModel.from_pretrained`` finds no weights and refuses the
+folder rather than loading encoded arrays; :func:`from_pretrained` decodes them exactly.
 """
 
 from __future__ import annotations
@@ -17,12 +23,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunekit.compress.structured import STRUCTURE_ATTR
 
 ORIGINAL_CONFIG_ATTR = "_prunekit_original_config"
 META_FILE = "prunekit.json"
+HF_FORMAT = "prunekit-structured-hf"
+HF_FORMAT_VERSION = 2  # the newest version this prunekit reads; 2 = compressed weights
+COMPRESSED_WEIGHTS_FILE = "prunekit-compressed.safetensors"
+COMPRESSED_ENCODING = "prunekit-sparse"  # the per-tensor encoding of prunekit.save(compressed=True)
+COMPRESSED_ENCODING_VERSION = 2  # the format_version prunekit.save(compressed=True) writes
+WEIGHTS_KEY = "compressed_weights"  # in prunekit.json: file, encoding, encoding_version
+# Weight files of a source folder that are never copied beside the saved weights.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+_WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 
 
 def is_hf(model: nn.Module) -> bool:
@@ -196,50 +212,127 @@ def save_pretrained(
     source: str | os.PathLike | None = None,
     overwrite: bool = False,
     metadata: dict[str, Any] | None = None,
+    compressed: bool = False,
+    bits: int | dict[str, int | tuple[int, str]] | None = None,
+    granularity: str = "per_channel",
+    index: str = "auto",
 ) -> Path:
-    """Save a (structurally pruned) Hugging Face model as a folder: ``config.json``,
-    ``model.safetensors`` and ``prunekit.json`` (the surgery record). Side files of ``source``
-    (tokenizer, ...) are copied. Reload with :func:`from_pretrained`; plain
+    """Save a (pruned) Hugging Face model as a folder: ``config.json``, the weights and
+    ``prunekit.json`` (the surgery record). Side files of ``source`` (tokenizer, ...) are copied.
+    Reload with :func:`from_pretrained`.
+
+    By default the weights are a plain ``model.safetensors``, and plain
     ``AutoModel.from_pretrained`` works when ``prunekit.json`` says ``plain_loadable``.
+
+    ``compressed=True`` stores every floating weight with two or more dimensions as in
+    ``prunekit.save(compressed=True)``: its non-zero values plus the smallest index, as integer
+    codes and scales for weights quantized with ``prunekit.quantize(mode="int")`` or when
+    ``bits`` (8, 4, or a mapping of name patterns; with ``granularity``) is given; ``index``
+    forces one index kind (``"bitmask"``, ``"rle"``, ``"csr"``, ``"dense"``). Those go to
+    ``prunekit-compressed.safetensors`` (no ``model.safetensors``, so plain
+    ``AutoModel.from_pretrained`` refuses the folder instead of loading encoded arrays);
+    :func:`from_pretrained` restores the dense tensors exactly. Masks (``prunekit.prune``
+    without ``finalize``) are baked in: the stored zeros are the mask.
 
     Example:
         >>> prunekit.save_pretrained(pruned, "out/pruned", source="path/to/original")  # doctest: +SKIP
+        >>> prunekit.save_pretrained(pruned, "out/small", compressed=True, bits=8)  # doctest: +SKIP
+        >>> model = prunekit.from_pretrained("out/small")  # doctest: +SKIP
     """
     from prunekit._version import __version__
-    from prunekit.compress.io import _atomic_dir_write
+    from prunekit.compress.io import _atomic_dir_write, check_compress_args
 
     if not is_hf(model):
         raise TypeError(
             f"save_pretrained needs a Hugging Face model (with .config and .save_pretrained), got "
             f"{type(model).__name__}; use prunekit.save(model, folder) for other models"
         )
+    check_compress_args(compressed, bits, granularity, index)
     path = Path(path)
+    if source is not None and not Path(source).is_dir():
+        raise ValueError(f"source={str(source)!r} is not a folder; pass the original model folder")
     plain = update_config(model) if structure_of(model) else True
-    meta = {
-        "format": "prunekit-structured-hf",
-        "format_version": 1,
+    meta: dict[str, Any] = {
+        "format": HF_FORMAT,
+        "format_version": HF_FORMAT_VERSION if compressed else 1,
         "prunekit_version": __version__,
         "torch_version": torch.__version__,
-        "plain_loadable": plain,
+        "plain_loadable": plain and not compressed,
         "structure": structure_of(model),
         "original_config": getattr(model, ORIGINAL_CONFIG_ATTR, None),
-        **(metadata or {}),
     }
+    meta.update(metadata or {})
+    tensors: dict[str, torch.Tensor] = {}
+    if compressed:  # after the caller's metadata, which must not hide how to decode the weights
+        tensors, weights_meta = _encode_weights(model, bits, granularity, index)
+        meta.update(weights_meta)
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
+        if compressed:
+            _save_configs(model, folder)
+            save_file(tensors, str(folder / COMPRESSED_WEIGHTS_FILE), metadata={"format": "pt"})
+        else:
+            model.save_pretrained(folder, safe_serialization=True)
         if source is not None:
             for item in Path(source).iterdir():
                 if (
                     item.is_file()
                     and not (folder / item.name).exists()
-                    and item.suffix not in (".safetensors", ".bin", ".pt", ".pth")
+                    and item.suffix not in _WEIGHT_SUFFIXES
+                    and not item.name.endswith(_WEIGHT_INDEX_SUFFIXES)
                 ):
                     shutil.copy2(item, folder / item.name)
         (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     _atomic_dir_write(path, overwrite, write)
     return path
+
+
+def _encode_weights(
+    model: nn.Module,
+    bits: int | dict[str, int | tuple[int, str]] | None,
+    granularity: str,
+    index: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The model's weights (masks baked in, tied ones stored once) in prunekit's compressed
+    encoding, and the ``prunekit.json`` entries that describe them."""
+    from prunekit.compress.io import _dedupe_shared, encode_state
+    from prunekit.compress.quantize import QUANT_ATTR
+    from prunekit.masks import MASK_SUFFIX, masked_parameters
+
+    state = model.state_dict()
+    for module_name, module, name in masked_parameters(model):
+        full = f"{module_name}.{name}" if module_name else name
+        state.pop(full + MASK_SUFFIX, None)
+        state[full] = getattr(module, name).detach()  # the masked (effective) weight
+    kept, aliases = _dedupe_shared(state)
+    tensors, encoded = encode_state(
+        kept,
+        quantization=getattr(model, QUANT_ATTR, None),
+        bits=bits,
+        granularity=granularity,
+        index=index,
+    )
+    weights = {
+        "file": COMPRESSED_WEIGHTS_FILE,
+        "encoding": COMPRESSED_ENCODING,
+        "encoding_version": COMPRESSED_ENCODING_VERSION,
+    }
+    return tensors, {WEIGHTS_KEY: weights, "aliases": aliases, **encoded}
+
+
+def _save_configs(model: nn.Module, folder: Path) -> None:
+    """Write config.json (and generation_config.json) as ``model.save_pretrained`` does, without
+    its weights file."""
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        model.config.dtype = str(dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    can_generate = getattr(model, "can_generate", None)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and callable(can_generate) and can_generate():
+        generation.save_pretrained(folder)
 
 
 def _model_class(config):
@@ -252,46 +345,140 @@ def _model_class(config):
     return None
 
 
+def read_hf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``prunekit.json`` of a folder written by :func:`save_pretrained` (``{}`` for a plain
+    Hugging Face folder), checked to be a version this prunekit reads.
+
+    Example:
+        >>> read_hf_metadata("out/small")["compressed_weights"]["file"]  # doctest: +SKIP
+        'prunekit-compressed.safetensors'
+    """
+    meta_path = Path(path) / META_FILE
+    if not meta_path.is_file():
+        return {}
+    meta = json.loads(meta_path.read_text())
+    if not isinstance(meta, dict) or meta.get("format") != HF_FORMAT:
+        return meta if isinstance(meta, dict) else {}  # e.g. the CLI's "prunekit-hf": plain
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or version > HF_FORMAT_VERSION:
+        raise ValueError(
+            f"{meta_path} has format {HF_FORMAT!r} version {version!r}; this prunekit reads it "
+            f"up to version {HF_FORMAT_VERSION}: upgrade prunekit"
+        )
+    weights = meta.get(WEIGHTS_KEY)
+    if weights is not None and (
+        not isinstance(weights, dict)
+        or weights.get("encoding") != COMPRESSED_ENCODING
+        or weights.get("encoding_version", 0) > COMPRESSED_ENCODING_VERSION
+    ):
+        raise ValueError(
+            f"{meta_path}: {WEIGHTS_KEY} is {weights!r}; this prunekit reads weights encoded as "
+            f"{COMPRESSED_ENCODING!r} up to version {COMPRESSED_ENCODING_VERSION}"
+        )
+    return meta
+
+
 def from_pretrained(
     path: str | os.PathLike, model_class: type | None = None, **kwargs: Any
 ) -> nn.Module:
     """Load a Hugging Face folder written by :func:`save_pretrained` (or any plain one), with its
-    pruned per-layer widths, head counts and layer count. Nothing is unpickled.
+    pruned per-layer widths, head counts and layer count, and its compressed weights decoded
+    exactly. Nothing is unpickled.
+
+    ``kwargs`` go to ``model_class.from_pretrained`` for a plain folder. A model that is rebuilt
+    from its config (pruned per layer, or with compressed weights) accepts ``attn_implementation``
+    and ``dtype`` (or ``torch_dtype``; the weights are cast after loading). A quantized model
+    (``prunekit.quantize(mode="int")``) keeps its integer codes, so saving it compressed again
+    stores the same values.
 
     Example:
         >>> model = prunekit.from_pretrained("out/pruned")  # doctest: +SKIP
     """
     import transformers
-    from safetensors.torch import load_file
-
-    from prunekit.compress.structured import apply_structure
 
     path = Path(path)
-    meta_path = path / META_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: expected a Hugging Face model folder with config.json (as written by "
+            "prunekit.save_pretrained or model.save_pretrained)"
+        )
+    meta = read_hf_metadata(path)
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     cls = model_class or _model_class(config) or transformers.AutoModel
     structure = meta.get("structure") or []
-    if not structure:
+    compressed = meta.get(WEIGHTS_KEY) is not None
+    if not structure and not compressed:
         kwargs.setdefault("use_safetensors", True)  # never unpickle a .bin checkpoint
         return cls.from_pretrained(path, local_files_only=True, **kwargs)
-    original = meta.get("original_config")
-    if original is None:
-        raise ValueError(
-            f"{meta_path} records a surgery but not the original config; cannot rebuild"
+    attn = kwargs.pop("attn_implementation", kwargs.pop("_attn_implementation", None))
+    dtype = kwargs.pop("dtype", None)
+    dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
+    if kwargs:
+        raise TypeError(
+            f"{path}: from_pretrained rebuilds this pruned or compressed model from its config "
+            f"and does not take {sorted(kwargs)}; accepted: attn_implementation, dtype "
+            "(or torch_dtype)"
         )
-    base_config = type(config).from_dict(original)
-    for key in ("_attn_implementation", "attn_implementation"):
-        if key in kwargs:
-            base_config._attn_implementation = kwargs.pop(key)
+    if structure:
+        original = meta.get("original_config")
+        if original is None:
+            raise ValueError(
+                f"{path / META_FILE} records a surgery but not the original config; cannot rebuild"
+            )
+        base_config = type(config).from_dict(original)
+    else:
+        base_config = config
+    if attn is not None:
+        base_config._attn_implementation = attn
     model = cls.from_config(base_config) if cls is transformers.AutoModel else cls(base_config)
-    apply_structure(model, structure)
-    object.__setattr__(model, STRUCTURE_ATTR, structure)
-    object.__setattr__(model, ORIGINAL_CONFIG_ATTR, original)
-    update_config(model)
-    state = {}
+    if structure:
+        from prunekit.compress.structured import apply_structure
+
+        apply_structure(model, structure)
+        object.__setattr__(model, STRUCTURE_ATTR, structure)
+        object.__setattr__(model, ORIGINAL_CONFIG_ATTR, original)
+        update_config(model)
+    state, quantized = _read_weights(path, meta) if compressed else (_read_plain(path), {})
+    _load_state(model, state, path)
+    if quantized:  # keep the codes, so that saving again stores exactly the same values
+        from prunekit.compress.quantize import QUANT_ATTR
+
+        record = {**meta.get("quantization", {"mode": "int"}), "layers": quantized}
+        object.__setattr__(model, QUANT_ATTR, record)
+    if dtype is not None:
+        model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    model.eval()
+    return model
+
+
+def _read_plain(path: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):
         state.update(load_file(str(file)))
+    return state
+
+
+def _read_weights(
+    path: Path, meta: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Decode the compressed weights file of a folder: dense state dict and quantized codes."""
+    from prunekit.compress.io import decode_state
+
+    file = path / meta[WEIGHTS_KEY].get("file", COMPRESSED_WEIGHTS_FILE)
+    if not file.is_file() or file.parent != path:
+        raise FileNotFoundError(
+            f"{path}: prunekit.json says the weights are compressed in {file.name}, which is "
+            "missing from the folder"
+        )
+    state, quantized = decode_state(load_file(str(file)), meta, source=str(file))
+    for alias, target in meta.get("aliases", {}).items():
+        state[alias] = state[target]
+    return state, quantized
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load ``state`` into ``model`` (made the stored floating dtype if it is uniform), with
+    shapes checked first and tied weights allowed to be missing."""
     expected = model.state_dict()
     problems = [
         f"{k}: model {tuple(expected[k].shape)}, file {tuple(v.shape)}"
@@ -302,6 +489,11 @@ def from_pretrained(
         raise ValueError(
             f"{path}: weights do not fit the rebuilt model:\n  " + "\n  ".join(problems[:20])
         )
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(dtypes) == 1:
+        stored = dtypes.pop()
+        if any(p.is_floating_point() and p.dtype != stored for p in model.parameters()):
+            model.to(stored)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set()
     if hasattr(model, "tie_weights"):
@@ -312,8 +504,6 @@ def from_pretrained(
         raise ValueError(
             f"{path}: state dict mismatch: missing {missing[:10]}, unexpected {unexpected[:10]}"
         )
-    model.eval()
-    return model
 
 
 def _is_tied(model: nn.Module, key: str, state: dict) -> bool:
