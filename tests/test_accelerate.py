@@ -1,4 +1,5 @@
-"""prunekit.runtime.accelerate: sparse Linear kernels, the swap decision and the fallback."""
+"""prunekit.runtime.accelerate: the compiled sparse kernels (CSR and bitmap, float32 and int8),
+the swap decision and the fallback when no kernel can be built."""
 
 from __future__ import annotations
 
@@ -12,13 +13,24 @@ import torch.nn.functional as F
 from torch import nn
 
 import prunekit
+from prunekit.runtime import kernels
 from prunekit.runtime.accelerate import AccelerateReport, SparseLinear, accelerate
 
 acc_mod = importlib.import_module("prunekit.runtime.accelerate")  # the module, not the function
 
-needs_numba = pytest.mark.skipif(
-    not acc_mod.NUMBA_AVAILABLE, reason="numba is not installed (pip install 'prunekit[fast]')"
+LIB = kernels.load()
+needs_kernels = pytest.mark.skipif(
+    LIB is None, reason=f"compiled kernels unavailable: {kernels.why_unavailable()}"
 )
+FORMATS_HERE = [
+    "csr",
+    pytest.param(
+        "bitmap",
+        marks=pytest.mark.skipif(
+            LIB is None or not LIB.has_bitmap, reason="bitmap kernel needs AVX-512 with VBMI2"
+        ),
+    ),
+]
 
 
 def sparse_linear(
@@ -41,19 +53,23 @@ class Net(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def force_swap(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, AccelerateReport]:
+def force_swap(
+    model: nn.Module, x: torch.Tensor, formats: str | None = None
+) -> tuple[nn.Module, AccelerateReport]:
     # min_speedup=0: swap every sparse layer regardless of timing, so outputs are tested
-    return accelerate(model, x, min_speedup=0.0)
+    return accelerate(model, x, min_speedup=0.0, formats=formats)
 
 
-@needs_numba
+@needs_kernels
+@pytest.mark.parametrize("fmt", FORMATS_HERE)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 512), (32, 512), (1, 7, 512), (4, 9, 512)])
-def test_outputs_match_dense(shape: tuple[int, ...], bias: bool) -> None:
+def test_outputs_match_dense(shape: tuple[int, ...], bias: bool, fmt: str) -> None:
     model = Net(bias).eval()
     x = torch.randn(*shape)
-    fast, report = force_swap(model, x)
+    fast, report = force_swap(model, x, fmt)
     assert isinstance(fast.fc1, SparseLinear) and isinstance(fast.fc2, SparseLinear)
+    assert fast.fc1.format == fmt and report.row("fc1").format == f"{fmt}-f32"
     assert report.swapped == ["fc1", "fc2"]
     assert isinstance(model.fc1, nn.Linear) and not isinstance(model.fc1, SparseLinear)
     with torch.no_grad():
@@ -63,30 +79,78 @@ def test_outputs_match_dense(shape: tuple[int, ...], bias: bool) -> None:
         torch.testing.assert_close(fast(y), model(y), atol=1e-4, rtol=1e-4)
 
 
-@needs_numba
-def test_sparse_linear_module_roundtrip() -> None:
+@needs_kernels
+@pytest.mark.parametrize("fmt", FORMATS_HERE)
+def test_sparse_linear_module_roundtrip(fmt: str) -> None:
     layer = sparse_linear(512, 256, 0.8)
-    sparse = SparseLinear.from_linear(layer)
+    sparse = SparseLinear.from_linear(layer, format=fmt)
     assert sparse.nnz == int((layer.weight != 0).sum())
-    assert "density=" in repr(sparse) and "uint16" in repr(sparse)
+    assert "density=" in repr(sparse) and ("uint16" in repr(sparse) or fmt == "bitmap")
     torch.testing.assert_close(sparse.to_dense().weight, layer.weight)
     torch.testing.assert_close(sparse.to_dense().bias, layer.bias)
     x = torch.randn(3, 512)
     for clone in (copy.deepcopy(sparse), pickle.loads(pickle.dumps(sparse))):
         torch.testing.assert_close(clone(x), layer(x).detach(), atol=1e-4, rtol=1e-4)
-    fresh = SparseLinear.from_linear(sparse_linear(512, 256, 0.8))
-    fresh.load_state_dict(sparse.state_dict())
-    torch.testing.assert_close(fresh(x), sparse(x))
+    assert torch.equal(sparse.dense_weight(), layer.weight.detach())  # the format is lossless
+    state = {k: v.clone() for k, v in sparse.state_dict().items()}
+    index = state["col_indices" if fmt == "csr" else "block_masks"]
+    fresh = SparseLinear(
+        512, 256, state["values"], index, state["row_ptr"], state["bias"], format=fmt
+    )
+    assert torch.equal(fresh(x), sparse(x))
     # inputs that need a gradient take the dense path, and gradients flow to the input
     xg = torch.randn(2, 512, requires_grad=True)
     sparse(xg).sum().backward()
     torch.testing.assert_close(xg.grad, layer.weight.detach().sum(0).expand(2, -1))
     # empty rows and an all-zero weight
-    zero = SparseLinear.from_dense(torch.zeros(4, 8), torch.ones(4))
+    zero = SparseLinear.from_dense(torch.zeros(4, 8), torch.ones(4), format=fmt)
     torch.testing.assert_close(zero(torch.randn(3, 8)), torch.ones(3, 4))
+    torch.testing.assert_close(zero(torch.randn(1, 8)), torch.ones(1, 4))
 
 
-@needs_numba
+@needs_kernels
+@pytest.mark.parametrize("fmt", FORMATS_HERE)
+@pytest.mark.parametrize("in_f", [7, 16, 33, 100, 1000])
+@pytest.mark.parametrize("batch", [1, 3, 32])
+def test_kernel_shapes_and_int8_codes(fmt: str, in_f: int, batch: int) -> None:
+    # widths that are and are not multiples of the 16-column block and of the vector width,
+    # rows of every length (0 to in_f non-zeros); float32 and int8 values
+    torch.manual_seed(in_f + batch)
+    out_f = 37
+    keep = torch.rand(out_f, in_f) < torch.linspace(0, 1, out_f).unsqueeze(1)
+    w = torch.randn(out_f, in_f) * keep
+    b = torch.randn(out_f)
+    x = torch.randn(batch, in_f)
+    sparse = SparseLinear.from_dense(w, b, format=fmt)
+    torch.testing.assert_close(sparse(x), F.linear(x, w, b), atol=1e-4, rtol=1e-4)
+    codes = (torch.randint(-127, 128, (out_f, in_f)) * keep).to(torch.int8)
+    scale = torch.rand(out_f) * 0.01 + 1e-3
+    q = SparseLinear.from_dense(codes, b, format=fmt, scale=scale)
+    dequantized = codes.float() * scale.unsqueeze(1)
+    assert torch.equal(q.dense_weight(), dequantized)
+    assert "int8" in repr(q)
+    torch.testing.assert_close(q(x), F.linear(x, dequantized, b), atol=1e-4, rtol=1e-5)
+
+
+@needs_kernels
+def test_quantized_model_runs_on_int8_codes() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(sparse_linear(256, 256, 0.7), nn.ReLU(), nn.Linear(256, 8))
+    quantized = prunekit.quantize(net, bits=8, mode="int").model  # the head stays float
+    x = torch.randn(4, 256)
+    fast, report = accelerate(quantized, x, min_speedup=0.0)
+    assert report.row("0").format.endswith("-i8") and fast[0].values.dtype == torch.int8
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), quantized(x), atol=1e-4, rtol=1e-4)
+    as_float, report = accelerate(quantized, x, min_speedup=0.0, int8=False)
+    assert report.row("0").format.endswith("-f32")
+    # group-wise codes do not fit the per-row-scale kernel: their float values are used
+    grouped = prunekit.quantize(net, bits=8, granularity="group:64", mode="int").model
+    _, report = accelerate(grouped, x, min_speedup=0.0)
+    assert report.row("0").format.endswith("-f32")
+
+
+@needs_kernels
 def test_wide_layer_int32_columns() -> None:
     w = torch.zeros(3, 70000)
     w[0, 69999] = 2.0
@@ -97,7 +161,7 @@ def test_wide_layer_int32_columns() -> None:
     torch.testing.assert_close(sparse(x), F.linear(x, w), atol=1e-5, rtol=1e-5)
 
 
-@needs_numba
+@needs_kernels
 def test_dense_layer_kept_and_report() -> None:
     model = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), sparse_linear(256, 128, 0.9))
     fast, report = force_swap(model, torch.randn(2, 512))
@@ -108,11 +172,11 @@ def test_dense_layer_kept_and_report() -> None:
     assert report.row("2").swapped and report.row("2").input_shape == [2, 256]
     assert report.row("2").dense_ms is not None and report.row("2").sparse_ms is not None
     text = str(report)
-    assert "density" in text and "dense ms" in text and "1/2" in text and "JIT compile" in text
+    assert "density" in text and "dense ms" in text and "1/2" in text and "C kernels" in text
     assert report.to_dict()["rows"][1]["swapped"] is True
 
 
-@needs_numba
+@needs_kernels
 def test_swap_rule_and_other_dtypes() -> None:
     model = nn.Sequential(sparse_linear(512, 256, 0.9), sparse_linear(256, 64, 0.9).double())
     x = torch.randn(1, 512)
@@ -132,7 +196,7 @@ def test_swap_rule_and_other_dtypes() -> None:
     assert type(fast.inner[0]) is nn.Linear
 
 
-@needs_numba
+@needs_kernels
 def test_masked_model_and_inplace() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 32))
@@ -151,23 +215,46 @@ def test_masked_model_and_inplace() -> None:
     assert same is masked and isinstance(masked[0], SparseLinear)
 
 
-def test_fallback_without_numba(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(acc_mod, "NUMBA_AVAILABLE", False)
-    monkeypatch.setattr(acc_mod, "NUMBA_ERROR", "numba is not importable (test)")
+@pytest.fixture
+def no_kernels(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("PRUNEKIT_NO_KERNELS", "1")
+    kernels.reset()
+    yield
+    monkeypatch.delenv("PRUNEKIT_NO_KERNELS")
+    kernels.reset()
+
+
+def test_fallback_without_kernels(no_kernels: None) -> None:
+    assert kernels.load() is None and "PRUNEKIT_NO_KERNELS" in kernels.why_unavailable()
     model = Net()
     x = torch.randn(2, 512)
     fast, report = accelerate(model, x, min_speedup=0.0)
     assert report.swapped == []
-    assert all(r.reason == "numba unavailable" for r in report.rows)
-    assert "numba is not importable (test)" in str(report)
+    assert all(r.reason == "kernels unavailable" for r in report.rows)
+    assert "PRUNEKIT_NO_KERNELS" in str(report)
     assert type(fast.fc1) is nn.Linear
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x))
     # a SparseLinear made elsewhere still computes (dense weight rebuilt)
     layer = sparse_linear(512, 256, 0.9)
-    sparse = SparseLinear.from_linear(layer)
-    with torch.no_grad():
-        torch.testing.assert_close(sparse(x), layer(x), atol=1e-5, rtol=1e-5)
+    for fmt in ("csr", "bitmap"):
+        sparse = SparseLinear.from_linear(layer, format=fmt)
+        with torch.no_grad():
+            torch.testing.assert_close(sparse(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_failed_build_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    kernels.reset()
+    try:
+        assert kernels.load() is None
+        assert "building the C kernels" in kernels.why_unavailable()
+        assert not any(tmp_path.rglob("*.so"))
+    finally:
+        monkeypatch.undo()
+        kernels.reset()
+    assert (kernels.load() is None) == (LIB is None)
 
 
 def test_bad_arguments() -> None:
@@ -175,3 +262,9 @@ def test_bad_arguments() -> None:
         accelerate("model", torch.randn(1, 4))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="threads"):
         accelerate(nn.Linear(4, 4), torch.randn(1, 4), threads=0)
+    with pytest.raises(ValueError, match="formats"):
+        accelerate(nn.Linear(4, 4), torch.randn(1, 4), formats=("ell",))
+    with pytest.raises(ValueError, match="format"):
+        SparseLinear.from_dense(torch.ones(2, 2), format="coo")
+    with pytest.raises(ValueError, match="scale"):
+        SparseLinear.from_dense(torch.ones(2, 2, dtype=torch.int8), scale=torch.ones(3))

@@ -1,0 +1,316 @@
+/* Sparse x dense kernels for prunekit.accelerate (CPU).
+ *
+ * Compiled on first use by prunekit/runtime/kernels.py with the machine's C compiler
+ * (-O3 -march=native, -fopenmp when available) and called through ctypes with raw pointers.
+ * torch is already loaded when this library is, so its OpenMP runtime (libgomp.so.1) is the
+ * one these parallel loops use: one thread pool for torch ops and these kernels.
+ *
+ * Weight formats, all row-major over the output rows of W (out x in):
+ *   CSR    values[nnz] (float32, or int8 codes with one float32 scale per row),
+ *          cols[nnz] (uint16 when in <= 65536, else int32), rowptr[out + 1] (int64).
+ *   BITMAP masks[out][ceil(in / 16)] (uint16: bit j set = column 16 * block + j is non-zero),
+ *          values packed row by row in column order, rowptr[out + 1] (int64) offsets into
+ *          values; values carry 64 bytes of padding so a full-vector load never leaves them.
+ *
+ * Outputs: y[b][r] = scale[r] * sum_k W[r][k] * x[b][k] + bias[r], y is (batch x out).
+ * Work is split over output rows so that each thread gets an equal share of the non-zeros.
+ */
+#include <stdint.h>
+#include <string.h>
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define PK_EXPORT __attribute__((visibility("default")))
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define PK_AVX512 1
+#if defined(__AVX512VBMI2__)
+#define PK_BITMAP 1 /* the bitmap kernels need byte and float expands */
+#endif
+#endif
+
+PK_EXPORT int pk_abi_version(void) { return 3; }
+
+PK_EXPORT const char *pk_isa(void) {
+#if defined(PK_BITMAP)
+    return "avx512+vbmi2";
+#elif defined(PK_AVX512)
+    return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+    return "avx2";
+#else
+    return "scalar";
+#endif
+}
+
+PK_EXPORT int pk_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+PK_EXPORT int pk_has_bitmap(void) {
+#if defined(PK_BITMAP)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* First row of the part-th of nparts chunks holding about equal numbers of non-zeros. */
+static int64_t row_split(const int64_t *rowptr, int64_t rows, int part, int nparts) {
+    if (part <= 0) return 0;
+    if (part >= nparts) return rows;
+    int64_t target = rowptr[rows] / nparts * part + (rowptr[rows] % nparts) * part / nparts;
+    int64_t lo = 0, hi = rows; /* smallest r with rowptr[r] >= target */
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (rowptr[mid] < target) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+static inline float finish(float acc, const float *scale, const float *bias, int64_t r) {
+    if (scale) acc *= scale[r];
+    if (bias) acc += bias[r];
+    return acc;
+}
+
+#if defined(PK_AVX512)
+static inline __m512i load_cols16(const void *cols, int wide, int64_t k) {
+    if (wide) return _mm512_loadu_si512((const void *)((const int32_t *)cols + k));
+    return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)cols + k)));
+}
+static inline __m512i load_cols16_masked(const void *cols, int wide, int64_t k, __mmask16 m) {
+    if (wide) return _mm512_maskz_loadu_epi32(m, (const int32_t *)cols + k);
+    return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)cols + k));
+}
+static inline __m512 load_vals16(const void *vals, int int8, int64_t k) {
+    if (int8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)vals + k))));
+    return _mm512_loadu_ps((const float *)vals + k);
+}
+static inline __m512 load_vals16_masked(const void *vals, int int8, int64_t k, __mmask16 m) {
+    if (int8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, (const int8_t *)vals + k)));
+    return _mm512_maskz_loadu_ps(m, (const float *)vals + k);
+}
+#endif
+
+/* One row of a CSR sparse-vector dot product. */
+static inline float csr_row_dot(const void *vals, int int8, const void *cols, int wide,
+                                int64_t k0, int64_t k1, const float *x) {
+#if defined(PK_AVX512)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t k = k0;
+    for (; k + 32 <= k1; k += 32) {
+        __m512 x0 = _mm512_i32gather_ps(load_cols16(cols, wide, k), x, 4);
+        __m512 x1 = _mm512_i32gather_ps(load_cols16(cols, wide, k + 16), x, 4);
+        a0 = _mm512_fmadd_ps(load_vals16(vals, int8, k), x0, a0);
+        a1 = _mm512_fmadd_ps(load_vals16(vals, int8, k + 16), x1, a1);
+    }
+    if (k + 16 <= k1) {
+        __m512 x0 = _mm512_i32gather_ps(load_cols16(cols, wide, k), x, 4);
+        a0 = _mm512_fmadd_ps(load_vals16(vals, int8, k), x0, a0);
+        k += 16;
+    }
+    if (k < k1) {
+        __mmask16 m = (__mmask16)((1u << (k1 - k)) - 1u);
+        __m512i idx = load_cols16_masked(cols, wide, k, m);
+        __m512 x0 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, x, 4);
+        a1 = _mm512_fmadd_ps(load_vals16_masked(vals, int8, k, m), x0, a1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#else
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+    int64_t k = k0;
+#define PK_COL(i) (wide ? ((const int32_t *)cols)[i] : (int32_t)((const uint16_t *)cols)[i])
+#define PK_VAL(i) (int8 ? (float)((const int8_t *)vals)[i] : ((const float *)vals)[i])
+    for (; k + 4 <= k1; k += 4) {
+        a0 += PK_VAL(k) * x[PK_COL(k)];
+        a1 += PK_VAL(k + 1) * x[PK_COL(k + 1)];
+        a2 += PK_VAL(k + 2) * x[PK_COL(k + 2)];
+        a3 += PK_VAL(k + 3) * x[PK_COL(k + 3)];
+    }
+    for (; k < k1; ++k) a0 += PK_VAL(k) * x[PK_COL(k)];
+    return (a0 + a1) + (a2 + a3);
+#endif
+}
+
+/* y[b][r] for a batch of rows: x is given transposed, xt[in][batch]; acc has batch floats. */
+static inline void csr_row_batch(const void *vals, int int8, const void *cols, int wide,
+                                 int64_t k0, int64_t k1, const float *xt, int64_t batch,
+                                 float *acc) {
+    memset(acc, 0, (size_t)batch * sizeof(float));
+    for (int64_t k = k0; k < k1; ++k) {
+        const float v = int8 ? (float)((const int8_t *)vals)[k] : ((const float *)vals)[k];
+        const int64_t c = wide ? ((const int32_t *)cols)[k] : ((const uint16_t *)cols)[k];
+        const float *xr = xt + c * batch;
+        for (int64_t b = 0; b < batch; ++b) acc[b] += v * xr[b];
+    }
+}
+
+static void spmm_csr(int64_t rows, int64_t in, int64_t batch, const int64_t *rowptr,
+                     const void *cols, int wide, const void *vals, int int8, const float *scale,
+                     const float *bias, const float *x, const float *xt, float *y, int nthreads) {
+    (void)in;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int part = 0, nparts = 1;
+#ifdef _OPENMP
+        part = omp_get_thread_num();
+        nparts = omp_get_num_threads();
+#endif
+        int64_t r0 = row_split(rowptr, rows, part, nparts);
+        int64_t r1 = row_split(rowptr, rows, part + 1, nparts);
+        if (batch == 1) {
+            for (int64_t r = r0; r < r1; ++r)
+                y[r] = finish(csr_row_dot(vals, int8, cols, wide, rowptr[r], rowptr[r + 1], x),
+                              scale, bias, r);
+        } else {
+            float *acc = (float *)malloc((size_t)batch * sizeof(float));
+            if (acc) {
+                for (int64_t r = r0; r < r1; ++r) {
+                    csr_row_batch(vals, int8, cols, wide, rowptr[r], rowptr[r + 1], xt, batch, acc);
+                    for (int64_t b = 0; b < batch; ++b) y[b * rows + r] = finish(acc[b], scale, bias, r);
+                }
+                free(acc);
+            }
+        }
+    }
+}
+
+/* CSR: y (batch x rows) = x (batch x in) W^T. For batch > 1, xt must hold x transposed. */
+PK_EXPORT void pk_csr_f32(int64_t rows, int64_t in, int64_t batch, const int64_t *rowptr,
+                          const void *cols, int wide, const float *vals, const float *bias,
+                          const float *x, const float *xt, float *y, int nthreads) {
+    spmm_csr(rows, in, batch, rowptr, cols, wide, vals, 0, NULL, bias, x, xt, y, nthreads);
+}
+
+PK_EXPORT void pk_csr_i8(int64_t rows, int64_t in, int64_t batch, const int64_t *rowptr,
+                         const void *cols, int wide, const int8_t *vals, const float *scale,
+                         const float *bias, const float *x, const float *xt, float *y,
+                         int nthreads) {
+    spmm_csr(rows, in, batch, rowptr, cols, wide, vals, 1, scale, bias, x, xt, y, nthreads);
+}
+
+#if defined(PK_BITMAP)
+/* One row of the bitmap format against one input row: expand the packed values of each block of
+ * 16 columns into place and multiply with the 16 inputs of that block. */
+static inline float bitmap_row_dot(const uint16_t *masks, int64_t nblocks, int64_t nfull,
+                                   const void *vals, int int8, int64_t off, const float *x) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t b = 0;
+    if (int8) {
+        const int8_t *v = (const int8_t *)vals;
+        for (; b + 2 <= nblocks; b += 2) {
+            __mmask16 m0 = masks[b], m1 = masks[b + 1];
+            __m128i q0 = _mm_maskz_expand_epi8(m0, _mm_loadu_si128((const __m128i *)(v + off)));
+            off += __builtin_popcount(m0);
+            __m128i q1 = _mm_maskz_expand_epi8(m1, _mm_loadu_si128((const __m128i *)(v + off)));
+            off += __builtin_popcount(m1);
+            a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)),
+                                 _mm512_maskz_loadu_ps(m0, x + 16 * b), a0);
+            a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)),
+                                 _mm512_maskz_loadu_ps(m1, x + 16 * (b + 1)), a1);
+        }
+        for (; b < nblocks; ++b) {
+            __mmask16 m0 = masks[b];
+            __m128i q0 = _mm_maskz_expand_epi8(m0, _mm_loadu_si128((const __m128i *)(v + off)));
+            off += __builtin_popcount(m0);
+            a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)),
+                                 _mm512_maskz_loadu_ps(m0, x + 16 * b), a0);
+        }
+    } else {
+        const float *v = (const float *)vals;
+        for (; b + 2 <= nfull; b += 2) { /* full blocks: x is read unmasked */
+            __mmask16 m0 = masks[b], m1 = masks[b + 1];
+            _mm_prefetch((const char *)(v + off + 256), _MM_HINT_T0);
+            __m512 w0 = _mm512_maskz_expand_ps(m0, _mm512_loadu_ps(v + off));
+            off += __builtin_popcount(m0);
+            __m512 w1 = _mm512_maskz_expand_ps(m1, _mm512_loadu_ps(v + off));
+            off += __builtin_popcount(m1);
+            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + 16 * b), a0);
+            a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16 * b + 16), a1);
+        }
+        for (; b < nblocks; ++b) {
+            __mmask16 m0 = masks[b];
+            __m512 w0 = _mm512_maskz_expand_ps(m0, _mm512_loadu_ps(v + off));
+            off += __builtin_popcount(m0);
+            a0 = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m0, x + 16 * b), a0);
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+
+#define PK_TILE 8 /* input rows sharing one expanded weight block in the batched bitmap kernel */
+
+static inline __m512 bitmap_block(const uint16_t m, const void *vals, int int8, int64_t off) {
+    if (int8)
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_maskz_expand_epi8(m, _mm_loadu_si128((const __m128i *)((const int8_t *)vals + off)))));
+    return _mm512_maskz_expand_ps(m, _mm512_loadu_ps((const float *)vals + off));
+}
+
+/* One row of the bitmap format against up to PK_TILE input rows (x is batch x in). */
+static inline void bitmap_row_tile(const uint16_t *masks, int64_t nblocks, int64_t in,
+                                   const void *vals, int int8, int64_t off, const float *x,
+                                   int64_t tile, float *out) {
+    __m512 acc[PK_TILE];
+    for (int64_t t = 0; t < tile; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nblocks; ++b) {
+        const uint16_t m = masks[b];
+        const __m512 w = bitmap_block(m, vals, int8, off);
+        off += __builtin_popcount(m);
+        for (int64_t t = 0; t < tile; ++t)
+            acc[t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + t * in + 16 * b), acc[t]);
+    }
+    for (int64_t t = 0; t < tile; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
+}
+#endif
+
+/* BITMAP: y (batch x rows) = x (batch x in) W^T.
+ * Returns 0, or -1 when this build has no bitmap kernel (needs AVX-512 with VBMI2). */
+PK_EXPORT int pk_bitmap(int64_t rows, int64_t in, int64_t batch, const int64_t *rowptr,
+                        const uint16_t *masks, const void *vals, int int8, const float *scale,
+                        const float *bias, const float *x, float *y, int nthreads) {
+#if defined(PK_BITMAP)
+    const int64_t nblocks = (in + 15) / 16;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int part = 0, nparts = 1;
+#ifdef _OPENMP
+        part = omp_get_thread_num();
+        nparts = omp_get_num_threads();
+#endif
+        /* every row costs nblocks steps whatever its non-zeros: split rows evenly */
+        const int64_t r0 = rows * part / nparts, r1 = rows * (part + 1) / nparts;
+        if (batch == 1) {
+            for (int64_t r = r0; r < r1; ++r)
+                y[r] = finish(bitmap_row_dot(masks + r * nblocks, nblocks, in / 16, vals, int8,
+                                             rowptr[r], x),
+                              scale, bias, r);
+        } else {
+            float out[PK_TILE];
+            for (int64_t b0 = 0; b0 < batch; b0 += PK_TILE) {
+                const int64_t tile = batch - b0 < PK_TILE ? batch - b0 : PK_TILE;
+                for (int64_t r = r0; r < r1; ++r) {
+                    bitmap_row_tile(masks + r * nblocks, nblocks, in, vals, int8, rowptr[r],
+                                    x + b0 * in, tile, out);
+                    for (int64_t t = 0; t < tile; ++t)
+                        y[(b0 + t) * rows + r] = finish(out[t], scale, bias, r);
+                }
+            }
+        }
+    }
+    return 0;
+#else
+    (void)rows; (void)in; (void)batch; (void)rowptr; (void)masks; (void)vals; (void)int8;
+    (void)scale; (void)bias; (void)x; (void)y; (void)nthreads;
+    return -1;
+#endif
+}

@@ -1,0 +1,202 @@
+"""Build and load prunekit's compiled sparse kernels (``csrc/sparse_kernels.c``).
+
+The C source ships with the package and is compiled on first use with the machine's C compiler
+(``$CC``, else ``cc``, ``gcc`` or ``clang``) as ``-O3 -march=native`` (so it uses the widest
+vector instructions this CPU has) with OpenMP when the compiler supports it, then loaded with
+:mod:`ctypes`. The shared library is cached under ``$PRUNEKIT_CACHE`` (default
+``~/.cache/prunekit/kernels``), keyed by the source, the flags, the compiler and the CPU, so the
+build (about a second) happens once per machine. torch is imported first, so the kernels share
+torch's OpenMP runtime and thread pool.
+
+Nothing here is required: when no compiler is found or the build fails, :func:`load` returns
+None and :func:`why_unavailable` says why; :func:`prunekit.accelerate` then keeps layers dense.
+Set ``PRUNEKIT_NO_KERNELS=1`` to turn the kernels off.
+
+Example:
+    >>> from prunekit.runtime import kernels
+    >>> lib = kernels.load()
+    >>> lib is None or lib.isa in ("avx512+vbmi2", "avx512", "avx2", "scalar")
+    True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch  # noqa: F401  imported first: the kernels then bind to torch's OpenMP runtime
+
+__all__ = ["KernelLibrary", "load", "why_unavailable", "cache_dir"]
+
+_ABI_VERSION = 3
+_SOURCE = "sparse_kernels.c"
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+@dataclass(frozen=True)
+class KernelLibrary:
+    """The loaded kernels and how they were built."""
+
+    lib: ctypes.CDLL
+    path: Path
+    compiler: str
+    isa: str
+    openmp: bool
+    has_bitmap: bool
+    build_s: float
+
+    def describe(self) -> str:
+        omp = "OpenMP" if self.openmp else "single-threaded (no OpenMP)"
+        return f"C kernels ({self.isa}, {omp}, {Path(self.compiler).name})"
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept (``$PRUNEKIT_CACHE/kernels``, default ~/.cache/prunekit)."""
+    root = os.environ.get("PRUNEKIT_CACHE") or Path.home() / ".cache" / "prunekit"
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name:
+            found = shutil.which(name)
+            if found:
+                return found
+    return None
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+        model = next((ln for ln in text.splitlines() if ln.startswith("model name")), "")
+        return model + flags
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _run(cmd: list[str]) -> tuple[bool, str]:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    return proc.returncode == 0, (proc.stderr or proc.stdout).strip()
+
+
+def _build(cc: str, source: bytes, out: Path) -> tuple[bool, str]:
+    """Compile to ``out``: with OpenMP if the compiler takes it, else without."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / _SOURCE
+        src.write_bytes(source)
+        lib = Path(tmp) / out.name
+        base = [
+            cc,
+            "-O3",
+            "-march=native",
+            "-fPIC",
+            "-shared",
+            "-std=c11",
+            str(src),
+            "-o",
+            str(lib),
+        ]
+        ok, log = _run([*base[:2], "-fopenmp", *base[2:]])
+        if not ok:
+            ok, log_plain = _run(base)
+            log = f"with -fopenmp: {log}\nwithout: {log_plain}"
+        if not ok:
+            return False, log
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staged = out.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(lib, staged)
+        os.replace(staged, out)  # atomic: concurrent builders never load a half-written file
+    return True, ""
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.pk_abi_version.restype = i32
+    lib.pk_isa.restype = ctypes.c_char_p
+    lib.pk_openmp.restype = i32
+    lib.pk_has_bitmap.restype = i32
+    csr = [i64, i64, i64, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.pk_csr_f32.argtypes = csr
+    lib.pk_csr_f32.restype = None
+    lib.pk_csr_i8.argtypes = [*csr[:7], ptr, *csr[7:]]
+    lib.pk_csr_i8.restype = None
+    lib.pk_bitmap.argtypes = [i64, i64, i64, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, i32]
+    lib.pk_bitmap.restype = i32
+
+
+def _load_uncached() -> KernelLibrary | str:
+    import time
+
+    if os.environ.get("PRUNEKIT_NO_KERNELS", "") not in ("", "0"):
+        return "turned off by PRUNEKIT_NO_KERNELS"
+    if platform.system() != "Linux":
+        return f"the compiled kernels are built on Linux only (this is {platform.system()})"
+    cc = _compiler()
+    if cc is None:
+        return "no C compiler found ($CC, cc, gcc or clang); install one to enable the kernels"
+    source = resources.files("prunekit.runtime").joinpath("csrc", _SOURCE).read_bytes()
+    ok, version = _run([cc, "--version"])
+    key = hashlib.sha256(
+        b"\0".join(
+            [source, cc.encode(), version.encode(), _cpu_fingerprint().encode(), b"O3 native omp"]
+        )
+    ).hexdigest()[:16]
+    path = cache_dir() / f"sparse_kernels-{key}.so"
+    start = time.perf_counter()
+    if not path.is_file():
+        ok, log = _build(cc, source, path)
+        if not ok:
+            return f"building the C kernels with {cc} failed:\n{log[-2000:]}"
+    build_s = time.perf_counter() - start
+    try:
+        lib = ctypes.CDLL(str(path))
+        _declare(lib)
+    except OSError as exc:
+        return f"loading {path} failed: {exc}"
+    if lib.pk_abi_version() != _ABI_VERSION:
+        return f"{path} has ABI {lib.pk_abi_version()}, expected {_ABI_VERSION}; delete it"
+    return KernelLibrary(
+        lib=lib,
+        path=path,
+        compiler=cc,
+        isa=lib.pk_isa().decode(),
+        openmp=bool(lib.pk_openmp()),
+        has_bitmap=bool(lib.pk_has_bitmap()),
+        build_s=build_s,
+    )
+
+
+def load() -> KernelLibrary | None:
+    """The compiled kernels (built on first call), or None when they cannot be had here."""
+    with _lock:
+        if "result" not in _state:
+            _state["result"] = _load_uncached()
+        result = _state["result"]
+    return result if isinstance(result, KernelLibrary) else None
+
+
+def why_unavailable() -> str:
+    """Why :func:`load` returns None ("" when the kernels are available)."""
+    load()
+    result = _state["result"]
+    return "" if isinstance(result, KernelLibrary) else str(result)
+
+
+def reset() -> None:
+    """Forget the loaded state, so the next :func:`load` looks again (for tests)."""
+    with _lock:
+        _state.clear()
