@@ -1,14 +1,17 @@
-"""Sparse Linear latency: prunekit's CSR kernel vs dense F.linear vs torch's sparse CSR.
+"""Sparse Linear latency: prunekit's kernels vs dense F.linear vs torch's sparse CSR.
 
-Square fp32 Linear layers (1024, 2048, 4096) at 50/70/80/90/95 % unstructured sparsity and
-2:4, batch 1 and 32, all in this process with a fixed thread count. Per configuration four
-callables are timed: dense ``F.linear``, torch CSR (``torch.sparse.mm`` on ``to_sparse_csr``),
-prunekit's ``SparseLinear`` kernel, and the module ``prunekit.runtime.accelerate.accelerate``
-returns for that layer (the kernel where it measured faster, else the dense Linear), compared
-with the dense ``nn.Linear`` module (so both pay the same module-call overhead). Each is
-warmed up, then timed in rounds whose order rotates; the figure is the median of all calls.
+Square Linear layers (1024, 2048, 4096) at 50/70/80/90/95 % unstructured sparsity and 2:4,
+batch 1 and 32, float32 weights and int8 weights (per-channel symmetric codes from
+``prunekit.quantize(mode="int")``), all in this process with a fixed thread count. Per
+configuration these callables are timed: dense ``F.linear`` (float32; for int8, the dequantized
+weight), torch CSR (``torch.sparse.mm`` on ``to_sparse_csr``), prunekit's ``SparseLinear`` in
+the format ``accelerate`` found fastest (``csr`` or ``bitmap``), and the module
+``prunekit.runtime.accelerate.accelerate`` returns for that layer (the kernel where it measured
+faster, else the dense Linear), compared with the dense ``nn.Linear`` module (so both pay the
+same module-call overhead). Each is warmed up, then timed in rounds whose order rotates; the
+figure is the median of all calls.
 
-Run:  python benchmarks/sparse_linear.py [--threads 2] [--quick]
+Run:  python benchmarks/sparse_linear.py [--threads 2] [--quick] [--dtypes fp32 int8]
 Targets (issue 6, batch 1): kernel >= 1.5x faster than dense at 70 %, >= 3x at 90 %, and the
 accelerated layer never slower than dense. Timings are of this machine and these shapes only.
 """
@@ -16,6 +19,7 @@ accelerated layer never slower than dense. Timings are of this machine and these
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import statistics
@@ -26,7 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.runtime import accelerate as acc
+import prunekit
+from prunekit.runtime import kernels
+
+acc = importlib.import_module("prunekit.runtime.accelerate")  # the module, not the function
 
 SIZES = (1024, 2048, 4096)
 PATTERNS = ("50%", "70%", "80%", "90%", "95%", "2:4")
@@ -62,87 +69,109 @@ def time_rotating(fns: dict[str, object], rounds: int, per_round: int) -> dict[s
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def quantized_int8(linear: nn.Linear) -> nn.Linear:
+    """The layer with int8 per-channel codes (prunekit.quantize mode="int"), as a model."""
+    wrapper = nn.Sequential(linear)
+    return prunekit.quantize(wrapper, bits=8, mode="int", targets=["0"]).model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="1024 and 2048 only")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=None)
     args = parser.parse_args()
-    if not acc.NUMBA_AVAILABLE:
-        raise SystemExit(f"needs numba: {acc.NUMBA_ERROR}")
+    lib = kernels.load()
+    if lib is None:
+        raise SystemExit(f"needs the compiled kernels: {kernels.why_unavailable()}")
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
     print(
-        f"sparse_linear: torch {torch.__version__}, numba {acc.numba.__version__} "
-        f"({platform.machine()}, {os.cpu_count()} CPUs), {args.threads} thread(s), fp32"
+        f"sparse_linear: torch {torch.__version__}, {lib.describe()} "
+        f"({platform.machine()}, {os.cpu_count()} CPUs), {args.threads} thread(s)"
     )
     print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     start = time.perf_counter()
-    compile_s = acc._warm_up()
-    print(f"numba JIT compile (all kernel variants): {compile_s:.2f} s")
+    print(f"kernel build (or cache hit): {lib.build_s:.2f} s")
     gen = torch.Generator().manual_seed(0)
     header = (
-        f"{'size':>5} {'pattern':>7} {'batch':>5} {'dense ms':>9} {'csr ms':>9} "
-        f"{'kernel ms':>9} {'accel ms':>9} {'swap':>4} {'dense/kern':>10} {'csr/kern':>8} "
-        f"{'accel/dense':>11}"
+        f"{'size':>5} {'pattern':>7} {'dtype':>5} {'batch':>5} {'dense ms':>9} {'csr ms':>9} "
+        f"{'kernel ms':>9} {'format':>10} {'accel ms':>9} {'swap':>4} {'dense/kern':>10} "
+        f"{'csr/kern':>8} {'accel/dense':>11}"
     )
     print(header)
     print("-" * len(header))
     results = []
-    sizes = SIZES[:2] if args.quick else SIZES
+    sizes = args.sizes or (SIZES[:2] if args.quick else SIZES)
     for n in sizes:
-        rounds, per_round = {1024: (6, 15), 2048: (6, 6), 4096: (4, 3)}[n]
+        rounds, per_round = {1024: (6, 15), 2048: (6, 6), 4096: (4, 3)}.get(n, (4, 3))
         for pattern in PATTERNS:
-            w = make_weight(n, pattern, gen)
+            w32 = make_weight(n, pattern, gen)
             b = torch.randn(n, generator=gen) * 0.1
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "CSR support is in beta"
-                w_csr = w.to_sparse_csr()
-            sparse = acc.SparseLinear.from_dense(w, b)
-            linear = nn.Linear(n, n)
-            with torch.no_grad():
-                linear.weight.copy_(w)
-                linear.bias.copy_(b)
-            for batch in BATCHES:
-                x = torch.randn(batch, n, generator=gen)
-                accel, report = acc.accelerate(linear, x, threads=args.threads)
-                swapped = report.rows[0].swapped
-                with torch.inference_mode():
-                    y = F.linear(x, w, b)
-                    err = (sparse(x) - y).abs().max().item()
-                    assert err < 1e-3, f"kernel mismatch {err}"
-                    fns = {
-                        "dense": lambda x=x, w=w, b=b: F.linear(x, w, b),
-                        "csr": lambda x=x, w_csr=w_csr, b=b: torch.sparse.mm(w_csr, x.t()).t() + b,
-                        "kernel": lambda x=x, sparse=sparse: sparse(x),
-                        "accel": lambda x=x, accel=accel: accel(x),
-                        "dense_module": lambda x=x, linear=linear: linear(x),
-                    }
-                    t = time_rotating(fns, rounds, per_round)
-                row = {"n": n, "pattern": pattern, "batch": batch, "swapped": swapped, **t}
-                results.append(row)
-                print(
-                    f"{n:>5} {pattern:>7} {batch:>5} {t['dense']:>9.3f} {t['csr']:>9.3f} "
-                    f"{t['kernel']:>9.3f} {t['accel']:>9.3f} {'yes' if swapped else 'no':>4} "
-                    f"{t['dense'] / t['kernel']:>9.2f}x {t['csr'] / t['kernel']:>7.2f}x "
-                    f"{t['accel'] / t['dense_module']:>11.2f}",
-                    flush=True,
-                )
+            for dtype in args.dtypes:
+                linear = nn.Linear(n, n)
+                with torch.no_grad():
+                    linear.weight.copy_(w32)
+                    linear.bias.copy_(b)
+                model = quantized_int8(linear) if dtype == "int8" else nn.Sequential(linear)
+                w = model[0].weight.detach().clone()  # dequantized for int8: the reference
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # "CSR support is in beta"
+                    w_csr = w.to_sparse_csr()
+                for batch in BATCHES:
+                    x = torch.randn(batch, n, generator=gen)
+                    accel, report = acc.accelerate(model, x, threads=args.threads)
+                    row = report.rows[0]
+                    kernel, _ = acc.accelerate(
+                        model, x, min_speedup=0.0, formats=row.format.split("-")[0]
+                    )
+                    with torch.inference_mode():
+                        y = F.linear(x, w, b)
+                        err = (kernel(x) - y).abs().max().item()
+                        assert err < 1e-3 * (1 + y.abs().max().item()), f"kernel mismatch {err}"
+                        fns = {
+                            "dense": lambda x=x, w=w, b=b: F.linear(x, w, b),
+                            "csr": lambda x=x, w_csr=w_csr, b=b: (
+                                torch.sparse.mm(w_csr, x.t()).t() + b
+                            ),
+                            "kernel": lambda x=x, k=kernel[0]: k(x),
+                            "accel": lambda x=x, a=accel[0]: a(x),
+                            "dense_module": lambda x=x, m=model[0]: m(x),
+                        }
+                        t = time_rotating(fns, rounds, per_round)
+                    result = {
+                        "n": n, "pattern": pattern, "dtype": dtype, "batch": batch,
+                        "swapped": row.swapped, "format": row.format, **t,
+                    }  # fmt: skip
+                    results.append(result)
+                    print(
+                        f"{n:>5} {pattern:>7} {dtype:>5} {batch:>5} {t['dense']:>9.3f} "
+                        f"{t['csr']:>9.3f} {t['kernel']:>9.3f} {row.format:>10} {t['accel']:>9.3f} "
+                        f"{'yes' if row.swapped else 'no':>4} {t['dense'] / t['kernel']:>9.2f}x "
+                        f"{t['csr'] / t['kernel']:>7.2f}x {t['accel'] / t['dense_module']:>11.2f}",
+                        flush=True,
+                    )
     print(
         "dense/kern, csr/kern: speedup of the prunekit kernel (above 1 = kernel faster); "
         "accel/dense: latency of the module accelerate() returned, relative to the dense nn.Linear "
         "module (same module-call overhead; below 1 = faster)."
     )
     print("\nTargets at batch 1 (issue 6):")
-    for n in sizes:
-        for pattern, target in (("70%", 1.5), ("90%", 3.0)):
-            r = next(
-                r for r in results if r["n"] == n and r["pattern"] == pattern and r["batch"] == 1
-            )
-            speedup = r["dense"] / r["kernel"]
-            verdict = "PASS" if speedup >= target else "MISS"
-            print(
-                f"  {verdict}  {n} @ {pattern}: kernel {speedup:.2f}x faster than dense (>= {target}x)"
-            )
+    for dtype in args.dtypes:
+        for n in sizes:
+            for pattern, target in (("70%", 1.5), ("90%", 3.0)):
+                r = next(
+                    r
+                    for r in results
+                    if (r["n"], r["pattern"], r["batch"], r["dtype"]) == (n, pattern, 1, dtype)
+                )
+                speedup = r["dense"] / r["kernel"]
+                verdict = "PASS" if speedup >= target else "MISS"
+                print(
+                    f"  {verdict}  {dtype} {n} @ {pattern}: kernel ({r['format']}) {speedup:.2f}x "
+                    f"faster than dense (>= {target}x)"
+                )
     swapped = [r for r in results if r["swapped"]]
     kept = [r for r in results if not r["swapped"]]
     if swapped:
@@ -151,7 +180,7 @@ def main() -> None:
         verdict = "PASS" if ratio <= NOISE else "MISS"
         print(
             f"  {verdict}  swapped layers never slower than dense: worst accel/dense {ratio:.2f} "
-            f"at {worst['n']} {worst['pattern']} batch {worst['batch']} "
+            f"at {worst['n']} {worst['pattern']} {worst['dtype']} batch {worst['batch']} "
             f"({len(swapped)} swapped, {NOISE - 1:.0%} noise allowed)"
         )
     if kept:

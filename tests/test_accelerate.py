@@ -22,8 +22,11 @@ LIB = kernels.load()
 needs_kernels = pytest.mark.skipif(
     LIB is None, reason=f"compiled kernels unavailable: {kernels.why_unavailable()}"
 )
+# every format runs everywhere the kernels build (tiles has a plain C path), except bitmap,
+# which needs AVX-512 with VBMI2
 FORMATS_HERE = [
     "csr",
+    "tiles",
     pytest.param(
         "bitmap",
         marks=pytest.mark.skipif(
@@ -85,7 +88,7 @@ def test_sparse_linear_module_roundtrip(fmt: str) -> None:
     layer = sparse_linear(512, 256, 0.8)
     sparse = SparseLinear.from_linear(layer, format=fmt)
     assert sparse.nnz == int((layer.weight != 0).sum())
-    assert "density=" in repr(sparse) and ("uint16" in repr(sparse) or fmt == "bitmap")
+    assert "density=" in repr(sparse) and ("uint16" in repr(sparse) or fmt != "csr")
     torch.testing.assert_close(sparse.to_dense().weight, layer.weight)
     torch.testing.assert_close(sparse.to_dense().bias, layer.bias)
     x = torch.randn(3, 512)
@@ -93,11 +96,12 @@ def test_sparse_linear_module_roundtrip(fmt: str) -> None:
         torch.testing.assert_close(clone(x), layer(x).detach(), atol=1e-4, rtol=1e-4)
     assert torch.equal(sparse.dense_weight(), layer.weight.detach())  # the format is lossless
     state = {k: v.clone() for k, v in sparse.state_dict().items()}
-    index = state["col_indices" if fmt == "csr" else "block_masks"]
-    fresh = SparseLinear(
-        512, 256, state["values"], index, state["row_ptr"], state["bias"], format=fmt
-    )
+    fresh = SparseLinear(512, 256, state, state["bias"], format=fmt)
     assert torch.equal(fresh(x), sparse(x))
+    # buffers replaced in place (load_state_dict) or by assignment are picked up
+    other = SparseLinear.from_linear(sparse_linear(512, 256, 0.8), format=fmt)
+    other.load_state_dict(sparse.state_dict())
+    assert torch.equal(other(x), sparse(x))
     # inputs that need a gradient take the dense path, and gradients flow to the input
     xg = torch.randn(2, 512, requires_grad=True)
     sparse(xg).sum().backward()
@@ -237,7 +241,7 @@ def test_fallback_without_kernels(no_kernels: None) -> None:
         torch.testing.assert_close(fast(x), model(x))
     # a SparseLinear made elsewhere still computes (dense weight rebuilt)
     layer = sparse_linear(512, 256, 0.9)
-    for fmt in ("csr", "bitmap"):
+    for fmt in ("csr", "bitmap", "tiles"):
         sparse = SparseLinear.from_linear(layer, format=fmt)
         with torch.no_grad():
             torch.testing.assert_close(sparse(x), layer(x), atol=1e-5, rtol=1e-5)
@@ -268,3 +272,38 @@ def test_bad_arguments() -> None:
         SparseLinear.from_dense(torch.ones(2, 2), format="coo")
     with pytest.raises(ValueError, match="scale"):
         SparseLinear.from_dense(torch.ones(2, 2, dtype=torch.int8), scale=torch.ones(3))
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bitmap", "tiles"])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (16, 32), (17, 33), (40, 100), (3, 70000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_formats_round_trip_exactly(fmt: str, shape: tuple[int, int], dtype: torch.dtype) -> None:
+    from prunekit.runtime import sparse_formats
+
+    torch.manual_seed(shape[0] * 7 + shape[1])
+    keep = torch.rand(shape) < 0.3
+    if dtype == torch.int8:
+        w = (torch.randint(1, 128, shape) * torch.sign(torch.randn(shape))).to(torch.int8)
+    else:
+        w = torch.randn(shape)
+    w = w * keep.to(w.dtype)
+    w[0] = 0  # an empty row
+    parts = sparse_formats.encode(w, fmt)
+    assert set(parts) == {"values", *sparse_formats.index_names(fmt)}
+    assert parts["values"].dtype == dtype
+    decoded = sparse_formats.decode(parts, fmt, *shape)
+    assert decoded.dtype == dtype and torch.equal(decoded, w)
+    # stored non-zeros are exactly the weight's
+    assert int((parts["values"] != 0).sum()) == int((w != 0).sum())
+
+
+def test_sparser_weights_store_fewer_bytes() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(256, 256)
+    for fmt in ("csr", "bitmap", "tiles"):
+        sizes = [
+            SparseLinear.from_dense(w * (torch.rand_like(w) >= s), format=fmt).nbytes()
+            for s in (0.5, 0.7, 0.9)
+        ]
+        assert sizes[0] > sizes[1] > sizes[2], (fmt, sizes)
+        assert sizes[1] < w.numel() * 4  # 70 % sparse is smaller than the dense float32 weight

@@ -2,15 +2,17 @@
 
 :func:`accelerate` swaps each sparse ``nn.Linear`` (finalized, or still masked: the effective
 weight is used) for a :class:`SparseLinear` where that is measurably faster on *this* machine
-for the input shape the layer saw on ``example_inputs``; elsewhere the dense module stays. Two
-weight formats are tried per layer and the faster one is kept:
+for the input shape the layer saw on ``example_inputs``; elsewhere the dense module stays. Each
+weight layout of :mod:`prunekit.runtime.sparse_formats` is timed per layer and the fastest kept:
 
+* ``"tiles"``: 16 output rows at a time; per block of 32 columns the inputs sit in two vector
+  registers and each stored vector of 16 non-zeros (one per row) picks its inputs with a single
+  permute. No gather and no horizontal sum: the fastest at batch 1 on AVX-512 CPUs.
 * ``"csr"``: the non-zeros row by row with their column numbers (uint16 when
-  ``in_features <= 65536``, else int32); the kernel gathers the matching inputs. Best at high
-  sparsity (about 85 % and up).
-* ``"bitmap"``: per row and per block of 16 columns a 16-bit mask of the non-zero positions,
-  plus the non-zeros packed; the kernel expands each block into place and multiplies 16 inputs
-  at once (AVX-512). Fewer bytes than CSR at moderate sparsity (50-85 %).
+  ``in_features <= 65536``, else int32); the kernel gathers the matching inputs. The fewest
+  bytes at high sparsity, and the portable one (plain C without AVX-512).
+* ``"bitmap"``: per row and per block of 16 columns a 16-bit mask of the non-zero positions
+  and the non-zeros packed; the kernel expands each block into place (AVX-512 with VBMI2).
 
 Values are float32, or the int8 codes of a layer quantized per channel and symmetrically by
 ``prunekit.quantize(..., mode="int")`` (one float32 scale per output row): a quarter of the
@@ -41,12 +43,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.runtime import kernels
+from prunekit.runtime import kernels, sparse_formats
+from prunekit.runtime.sparse_formats import FORMATS
 
 __all__ = [
     "FORMATS",
@@ -56,38 +58,15 @@ __all__ = [
     "accelerate",
 ]
 
-FORMATS = ("csr", "bitmap")
-_BLOCK = 16  # columns per bitmap block
-_PAD = 64  # values carry this many spare elements: the kernels load whole vectors
-
-
-def _bitmap_masks(keep: torch.Tensor) -> torch.Tensor:
-    """(out, in) bool -> (out, ceil(in / 16)) int16 holding each block's uint16 bit mask."""
-    out_f, in_f = keep.shape
-    nblocks = -(-in_f // _BLOCK)
-    padded = torch.zeros(out_f, nblocks * _BLOCK, dtype=torch.int32)
-    padded[:, :in_f] = keep.to(torch.int32)
-    weights = torch.tensor([1 << j for j in range(_BLOCK)], dtype=torch.int32)
-    bits = (padded.reshape(out_f, nblocks, _BLOCK) * weights).sum(-1)
-    return torch.from_numpy(bits.numpy().astype(np.uint16).view(np.int16)).contiguous()
-
-
-def _bitmap_keep(masks: torch.Tensor, in_features: int) -> torch.Tensor:
-    bits = masks.to(torch.int32) & 0xFFFF
-    shifts = torch.arange(_BLOCK, dtype=torch.int32)
-    keep = (bits.unsqueeze(-1) >> shifts) & 1
-    return keep.reshape(masks.shape[0], -1)[:, :in_features].bool()
-
 
 class SparseLinear(nn.Module):
     """A drop-in for an ``nn.Linear`` whose weight is stored and multiplied sparse (CPU).
 
-    Buffers: ``values`` (the non-zeros row by row, float32 or int8 codes, plus 64 spare
-    elements), the index (``col_indices`` for ``"csr"``: int16 holding uint16 column numbers when
-    ``in_features <= 65536``, else int32; ``block_masks`` for ``"bitmap"``: int16 holding one
-    uint16 mask per 16 columns), ``row_ptr`` (int64, ``out_features + 1``), ``scale`` (float32
-    per output row, int8 values only) and ``bias``. Pickles, deep-copies and round-trips through
-    ``state_dict``; :meth:`to_dense` gives the ``nn.Linear`` back.
+    The weight lives in one of the layouts of :mod:`prunekit.runtime.sparse_formats`
+    (``"csr"``, ``"bitmap"``, ``"tiles"``) as buffers: ``values`` (float32, or int8 codes with
+    a float32 ``scale`` per output row) and the format's index tensors, plus ``bias``. Pickles,
+    deep-copies and round-trips through ``state_dict``; :meth:`to_dense` gives the
+    ``nn.Linear`` back.
 
     Float32 inputs of any leading shape ``(..., in_features)`` on CPU run the compiled kernels;
     other dtypes or devices, inputs that need a gradient, or missing kernels fall back to
@@ -95,7 +74,7 @@ class SparseLinear(nn.Module):
 
     Example:
         >>> w = torch.randn(8, 32) * (torch.rand(8, 32) > 0.8)
-        >>> layer = SparseLinear.from_dense(w, format="bitmap")
+        >>> layer = SparseLinear.from_dense(w, format="tiles")
         >>> torch.allclose(layer(torch.ones(2, 32)), torch.ones(2, 32) @ w.T, atol=1e-5)
         True
     """
@@ -104,17 +83,18 @@ class SparseLinear(nn.Module):
         self,
         in_features: int,
         out_features: int,
-        values: torch.Tensor,
-        index: torch.Tensor,
-        row_ptr: torch.Tensor,
+        parts: dict[str, torch.Tensor],
         bias: torch.Tensor | None = None,
         *,
         format: str = "csr",
         scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        if format not in FORMATS:
-            raise ValueError(f"SparseLinear: format={format!r} is not one of {FORMATS}")
+        names = sparse_formats.index_names(format)
+        missing = [k for k in ("values", *names) if k not in parts]
+        if missing:
+            raise ValueError(f"SparseLinear: format {format!r} needs tensors {missing}")
+        values = parts["values"]
         if values.dtype not in (torch.float32, torch.int8):
             raise TypeError(f"SparseLinear: values must be float32 or int8, got {values.dtype}")
         if (values.dtype == torch.int8) != (scale is not None):
@@ -122,14 +102,10 @@ class SparseLinear(nn.Module):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.format = format
-        nnz = int(row_ptr[-1])
-        if values.numel() < nnz + _PAD:
-            values = torch.cat([values.reshape(-1)[:nnz], values.new_zeros(_PAD)])
+        self._index_names = names
         self.register_buffer("values", values.detach().contiguous())
-        self.register_buffer(
-            "col_indices" if format == "csr" else "block_masks", index.contiguous()
-        )
-        self.register_buffer("row_ptr", row_ptr.to(torch.int64).contiguous())
+        for name in names:
+            self.register_buffer(name, parts[name].detach().contiguous())
         self.register_buffer(
             "scale", None if scale is None else scale.detach().to(torch.float32).contiguous()
         )
@@ -151,34 +127,25 @@ class SparseLinear(nn.Module):
         With ``scale`` (float32, one per output row) the weight must hold int8 codes: the layer
         computes ``scale[r] * (codes[r] @ x)``.
         """
+        sparse_formats.check_format(format)
         if weight.dim() != 2:
             raise ValueError(f"SparseLinear: weight must be 2-D, got shape {tuple(weight.shape)}")
-        if format not in FORMATS:
-            raise ValueError(f"SparseLinear: format={format!r} is not one of {FORMATS}")
-        dtype = torch.int8 if scale is not None else torch.float32
-        if scale is not None and scale.shape != (weight.shape[0],):
+        if scale is not None and tuple(scale.shape) != (weight.shape[0],):
             raise ValueError(
                 f"SparseLinear: scale must have one entry per output row ({weight.shape[0]}), "
                 f"got shape {tuple(scale.shape)}"
+            )
+        if scale is not None and weight.dtype != torch.int8:
+            raise TypeError(
+                f"SparseLinear: with a scale the weight must be int8 codes, got {weight.dtype}"
             )
         w = weight.detach().cpu()
         if scale is None:
             w = w.to(torch.float32)
         out_f, in_f = w.shape
-        keep = w != 0
-        row_ptr = torch.zeros(out_f + 1, dtype=torch.int64)
-        row_ptr[1:] = torch.cumsum(keep.sum(dim=1), 0)
-        values = w[keep].to(dtype)  # row-major: the order both formats use
-        if format == "bitmap":
-            index = _bitmap_masks(keep)
-        else:
-            cols = keep.nonzero()[:, 1]
-            if in_f <= 65536:
-                index = torch.from_numpy(cols.numpy().astype(np.uint16).view(np.int16))
-            else:
-                index = cols.to(torch.int32)
+        parts = sparse_formats.encode(w, format)
         b = None if bias is None else bias.detach().to("cpu", torch.float32)
-        return cls(in_f, out_f, values, index, row_ptr, b, format=format, scale=scale)
+        return cls(in_f, out_f, parts, b, format=format, scale=scale)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, format: str = "csr") -> SparseLinear:
@@ -186,39 +153,27 @@ class SparseLinear(nn.Module):
         return cls.from_dense(linear.weight, linear.bias, format=format)
 
     @property
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The stored tensors of the weight: ``values`` and the format's index."""
+        return {"values": self.values, **{k: self._buffers[k] for k in self._index_names}}
+
+    @property
     def nnz(self) -> int:
-        return int(self.row_ptr[-1])
+        return int((self.values != 0).sum())
 
     @property
     def density(self) -> float:
         total = self.in_features * self.out_features
         return self.nnz / total if total else 0.0
 
-    @property
-    def index(self) -> torch.Tensor:
-        return self.col_indices if self.format == "csr" else self.block_masks
-
     def nbytes(self) -> int:
-        """Bytes of the weight as stored: values, index and row pointers."""
-        return sum(t.numel() * t.element_size() for t in (self.values, self.index, self.row_ptr))
-
-    def _keep(self) -> torch.Tensor:
-        if self.format == "bitmap":
-            return _bitmap_keep(self.block_masks.cpu(), self.in_features)
-        keep = torch.zeros(self.out_features, self.in_features, dtype=torch.bool)
-        rows = torch.repeat_interleave(
-            torch.arange(self.out_features), (self.row_ptr[1:] - self.row_ptr[:-1]).cpu()
-        )
-        cols = self.col_indices.cpu().to(torch.int64)
-        if self.col_indices.dtype == torch.int16:
-            cols = cols & 0xFFFF  # stored as uint16
-        keep[rows, cols] = True
-        return keep
+        """Bytes of the weight as stored: values and index."""
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
 
     def dense_weight(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` dense float32 weight (int8 codes times scales)."""
-        w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32)
-        w[self._keep()] = self.values[: self.nnz].cpu().to(torch.float32)
+        w = sparse_formats.decode(self.parts, self.format, self.out_features, self.in_features)
+        w = w.to(torch.float32)
         if self.scale is not None:
             w *= self.scale.cpu().unsqueeze(1)
         return w.to(self.values.device)
@@ -232,48 +187,68 @@ class SparseLinear(nn.Module):
                 linear.bias.copy_(self.bias)
         return linear
 
-    def _kernel(self, x2d: torch.Tensor, lib: kernels.KernelLibrary) -> torch.Tensor | None:
-        n = x2d.shape[0]
-        y = torch.empty(n, self.out_features, dtype=torch.float32)
-        threads = torch.get_num_threads()
-        bias = self.bias.data_ptr() if self.bias is not None else None
-        scale = self.scale.data_ptr() if self.scale is not None else None
-        int8 = self.values.dtype == torch.int8
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_plan", None)
+        return state
+
+    def _kernel_plan(self) -> tuple[Any, list, bool] | None:
+        """(kernel, arguments before the inputs, needs x transposed), cached while the buffers
+        are the same tensors; None where no kernel runs these buffers."""
+        key = tuple(self._buffers.values())
+        cached = self.__dict__.get("_plan")
+        if cached is not None and all(a is b for a, b in zip(cached[0], key, strict=True)):
+            return cached[1]
+        lib = kernels.load()
+        plan = None
+        if lib is not None and all(t is None or t.device.type == "cpu" for t in key):
+            plan = self._make_plan(lib)
+        self.__dict__["_plan"] = (key, plan)
+        return plan
+
+    def _make_plan(self, lib: kernels.KernelLibrary) -> tuple[Any, list, bool]:
+        def ptr(t: torch.Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
+        int8 = int(self.values.dtype == torch.int8)
+        shape = [self.out_features, self.in_features]
+        if self.format == "tiles":
+            head = [ptr(self.slice_ptr), ptr(self.tile_steps), ptr(self.tile_cols)]
+            tail = [ptr(self.values), int8, ptr(self.scale), ptr(self.bias)]
+            return lib.lib.pk_tiles, [shape, head + tail], False
         if self.format == "bitmap":
-            status = lib.lib.pk_bitmap(
-                self.out_features, self.in_features, n, self.row_ptr.data_ptr(),
-                self.block_masks.data_ptr(), self.values.data_ptr(), int(int8), scale, bias,
-                x2d.data_ptr(), y.data_ptr(), threads,
-            )  # fmt: skip
-            return y if status == 0 else None
-        xt = x2d.t().contiguous() if n > 1 else None
+            head = [ptr(self.row_ptr), ptr(self.block_masks), ptr(self.values), int8]
+            return lib.lib.pk_bitmap, [shape, [*head, ptr(self.scale), ptr(self.bias)]], False
         wide = int(self.col_indices.dtype == torch.int32)
-        args = [self.out_features, self.in_features, n, self.row_ptr.data_ptr(),
-                self.col_indices.data_ptr(), wide, self.values.data_ptr()]  # fmt: skip
-        tail = [bias, x2d.data_ptr(), None if xt is None else xt.data_ptr(), y.data_ptr(), threads]
+        head = [ptr(self.row_ptr), ptr(self.col_indices), wide, ptr(self.values)]
         if int8:
-            lib.lib.pk_csr_i8(*args, scale, *tail)
-        else:
-            lib.lib.pk_csr_f32(*args, *tail)
-        return y
+            return lib.lib.pk_csr_i8, [shape, [*head, ptr(self.scale), ptr(self.bias)]], True
+        return lib.lib.pk_csr_f32, [shape, [*head, ptr(self.bias)]], True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lib = kernels.load()
         if (
-            lib is not None
-            and x.dtype == torch.float32
+            x.dtype == torch.float32
             and x.device.type == "cpu"
             and not (x.requires_grad and torch.is_grad_enabled())
             and x.dim() >= 1
             and x.shape[-1] == self.in_features
-            and self.values.device.type == "cpu"
         ):
-            lead = x.shape[:-1]
-            x2d = x.detach().reshape(-1, self.in_features)
-            if x2d.shape[0]:
-                y = self._kernel(x2d.contiguous(), lib)
-                if y is not None:
-                    return y.view(*lead, self.out_features)
+            plan = self._kernel_plan()
+            x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+            n = x2d.shape[0]
+            if plan is not None and n:
+                kernel, (shape, args), transposed = plan
+                x2d = x2d.contiguous()
+                y = torch.empty(n, self.out_features, dtype=torch.float32)
+                threads = torch.get_num_threads()
+                if transposed:  # CSR reads the batch transposed when it has several rows
+                    xt = x2d.t().contiguous() if n > 1 else None  # held until the call ends
+                    xt_ptr = None if xt is None else xt.data_ptr()
+                    status = kernel(*shape, n, *args, x2d.data_ptr(), xt_ptr, y.data_ptr(), threads)
+                else:
+                    status = kernel(*shape, n, *args, x2d.data_ptr(), y.data_ptr(), threads)
+                if not status:  # 0 = done (or no status); -1: this build lacks the kernel
+                    return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dense_weight().to(x.dtype), bias)
 
@@ -281,8 +256,10 @@ class SparseLinear(nn.Module):
         if self.format == "csr":
             idx = "uint16" if self.col_indices.dtype == torch.int16 else "int32"
             fmt = f"CSR({idx} columns)"
-        else:
+        elif self.format == "bitmap":
             fmt = "bitmap(16-column blocks)"
+        else:
+            fmt = "tiles(16 rows x 32 columns)"
         values = "int8 x per-row scale" if self.scale is not None else "float32"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -521,7 +498,7 @@ def _record_input_shapes(model: nn.Module, example_inputs: Any, names: list[str]
 
 def _usable_formats(formats: Any, lib: kernels.KernelLibrary | None) -> tuple[str, ...]:
     if formats is None:
-        formats = FORMATS
+        return FORMATS if lib is None else lib.vector_formats
     if isinstance(formats, str):
         formats = (formats,)
     formats = tuple(formats)
@@ -531,7 +508,7 @@ def _usable_formats(formats: Any, lib: kernels.KernelLibrary | None) -> tuple[st
             f"accelerate: formats must be a non-empty subset of {FORMATS}, got {formats}"
         )
     if lib is not None and not lib.has_bitmap:
-        formats = tuple(f for f in formats if f != "bitmap")  # needs AVX-512 VBMI2
+        formats = tuple(f for f in formats if f != "bitmap")  # needs AVX-512 with VBMI2
     return formats
 
 
@@ -584,8 +561,9 @@ def accelerate(
         int8: for layers quantized by ``prunekit.quantize(..., mode="int")`` per channel and
             symmetric, run on the int8 codes (same outputs as the dequantized weight, up to
             float rounding); False uses their float32 values.
-        formats: the sparse formats to try (``"csr"``, ``"bitmap"``); None tries all that this
-            CPU runs (bitmap needs AVX-512 with VBMI2) and keeps the fastest per layer.
+        formats: the sparse formats to try (``"csr"``, ``"bitmap"``, ``"tiles"``); None tries
+            those whose kernels are vectorised on this CPU (bitmap and tiles need AVX-512) and
+            keeps the fastest per layer.
         inplace: modify ``model`` itself; otherwise a deep copy is modified and returned.
 
     Returns:

@@ -37,7 +37,7 @@ import torch  # noqa: F401  imported first: the kernels then bind to torch's Ope
 
 __all__ = ["KernelLibrary", "load", "why_unavailable", "cache_dir"]
 
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 _SOURCE = "sparse_kernels.c"
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -54,6 +54,13 @@ class KernelLibrary:
     openmp: bool
     has_bitmap: bool
     build_s: float
+
+    @property
+    def vector_formats(self) -> tuple[str, ...]:
+        """The formats whose kernels are vectorised on this CPU (the others run scalar code)."""
+        if self.has_bitmap:
+            return ("csr", "bitmap", "tiles")
+        return ("csr", "tiles") if self.isa.startswith("avx512") else ("csr",)
 
     def describe(self) -> str:
         omp = "OpenMP" if self.openmp else "single-threaded (no OpenMP)"
@@ -136,6 +143,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pk_csr_i8.restype = None
     lib.pk_bitmap.argtypes = [i64, i64, i64, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, i32]
     lib.pk_bitmap.restype = i32
+    lib.pk_tiles.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, i32]
+    lib.pk_tiles.restype = None
 
 
 def _load_uncached() -> KernelLibrary | str:

@@ -12,6 +12,13 @@
  *          values packed row by row in column order, rowptr[out + 1] (int64) offsets into
  *          values; values carry 64 bytes of padding so a full-vector load never leaves them.
  *
+ *   TILES  the rows in slices of 16, the columns in blocks of 32; per (slice, block) tile,
+ *          steps[tile] (uint8, at most 32) vectors of 16 lanes, lane i for row 16 * slice + i:
+ *          values[step][16] (0 in unused lanes) and cols[step][16] (uint8, column within the
+ *          block); slice_ptr[slices + 1] (int64) counts steps. The 32 inputs of a block sit in
+ *          two registers and each step picks its 16 with one permute: no gather, no horizontal
+ *          sum, 16 output rows at a time.
+ *
  * Outputs: y[b][r] = scale[r] * sum_k W[r][k] * x[b][k] + bias[r], y is (batch x out).
  * Work is split over output rows so that each thread gets an equal share of the non-zeros.
  */
@@ -33,7 +40,7 @@
 #endif
 #endif
 
-PK_EXPORT int pk_abi_version(void) { return 3; }
+PK_EXPORT int pk_abi_version(void) { return 4; }
 
 PK_EXPORT const char *pk_isa(void) {
 #if defined(PK_BITMAP)
@@ -313,4 +320,123 @@ PK_EXPORT int pk_bitmap(int64_t rows, int64_t in, int64_t batch, const int64_t *
     (void)scale; (void)bias; (void)x; (void)y; (void)nthreads;
     return -1;
 #endif
+}
+
+/* ------------------------------------------------------------------------------------ TILES */
+
+#define PK_SLICE 16
+#define PK_COLS 32
+#define PK_BT 4 /* input rows sharing one pass over the tiles */
+
+#if defined(PK_AVX512)
+static inline __m512 tile_vals(const void *vals, int int8, int64_t step) {
+    if (int8)
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128((const __m128i *)((const int8_t *)vals + step * PK_SLICE))));
+    return _mm512_loadu_ps((const float *)vals + step * PK_SLICE);
+}
+
+/* One slice of 16 rows against `bt` (1..PK_BT, a constant once inlined) input rows. */
+static inline __attribute__((always_inline)) void tiles_slice(
+    int64_t s, int64_t rows, int64_t in, int64_t nblocks, const int64_t *slice_ptr,
+    const uint8_t *steps, const uint8_t *cols, const void *vals, int int8, const float *scale,
+    const float *bias, const float *x, int64_t xstride, float *y, int64_t ystride, const int bt) {
+    __m512 acc[PK_BT];
+    for (int b = 0; b < bt; ++b) acc[b] = _mm512_setzero_ps();
+    int64_t p = slice_ptr[s];
+    const uint8_t *st = steps + s * nblocks;
+    for (int64_t cb = 0; cb < nblocks; ++cb) {
+        const int64_t c0 = cb * PK_COLS;
+        __m512 lo[PK_BT], hi[PK_BT];
+        if (c0 + PK_COLS <= in) {
+            for (int b = 0; b < bt; ++b) {
+                lo[b] = _mm512_loadu_ps(x + b * xstride + c0);
+                hi[b] = _mm512_loadu_ps(x + b * xstride + c0 + 16);
+            }
+        } else { /* the last, partial block */
+            const int64_t left = in - c0;
+            const __mmask16 mlo = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1u);
+            const __mmask16 mhi = left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1u);
+            for (int b = 0; b < bt; ++b) {
+                lo[b] = _mm512_maskz_loadu_ps(mlo, x + b * xstride + c0);
+                hi[b] = _mm512_maskz_loadu_ps(mhi, x + b * xstride + c0 + 16);
+            }
+        }
+        const int64_t end = p + st[cb];
+        for (; p < end; ++p) {
+            const __m512i idx =
+                _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(cols + p * PK_SLICE)));
+            const __m512 v = tile_vals(vals, int8, p);
+            for (int b = 0; b < bt; ++b)
+                acc[b] = _mm512_fmadd_ps(v, _mm512_permutex2var_ps(lo[b], idx, hi[b]), acc[b]);
+        }
+    }
+    const int64_t r0 = s * PK_SLICE;
+    const int64_t left = rows - r0;
+    const __mmask16 m = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1u);
+    const __m512 sc = scale ? _mm512_maskz_loadu_ps(m, scale + r0) : _mm512_set1_ps(1.f);
+    const __m512 bi = bias ? _mm512_maskz_loadu_ps(m, bias + r0) : _mm512_setzero_ps();
+    for (int b = 0; b < bt; ++b)
+        _mm512_mask_storeu_ps(y + b * ystride + r0, m, _mm512_fmadd_ps(acc[b], sc, bi));
+}
+#else
+static void tiles_slice_scalar(int64_t s, int64_t rows, int64_t in, int64_t nblocks,
+                               const int64_t *slice_ptr, const uint8_t *steps, const uint8_t *cols,
+                               const void *vals, int int8, const float *scale, const float *bias,
+                               const float *x, float *y) {
+    float acc[PK_SLICE] = {0};
+    int64_t p = slice_ptr[s];
+    for (int64_t cb = 0; cb < nblocks; ++cb) {
+        const int64_t end = p + steps[s * nblocks + cb];
+        for (; p < end; ++p)
+            for (int i = 0; i < PK_SLICE; ++i) {
+                const int64_t c = cb * PK_COLS + cols[p * PK_SLICE + i];
+                const float v = int8 ? (float)((const int8_t *)vals)[p * PK_SLICE + i]
+                                     : ((const float *)vals)[p * PK_SLICE + i];
+                if (v != 0.f && c < in) acc[i] += v * x[c];
+            }
+    }
+    for (int i = 0; i < PK_SLICE && s * PK_SLICE + i < rows; ++i)
+        y[s * PK_SLICE + i] = finish(acc[i], scale, bias, s * PK_SLICE + i);
+}
+#endif
+
+/* TILES: y (batch x rows) = x (batch x in) W^T. */
+PK_EXPORT void pk_tiles(int64_t rows, int64_t in, int64_t batch, const int64_t *slice_ptr,
+                        const uint8_t *steps, const uint8_t *cols, const void *vals, int int8,
+                        const float *scale, const float *bias, const float *x, float *y,
+                        int nthreads) {
+    const int64_t nslices = (rows + PK_SLICE - 1) / PK_SLICE;
+    const int64_t nblocks = (in + PK_COLS - 1) / PK_COLS;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int part = 0, nparts = 1;
+#ifdef _OPENMP
+        part = omp_get_thread_num();
+        nparts = omp_get_num_threads();
+#endif
+        /* slices split so each thread gets about the same number of steps */
+        const int64_t s0 = row_split(slice_ptr, nslices, part, nparts);
+        const int64_t s1 = row_split(slice_ptr, nslices, part + 1, nparts);
+#if defined(PK_AVX512)
+        for (int64_t b0 = 0; b0 < batch; b0 += PK_BT) {
+            const int64_t bt = batch - b0 < PK_BT ? batch - b0 : PK_BT;
+            const float *xb = x + b0 * in;
+            float *yb = y + b0 * rows;
+            for (int64_t s = s0; s < s1; ++s) {
+                switch (bt) { /* constant tile widths: the accumulators stay in registers */
+                case 1: tiles_slice(s, rows, in, nblocks, slice_ptr, steps, cols, vals, int8, scale, bias, xb, in, yb, rows, 1); break;
+                case 2: tiles_slice(s, rows, in, nblocks, slice_ptr, steps, cols, vals, int8, scale, bias, xb, in, yb, rows, 2); break;
+                case 3: tiles_slice(s, rows, in, nblocks, slice_ptr, steps, cols, vals, int8, scale, bias, xb, in, yb, rows, 3); break;
+                default: tiles_slice(s, rows, in, nblocks, slice_ptr, steps, cols, vals, int8, scale, bias, xb, in, yb, rows, PK_BT); break;
+                }
+            }
+        }
+#else
+        for (int64_t b = 0; b < batch; ++b)
+            for (int64_t s = s0; s < s1; ++s)
+                tiles_slice_scalar(s, rows, in, nblocks, slice_ptr, steps, cols, vals, int8, scale,
+                                   bias, x + b * in, y + b * rows);
+#endif
+    }
 }
