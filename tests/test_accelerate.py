@@ -307,3 +307,61 @@ def test_sparser_weights_store_fewer_bytes() -> None:
         ]
         assert sizes[0] > sizes[1] > sizes[2], (fmt, sizes)
         assert sizes[1] < w.numel() * 4  # 70 % sparse is smaller than the dense float32 weight
+
+
+def sparse_conv(conv: nn.Conv2d, sparsity: float = 0.8) -> nn.Conv2d:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) >= sparsity)
+    return conv
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", FORMATS_HERE)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kernel_size": 3, "padding": 1},
+        {"kernel_size": 5},
+        {"kernel_size": (3, 2), "stride": 2, "dilation": (1, 2), "padding": (2, 1)},
+        {"kernel_size": 1},
+        {"kernel_size": 3, "padding": "same", "bias": False},
+    ],
+)
+@pytest.mark.parametrize("shape", [(1, 6, 12, 12), (4, 6, 9, 11), (6, 10, 10)])
+def test_conv_outputs_match_dense(kwargs: dict, shape: tuple[int, ...], fmt: str) -> None:
+    conv = sparse_conv(nn.Conv2d(6, 20, **kwargs))
+    x = torch.randn(*shape)
+    fast, report = accelerate(conv, x, min_speedup=0.0, formats=fmt)
+    assert isinstance(fast, acc_mod.SparseConv2d)
+    assert report.rows[0].kind == "Conv2d" and report.rows[0].format == f"{fmt}-f32"
+    with torch.no_grad():
+        expected = conv(x)
+        got = fast(x)
+    assert got.shape == expected.shape and got.is_contiguous()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast.to_dense().weight, conv.weight.detach())
+
+
+@needs_kernels
+def test_conv_network_int8_and_unsupported() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        sparse_conv(nn.Conv2d(3, 16, 3, padding=1)),
+        nn.ReLU(),
+        sparse_conv(nn.Conv2d(16, 16, 3, groups=4)),
+        nn.ReLU(),
+        sparse_conv(nn.Conv2d(16, 8, 3, padding=1, padding_mode="reflect")),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 10),
+    )
+    quantized = prunekit.quantize(net, bits=8, mode="int").model
+    x = torch.randn(2, 3, 8, 8)
+    fast, report = accelerate(quantized, x, min_speedup=0.0)
+    assert report.row("0").swapped and report.row("0").format.endswith("-i8")
+    assert report.row("2").reason == "groups=4" and report.row("4").reason.startswith(
+        "padding_mode"
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), quantized(x), atol=1e-4, rtol=1e-4)
+    assert "(Conv2d)" in str(report)

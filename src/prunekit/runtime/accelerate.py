@@ -1,7 +1,9 @@
-"""Run sparse ``nn.Linear`` layers with kernels that touch only the non-zeros (CPU, fp32 / int8).
+"""Run sparse ``nn.Linear`` and ``nn.Conv2d`` layers with kernels that touch only the non-zeros
+(CPU, float32 or int8 weights).
 
 :func:`accelerate` swaps each sparse ``nn.Linear`` (finalized, or still masked: the effective
-weight is used) for a :class:`SparseLinear` where that is measurably faster on *this* machine
+weight is used) for a :class:`SparseLinear`, and each sparse ``nn.Conv2d`` (groups 1) for a
+:class:`SparseConv2d` (patches unfolded, then the same kernels), where that is measurably faster on *this* machine
 for the input shape the layer saw on ``example_inputs``; elsewhere the dense module stays. Each
 weight layout of :mod:`prunekit.runtime.sparse_formats` is timed per layer and the fastest kept:
 
@@ -37,6 +39,8 @@ Timings, and so the swap decisions, hold for this machine, thread count and inpu
 from __future__ import annotations
 
 import copy
+import ctypes
+import operator
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +58,7 @@ __all__ = [
     "FORMATS",
     "AccelerateReport",
     "AccelerateRow",
+    "SparseConv2d",
     "SparseLinear",
     "accelerate",
 ]
@@ -192,38 +197,37 @@ class SparseLinear(nn.Module):
         state.pop("_plan", None)
         return state
 
-    def _kernel_plan(self) -> tuple[Any, list, bool] | None:
-        """(kernel, arguments before the inputs, needs x transposed), cached while the buffers
-        are the same tensors; None where no kernel runs these buffers."""
+    def _kernel_plan(self) -> tuple[Any, int] | None:
+        """(the C entry point, address of this weight's plan), cached while the buffers are the
+        same tensors; None where no kernel runs these buffers."""
         key = tuple(self._buffers.values())
         cached = self.__dict__.get("_plan")
-        if cached is not None and all(a is b for a, b in zip(cached[0], key, strict=True)):
+        if cached is not None and all(map(operator.is_, cached[0], key)):
             return cached[1]
         lib = kernels.load()
         plan = None
+        struct = None
         if lib is not None and all(t is None or t.device.type == "cpu" for t in key):
-            plan = self._make_plan(lib)
-        self.__dict__["_plan"] = (key, plan)
+            struct = self._make_plan()
+            plan = (lib.lib.pk_run, ctypes.addressof(struct))
+        self.__dict__["_plan"] = (key, plan, struct)  # the struct lives as long as the plan
         return plan
 
-    def _make_plan(self, lib: kernels.KernelLibrary) -> tuple[Any, list, bool]:
+    def _make_plan(self) -> kernels.Plan:
         def ptr(t: torch.Tensor | None) -> int | None:
             return None if t is None else t.data_ptr()
 
-        int8 = int(self.values.dtype == torch.int8)
-        shape = [self.out_features, self.in_features]
-        if self.format == "tiles":
-            head = [ptr(self.slice_ptr), ptr(self.tile_steps), ptr(self.tile_cols)]
-            tail = [ptr(self.values), int8, ptr(self.scale), ptr(self.bias)]
-            return lib.lib.pk_tiles, [shape, head + tail], False
-        if self.format == "bitmap":
-            head = [ptr(self.row_ptr), ptr(self.block_masks), ptr(self.values), int8]
-            return lib.lib.pk_bitmap, [shape, [*head, ptr(self.scale), ptr(self.bias)]], False
-        wide = int(self.col_indices.dtype == torch.int32)
-        head = [ptr(self.row_ptr), ptr(self.col_indices), wide, ptr(self.values)]
-        if int8:
-            return lib.lib.pk_csr_i8, [shape, [*head, ptr(self.scale), ptr(self.bias)]], True
-        return lib.lib.pk_csr_f32, [shape, [*head, ptr(self.bias)]], True
+        index = [self._buffers[k] for k in self._index_names]
+        if self.format == "tiles":  # slice_ptr first, as the kernel takes them
+            index = [self.slice_ptr, self.tile_steps, self.tile_cols]
+        else:
+            index = [self.row_ptr, index[0], None]
+        return kernels.Plan(
+            kernels.FORMAT_CODES[self.format], self.out_features, self.in_features,
+            int(self.values.dtype == torch.int8),
+            int(self.format == "csr" and self.col_indices.dtype == torch.int32),
+            *map(ptr, index), ptr(self.values), ptr(self.scale), ptr(self.bias),
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -237,17 +241,14 @@ class SparseLinear(nn.Module):
             x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
             n = x2d.shape[0]
             if plan is not None and n:
-                kernel, (shape, args), transposed = plan
+                run, address = plan
                 x2d = x2d.contiguous()
                 y = torch.empty(n, self.out_features, dtype=torch.float32)
+                # CSR reads a batch of several rows transposed; the tensor is held until the end
+                xt = x2d.t().contiguous() if n > 1 and self.format == "csr" else None
+                xt_ptr = None if xt is None else xt.data_ptr()
                 threads = torch.get_num_threads()
-                if transposed:  # CSR reads the batch transposed when it has several rows
-                    xt = x2d.t().contiguous() if n > 1 else None  # held until the call ends
-                    xt_ptr = None if xt is None else xt.data_ptr()
-                    status = kernel(*shape, n, *args, x2d.data_ptr(), xt_ptr, y.data_ptr(), threads)
-                else:
-                    status = kernel(*shape, n, *args, x2d.data_ptr(), y.data_ptr(), threads)
-                if not status:  # 0 = done (or no status); -1: this build lacks the kernel
+                if run(address, n, x2d.data_ptr(), xt_ptr, y.data_ptr(), threads) == 0:
                     return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dense_weight().to(x.dtype), bias)
@@ -268,12 +269,141 @@ class SparseLinear(nn.Module):
         )
 
 
+class SparseConv2d(nn.Module):
+    """A drop-in for an ``nn.Conv2d`` (groups 1, zero padding) whose weight is sparse (CPU).
+
+    The input is unfolded into patches (``F.unfold``; 1x1 convolutions need only a permute)
+    and multiplied by the ``(out_channels, in_channels * kh * kw)`` weight held by a
+    :class:`SparseLinear` (``self.linear``, any format, float32 or int8 codes). The output is
+    contiguous NCHW, like ``nn.Conv2d``'s.
+
+    Example:
+        >>> conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+        >>> with torch.no_grad():
+        ...     _ = conv.weight.mul_(torch.rand_like(conv.weight) > 0.8)
+        >>> sparse = SparseConv2d.from_conv(conv, format="tiles")
+        >>> x = torch.randn(2, 4, 9, 9)
+        >>> torch.allclose(sparse(x), conv(x), atol=1e-5)
+        True
+    """
+
+    def __init__(
+        self,
+        linear: SparseLinear,
+        in_channels: int,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+    ) -> None:
+        super().__init__()
+        kh, kw = kernel_size
+        if linear.in_features != in_channels * kh * kw:
+            raise ValueError(
+                f"SparseConv2d: the weight has {linear.in_features} columns, expected "
+                f"in_channels * kh * kw = {in_channels * kh * kw}"
+            )
+        self.linear = linear
+        self.in_channels = int(in_channels)
+        self.out_channels = linear.out_features
+        self.kernel_size = (int(kh), int(kw))
+        self.stride = tuple(int(v) for v in stride)
+        self.padding = tuple(int(v) for v in padding)
+        self.dilation = tuple(int(v) for v in dilation)
+
+    @staticmethod
+    def unsupported(conv: nn.Conv2d) -> str:
+        """Why ``conv`` cannot become a SparseConv2d ("" when it can)."""
+        if conv.groups != 1:
+            return f"groups={conv.groups}"
+        if conv.padding_mode != "zeros":
+            return f"padding_mode={conv.padding_mode!r}"
+        if isinstance(conv.padding, str):
+            if conv.padding == "valid":
+                return ""
+            if any(d * (k - 1) % 2 for d, k in zip(conv.dilation, conv.kernel_size, strict=True)):
+                return "asymmetric 'same' padding"
+        return ""
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        *,
+        format: str = "csr",
+        codes: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> SparseConv2d:
+        """Build from an ``nn.Conv2d`` (masked or not: its effective weight), or from the int8
+        ``(codes, per-channel scales)`` of its weight as a matrix."""
+        why = cls.unsupported(conv)
+        if why:
+            raise ValueError(f"SparseConv2d: cannot run this Conv2d sparse ({why})")
+        out_c = conv.out_channels
+        if codes is not None:
+            linear = SparseLinear.from_dense(
+                codes[0].reshape(out_c, -1), conv.bias, format=format, scale=codes[1]
+            )
+        else:
+            linear = SparseLinear.from_dense(
+                conv.weight.reshape(out_c, -1), conv.bias, format=format
+            )
+        padding = conv.padding
+        if isinstance(padding, str):
+            pairs = zip(conv.dilation, conv.kernel_size, strict=True)
+            padding = (0, 0) if padding == "valid" else tuple(d * (k - 1) // 2 for d, k in pairs)
+        return cls(linear, conv.in_channels, conv.kernel_size, conv.stride, padding, conv.dilation)
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with the same weight (zeros included) and bias."""
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            self.dilation, bias=self.linear.bias is not None,
+        )  # fmt: skip
+        with torch.no_grad():
+            conv.weight.copy_(self.linear.dense_weight().reshape(conv.weight.shape))
+            if self.linear.bias is not None:
+                conv.bias.copy_(self.linear.bias)
+        return conv
+
+    def _out_size(self, h: int, w: int) -> tuple[int, int]:
+        sizes = []
+        for n, k, s, p, d in zip(
+            (h, w), self.kernel_size, self.stride, self.padding, self.dilation, strict=True
+        ):
+            sizes.append((n + 2 * p - d * (k - 1) - 1) // s + 1)
+        return sizes[0], sizes[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batched = x.dim() == 4
+        if not batched:
+            x = x.unsqueeze(0)
+        n, c, h, w = x.shape
+        ho, wo = self._out_size(h, w)
+        pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+        if pointwise:
+            patches = x.permute(0, 2, 3, 1).reshape(-1, c)
+        else:
+            patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+            patches = patches.transpose(1, 2).reshape(n * ho * wo, -1)
+        y = self.linear(patches).view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+        y = y.contiguous()
+        return y if batched else y.squeeze(0)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
+        )
+
+
 # ---------------------------------------------------------------- the report
 
 
 @dataclass
 class AccelerateRow:
-    """One ``nn.Linear``: its density, the timed latencies (ms) and whether it was swapped.
+    """One ``nn.Linear`` or ``nn.Conv2d`` (``kind``): its density, the timed latencies (ms) and
+    whether it was swapped. ``in_features`` is the width of the weight as a matrix
+    (``in_channels * kh * kw`` for a convolution).
 
     ``sparse_ms`` and ``format`` are those of the fastest sparse candidate; ``candidates_ms``
     holds every candidate's median (``"csr-f32"``, ``"bitmap-i8"``, ...).
@@ -290,6 +420,7 @@ class AccelerateRow:
     reason: str
     format: str | None = None
     candidates_ms: dict[str, float] = field(default_factory=dict)
+    kind: str = "Linear"
 
     @property
     def speedup(self) -> float | None:
@@ -331,7 +462,7 @@ class AccelerateReport:
         )  # fmt: skip
         rows = [
             (
-                r.name or "(root)",
+                f"{r.name or '(root)'} ({r.kind})",
                 f"{r.out_features}x{r.in_features}",
                 "-" if r.input_shape is None else "x".join(map(str, r.input_shape)),
                 f"{r.density:.3f}",
@@ -353,7 +484,7 @@ class AccelerateReport:
 
         s = self.settings
         out = [
-            f"prunekit accelerate: {len(self.swapped)}/{len(self.rows)} Linear layer(s) swapped; "
+            f"prunekit accelerate: {len(self.swapped)}/{len(self.rows)} layer(s) swapped; "
             f"{s.get('threads')} thread(s), min_speedup {s.get('min_speedup')}, "
             f"{s.get('kernels') or 'no kernels'}",
         ]
@@ -361,8 +492,9 @@ class AccelerateReport:
             out.append(f"kernels unavailable: {s.get('why')}; every layer kept dense")
         out += [line(header), "  ".join("-" * w for w in widths), *map(line, rows)]
         out.append(
-            "dense/sparse ms = median latency of F.linear / the fastest sparse kernel on a random "
-            "input of the recorded shape; timings are of this machine and these shapes only."
+            "dense/sparse ms = median latency of the dense layer / the fastest sparse kernel on a "
+            "random input of the recorded shape (shape = out x in of the weight as a matrix); "
+            "timings are of this machine and these shapes only."
         )
         return "\n".join(out)
 
@@ -430,11 +562,17 @@ def _int8_codes(model: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _candidates(
+    module: nn.Module,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     codes: tuple[torch.Tensor, torch.Tensor] | None,
     formats: tuple[str, ...],
-) -> dict[str, SparseLinear]:
+) -> dict[str, nn.Module]:
+    suffix = "i8" if codes is not None else "f32"
+    if isinstance(module, nn.Conv2d):
+        return {
+            f"{f}-{suffix}": SparseConv2d.from_conv(module, format=f, codes=codes) for f in formats
+        }
     if codes is not None:
         return {
             f"{f}-i8": SparseLinear.from_dense(codes[0], bias, format=f, scale=codes[1])
@@ -443,26 +581,31 @@ def _candidates(
     return {f"{f}-f32": SparseLinear.from_dense(weight, bias, format=f) for f in formats}
 
 
+def _dense_call(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> Callable:
+    """The layer's dense computation with its effective weight (a masked module's property would
+    multiply by the mask at every call, which is not what a finalized model pays)."""
+    if isinstance(module, nn.Conv2d):
+        return lambda x: module._conv_forward(x, weight, bias)
+    return lambda x: F.linear(x, weight, bias)
+
+
 def _decide(
     row: AccelerateRow,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    codes: tuple[torch.Tensor, torch.Tensor] | None,
-    formats: tuple[str, ...],
+    dense: Callable[[torch.Tensor], torch.Tensor],
+    candidates: dict[str, nn.Module],
     min_speedup: float,
-) -> SparseLinear | None:
+) -> nn.Module | None:
     """Time dense against each sparse candidate on a random input; the winner, if fast enough."""
-    candidates = _candidates(weight, bias, codes, formats)
     x = torch.randn(row.input_shape, dtype=torch.float32)
     with torch.inference_mode():
-        reference = F.linear(x, weight, bias)
+        reference = dense(x)
         scale = float(reference.abs().max()) + 1.0
         for key, module in list(candidates.items()):
             err = float((module(x) - reference).abs().max())
             if not err <= 1e-3 * scale:
                 row.reason = f"kernel mismatch {err:.2e} ({key})"
                 return None
-        fns: dict[str, Callable[[], Any]] = {"dense": lambda: F.linear(x, weight, bias)}
+        fns: dict[str, Callable[[], Any]] = {"dense": lambda: dense(x)}
         fns.update({k: (lambda m=m: m(x)) for k, m in candidates.items()})
         times = _time_calls(fns)
     row.dense_ms = times.pop("dense")
@@ -524,10 +667,19 @@ def _check_arguments(model: Any, threads: Any, min_speedup: Any) -> None:
 
 
 def _skip_reason(
-    name: str, weight: torch.Tensor, bias: torch.Tensor | None, density: float, shapes: dict
+    name: str,
+    module: nn.Module,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    density: float,
+    shapes: dict,
 ) -> str:
     if name not in shapes:
         return "not called on example_inputs"
+    if isinstance(module, nn.Conv2d) and SparseConv2d.unsupported(module):
+        return SparseConv2d.unsupported(module)
+    if isinstance(module, nn.Conv2d) and len(shapes[name]) not in (3, 4):
+        return f"input shape {shapes[name]}"
     if weight.dtype != torch.float32 or (bias is not None and bias.dtype != weight.dtype):
         return f"dtype {weight.dtype}"
     if weight.device.type != "cpu":
@@ -547,11 +699,12 @@ def accelerate(
     formats: str | Sequence[str] | None = None,
     inplace: bool = False,
 ) -> tuple[nn.Module, AccelerateReport]:
-    """Swap sparse ``nn.Linear`` layers for :class:`SparseLinear` where that is faster here.
+    """Swap sparse ``nn.Linear`` / ``nn.Conv2d`` layers for :class:`SparseLinear` /
+    :class:`SparseConv2d` where that is faster here.
 
     Args:
-        model: any module; every ``nn.Linear`` in it (masked by prunekit or finalized) is a
-            candidate. Its effective weight (mask applied) is what gets stored.
+        model: any module; every ``nn.Linear`` and ``nn.Conv2d`` in it (masked by prunekit or
+            finalized) is a candidate. Its effective weight (mask applied) is what gets stored.
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs. The
             model runs once on them (no grad) with forward hooks recording each Linear's input
             shape; layers not called are left alone.
@@ -577,7 +730,7 @@ def accelerate(
     _check_arguments(model, threads, min_speedup)
     if not inplace:
         model = copy.deepcopy(model)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     lib = kernels.load()
     usable = _usable_formats(formats, lib)
     previous = torch.get_num_threads()
@@ -587,25 +740,28 @@ def accelerate(
         if threads is not None:
             torch.set_num_threads(threads)
         model.eval()
-        shapes = _record_input_shapes(model, example_inputs, [n for n, _ in linears])
-        for name, module in linears:
+        shapes = _record_input_shapes(model, example_inputs, [n for n, _ in layers])
+        for name, module in layers:
             with torch.no_grad():
                 weight = module.weight.detach()
                 bias = None if module.bias is None else module.bias.detach()
             density = float((weight != 0).sum()) / max(weight.numel(), 1)
+            out_f = weight.shape[0]
             row = AccelerateRow(
-                name, module.in_features, module.out_features, shapes.get(name), density,
-                None, None, False, "",
+                name, weight.numel() // max(out_f, 1), out_f, shapes.get(name), density,
+                None, None, False, "", kind=type(module).__name__,
             )  # fmt: skip
             rows.append(row)
             row.reason = "kernels unavailable" if lib is None else ""
-            row.reason = row.reason or _skip_reason(name, weight, bias, density, shapes)
+            row.reason = row.reason or _skip_reason(name, module, weight, bias, density, shapes)
             if not row.reason and not usable:
                 row.reason = f"no usable format among {formats} on this CPU"
             if row.reason:
                 continue
             codes = _int8_codes(model, name) if int8 else None
-            sparse = _decide(row, weight, bias, codes, usable, float(min_speedup))
+            candidates = _candidates(module, weight, bias, codes, usable)
+            dense = _dense_call(module, weight, bias)
+            sparse = _decide(row, dense, candidates, float(min_speedup))
             if sparse is not None:
                 model = _set_child(model, name, sparse)
     finally:

@@ -37,7 +37,7 @@ import torch  # noqa: F401  imported first: the kernels then bind to torch's Ope
 
 __all__ = ["KernelLibrary", "load", "why_unavailable", "cache_dir"]
 
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 _SOURCE = "sparse_kernels.c"
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -130,6 +130,27 @@ def _build(cc: str, source: bytes, out: Path) -> tuple[bool, str]:
     return True, ""
 
 
+class Plan(ctypes.Structure):
+    """The fixed arguments of one weight (``pk_plan`` in the C source)."""
+
+    _fields_ = [
+        ("format", ctypes.c_int64),
+        ("rows", ctypes.c_int64),
+        ("in_features", ctypes.c_int64),
+        ("int8", ctypes.c_int64),
+        ("wide", ctypes.c_int64),
+        ("index0", ctypes.c_void_p),
+        ("index1", ctypes.c_void_p),
+        ("index2", ctypes.c_void_p),
+        ("vals", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+    ]
+
+
+FORMAT_CODES = {"csr": 0, "bitmap": 1, "tiles": 2}
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.pk_abi_version.restype = i32
@@ -145,6 +166,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pk_bitmap.restype = i32
     lib.pk_tiles.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, i32]
     lib.pk_tiles.restype = None
+    lib.pk_plan_size.restype = i64
+    lib.pk_run.argtypes = [ptr, i64, ptr, ptr, ptr, i32]
+    lib.pk_run.restype = i32
 
 
 def _load_uncached() -> KernelLibrary | str:
@@ -176,7 +200,7 @@ def _load_uncached() -> KernelLibrary | str:
         _declare(lib)
     except OSError as exc:
         return f"loading {path} failed: {exc}"
-    if lib.pk_abi_version() != _ABI_VERSION:
+    if lib.pk_abi_version() != _ABI_VERSION or lib.pk_plan_size() != ctypes.sizeof(Plan):
         return f"{path} has ABI {lib.pk_abi_version()}, expected {_ABI_VERSION}; delete it"
     return KernelLibrary(
         lib=lib,

@@ -40,7 +40,7 @@
 #endif
 #endif
 
-PK_EXPORT int pk_abi_version(void) { return 4; }
+PK_EXPORT int pk_abi_version(void) { return 5; }
 
 PK_EXPORT const char *pk_isa(void) {
 #if defined(PK_BITMAP)
@@ -438,5 +438,42 @@ PK_EXPORT void pk_tiles(int64_t rows, int64_t in, int64_t batch, const int64_t *
                 tiles_slice_scalar(s, rows, in, nblocks, slice_ptr, steps, cols, vals, int8, scale,
                                    bias, x + b * in, y + b * rows);
 #endif
+    }
+}
+
+/* ------------------------------------------------------------------------------ ONE ENTRY */
+
+/* Everything about a weight that does not change between calls, filled once by the caller:
+ * one call then passes six arguments instead of thirteen (the per-call cost of a Python
+ * binding grows with the argument count, and at batch 1 it is a visible part of the time). */
+typedef struct {
+    int64_t format; /* 0 csr, 1 bitmap, 2 tiles */
+    int64_t rows, in, int8, wide;
+    const void *index0, *index1, *index2; /* csr: rowptr, cols; bitmap: rowptr, masks;
+                                             tiles: slice_ptr, steps, cols */
+    const void *vals;
+    const float *scale, *bias;
+} pk_plan;
+
+PK_EXPORT int64_t pk_plan_size(void) { return (int64_t)sizeof(pk_plan); }
+
+PK_EXPORT int pk_run(const pk_plan *p, int64_t batch, const float *x, const float *xt, float *y,
+                     int nthreads) {
+    switch (p->format) {
+    case 0:
+        spmm_csr(p->rows, p->in, batch, (const int64_t *)p->index0, p->index1, (int)p->wide,
+                 p->vals, (int)p->int8, p->scale, p->bias, x, xt, y, nthreads);
+        return 0;
+    case 1:
+        return pk_bitmap(p->rows, p->in, batch, (const int64_t *)p->index0,
+                         (const uint16_t *)p->index1, p->vals, (int)p->int8, p->scale, p->bias, x,
+                         y, nthreads);
+    case 2:
+        pk_tiles(p->rows, p->in, batch, (const int64_t *)p->index0, (const uint8_t *)p->index1,
+                 (const uint8_t *)p->index2, p->vals, (int)p->int8, p->scale, p->bias, x, y,
+                 nthreads);
+        return 0;
+    default:
+        return -2;
     }
 }
