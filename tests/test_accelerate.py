@@ -274,6 +274,21 @@ def test_bad_arguments() -> None:
         SparseLinear.from_dense(torch.ones(2, 2, dtype=torch.int8), scale=torch.ones(3))
 
 
+@needs_kernels
+def test_unwritable_cache_falls_back_to_temp_dir(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(blocker))  # cache_dir() cannot be created
+    kernels.reset()
+    try:
+        lib = kernels.load()
+        assert lib is not None, kernels.why_unavailable()
+        assert not str(lib.path).startswith(str(blocker))
+    finally:
+        monkeypatch.undo()
+        kernels.reset()
+
+
 @pytest.mark.parametrize("fmt", ["csr", "bitmap", "tiles"])
 @pytest.mark.parametrize("shape", [(1, 1), (5, 7), (16, 32), (17, 33), (40, 100), (3, 70000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8])

@@ -188,12 +188,20 @@ def _load_uncached() -> KernelLibrary | str:
             [source, cc.encode(), version.encode(), _cpu_fingerprint().encode(), b"O3 native omp"]
         )
     ).hexdigest()[:16]
-    path = cache_dir() / f"sparse_kernels-{key}.so"
+    name = f"sparse_kernels-{key}.so"
+    fallback = Path(tempfile.gettempdir()) / f"prunekit-kernels-{os.getuid()}" / name
     start = time.perf_counter()
-    if not path.is_file():
-        ok, log = _build(cc, source, path)
-        if not ok:
-            return f"building the C kernels with {cc} failed:\n{log[-2000:]}"
+    for path in (cache_dir() / name, fallback):  # a read-only home falls back to the temp dir
+        if path.is_file():
+            break
+        try:
+            ok, log = _build(cc, source, path)
+        except OSError as exc:
+            ok, log = False, f"{type(exc).__name__}: {exc}"
+        if ok:
+            break
+    else:
+        return f"building the C kernels with {cc} failed:\n{log[-2000:]}"
     build_s = time.perf_counter() - start
     try:
         lib = ctypes.CDLL(str(path))

