@@ -162,6 +162,24 @@ def test_cli_bench_hf_folders(llama_dir, tmp_path, capsys):
     assert out["settings"]["seq_len"] == 8 and out["settings"]["threads"] == 1
 
 
+def test_cli_bench_accelerate(llama_dir, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from conftest import tiny_llama
+
+    pruned = prunekit.finalize(prunekit.prune(tiny_llama(), 0.8).model)
+    pruned.save_pretrained(tmp_path / "pruned")
+    args = _parser().parse_args(
+        ["bench", str(llama_dir), str(tmp_path / "pruned"), "--accelerate", "--seq-len", "4"]
+        + ["--threads", "1", "--warmup", "1", "--repeats", "3", "--rounds", "3", "--json"]
+    )
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in out["rows"]] == ["llama", "pruned", "pruned (accelerated)"]
+    assert list(out["accelerate"]) == ["pruned"]  # the dense model has nothing to accelerate
+    rows = out["accelerate"]["pruned"]["rows"]
+    assert rows and all(r["input_shape"] == [1, 4, r["in_features"]] for r in rows)
+
+
 def test_cli_errors(tmp_path):
     parser = _parser()
     args = parser.parse_args(["bench", str(tmp_path / "missing")])

@@ -3,6 +3,7 @@
 The main ``prunekit`` parser wires it in with :func:`add_commands`::
 
     prunekit bench dense-folder pruned-folder --batch 1 32 --seq-len 128 --threads 2 --repeats 50
+    prunekit bench dense-folder pruned-folder --accelerate      # + pruned-folder (accelerated)
 
 Each PATH is a Hugging Face model folder (``config.json`` + ``*.safetensors``), including folders
 written by ``prunekit prune``, ``oneshot`` and ``prune-structured``. Models load from safetensors
@@ -51,6 +52,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--rounds", type=int, default=5, help="rotating rounds the repeats are split over"
     )
     b.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    b.add_argument(
+        "--accelerate",
+        action="store_true",
+        help=(
+            "also time each sparse model after prunekit.accelerate (sparse kernels swapped in "
+            "where they measure faster at the first --batch size), side by side"
+        ),
+    )
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     b.set_defaults(func=cmd_bench)
 
@@ -88,8 +97,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     folders = [hf_folder(p) for p in args.paths]
     models = [load_hf_folder(f) for f in folders]
     inputs = _inputs(models, max(args.batch), args.seq_len, args.seed)
+    named = dict(zip(_names(args.paths), models, strict=True))
+    accelerated = _accelerated(named, models, args) if args.accelerate else {}
     report = bench(
-        dict(zip(_names(args.paths), models, strict=True)),
+        {**named, **{f"{name} (accelerated)": m for name, (m, _) in accelerated.items()}},
         inputs,
         threads=args.threads,
         warmup=args.warmup,
@@ -100,5 +111,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report.settings["paths"] = [str(f) for f in folders]
     report.settings["seq_len"] = args.seq_len
     report.settings["seed"] = args.seed
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    if args.json:
+        out = report.to_dict()
+        out["accelerate"] = {name: r.to_dict() for name, (_, r) in accelerated.items()}
+        print(json.dumps(out, indent=2))
+        return 0
+    for name, (_, r) in accelerated.items():
+        swapped = len(r.swapped)
+        print(
+            f"{name}: accelerate swapped {swapped}/{len(r.rows)} layer(s) ({r.settings['kernels']})"
+        )
+    print(report)
     return 0
+
+
+def _accelerated(named: dict, models: list, args: argparse.Namespace) -> dict[str, tuple]:
+    """name -> (accelerated model, report) for every model with a sparse Linear or Conv2d."""
+    from prunekit.runtime.accelerate import accelerate
+
+    example = _inputs(models, args.batch[0], args.seq_len, args.seed)
+    out = {}
+    for name, model in named.items():
+        layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        if not any(bool((m.weight == 0).any()) for m in layers):
+            continue  # dense: nothing to accelerate
+        out[name] = accelerate(model, example, threads=args.threads)
+    return out
