@@ -4,8 +4,9 @@ Square Linear layers (1024, 2048, 4096) at 50/70/80/90/95 % unstructured sparsit
 batch 1 and 32, float32 weights and int8 weights (per-channel symmetric codes from
 ``prunekit.quantize(mode="int")``), all in this process with a fixed thread count. Per
 configuration these callables are timed: dense ``F.linear`` (float32; for int8, the dequantized
-weight), torch CSR (``torch.sparse.mm`` on ``to_sparse_csr``), prunekit's ``SparseLinear`` in
-the format ``accelerate`` found fastest (``csr`` or ``bitmap``), and the module
+weight), for int8 also torch's own int8 dense Linear (``torch.ao`` dynamic quantization, fbgemm),
+torch CSR (``torch.sparse.mm`` on ``to_sparse_csr``), prunekit's ``SparseLinear`` in the format
+``accelerate`` found fastest (``tiles``, ``bitmap`` or ``csr``), and the module
 ``prunekit.runtime.accelerate.accelerate`` returns for that layer (the kernel where it measured
 faster, else the dense Linear), compared with the dense ``nn.Linear`` module (so both pay the
 same module-call overhead). Each is warmed up, then timed in rounds whose order rotates; the
@@ -19,6 +20,7 @@ accelerated layer never slower than dense. Timings are of this machine and these
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import os
 import platform
@@ -75,6 +77,16 @@ def quantized_int8(linear: nn.Linear) -> nn.Linear:
     return prunekit.quantize(wrapper, bits=8, mode="int", targets=["0"]).model
 
 
+def torch_int8(linear: nn.Linear) -> nn.Module:
+    """torch's dynamically quantized int8 dense Linear (per-tensor qint8 weights, fbgemm)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices
+        wrapped = torch.ao.quantization.quantize_dynamic(
+            nn.Sequential(copy.deepcopy(linear)), {nn.Linear}, dtype=torch.qint8
+        )
+    return wrapped[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -98,7 +110,7 @@ def main() -> None:
     header = (
         f"{'size':>5} {'pattern':>7} {'dtype':>5} {'batch':>5} {'dense ms':>9} {'csr ms':>9} "
         f"{'kernel ms':>9} {'format':>10} {'accel ms':>9} {'swap':>4} {'dense/kern':>10} "
-        f"{'csr/kern':>8} {'accel/dense':>11}"
+        f"{'csr/kern':>8} {'accel/dense':>11} {'qdense/kern':>11}"
     )
     print(header)
     print("-" * len(header))
@@ -119,6 +131,8 @@ def main() -> None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # "CSR support is in beta"
                     w_csr = w.to_sparse_csr()
+                # torch's own int8 dense Linear (fbgemm), the int8 baseline
+                qlinear = torch_int8(linear) if dtype == "int8" else None
                 for batch in BATCHES:
                     x = torch.randn(batch, n, generator=gen)
                     accel, report = acc.accelerate(model, x, threads=args.threads)
@@ -139,6 +153,8 @@ def main() -> None:
                             "accel": lambda x=x, a=accel[0]: a(x),
                             "dense_module": lambda x=x, m=model[0]: m(x),
                         }
+                        if qlinear is not None:
+                            fns["qdense"] = lambda x=x, q=qlinear: q(x)
                         t = time_rotating(fns, rounds, per_round)
                     result = {
                         "n": n, "pattern": pattern, "dtype": dtype, "batch": batch,
@@ -149,13 +165,19 @@ def main() -> None:
                         f"{n:>5} {pattern:>7} {dtype:>5} {batch:>5} {t['dense']:>9.3f} "
                         f"{t['csr']:>9.3f} {t['kernel']:>9.3f} {row.format:>10} {t['accel']:>9.3f} "
                         f"{'yes' if row.swapped else 'no':>4} {t['dense'] / t['kernel']:>9.2f}x "
-                        f"{t['csr'] / t['kernel']:>7.2f}x {t['accel'] / t['dense_module']:>11.2f}",
+                        f"{t['csr'] / t['kernel']:>7.2f}x {t['accel'] / t['dense_module']:>11.2f} "
+                        + (
+                            f"{t['qdense'] / t['kernel']:>10.2f}x"
+                            if "qdense" in t
+                            else f"{'-':>11}"
+                        ),
                         flush=True,
                     )
     print(
         "dense/kern, csr/kern: speedup of the prunekit kernel (above 1 = kernel faster); "
         "accel/dense: latency of the module accelerate() returned, relative to the dense nn.Linear "
-        "module (same module-call overhead; below 1 = faster)."
+        "module (same module-call overhead; below 1 = faster). qdense/kern (int8 rows): speedup "
+        "over torch's dynamically quantized int8 dense Linear (torch.ao, fbgemm) of the same layer."
     )
     print("\nTargets at batch 1 (issue 6):")
     for dtype in args.dtypes:

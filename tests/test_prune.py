@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -246,3 +248,33 @@ def test_pattern_objects_are_validated() -> None:
 def test_report_unpacks_as_model_and_report(cnn: SmallCNN) -> None:
     model, report = prunekit.prune(cnn, 0.5)
     assert model is report.model and report.sparsity == 0.5
+
+
+class _WithEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.fc = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc(self.emb(x))))
+
+
+def test_embedding_tables_only_when_named() -> None:
+    torch.manual_seed(0)
+    model = _WithEmbedding()
+    default = prunekit.prune(model, 0.5)
+    assert [r.name for r in default.layers] == ["fc.weight"]  # never by default
+    report = prunekit.prune(model, 0.6, targets=["emb", "fc"], scope="row")
+    pruned = report.model
+    zeros_per_token = (pruned.emb.weight == 0).sum(1)
+    assert set(zeros_per_token.tolist()) <= {9, 10}  # 60 % of 16 in every token's row
+    x = torch.randint(0, 50, (3, 7))
+    with torch.no_grad():
+        y = pruned(x)
+        # the masked table feeds the forward pass; finalize bakes it in
+        assert torch.equal(y, prunekit.finalize(copy.deepcopy(pruned))(x))
+    assert "emb.weight" in str(prunekit.stats(pruned))
+    with pytest.raises(ValueError, match="data-free"):
+        prunekit.prune(model, 0.5, targets=["emb"], method="wanda", data=[x])

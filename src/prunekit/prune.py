@@ -201,6 +201,8 @@ def prune(
             compares weights; unstructured only).
         targets: name patterns (glob, or ``re:`` regex) of the layers to prune. Default: every
             Linear / Conv weight except the output head (see :mod:`prunekit.targets`).
+            ``nn.Embedding`` tables are pruned only when a pattern names them (data-free
+            methods only); their rows are tokens.
         ignore: name patterns of layers to leave alone.
         per_layer: ``{pattern: sparsity}`` overrides; matching layers get their own (local)
             sparsity, the first matching pattern wins.
@@ -258,7 +260,14 @@ def prune(
         raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
 
     # Validate names on the user's model before copying anything.
-    chosen = resolve_targets(model, targets, ignore)
+    chosen = resolve_targets(model, targets, ignore, embeddings=True)
+    tables = [t.module_name for t in chosen if isinstance(t.module, nn.Embedding)]
+    if tables and criterion.needs_data:
+        raise ValueError(
+            f"method {criterion.name!r} scores weights from layer inputs, which embedding tables "
+            f"({', '.join(tables)}) do not have: prune them with a data-free method "
+            "('magnitude' or 'random') in a separate call"
+        )
     overrides = per_layer_overrides(chosen, overrides_in)
     if not inplace:
         names = [t.module_name for t in chosen]

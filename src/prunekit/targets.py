@@ -9,6 +9,11 @@ Hugging Face ``Conv1D`` (GPT-2) layer, except the model's output head: a Hugging
 output embeddings (``get_output_embeddings()``), or otherwise the last ``nn.Linear`` registered in
 the model (the classifier of a typical network). Embeddings, norms and biases are never targeted
 by default. Naming a layer in ``targets`` includes it, head or not.
+
+``nn.Embedding`` tables are pruned only on request: :func:`prunekit.prune` (data-free criteria)
+accepts them when a ``targets`` pattern names them, e.g. ``targets=["encoder.*",
+"embeddings.word_embeddings"]``; entries of a table are ranked like a Linear's, one row per
+token (``scope="row"`` keeps the same share of every token's vector).
 """
 
 from __future__ import annotations
@@ -100,12 +105,14 @@ def output_head_name(model: nn.Module) -> str | None:
     return last
 
 
-def all_prunable(model: nn.Module) -> list[Target]:
-    """Every prunable weight in the model, head included, in registration order."""
+def all_prunable(model: nn.Module, embeddings: bool = False) -> list[Target]:
+    """Every prunable weight in the model, head included, in registration order; with
+    ``embeddings=True`` also every ``nn.Embedding`` table."""
     found = []
     seen: set[int] = set()
     for name, module in model.named_modules():
-        if is_prunable(module) and getattr(module, "weight", None) is not None:
+        wanted = is_prunable(module) or (embeddings and isinstance(module, nn.Embedding))
+        if wanted and getattr(module, "weight", None) is not None:
             if id(module._parameters["weight"]) in seen:
                 continue  # tied weights: prune once
             seen.add(id(module._parameters["weight"]))
@@ -137,13 +144,16 @@ def resolve_targets(
     model: nn.Module,
     targets: str | Iterable[str] | None = None,
     ignore: str | Iterable[str] | None = None,
+    *,
+    embeddings: bool = False,
 ) -> list[Target]:
     """The weights a call prunes, after ``targets`` and ``ignore`` patterns.
 
-    Raises ValueError when a pattern matches nothing (listing the prunable names) or when
-    nothing is left to prune.
+    With ``embeddings=True``, ``nn.Embedding`` tables that a ``targets`` pattern matches are
+    included too (never by default). Raises ValueError when a pattern matches nothing (listing
+    the prunable names) or when nothing is left to prune.
     """
-    candidates = all_prunable(model)
+    candidates = all_prunable(model, embeddings=embeddings and bool(_as_patterns(targets)))
     if not candidates:
         raise ValueError(
             f"{type(model).__name__} has no prunable layer: prunekit prunes the weights of "
