@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib
 import pickle
+import platform
 
 import pytest
 import torch
@@ -380,3 +381,53 @@ def test_conv_network_int8_and_unsupported() -> None:
     with torch.no_grad():
         torch.testing.assert_close(fast(x), quantized(x), atol=1e-4, rtol=1e-4)
     assert "(Conv2d)" in str(report)
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return flag in open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(LIB is None, reason="compiled kernels unavailable")
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 -march levels")
+@pytest.mark.parametrize(
+    "march, isa",
+    [
+        pytest.param(
+            "x86-64-v3",
+            "avx2",
+            marks=pytest.mark.skipif(not _cpu_has("avx2"), reason="CPU without AVX2"),
+        ),
+        ("x86-64", "scalar"),
+    ],
+)
+def test_portable_builds_compute_the_same(
+    march: str, isa: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the AVX2 and plain-C code paths, which an AVX-512 machine never runs with -march=native
+    monkeypatch.setenv("PRUNEKIT_MARCH", march)
+    kernels.reset()
+    try:
+        lib = kernels.load()
+        assert lib is not None, kernels.why_unavailable()
+        assert lib.isa == isa and not lib.has_bitmap
+        assert lib.vector_formats == ("csr",)
+        torch.manual_seed(0)
+        for in_f, batch in ((100, 1), (100, 5), (1000, 1), (70000, 2)):
+            keep = torch.rand(37, in_f) < torch.linspace(0, 1, 37).unsqueeze(1)
+            w = torch.randn(37, in_f) * keep
+            b = torch.randn(37)
+            x = torch.randn(batch, in_f)
+            codes = (torch.randint(-127, 128, (37, in_f)) * keep).to(torch.int8)
+            scale = torch.rand(37) * 0.01 + 1e-3
+            for fmt in ("csr", "tiles", "bitmap"):  # bitmap: no kernel here, dense fallback
+                sparse = SparseLinear.from_dense(w, b, format=fmt)
+                torch.testing.assert_close(sparse(x), F.linear(x, w, b), atol=1e-3, rtol=1e-4)
+                q = SparseLinear.from_dense(codes, b, format=fmt, scale=scale)
+                expected = F.linear(x, codes.float() * scale.unsqueeze(1), b)
+                torch.testing.assert_close(q(x), expected, atol=1e-3, rtol=1e-4)
+    finally:
+        monkeypatch.undo()
+        kernels.reset()

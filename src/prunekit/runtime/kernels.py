@@ -10,7 +10,9 @@ torch's OpenMP runtime and thread pool.
 
 Nothing here is required: when no compiler is found or the build fails, :func:`load` returns
 None and :func:`why_unavailable` says why; :func:`prunekit.accelerate` then keeps layers dense.
-Set ``PRUNEKIT_NO_KERNELS=1`` to turn the kernels off.
+Set ``PRUNEKIT_NO_KERNELS=1`` to turn the kernels off, and ``PRUNEKIT_MARCH`` to build for
+another ``-march`` than ``native`` (``x86-64-v3`` = AVX2, ``x86-64`` = plain C), for example to
+build for an older CPU class or to test the portable code paths.
 
 Example:
     >>> from prunekit.runtime import kernels
@@ -100,23 +102,21 @@ def _run(cmd: list[str]) -> tuple[bool, str]:
     return proc.returncode == 0, (proc.stderr or proc.stdout).strip()
 
 
-def _build(cc: str, source: bytes, out: Path) -> tuple[bool, str]:
+def _march() -> str:
+    march = os.environ.get("PRUNEKIT_MARCH", "") or "native"
+    if not all(c.isalnum() or c in "-_." for c in march):
+        raise ValueError(f"PRUNEKIT_MARCH={march!r} is not a -march value (e.g. native, x86-64-v3)")
+    return march
+
+
+def _build(cc: str, source: bytes, out: Path, march: str) -> tuple[bool, str]:
     """Compile to ``out``: with OpenMP if the compiler takes it, else without."""
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / _SOURCE
         src.write_bytes(source)
         lib = Path(tmp) / out.name
-        base = [
-            cc,
-            "-O3",
-            "-march=native",
-            "-fPIC",
-            "-shared",
-            "-std=c11",
-            str(src),
-            "-o",
-            str(lib),
-        ]
+        flags = ["-O3", f"-march={march}", "-fPIC", "-shared", "-std=c11"]
+        base = [cc, *flags, str(src), "-o", str(lib)]
         ok, log = _run([*base[:2], "-fopenmp", *base[2:]])
         if not ok:
             ok, log_plain = _run(base)
@@ -182,12 +182,14 @@ def _load_uncached() -> KernelLibrary | str:
     if cc is None:
         return "no C compiler found ($CC, cc, gcc or clang); install one to enable the kernels"
     source = resources.files("prunekit.runtime").joinpath("csrc", _SOURCE).read_bytes()
+    try:
+        march = _march()
+    except ValueError as exc:
+        return str(exc)
     ok, version = _run([cc, "--version"])
-    key = hashlib.sha256(
-        b"\0".join(
-            [source, cc.encode(), version.encode(), _cpu_fingerprint().encode(), b"O3 native omp"]
-        )
-    ).hexdigest()[:16]
+    parts = [source, cc, version, _cpu_fingerprint(), f"O3 march={march} omp"]
+    key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts))
+    key = key.hexdigest()[:16]
     name = f"sparse_kernels-{key}.so"
     fallback = Path(tempfile.gettempdir()) / f"prunekit-kernels-{os.getuid()}" / name
     start = time.perf_counter()
@@ -195,7 +197,7 @@ def _load_uncached() -> KernelLibrary | str:
         if path.is_file():
             break
         try:
-            ok, log = _build(cc, source, path)
+            ok, log = _build(cc, source, path, march)
         except OSError as exc:
             ok, log = False, f"{type(exc).__name__}: {exc}"
         if ok:

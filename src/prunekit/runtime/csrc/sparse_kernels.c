@@ -132,6 +132,42 @@ static inline float csr_row_dot(const void *vals, int int8, const void *cols, in
         a1 = _mm512_fmadd_ps(load_vals16_masked(vals, int8, k, m), x0, a1);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(__AVX2__) && defined(__FMA__)
+    /* AVX2 without AVX-512: 8-wide gathers, the tail in scalar code */
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t k = k0;
+    for (; k + 16 <= k1; k += 16) {
+        __m256i c0, c1;
+        __m256 v0, v1;
+        if (wide) {
+            c0 = _mm256_loadu_si256((const __m256i *)((const int32_t *)cols + k));
+            c1 = _mm256_loadu_si256((const __m256i *)((const int32_t *)cols + k + 8));
+        } else {
+            c0 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)cols + k)));
+            c1 = _mm256_cvtepu16_epi32(
+                _mm_loadu_si128((const __m128i *)((const uint16_t *)cols + k + 8)));
+        }
+        if (int8) {
+            const __m128i q = _mm_loadu_si128((const __m128i *)((const int8_t *)vals + k));
+            v0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+            v1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
+        } else {
+            v0 = _mm256_loadu_ps((const float *)vals + k);
+            v1 = _mm256_loadu_ps((const float *)vals + k + 8);
+        }
+        a0 = _mm256_fmadd_ps(v0, _mm256_i32gather_ps(x, c0, 4), a0);
+        a1 = _mm256_fmadd_ps(v1, _mm256_i32gather_ps(x, c1, 4), a1);
+    }
+    const __m256 a = _mm256_add_ps(a0, a1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    float sum = _mm_cvtss_f32(h);
+    for (; k < k1; ++k) {
+        const int64_t c = wide ? ((const int32_t *)cols)[k] : ((const uint16_t *)cols)[k];
+        sum += (int8 ? (float)((const int8_t *)vals)[k] : ((const float *)vals)[k]) * x[c];
+    }
+    return sum;
 #else
     float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
     int64_t k = k0;
