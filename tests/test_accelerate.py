@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import pickle
 import platform
 
@@ -428,6 +429,32 @@ def test_portable_builds_compute_the_same(
                 q = SparseLinear.from_dense(codes, b, format=fmt, scale=scale)
                 expected = F.linear(x, codes.float() * scale.unsqueeze(1), b)
                 torch.testing.assert_close(q(x), expected, atol=1e-3, rtol=1e-4)
+    finally:
+        monkeypatch.undo()
+        kernels.reset()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("ziglang") is None, reason="ziglang not installed (prunekit[kernels])"
+)
+def test_registry_compiler_builds_when_the_machine_has_none(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)  # no cc, gcc or clang
+    kernels.reset()
+    try:
+        lib = kernels.load()
+        assert lib is not None, kernels.why_unavailable()
+        assert "ziglang" in lib.compiler and "zig cc" in lib.describe()
+        assert str(lib.path).startswith(str(tmp_path))
+        torch.manual_seed(0)
+        w = torch.randn(40, 300) * (torch.rand(40, 300) > 0.8)
+        x = torch.randn(3, 300)
+        for fmt in lib.vector_formats:
+            sparse = SparseLinear.from_dense(w, format=fmt)
+            torch.testing.assert_close(sparse(x), F.linear(x, w), atol=1e-4, rtol=1e-4)
     finally:
         monkeypatch.undo()
         kernels.reset()

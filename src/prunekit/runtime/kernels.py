@@ -1,7 +1,8 @@
 """Build and load prunekit's compiled sparse kernels (``csrc/sparse_kernels.c``).
 
 The C source ships with the package and is compiled on first use with the machine's C compiler
-(``$CC``, else ``cc``, ``gcc`` or ``clang``) as ``-O3 -march=native`` (so it uses the widest
+(``$CC``, else ``cc``, ``gcc`` or ``clang``; without one, the compiler of the ``ziglang`` package,
+``pip install 'prunekit[kernels]'``, builds them single-threaded) as ``-O3 -march=native`` (so it uses the widest
 vector instructions this CPU has) with OpenMP when the compiler supports it, then loaded with
 :mod:`ctypes`. The shared library is cached under ``$PRUNEKIT_CACHE`` (default
 ``~/.cache/prunekit/kernels``), keyed by the source, the flags, the compiler and the CPU, so the
@@ -25,10 +26,12 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -66,7 +69,8 @@ class KernelLibrary:
 
     def describe(self) -> str:
         omp = "OpenMP" if self.openmp else "single-threaded (no OpenMP)"
-        return f"C kernels ({self.isa}, {omp}, {Path(self.compiler).name})"
+        cc = "zig cc" if "ziglang" in self.compiler else Path(self.compiler.split()[0]).name
+        return f"C kernels ({self.isa}, {omp}, {cc})"
 
 
 def cache_dir() -> Path:
@@ -75,12 +79,16 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _compiler() -> str | None:
+def _compiler() -> list[str] | None:
+    """The C compiler command: $CC, cc, gcc or clang on the PATH, else the one the ``ziglang``
+    package ships (``pip install 'prunekit[kernels]'``: a compiler from the package registry)."""
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name:
             found = shutil.which(name)
             if found:
-                return found
+                return [found]
+    if importlib.util.find_spec("ziglang") is not None:
+        return [sys.executable, "-m", "ziglang", "cc"]
     return None
 
 
@@ -109,16 +117,16 @@ def _march() -> str:
     return march
 
 
-def _build(cc: str, source: bytes, out: Path, march: str) -> tuple[bool, str]:
+def _build(cc: list[str], source: bytes, out: Path, march: str) -> tuple[bool, str]:
     """Compile to ``out``: with OpenMP if the compiler takes it, else without."""
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / _SOURCE
         src.write_bytes(source)
         lib = Path(tmp) / out.name
         flags = ["-O3", f"-march={march}", "-fPIC", "-shared", "-std=c11"]
-        base = [cc, *flags, str(src), "-o", str(lib)]
-        ok, log = _run([*base[:2], "-fopenmp", *base[2:]])
-        if not ok:
+        base = [*cc, *flags, str(src), "-o", str(lib)]
+        ok, log = _run([*base, "-fopenmp"])
+        if not ok:  # e.g. zig's clang has no OpenMP runtime: single-threaded kernels
             ok, log_plain = _run(base)
             log = f"with -fopenmp: {log}\nwithout: {log_plain}"
         if not ok:
@@ -180,14 +188,17 @@ def _load_uncached() -> KernelLibrary | str:
         return f"the compiled kernels are built on Linux only (this is {platform.system()})"
     cc = _compiler()
     if cc is None:
-        return "no C compiler found ($CC, cc, gcc or clang); install one to enable the kernels"
+        return (
+            "no C compiler found ($CC, cc, gcc or clang): install one, or "
+            "pip install 'prunekit[kernels]' (a compiler from the package registry)"
+        )
     source = resources.files("prunekit.runtime").joinpath("csrc", _SOURCE).read_bytes()
     try:
         march = _march()
     except ValueError as exc:
         return str(exc)
-    ok, version = _run([cc, "--version"])
-    parts = [source, cc, version, _cpu_fingerprint(), f"O3 march={march} omp"]
+    ok, version = _run([*cc, "--version"])
+    parts = [source, " ".join(cc), version, _cpu_fingerprint(), f"O3 march={march} omp"]
     key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts))
     key = key.hexdigest()[:16]
     name = f"sparse_kernels-{key}.so"
@@ -203,7 +214,7 @@ def _load_uncached() -> KernelLibrary | str:
         if ok:
             break
     else:
-        return f"building the C kernels with {cc} failed:\n{log[-2000:]}"
+        return f"building the C kernels with {' '.join(cc)} failed:\n{log[-2000:]}"
     build_s = time.perf_counter() - start
     try:
         lib = ctypes.CDLL(str(path))
@@ -215,7 +226,7 @@ def _load_uncached() -> KernelLibrary | str:
     return KernelLibrary(
         lib=lib,
         path=path,
-        compiler=cc,
+        compiler=" ".join(cc),
         isa=lib.pk_isa().decode(),
         openmp=bool(lib.pk_openmp()),
         has_bitmap=bool(lib.pk_has_bitmap()),
