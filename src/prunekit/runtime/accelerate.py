@@ -694,7 +694,7 @@ def accelerate(
     example_inputs: Any,
     *,
     threads: int | None = None,
-    min_speedup: float = 1.05,
+    min_speedup: float = 1.1,
     int8: bool = True,
     formats: str | Sequence[str] | None = None,
     inplace: bool = False,

@@ -65,7 +65,7 @@ class KernelLibrary:
         """The formats whose kernels are vectorised on this CPU (the others run scalar code)."""
         if self.has_bitmap:
             return ("csr", "bitmap", "tiles")
-        return ("csr", "tiles") if self.isa.startswith("avx512") else ("csr",)
+        return ("csr", "tiles") if self.isa in ("avx512", "avx2") else ("csr",)
 
     def describe(self) -> str:
         omp = "OpenMP" if self.openmp else "single-threaded (no OpenMP)"

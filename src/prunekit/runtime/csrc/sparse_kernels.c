@@ -415,6 +415,60 @@ static inline __attribute__((always_inline)) void tiles_slice(
     for (int b = 0; b < bt; ++b)
         _mm512_mask_storeu_ps(y + b * ystride + r0, m, _mm512_fmadd_ps(acc[b], sc, bi));
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+/* The input of each lane's column (0..31) out of four registers holding the 32 inputs of the
+ * block: a permute in each register picks by the low 3 bits, two blends by bits 3 and 4. */
+static inline __m256 pick32(__m256 x0, __m256 x1, __m256 x2, __m256 x3, __m256i idx) {
+    const __m256 b3 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)); /* bit 3 -> sign */
+    const __m256 b4 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 27)); /* bit 4 -> sign */
+    const __m256 q01 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(x0, idx),
+                                        _mm256_permutevar8x32_ps(x1, idx), b3);
+    const __m256 q23 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(x2, idx),
+                                        _mm256_permutevar8x32_ps(x3, idx), b3);
+    return _mm256_blendv_ps(q01, q23, b4);
+}
+
+static inline __m256 tile_vals8(const void *vals, int int8, int64_t off) {
+    if (int8)
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+            _mm_loadl_epi64((const __m128i *)((const int8_t *)vals + off))));
+    return _mm256_loadu_ps((const float *)vals + off);
+}
+
+/* One slice of 16 rows (two 8-lane halves) against one input row, AVX2. */
+static void tiles_slice_avx2(int64_t s, int64_t rows, int64_t in, int64_t nblocks,
+                             const int64_t *slice_ptr, const uint8_t *steps, const uint8_t *cols,
+                             const void *vals, int int8, const float *scale, const float *bias,
+                             const float *x, float *y) {
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+    float pad[PK_COLS];
+    int64_t p = slice_ptr[s];
+    for (int64_t cb = 0; cb < nblocks; ++cb) {
+        const float *xc = x + cb * PK_COLS;
+        if (cb * PK_COLS + PK_COLS > in) { /* the last, partial block: zero-padded copy */
+            memset(pad, 0, sizeof pad);
+            memcpy(pad, xc, (size_t)(in - cb * PK_COLS) * sizeof(float));
+            xc = pad;
+        }
+        const __m256 x0 = _mm256_loadu_ps(xc), x1 = _mm256_loadu_ps(xc + 8);
+        const __m256 x2 = _mm256_loadu_ps(xc + 16), x3 = _mm256_loadu_ps(xc + 24);
+        const int64_t end = p + steps[s * nblocks + cb];
+        for (; p < end; ++p) {
+            const uint8_t *c = cols + p * PK_SLICE;
+            const __m256i i0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)c));
+            const __m256i i1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c + 8)));
+            lo = _mm256_fmadd_ps(tile_vals8(vals, int8, p * PK_SLICE), pick32(x0, x1, x2, x3, i0),
+                                 lo);
+            hi = _mm256_fmadd_ps(tile_vals8(vals, int8, p * PK_SLICE + 8),
+                                 pick32(x0, x1, x2, x3, i1), hi);
+        }
+    }
+    float out[PK_SLICE];
+    _mm256_storeu_ps(out, lo);
+    _mm256_storeu_ps(out + 8, hi);
+    for (int i = 0; i < PK_SLICE && s * PK_SLICE + i < rows; ++i)
+        y[s * PK_SLICE + i] = finish(out[i], scale, bias, s * PK_SLICE + i);
+}
 #else
 static void tiles_slice_scalar(int64_t s, int64_t rows, int64_t in, int64_t nblocks,
                                const int64_t *slice_ptr, const uint8_t *steps, const uint8_t *cols,
@@ -468,6 +522,11 @@ PK_EXPORT void pk_tiles(int64_t rows, int64_t in, int64_t batch, const int64_t *
                 }
             }
         }
+#elif defined(__AVX2__) && defined(__FMA__)
+        for (int64_t b = 0; b < batch; ++b)
+            for (int64_t s = s0; s < s1; ++s)
+                tiles_slice_avx2(s, rows, in, nblocks, slice_ptr, steps, cols, vals, int8, scale,
+                                 bias, x + b * in, y + b * rows);
 #else
         for (int64_t b = 0; b < batch; ++b)
             for (int64_t s = s0; s < s1; ++s)
