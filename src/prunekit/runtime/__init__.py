@@ -1,6 +1,12 @@
 """Run time: sparse kernels (``accelerate``), latency and throughput (``bench``), peak memory."""
 
-from prunekit.runtime.accelerate import AccelerateReport, AccelerateRow, SparseLinear, accelerate
+from prunekit.runtime.accelerate import (
+    AccelerateReport,
+    AccelerateRow,
+    SparseConv2d,
+    SparseLinear,
+    accelerate,
+)
 from prunekit.runtime.bench import BenchReport, BenchRow, bench
 from prunekit.runtime.memory import PeakMemory
 
@@ -10,6 +16,7 @@ __all__ = [
     "BenchReport",
     "BenchRow",
     "PeakMemory",
+    "SparseConv2d",
     "SparseLinear",
     "accelerate",
     "bench",

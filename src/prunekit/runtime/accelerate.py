@@ -444,7 +444,7 @@ class AccelerateReport:
         for r in self.rows:
             if r.name == name:
                 return r
-        raise KeyError(f"no Linear named {name!r}; layers: {', '.join(r.name for r in self.rows)}")
+        raise KeyError(f"no layer named {name!r}; layers: {', '.join(r.name for r in self.rows)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
