@@ -70,6 +70,17 @@ PK_EXPORT int pk_has_bitmap(void) {
 #endif
 }
 
+/* This thread's number in the parallel team and the team's size (0 of 1 without OpenMP). */
+static inline void team(int *part, int *nparts) {
+#ifdef _OPENMP
+    *part = omp_get_thread_num();
+    *nparts = omp_get_num_threads();
+#else
+    *part = 0;
+    *nparts = 1;
+#endif
+}
+
 /* First row of the part-th of nparts chunks holding about equal numbers of non-zeros. */
 static int64_t row_split(const int64_t *rowptr, int64_t rows, int part, int nparts) {
     if (part <= 0) return 0;
@@ -203,11 +214,8 @@ static void spmm_csr(int64_t rows, int64_t in, int64_t batch, const int64_t *row
     (void)in;
 #pragma omp parallel num_threads(nthreads)
     {
-        int part = 0, nparts = 1;
-#ifdef _OPENMP
-        part = omp_get_thread_num();
-        nparts = omp_get_num_threads();
-#endif
+        int part, nparts;
+        team(&part, &nparts);
         int64_t r0 = row_split(rowptr, rows, part, nparts);
         int64_t r1 = row_split(rowptr, rows, part + 1, nparts);
         if (batch == 1) {
@@ -325,11 +333,8 @@ PK_EXPORT int pk_bitmap(int64_t rows, int64_t in, int64_t batch, const int64_t *
     const int64_t nblocks = (in + 15) / 16;
 #pragma omp parallel num_threads(nthreads)
     {
-        int part = 0, nparts = 1;
-#ifdef _OPENMP
-        part = omp_get_thread_num();
-        nparts = omp_get_num_threads();
-#endif
+        int part, nparts;
+        team(&part, &nparts);
         /* every row costs nblocks steps whatever its non-zeros: split rows evenly */
         const int64_t r0 = rows * part / nparts, r1 = rows * (part + 1) / nparts;
         if (batch == 1) {
@@ -500,11 +505,8 @@ PK_EXPORT void pk_tiles(int64_t rows, int64_t in, int64_t batch, const int64_t *
     const int64_t nblocks = (in + PK_COLS - 1) / PK_COLS;
 #pragma omp parallel num_threads(nthreads)
     {
-        int part = 0, nparts = 1;
-#ifdef _OPENMP
-        part = omp_get_thread_num();
-        nparts = omp_get_num_threads();
-#endif
+        int part, nparts;
+        team(&part, &nparts);
         /* slices split so each thread gets about the same number of steps */
         const int64_t s0 = row_split(slice_ptr, nslices, part, nparts);
         const int64_t s1 = row_split(slice_ptr, nslices, part + 1, nparts);
