@@ -21,14 +21,8 @@ from prunekit.graph.groups import build_groups
 from prunekit.graph.surgery import apply_removal
 from prunekit.graph.trace import call_model, iter_tensors, trace
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread (and do not fight other jobs for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models run far faster on one thread (conftest.one_thread), and leave the other core be
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- architectures

@@ -20,12 +20,8 @@ IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
 INPUTS = {"input_ids": IDS, "use_cache": False}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models run far faster on one thread (conftest.one_thread), and leave the other core be
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

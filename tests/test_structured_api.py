@@ -25,13 +25,8 @@ from test_graph_zoo import (
     outputs,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models run far faster on one thread (conftest.one_thread), and leave the other core be
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

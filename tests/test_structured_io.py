@@ -17,12 +17,8 @@ from test_graph_zoo import ResNet, RNNNet, ViT, _randomize_bn, assert_close, hf_
 IMG = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models run far faster on one thread (conftest.one_thread), and leave the other core be
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fresh(cls):
