@@ -3,9 +3,10 @@
 
 :func:`accelerate` swaps each sparse ``nn.Linear`` (finalized, or still masked: the effective
 weight is used) for a :class:`SparseLinear`, and each sparse ``nn.Conv2d`` (groups 1) for a
-:class:`SparseConv2d` (patches unfolded, then the same kernels), where that is measurably faster on *this* machine
-for the input shape the layer saw on ``example_inputs``; elsewhere the dense module stays. Each
-weight layout of :mod:`prunekit.runtime.sparse_formats` is timed per layer and the fastest kept:
+:class:`SparseConv2d` (patches unfolded, then the same kernels), where that is measurably
+faster on *this* machine for the input shape the layer saw on ``example_inputs``; elsewhere the
+dense module stays. Each weight layout of :mod:`prunekit.runtime.sparse_formats` is timed per
+layer and the fastest kept:
 
 * ``"tiles"``: 16 output rows at a time; per block of 32 columns the inputs sit in two vector
   registers and each stored vector of 16 non-zeros (one per row) picks its inputs with a single

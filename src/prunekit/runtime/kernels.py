@@ -1,12 +1,12 @@
 """Build and load prunekit's compiled sparse kernels (``csrc/sparse_kernels.c``).
 
 The C source ships with the package and is compiled on first use with the machine's C compiler
-(``$CC``, else ``cc``, ``gcc`` or ``clang``; without one, the compiler of the ``ziglang`` package,
-``pip install 'prunekit[kernels]'``, builds them single-threaded) as ``-O3 -march=native`` (so it uses the widest
-vector instructions this CPU has) with OpenMP when the compiler supports it, then loaded with
-:mod:`ctypes`. The shared library is cached under ``$PRUNEKIT_CACHE`` (default
-``~/.cache/prunekit/kernels``), keyed by the source, the flags, the compiler and the CPU, so the
-build (about a second) happens once per machine. torch is imported first, so the kernels share
+(``$CC``, else ``cc``, ``gcc`` or ``clang``; without one, the compiler of the ``ziglang``
+package, ``pip install 'prunekit[kernels]'``, builds them single-threaded) as
+``-O3 -march=native`` (so it uses the widest vector instructions this CPU has) with OpenMP when
+the compiler supports it, then loaded with :mod:`ctypes`. The shared library is cached under
+``$PRUNEKIT_CACHE`` (default ``~/.cache/prunekit/kernels``), keyed by the source, the flags,
+the compiler and the CPU, so the build (about a second) happens once per machine. torch is imported first, so the kernels share
 torch's OpenMP runtime and thread pool.
 
 Nothing here is required: when no compiler is found or the build fails, :func:`load` returns
@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -179,9 +180,27 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pk_run.restype = i32
 
 
-def _load_uncached() -> KernelLibrary | str:
-    import time
+def _library_path(cc: list[str], source: bytes, march: str) -> tuple[Path | None, str]:
+    """The built library (from the cache, or built now), or None and the build log."""
+    _, version = _run([*cc, "--version"])
+    parts = [source, " ".join(cc), version, _cpu_fingerprint(), f"O3 march={march} omp"]
+    key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts))
+    name = f"sparse_kernels-{key.hexdigest()[:16]}.so"
+    fallback = Path(tempfile.gettempdir()) / f"prunekit-kernels-{os.getuid()}" / name
+    log = ""
+    for path in (cache_dir() / name, fallback):  # a read-only home falls back to the temp dir
+        if path.is_file():
+            return path, ""
+        try:
+            ok, log = _build(cc, source, path, march)
+        except OSError as exc:
+            ok, log = False, f"{type(exc).__name__}: {exc}"
+        if ok:
+            return path, ""
+    return None, log
 
+
+def _load_uncached() -> KernelLibrary | str:
     if os.environ.get("PRUNEKIT_NO_KERNELS", "") not in ("", "0"):
         return "turned off by PRUNEKIT_NO_KERNELS"
     if platform.system() != "Linux":
@@ -192,28 +211,14 @@ def _load_uncached() -> KernelLibrary | str:
             "no C compiler found ($CC, cc, gcc or clang): install one, or "
             "pip install 'prunekit[kernels]' (a compiler from the package registry)"
         )
-    source = resources.files("prunekit.runtime").joinpath("csrc", _SOURCE).read_bytes()
     try:
         march = _march()
     except ValueError as exc:
         return str(exc)
-    ok, version = _run([*cc, "--version"])
-    parts = [source, " ".join(cc), version, _cpu_fingerprint(), f"O3 march={march} omp"]
-    key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts))
-    key = key.hexdigest()[:16]
-    name = f"sparse_kernels-{key}.so"
-    fallback = Path(tempfile.gettempdir()) / f"prunekit-kernels-{os.getuid()}" / name
+    source = resources.files("prunekit.runtime").joinpath("csrc", _SOURCE).read_bytes()
     start = time.perf_counter()
-    for path in (cache_dir() / name, fallback):  # a read-only home falls back to the temp dir
-        if path.is_file():
-            break
-        try:
-            ok, log = _build(cc, source, path, march)
-        except OSError as exc:
-            ok, log = False, f"{type(exc).__name__}: {exc}"
-        if ok:
-            break
-    else:
+    path, log = _library_path(cc, source, march)
+    if path is None:
         return f"building the C kernels with {' '.join(cc)} failed:\n{log[-2000:]}"
     build_s = time.perf_counter() - start
     try:

@@ -103,18 +103,25 @@ static inline float finish(float acc, const float *scale, const float *bias, int
 #if defined(PK_AVX512)
 static inline __m512i load_cols16(const void *cols, int wide, int64_t k) {
     if (wide) return _mm512_loadu_si512((const void *)((const int32_t *)cols + k));
-    return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)cols + k)));
+    const __m256i narrow = _mm256_loadu_si256((const __m256i *)((const uint16_t *)cols + k));
+    return _mm512_cvtepu16_epi32(narrow);
 }
 static inline __m512i load_cols16_masked(const void *cols, int wide, int64_t k, __mmask16 m) {
     if (wide) return _mm512_maskz_loadu_epi32(m, (const int32_t *)cols + k);
     return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)cols + k));
 }
 static inline __m512 load_vals16(const void *vals, int int8, int64_t k) {
-    if (int8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)vals + k))));
+    if (int8) {
+        const __m128i q = _mm_loadu_si128((const __m128i *)((const int8_t *)vals + k));
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+    }
     return _mm512_loadu_ps((const float *)vals + k);
 }
 static inline __m512 load_vals16_masked(const void *vals, int int8, int64_t k, __mmask16 m) {
-    if (int8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, (const int8_t *)vals + k)));
+    if (int8) {
+        const __m128i q = _mm_maskz_loadu_epi8(m, (const int8_t *)vals + k);
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+    }
     return _mm512_maskz_loadu_ps(m, (const float *)vals + k);
 }
 #endif
@@ -154,9 +161,9 @@ static inline float csr_row_dot(const void *vals, int int8, const void *cols, in
             c0 = _mm256_loadu_si256((const __m256i *)((const int32_t *)cols + k));
             c1 = _mm256_loadu_si256((const __m256i *)((const int32_t *)cols + k + 8));
         } else {
-            c0 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)cols + k)));
-            c1 = _mm256_cvtepu16_epi32(
-                _mm_loadu_si128((const __m128i *)((const uint16_t *)cols + k + 8)));
+            const uint16_t *c = (const uint16_t *)cols + k;
+            c0 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)c));
+            c1 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(c + 8)));
         }
         if (int8) {
             const __m128i q = _mm_loadu_si128((const __m128i *)((const int8_t *)vals + k));
@@ -227,7 +234,8 @@ static void spmm_csr(int64_t rows, int64_t in, int64_t batch, const int64_t *row
             if (acc) {
                 for (int64_t r = r0; r < r1; ++r) {
                     csr_row_batch(vals, int8, cols, wide, rowptr[r], rowptr[r + 1], xt, batch, acc);
-                    for (int64_t b = 0; b < batch; ++b) y[b * rows + r] = finish(acc[b], scale, bias, r);
+                    for (int64_t b = 0; b < batch; ++b)
+                        y[b * rows + r] = finish(acc[b], scale, bias, r);
                 }
                 free(acc);
             }
@@ -301,9 +309,10 @@ static inline float bitmap_row_dot(const uint16_t *masks, int64_t nblocks, int64
 #define PK_TILE 8 /* input rows sharing one expanded weight block in the batched bitmap kernel */
 
 static inline __m512 bitmap_block(const uint16_t m, const void *vals, int int8, int64_t off) {
-    if (int8)
-        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-            _mm_maskz_expand_epi8(m, _mm_loadu_si128((const __m128i *)((const int8_t *)vals + off)))));
+    if (int8) {
+        const __m128i q = _mm_loadu_si128((const __m128i *)((const int8_t *)vals + off));
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_expand_epi8(m, q)));
+    }
     return _mm512_maskz_expand_ps(m, _mm512_loadu_ps((const float *)vals + off));
 }
 
@@ -516,12 +525,16 @@ PK_EXPORT void pk_tiles(int64_t rows, int64_t in, int64_t batch, const int64_t *
             const float *xb = x + b0 * in;
             float *yb = y + b0 * rows;
             for (int64_t s = s0; s < s1; ++s) {
+#define PK_SLICE_CALL(BT)                                                                  \
+    tiles_slice(s, rows, in, nblocks, slice_ptr, steps, cols, vals, int8, scale, bias, xb, in, \
+                yb, rows, BT)
                 switch (bt) { /* constant tile widths: the accumulators stay in registers */
-                case 1: tiles_slice(s, rows, in, nblocks, slice_ptr, steps, cols, vals, int8, scale, bias, xb, in, yb, rows, 1); break;
-                case 2: tiles_slice(s, rows, in, nblocks, slice_ptr, steps, cols, vals, int8, scale, bias, xb, in, yb, rows, 2); break;
-                case 3: tiles_slice(s, rows, in, nblocks, slice_ptr, steps, cols, vals, int8, scale, bias, xb, in, yb, rows, 3); break;
-                default: tiles_slice(s, rows, in, nblocks, slice_ptr, steps, cols, vals, int8, scale, bias, xb, in, yb, rows, PK_BT); break;
+                case 1: PK_SLICE_CALL(1); break;
+                case 2: PK_SLICE_CALL(2); break;
+                case 3: PK_SLICE_CALL(3); break;
+                default: PK_SLICE_CALL(PK_BT); break;
                 }
+#undef PK_SLICE_CALL
             }
         }
 #elif defined(__AVX2__) && defined(__FMA__)
