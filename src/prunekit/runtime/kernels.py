@@ -6,8 +6,8 @@ package, ``pip install 'prunekit[kernels]'``, builds them single-threaded) as
 ``-O3 -march=native`` (so it uses the widest vector instructions this CPU has) with OpenMP when
 the compiler supports it, then loaded with :mod:`ctypes`. The shared library is cached under
 ``$PRUNEKIT_CACHE`` (default ``~/.cache/prunekit/kernels``), keyed by the source, the flags,
-the compiler and the CPU, so the build (about a second) happens once per machine. torch is imported first, so the kernels share
-torch's OpenMP runtime and thread pool.
+the compiler and the CPU, so the build (about a second) happens once per machine. torch is
+imported first, so the kernels share torch's OpenMP runtime and thread pool.
 
 Nothing here is required: when no compiler is found or the build fails, :func:`load` returns
 None and :func:`why_unavailable` says why; :func:`prunekit.accelerate` then keeps layers dense.
