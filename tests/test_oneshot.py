@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -219,15 +219,27 @@ def test_oneshot_reports_time_and_memory_and_leaves_input_alone(calib) -> None:
     assert report.settings["wall_time_s"] > 0 and "peak_memory_mb" in str(report)
 
 
-def test_peak_memory_sees_a_large_allocation() -> None:
-    from prunekit.runtime import PeakMemory
+PEAK_SCRIPT = """
+import time, torch
+from prunekit.runtime import PeakMemory
+with PeakMemory(interval=0.001) as memory:
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    deadline = time.monotonic() + 2.0  # hold it until the sampling thread has seen it
+    while memory.peak_mb < 48 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    del block
+print(memory.peak_mb)
+"""
 
-    with PeakMemory(interval=0.001) as memory:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        # hold it while the sampling thread gets the GIL (the fill itself may not release it)
-        time.sleep(0.05)
-        del block
-    assert memory.peak_mb >= 48
+
+def test_peak_memory_sees_a_large_allocation() -> None:
+    # In a fresh process: in this long-lived one, the allocator may serve 64 MiB from memory
+    # earlier tests freed but kept resident, and RSS would not grow (see PeakMemory's docstring).
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) >= 48
 
 
 def test_unreachable_target_stops_oneshot_before_any_change(calib) -> None:
