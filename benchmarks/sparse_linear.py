@@ -135,10 +135,10 @@ def main() -> None:
                 qlinear = torch_int8(linear) if dtype == "int8" else None
                 for batch in BATCHES:
                     x = torch.randn(batch, n, generator=gen)
-                    accel, report = acc.accelerate(model, x, threads=args.threads)
+                    accel, report = acc.accelerate(model, x, threads=args.threads, progress=False)
                     row = report.rows[0]
                     kernel, _ = acc.accelerate(
-                        model, x, min_speedup=0.0, formats=row.format.split("-")[0]
+                        model, x, min_speedup=0.0, formats=row.format.split("-")[0], progress=False
                     )
                     with torch.inference_mode():
                         y = F.linear(x, w, b)

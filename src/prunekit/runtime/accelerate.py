@@ -51,6 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from prunekit.runtime import kernels, sparse_formats
 from prunekit.runtime.sparse_formats import FORMATS
@@ -699,6 +700,7 @@ def accelerate(
     int8: bool = True,
     formats: str | Sequence[str] | None = None,
     inplace: bool = False,
+    progress: bool = True,
 ) -> tuple[nn.Module, AccelerateReport]:
     """Swap sparse ``nn.Linear`` / ``nn.Conv2d`` layers for :class:`SparseLinear` /
     :class:`SparseConv2d` where that is faster here.
@@ -719,6 +721,8 @@ def accelerate(
             those whose kernels are vectorised on this CPU (bitmap and tiles need AVX-512) and
             keeps the fastest per layer.
         inplace: modify ``model`` itself; otherwise a deep copy is modified and returned.
+        progress: a per-layer progress bar, shown once the run has lasted more than a second
+            (each sparse layer is encoded in every format and timed, about a second a layer).
 
     Returns:
         ``(model, report)``: ``print(report)`` shows per layer the density, dense and sparse
@@ -742,7 +746,10 @@ def accelerate(
             torch.set_num_threads(threads)
         model.eval()
         shapes = _record_input_shapes(model, example_inputs, [n for n, _ in layers])
-        for name, module in layers:
+        for name, module in tqdm(
+            layers, desc="prunekit accelerate", unit="layer", delay=1.0, leave=False,
+            disable=not progress,
+        ):  # fmt: skip
             with torch.no_grad():
                 weight = module.weight.detach()
                 bias = None if module.bias is None else module.bias.detach()
