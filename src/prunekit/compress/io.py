@@ -117,6 +117,20 @@ def _atomic_dir_write(path: Path, overwrite: bool, write) -> None:
         raise
 
 
+def effective_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``model.state_dict()`` with every masked weight replaced by its effective (masked) value
+    and the mask buffers dropped, plus those masks by parameter name."""
+    state = model.state_dict()
+    masks = {}
+    for module_name, module, name in masked_parameters(model):
+        full = f"{module_name}.{name}" if module_name else name
+        masks[full] = get_mask(module, name)
+        state.pop(full + MASK_SUFFIX, None)
+        # Optimiser momentum from before the mask can move raw values: store the masked weight.
+        state[full] = getattr(module, name).detach()
+    return state, masks
+
+
 def save(
     model: nn.Module,
     path: str | os.PathLike,
@@ -148,14 +162,7 @@ def save(
     """
     path = Path(path)
     check_compress_args(compressed, bits, granularity, index)
-    state = model.state_dict()
-    masks = {}
-    for module_name, module, name in masked_parameters(model):
-        full = f"{module_name}.{name}" if module_name else name
-        masks[full] = get_mask(module, name)
-        state.pop(full + MASK_SUFFIX, None)
-        # Optimiser momentum from before the mask can move raw values: store the masked weight.
-        state[full] = getattr(module, name).detach()
+    state, masks = effective_state(model)
     tensors, aliases = _dedupe_shared(state)
     extra: dict[str, Any] = {}
     mask_shapes = {name: list(mask.shape) for name, mask in masks.items()}

@@ -296,15 +296,10 @@ def _encode_weights(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The model's weights (masks baked in, tied ones stored once) in prunekit's compressed
     encoding, and the ``prunekit.json`` entries that describe them."""
-    from prunekit.compress.io import _dedupe_shared, encode_state
+    from prunekit.compress.io import _dedupe_shared, effective_state, encode_state
     from prunekit.compress.quantize import QUANT_ATTR
-    from prunekit.masks import MASK_SUFFIX, masked_parameters
 
-    state = model.state_dict()
-    for module_name, module, name in masked_parameters(model):
-        full = f"{module_name}.{name}" if module_name else name
-        state.pop(full + MASK_SUFFIX, None)
-        state[full] = getattr(module, name).detach()  # the masked (effective) weight
+    state, _ = effective_state(model)  # masked weights as their effective values
     kept, aliases = _dedupe_shared(state)
     tensors, encoded = encode_state(
         kept,
