@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit.oneshot import oneshot
+from prunekit.calibrate.oneshot import oneshot
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_common import find_folder, load_mnist  # noqa: E402

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 import prunekit
 from prunekit.eval import perplexity
-from prunekit.oneshot import oneshot
+from prunekit.calibrate.oneshot import oneshot
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN = 128

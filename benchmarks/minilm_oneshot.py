@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import prunekit
-from prunekit.oneshot import oneshot
+from prunekit.calibrate.oneshot import oneshot
 
 ROOT = Path(__file__).resolve().parents[1]
 

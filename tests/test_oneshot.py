@@ -16,9 +16,9 @@ from conftest import tiny_llama as _tiny_llama
 from prunekit.calibrate import calibration
 from prunekit.eval import perplexity
 from prunekit.masks import get_mask
-from prunekit.oneshot import oneshot
+from prunekit.calibrate.oneshot import oneshot
 from prunekit.scope import owl_allocation
-from prunekit.sparsegpt import SparseGPTFailure, sparsegpt_prune
+from prunekit.calibrate.sparsegpt import SparseGPTFailure, sparsegpt_prune
 
 transformers = pytest.importorskip("transformers")
 
@@ -169,7 +169,7 @@ def test_oneshot_falls_back_to_magnitude_when_sparsegpt_fails(calib, monkeypatch
     def fail(*args, **kwargs):
         raise SparseGPTFailure("forced failure")
 
-    monkeypatch.setattr(sys.modules["prunekit.oneshot"], "sparsegpt_prune", fail)
+    monkeypatch.setattr(sys.modules["prunekit.calibrate.oneshot"], "sparsegpt_prune", fail)
     with pytest.warns(UserWarning, match="by magnitude instead"):
         report = oneshot(tiny_llama(), calib, method="sparsegpt", progress=False)
     assert report.sparsity == 0.5 and report.details["fallbacks"]
@@ -354,7 +354,7 @@ def test_device_option_moves_each_block_and_back(calib) -> None:
 
 
 def test_owl_with_n_m_keeps_the_average_exact(calib) -> None:
-    from prunekit.oneshot import round_nm_allocation
+    from prunekit.calibrate.oneshot import round_nm_allocation
     from prunekit.patterns import NM
 
     assert round_nm_allocation([0.42, 0.5, 0.56, 0.52], [1, 1, 1, 1], NM(4, 8)) == [

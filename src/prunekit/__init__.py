@@ -31,7 +31,7 @@ from prunekit.graph import (
     save_pretrained,
 )
 from prunekit.masks import finalize
-from prunekit.oneshot import oneshot
+from prunekit.calibrate.oneshot import oneshot
 from prunekit.prune import prune
 from prunekit.report import PruneReport, SparsityReport, stats
 from prunekit.runtime.accelerate import AccelerateReport, accelerate

@@ -209,7 +209,7 @@ def _prune_hf(args: argparse.Namespace, source: Path, out: Path) -> SparsityRepo
 
 def _oneshot_hf(args: argparse.Namespace, source: Path, out: Path) -> SparsityReport:
     from prunekit.calibrate.data import calibration
-    from prunekit.oneshot import oneshot
+    from prunekit.calibrate.oneshot import oneshot
 
     try:
         import transformers

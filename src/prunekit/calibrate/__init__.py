@@ -1,4 +1,5 @@
-"""Calibration data, statistics hooks and the layer-by-layer (sequential) runner."""
+"""Calibrated one-shot pruning: calibration data, statistics hooks, the block-by-block runner,
+the SparseGPT solver and the ``oneshot`` verb that ties them together."""
 
 from prunekit.calibrate.data import CalibrationSet, calibration, pydoc_text
 from prunekit.calibrate.stats import InputStats, collect_input_stats

@@ -1,0 +1,394 @@
+"""``oneshot``: calibrated post-training pruning (magnitude, Wanda, SparseGPT), block by block."""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.calibrate.data import CalibrationSet, calibration
+from prunekit.calibrate.sequential import find_blocks, run_sequential
+from prunekit.calibrate.stats import (
+    InputStats,
+    check_calibratable,
+    check_targets_run,
+    collect_input_stats,
+)
+from prunekit.masks import apply_mask, raw_parameter
+from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
+from prunekit.prune import _check_choice, _resolve_sparsity, compute_masks
+from prunekit.report import PruneReport, layer_stats, model_counts
+from prunekit.runtime.memory import PeakMemory
+from prunekit.scope import owl_allocation
+from prunekit.scores import get_criterion
+from prunekit.calibrate.sparsegpt import SparseGPTFailure, sparsegpt_prune
+from prunekit.targets import Target, resolve_targets
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+ALLOCATIONS = ("uniform", "owl")
+_NEEDS = {"magnitude": set(), "wanda": {"norm"}, "sparsegpt": {"hessian"}}
+
+
+def _owl_ratio(targets: list[Target], stats: dict, threshold: float) -> float:
+    """Share of Wanda scores above ``threshold`` times their mean, over a group of layers."""
+    parts = []
+    for t in targets:
+        weight = t.as_matrix(t.weight().abs().float())
+        parts.append(
+            (weight * stats[t.name]["norm"].to(weight.device).sqrt()[None, :]).reshape(-1).cpu()
+        )
+    scores = torch.cat(parts)
+    return float((scores > threshold * scores.mean()).float().mean())
+
+
+def _nm_for(pattern: NM, sparsity: float) -> NM:
+    """The N:M pattern of a layer whose allocated sparsity differs from the target (mixed N:M)."""
+    n = min(pattern.m - 1, max(1, round(pattern.m * (1 - sparsity))))
+    return NM(n, pattern.m)
+
+
+def round_nm_allocation(sparsities: list[float], sizes: list[int], pattern: NM) -> list[float]:
+    """Snap per-unit sparsities to N:M levels while keeping the size-weighted average.
+
+    Each unit gets ``floor(M * density)`` kept weights per group, then the units with the
+    largest remainders get one more until the kept total reaches the target's (largest-remainder
+    rounding), so mixed N:M averages the pattern's own sparsity whenever the sizes allow.
+
+    Example:
+        >>> round_nm_allocation([0.42, 0.5, 0.56, 0.52], [1, 1, 1, 1], NM(4, 8))
+        [0.375, 0.5, 0.625, 0.5]
+    """
+    m = pattern.m
+    ideal = [m * (1 - s) for s in sparsities]
+    kept = [min(m - 1, max(1, int(x))) for x in ideal]
+    target = (1 - pattern.sparsity) * sum(sizes)
+    total = sum(k / m * size for k, size in zip(kept, sizes, strict=True))
+    for i in sorted(range(len(ideal)), key=lambda j: ideal[j] - int(ideal[j]), reverse=True):
+        if kept[i] < m - 1 and total + sizes[i] / m <= target + 1e-9:
+            kept[i] += 1
+            total += sizes[i] / m
+    return [1 - k / m for k in kept]
+
+
+@dataclass
+class _Pruner:
+    """One oneshot job's settings; prunes groups of layers given their calibration statistics."""
+
+    method: str
+    pattern: Pattern
+    scope: str
+    sparsity: float
+    allocation: str
+    owl_threshold: float
+    owl_lambda: float
+    block_size: int
+    damp: float
+    seed: int
+    progress: bool
+    allocated: dict[str, float] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    @property
+    def need(self) -> set[str]:
+        """Statistics the method needs from calibration."""
+        return _NEEDS[self.method]
+
+    def owl(self, groups: list[list[Target]], stats: dict) -> list[float]:
+        """Per-group sparsity from the groups' outlier ratios (N:M levels rounded)."""
+        ratios = [_owl_ratio(group, stats, self.owl_threshold) for group in groups]
+        sizes = [sum(t.weight().numel() for t in group) for group in groups]
+        allocated = owl_allocation(ratios, sizes, self.sparsity, self.owl_lambda)
+        if isinstance(self.pattern, NM):
+            allocated = round_nm_allocation(allocated, sizes, self.pattern)
+        return allocated
+
+    def prune(self, targets: list[Target], stats: dict, sparsity: float) -> None:
+        pattern = _nm_for(self.pattern, sparsity) if isinstance(self.pattern, NM) else self.pattern
+        for t in targets:
+            self.allocated[t.name] = pattern.sparsity if isinstance(pattern, NM) else sparsity
+        if self.method == "sparsegpt":
+            for t in targets:
+                self._sparsegpt(t, stats[t.name]["hessian"], pattern, sparsity)
+            return
+        keeps = compute_masks(
+            targets,
+            get_criterion(self.method),
+            stats,
+            pattern,
+            sparsity,
+            {},
+            self.scope,
+            generator=self.generator,
+        )
+        for t in targets:
+            apply_mask(t.module, t.param_name, keeps[t.name])
+
+    def _sparsegpt(
+        self, t: Target, hessian: torch.Tensor, pattern: Pattern, sparsity: float
+    ) -> None:
+        weight = t.weight()
+        matrix = t.as_matrix(weight)
+        nm = (pattern.n, pattern.m) if isinstance(pattern, NM) else None
+        try:
+            result = sparsegpt_prune(
+                matrix,
+                hessian,
+                sparsity,
+                nm,
+                frozen=matrix == 0,
+                block_size=self.block_size,
+                damp=self.damp,
+                name=t.name,
+            )
+        except SparseGPTFailure as exc:
+            warnings.warn(f"prunekit: {exc}; pruning {t.name} by magnitude instead", stacklevel=4)
+            self.fallbacks[t.name] = str(exc)
+            keeps = compute_masks(
+                [t], get_criterion("magnitude"), {}, pattern, sparsity, {}, "local"
+            )
+            apply_mask(t.module, t.param_name, keeps[t.name])
+            return
+        with torch.no_grad():
+            raw_parameter(t.module, t.param_name).copy_(t.from_matrix(result.weight, weight.shape))
+        apply_mask(t.module, t.param_name, t.from_matrix(result.keep, weight.shape))
+
+
+def oneshot(
+    model: nn.Module,
+    calib: Any,
+    method: str = "wanda",
+    sparsity: float | None = None,
+    pattern: str | Pattern = "unstructured",
+    allocation: str = "uniform",
+    targets: str | Iterable[str] | None = None,
+    ignore: str | Iterable[str] | None = None,
+    *,
+    blocks: str | None = None,
+    sequential: bool = True,
+    propagate: str = "pruned",
+    scope: str | None = None,
+    owl_threshold: float = 5.0,
+    owl_lambda: float = 0.08,
+    block_size: int = 128,
+    damp: float = 0.01,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    inplace: bool = False,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune a trained model in one shot with calibration data; no retraining.
+
+    Args:
+        model: a Hugging Face causal LM or encoder, or any model (name its ``blocks``).
+        calib: calibration samples: a :class:`prunekit.calibrate.CalibrationSet` (see
+            ``prunekit.calibration``), a 1-D tensor of token ids, or an iterable of model inputs.
+        method: ``"wanda"`` (|W| * ||X||), ``"sparsegpt"`` (second order, updates the surviving
+            weights) or ``"magnitude"``.
+        sparsity: fraction of zeros of every targeted layer (default 0.5; implied by N:M).
+        pattern: ``"unstructured"`` or ``"N:M"``.
+        allocation: ``"uniform"`` (every layer the same sparsity) or ``"owl"`` (outlier-weighted
+            layerwise sparsity: blocks with more activation outliers keep more weights, within
+            ``sparsity +- owl_lambda``, averaging exactly ``sparsity``; with N:M each block gets
+            an N:M level, rounded so the average stays the pattern's sparsity, so 2:4 mostly
+            stays uniform while 4:8 mixes 3:8, 4:8 and 5:8).
+        targets, ignore: name patterns, as in :func:`prunekit.prune` (the head is excluded).
+        blocks: module path of the repeated blocks (default: the largest ``ModuleList``).
+        sequential: prune block by block (bounded memory); False runs the whole model at once.
+        propagate: ``"pruned"`` (next block sees the pruned block's outputs) or ``"dense"``.
+        scope: ``"row"`` (Wanda's default) or ``"local"`` for unstructured magnitude / Wanda.
+        owl_threshold: OWL's M: a score is an outlier above M times the mean score.
+        owl_lambda: OWL's lambda, the largest deviation from the target sparsity.
+        block_size, damp: SparseGPT's column block size and damping fraction.
+        device: run each block there (e.g. ``"cuda"``) and move it back; the rest stays put.
+        inplace: prune ``model`` itself (recommended for large models); default: a copy.
+
+    Returns:
+        A :class:`prunekit.PruneReport`; ``settings`` holds the wall time (s), the peak memory
+        growth (MiB) and the per-layer sparsity allocated.
+
+    Example:
+        >>> calib = prunekit.calibration("pydoc", tokenizer, n_samples=64, seq_len=256)  # doctest: +SKIP
+        >>> report = prunekit.oneshot(model, calib, method="sparsegpt", pattern="2:4", inplace=True)  # doctest: +SKIP
+    """
+    _check_choice("method", method, METHODS)
+    _check_choice("allocation", allocation, ALLOCATIONS)
+    _check_choice("propagate", propagate, ("pruned", "dense"))
+    pattern = parse_pattern(pattern)
+    if not isinstance(pattern, (Unstructured, NM)):
+        raise ValueError(f"oneshot supports the unstructured and N:M patterns, not {pattern}")
+    sparsity = _resolve_sparsity(sparsity, pattern)
+    scope = scope or ("row" if method == "wanda" else "local")
+    _check_choice("scope", scope, ("row", "local"))
+    if allocation == "owl":
+        owl_allocation([0.0], [1], sparsity, owl_lambda)  # validates lambda against sparsity
+    if not isinstance(calib, CalibrationSet):
+        calib = calibration(calib)
+    if len(calib) == 0:
+        raise ValueError("calib holds no sample")
+
+    chosen = resolve_targets(model, targets, ignore)
+    if method != "magnitude" or allocation == "owl":
+        for t in chosen:
+            check_calibratable(t)
+    skip = {t.name: pattern.skip_reason(tuple(t.as_matrix(t.weight()).shape)) for t in chosen}
+    skipped = {name: reason for name, reason in skip.items() if reason}
+    for name, reason in skipped.items():
+        warnings.warn(f"prunekit: skipping {name} for pattern {pattern}: {reason}", stacklevel=2)
+    if method != "magnitude" or allocation == "owl":
+        check_targets_run(model, chosen, calib[0])
+    if not inplace:
+        names = [t.module_name for t in chosen]
+        model = copy.deepcopy(model)
+        modules = dict(model.named_modules())
+        chosen = [Target(n, modules[n]) for n in names]
+    usable = [t for t in chosen if t.name not in skipped]
+
+    pruner = _Pruner(
+        method,
+        pattern,
+        scope,
+        sparsity,
+        allocation,
+        owl_threshold,
+        owl_lambda,
+        block_size,
+        damp,
+        seed,
+        progress,
+    )
+    found = find_blocks(model, blocks) if sequential else None
+    started = time.perf_counter()
+    with PeakMemory() as memory:
+        if found is None:
+            if sequential:
+                warnings.warn(
+                    "prunekit: no repeated blocks found; calibrating the whole model at once",
+                    stacklevel=2,
+                )
+            _prune_all_at_once(model, usable, calib, pruner, allocation)
+        else:
+            _prune_sequentially(model, found, usable, calib, pruner, propagate, device)
+    elapsed = time.perf_counter() - started
+
+    rows = [layer_stats(t) for t in chosen]
+    params, zeros = model_counts(model)
+    settings = {
+        "method": method,
+        "pattern": str(pattern),
+        "sparsity": sparsity,
+        "allocation": allocation,
+        "calibration": calib.description,
+        "wall_time_s": round(elapsed, 3),
+        "peak_memory_mb": round(memory.peak_mb, 1),
+    }
+    if memory.cuda_peak_mb is not None:
+        settings["cuda_peak_memory_mb"] = round(memory.cuda_peak_mb, 1)
+    if isinstance(pattern, Unstructured):
+        settings["scope"] = scope
+    details = {"allocated": pruner.allocated, "fallbacks": pruner.fallbacks}
+    return PruneReport(
+        rows, params, zeros, skipped, model=model, settings=settings, details=details
+    )
+
+
+def _prune_all_at_once(
+    model: nn.Module, targets: list[Target], calib: Any, pruner: _Pruner, allocation: str
+) -> None:
+    wanted = pruner.need | ({"norm"} if allocation == "owl" else set())
+    stats = {}
+    if wanted:
+        stats = collect_input_stats(model, targets, calib, wanted, progress=pruner.progress)
+    per_layer = [pruner.sparsity] * len(targets)
+    if allocation == "owl":
+        per_layer = pruner.owl([[t] for t in targets], stats)
+    for t, s in zip(targets, per_layer, strict=True):
+        pruner.prune([t], stats, s)
+
+
+def _block_targets(blocks_name: str, n_blocks: int, targets: list[Target]) -> tuple[list, list]:
+    prefix = f"{blocks_name}." if blocks_name else ""
+    groups: list[list[Target]] = [[] for _ in range(n_blocks)]
+    rest = []
+    for t in targets:
+        head, _, _ = t.module_name[len(prefix) :].partition(".")
+        if t.module_name.startswith(prefix) and head.isdigit() and int(head) < n_blocks:
+            groups[int(head)].append(t)
+        else:
+            rest.append(t)
+    return groups, rest
+
+
+def _prune_sequentially(
+    model: nn.Module,
+    found: tuple[str, nn.ModuleList],
+    targets: list[Target],
+    calib: Any,
+    pruner: _Pruner,
+    propagate: str,
+    device: str | torch.device | None,
+) -> None:
+    blocks_name, blocks = found
+    groups, rest = _block_targets(blocks_name, len(blocks), targets)
+    per_block = [pruner.sparsity] * len(blocks)
+
+    def bar(desc: str):
+        return (
+            (lambda it: tqdm(it, desc=desc, unit="block", leave=False)) if pruner.progress else None
+        )
+
+    if pruner.allocation == "owl":
+        stats: dict = {}
+
+        def measure(index: int, block: nn.Module, run) -> None:
+            if groups[index]:
+                with InputStats(groups[index], {"norm"}) as collected:
+                    run()
+                # blocks go back to their home device after their turn: keep the norms on the CPU
+                stats.update(
+                    {name: {"norm": entry["norm"].cpu()} for name, entry in collected.stats.items()}
+                )
+
+        run_sequential(
+            model,
+            blocks,
+            calib,
+            measure,
+            propagate="dense",
+            device=device,
+            progress=bar("oneshot (OWL pass)"),
+        )
+        used = [i for i, g in enumerate(groups) if g]
+        for i, s in zip(used, pruner.owl([groups[i] for i in used], stats), strict=True):
+            per_block[i] = s
+
+    def prune_block(index: int, block: nn.Module, run) -> None:
+        if not groups[index]:
+            return
+        stats = {}
+        if pruner.need:
+            with InputStats(groups[index], pruner.need) as collected:
+                run()
+            stats = collected.stats
+        pruner.prune(groups[index], stats, per_block[index])
+
+    run_sequential(
+        model,
+        blocks,
+        calib,
+        prune_block,
+        propagate=propagate,
+        device=device,
+        progress=bar(f"oneshot {pruner.method}"),
+    )
+    if rest:
+        _prune_all_at_once(model, rest, calib, pruner, "uniform")

@@ -1,0 +1,156 @@
+"""SparseGPT: prune one layer and update its surviving weights to compensate.
+
+From "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot" (Frantar &
+Alistarh, 2023). For a layer with weight W (out x in) and calibration inputs X, the layer
+Hessian is H = 2 X X^T. Columns are processed left to right; removing weight w_q costs
+w_q^2 / [H^-1]_qq (the optimal-brain-surgeon saliency), and the error it leaves is spread over
+the not-yet-processed columns of the same row through the upper Cholesky factor of H^-1.
+Columns are handled in blocks with lazy batched updates of the rest of the matrix, and the mask
+is chosen adaptively per block (unstructured) or per group of M columns (N:M).
+
+Numerical safety: inputs that never fire (zero Hessian diagonal) are treated as dead and their
+weights pruned first; the Hessian is damped by ``damp`` times its mean diagonal, and when the
+Cholesky factorisation still fails the damping grows tenfold (up to four times) with a warning.
+If even that fails, or the result is not finite, :class:`SparseGPTFailure` is raised so the
+caller can fall back to another method; NaN weights are never returned.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from prunekit.scope import count_to_remove
+
+
+class SparseGPTFailure(RuntimeError):
+    """The Hessian of a layer could not be factorised, or the update was not finite."""
+
+
+@dataclass
+class SparseGPTResult:
+    weight: torch.Tensor
+    """The updated weight (out x in), pruned entries exactly zero."""
+    keep: torch.Tensor
+    """Bool keep-mask (out x in)."""
+    damp: float
+    """The damping fraction that was finally used."""
+
+
+def inverse_hessian_factor(
+    hessian: torch.Tensor, damp: float, name: str = "layer"
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damping)^-1, raising the damping until it factorises."""
+    diag_mean = torch.diagonal(hessian).mean().clamp_min(1e-12)
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    for attempt in range(5):
+        fraction = damp * 10**attempt
+        try:
+            lower = torch.linalg.cholesky(hessian + fraction * diag_mean * eye)
+            inverse = torch.cholesky_inverse(lower)
+            factor = torch.linalg.cholesky(inverse, upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+        if torch.isfinite(factor).all():
+            if attempt:
+                warnings.warn(
+                    f"prunekit: SparseGPT raised the damping of {name} from {damp:g} to "
+                    f"{fraction:g} to factorise its Hessian",
+                    stacklevel=3,
+                )
+            return factor, fraction
+    raise SparseGPTFailure(
+        f"the Hessian of {name} does not factorise even with damping {fraction:g}"
+    )
+
+
+def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    prune = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        prune[torch.topk(scores.reshape(-1), k, largest=False).indices] = True
+    return prune.reshape(scores.shape)
+
+
+@torch.no_grad()
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float = 0.5,
+    nm: tuple[int, int] | None = None,
+    *,
+    frozen: torch.Tensor | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    name: str = "layer",
+) -> SparseGPTResult:
+    """Prune ``weight`` (out x in) with its Hessian (in x in); returns the updated weight.
+
+    Args:
+        sparsity: unstructured sparsity of the layer (exact: ``round(sparsity * numel)``
+            entries are removed, spread over the column blocks); ignored when ``nm`` is given.
+        nm: ``(N, M)`` to keep N of every M consecutive inputs in each row.
+        frozen: bool mask of entries that must be pruned (already-zero weights stay zero).
+        block_size: columns per lazy-update block (rounded down to a multiple of M).
+        damp: damping as a fraction of the mean Hessian diagonal.
+
+    Example:
+        >>> w, x = torch.randn(8, 16), torch.randn(64, 16)
+        >>> out = sparsegpt_prune(w, 2 * x.T @ x / 64, 0.5)
+        >>> int((out.weight == 0).sum())
+        64
+    """
+    W = weight.detach().clone().float()
+    H = hessian.detach().clone().float().to(W.device)
+    rows, cols = W.shape
+    if H.shape != (cols, cols):
+        raise ValueError(f"{name}: Hessian shape {tuple(H.shape)} does not match {cols} inputs")
+    if nm is not None:
+        block_size = max(nm[1], block_size - block_size % nm[1])
+    must_prune = torch.zeros_like(W, dtype=torch.bool) if frozen is None else frozen.clone().bool()
+
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    must_prune[:, dead] = True  # inputs that never fire: their weights go first
+    factor, used_damp = inverse_hessian_factor(H, damp, name)
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    total = count_to_remove(sparsity, W.numel())
+
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        W1 = W[:, start:end].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        F1 = factor[start:end, start:end]
+        d1 = torch.diagonal(F1)
+        P1 = torch.zeros_like(W1, dtype=torch.bool)
+        if nm is None:
+            k = round(total * end / cols) - round(total * start / cols)
+            saliency = (W1**2 / d1[None, :] ** 2).masked_fill(
+                must_prune[:, start:end], float("-inf")
+            )
+            P1 = _lowest(saliency, k)
+        for i in range(end - start):
+            if nm is not None and i % nm[1] == 0:
+                n, m = nm
+                group = (W1[:, i : i + m] ** 2 / d1[None, i : i + m] ** 2).masked_fill(
+                    must_prune[:, start + i : start + i + m], float("-inf")
+                )
+                drop = torch.topk(group, m - n, dim=1, largest=False).indices
+                P1[:, i : i + m].scatter_(1, drop, True)
+            w = W1[:, i]
+            q = w.masked_fill(P1[:, i], 0.0)
+            Q1[:, i] = q
+            err = (w - q) / F1[i, i]
+            W1[:, i:] -= err[:, None] * F1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, start:end] = Q1
+        pruned[:, start:end] = P1 | must_prune[:, start:end]
+        W[:, end:] -= Err1 @ factor[start:end, end:]
+
+    W[pruned] = 0.0
+    if not torch.isfinite(W).all():
+        raise SparseGPTFailure(f"{name}: the SparseGPT update produced non-finite weights")
+    return SparseGPTResult(W.to(weight.dtype), ~pruned, used_damp)
