@@ -29,6 +29,9 @@ from tqdm.auto import tqdm
 from prunekit.compress.structured import remove_blocks
 from prunekit.graph.count import count
 from prunekit.graph.importance import batch_input, default_loss
+from prunekit.graph.plan import resolve_target
+from prunekit.graph.report import GroupRow, StructuredReport
+from prunekit.graph.surgery import verify
 from prunekit.graph.trace import call_model, iter_tensors
 from prunekit.targets import matches
 
@@ -189,7 +192,6 @@ def prune_layers(
     settings: dict[str, Any],
 ):
     from prunekit.graph.hf import note_structure, remember_original_config
-    from prunekit.graph.pruner import GroupRow, StructuredReport, _resolve_target, verify
 
     if importance not in LAYER_IMPORTANCE:
         raise ValueError(
@@ -234,8 +236,8 @@ def prune_layers(
         settings["ratio"] = ratio
     else:
         cost = {r.name: r for r in before.layers}
-        want_macs = _resolve_target(target_macs, before.macs)
-        want_params = _resolve_target(target_params, before.params)
+        want_macs = resolve_target(target_macs, before.macs)
+        want_params = resolve_target(target_params, before.params)
 
         def block_cost(name: str) -> tuple[int, int]:
             rows = [r for n, r in cost.items() if n == name or n.startswith(name + ".")]

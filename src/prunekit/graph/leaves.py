@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit.graph.trace import HEAD, Tracer, iter_tensors
+from prunekit.graph.tracer import HEAD, Tracer, iter_tensors
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 

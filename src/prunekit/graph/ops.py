@@ -3,7 +3,7 @@
 Every rule gets the tracer, the canonical op name, the call's arguments and its result. Rules
 propagate the labelled dim of activations, join index sets that must stay aligned, tie parameter
 dims to atoms, and record MACs. An operation without a rule that touches a labelled tensor makes
-the tracer stop with :class:`~prunekit.graph.trace.UnsupportedOperationError`.
+the tracer stop with :class:`~prunekit.graph.tracer.UnsupportedOperationError`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prunekit.graph.trace import HEAD, INEXACT, KV, HeadSplit, LiteralUse, Tracer, iter_tensors
+from prunekit.graph.tracer import HEAD, INEXACT, KV, HeadSplit, LiteralUse, Tracer, iter_tensors
 
 Rule = Callable[[Tracer, str, tuple, dict, Any], None]
 RULES: dict[str, Rule] = {}

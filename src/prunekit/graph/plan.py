@@ -155,3 +155,9 @@ class CostModel:
                 value *= d if isinstance(d, int) else kept(d)
             params += value
         return macs, params
+
+
+def resolve_target(value: float | None, dense: float) -> float | None:
+    if value is None:
+        return None
+    return value * dense if value <= 1.0 else value

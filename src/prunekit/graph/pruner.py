@@ -4,146 +4,36 @@ from __future__ import annotations
 
 import copy
 import numbers
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from prunekit.graph.count import CountReport, count
+from prunekit.graph.count import count
+from prunekit.graph.depth import prune_layers
 from prunekit.graph.groups import Group, build_groups
 from prunekit.graph.importance import NORMALIZATIONS, REDUCTIONS, get_importance, score_groups
 from prunekit.graph.importance import normalize as normalize_scores
-from prunekit.graph.plan import CostModel, Selection, select
-from prunekit.graph.surgery import apply_removal
-from prunekit.graph.trace import Graph, call_model, iter_tensors, trace
+from prunekit.graph.plan import CostModel, Selection, resolve_target, select
+from prunekit.graph.report import GroupRow, StructuredReport
+from prunekit.graph.surgery import StructuredPruningError, apply_removal, verify
+from prunekit.graph.trace import Graph, trace
 from prunekit.targets import matches
 
 UNITS = ("channel", "neuron", "head", "layer")
 SCOPES = ("local", "global")
 GQA_MODES = ("kv", "q")
 
-
-class StructuredPruningError(RuntimeError):
-    """Surgery produced a model that does not run; nothing of the caller's model was changed."""
-
-
-@dataclass
-class GroupRow:
-    """One dependency group in a report: what it spans and how many units it kept."""
-
-    name: str
-    kind: str
-    units: int
-    kept: int
-    modules: list[str]
-    exact: bool = True
-
-    @property
-    def removed(self) -> int:
-        return self.units - self.kept
-
-
-@dataclass
-class StructuredReport:
-    """What :func:`prune_structured` returns: sizes before / after, per-group and per-layer
-    tables, the settings and the pruned model (``report.model``; ``model, report = ...`` also
-    works)."""
-
-    model: nn.Module | None
-    before: CountReport
-    after: CountReport
-    groups: list[GroupRow] = field(default_factory=list)
-    removed_layers: list[str] = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter((self.model, self))
-
-    @property
-    def params_before(self) -> int:
-        return self.before.params
-
-    @property
-    def params_after(self) -> int:
-        return self.after.params
-
-    @property
-    def macs_before(self) -> int:
-        return self.before.macs
-
-    @property
-    def macs_after(self) -> int:
-        return self.after.macs
-
-    def layers(self) -> list[dict[str, Any]]:
-        """Per-layer params and MACs before and after (layers removed entirely show 0 after)."""
-        after = {r.name: r for r in self.after.layers}
-        rows = []
-        for r in self.before.layers:
-            a = after.get(r.name)
-            rows.append(
-                {
-                    "name": r.name,
-                    "type": r.type,
-                    "params_before": r.params,
-                    "params_after": a.params if a else 0,
-                    "macs_before": r.macs,
-                    "macs_after": a.macs if a else 0,
-                }
-            )
-        return rows
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "settings": dict(self.settings),
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "macs_before": self.macs_before,
-            "macs_after": self.macs_after,
-            "groups": [{**vars(g), "removed": g.removed} for g in self.groups],
-            "removed_layers": list(self.removed_layers),
-            "layers": self.layers(),
-            "notes": list(self.notes),
-        }
-
-    def __str__(self) -> str:
-        shown = ", ".join(f"{k}={v}" for k, v in self.settings.items())
-        lines = [f"prunekit prune_structured ({shown})"]
-
-        def pct(a: int, b: int) -> str:
-            return f"{100 * a / b:.1f} %" if b else "-"
-
-        lines.append(
-            f"params {self.params_before:,} -> {self.params_after:,} ({pct(self.params_after, self.params_before)}); "
-            f"MACs {self.macs_before:,} -> {self.macs_after:,} ({pct(self.macs_after, self.macs_before)})"
-        )
-        if self.groups:
-            header = ("group", "kind", "units", "kept", "removed")
-            rows = [
-                (g.name, g.kind, str(g.units), str(g.kept), str(g.removed)) for g in self.groups
-            ]
-            widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
-            for row in [header, tuple("-" * w for w in widths), *rows]:
-                lines.append(
-                    "  ".join(
-                        c.ljust(w) if i < 2 else c.rjust(w)
-                        for i, (c, w) in enumerate(zip(row, widths, strict=True))
-                    )
-                )
-        if self.removed_layers:
-            lines.append("removed layers: " + ", ".join(self.removed_layers))
-        lines.extend(f"note: {n}" for n in self.notes)
-        return "\n".join(lines)
-
-    def __repr__(self) -> str:
-        return (
-            f"StructuredReport(params {self.params_before} -> {self.params_after}, "
-            f"MACs {self.macs_before} -> {self.macs_after})"
-        )
+# re-exported: these lived here before graph/report.py and graph/surgery.py held them
+__all__ = [
+    "GroupRow",
+    "StructuredPruningError",
+    "StructuredReport",
+    "prune_structured",
+    "verify",
+]
 
 
 # --------------------------------------------------------------------------- validation
@@ -204,12 +94,6 @@ def _check_target(value: Any, what: str) -> float | None:
             f"absolute count above 1; got {value!r}"
         )
     return float(value)
-
-
-def _resolve_target(value: float | None, dense: float) -> float | None:
-    if value is None:
-        return None
-    return value * dense if value <= 1.0 else value
 
 
 # --------------------------------------------------------------------------- the verb
@@ -317,8 +201,6 @@ def prune_structured(
     settings: dict[str, Any] = {"unit": "+".join(sorted(units)), "scope": scope}
 
     if units == {"layer"}:
-        from prunekit.graph.depth import prune_layers
-
         unused = {
             "per_layer": bool(per_layer),
             "round_to": round_to is not None,
@@ -460,8 +342,8 @@ def _search_target(
     extra = sum(p.numel() for n, p in model.named_parameters() if n not in traced)
     cost = CostModel(graph, extra_params=extra)
     dense_macs, dense_params = cost.evaluate(np.zeros(0, dtype=np.int64))
-    want_macs = _resolve_target(target_macs, dense_macs)
-    want_params = _resolve_target(target_params, dense_params)
+    want_macs = resolve_target(target_macs, dense_macs)
+    want_params = resolve_target(target_params, dense_params)
 
     def ok(selection: Selection) -> tuple[bool, float, float]:
         macs, params = cost.evaluate(selection.roots(groups))
@@ -521,12 +403,6 @@ def _fill(
     return selection
 
 
-def _output_shapes(outputs: Any) -> list[tuple[int, ...]]:
-    from prunekit.graph.trace import _plain
-
-    return [tuple(t.shape) for t in iter_tensors(_plain(outputs))]
-
-
 def _surgery_verified(
     model: nn.Module,
     graph: Graph,
@@ -556,53 +432,3 @@ def _surgery_verified(
         return model
     note_structure(candidate, {"kind": "width", "changes": record})
     return candidate
-
-
-def verify(
-    pruned: nn.Module,
-    original: nn.Module,
-    example_inputs: Any,
-    *,
-    graph: Graph | None = None,
-    removed_roots=None,
-    same_shapes: bool = True,
-) -> None:
-    """Run the pruned model; raise :class:`StructuredPruningError` if it fails or its outputs
-    changed shape."""
-    training = pruned.training
-    pruned.eval()
-    try:
-        with torch.no_grad():
-            got = _output_shapes(call_model(pruned, example_inputs))
-    except Exception as exc:
-        hint = ""
-        if graph is not None and removed_roots is not None and len(removed_roots):
-            removed = np.zeros(graph.uf.size, dtype=bool)
-            removed[removed_roots] = True
-            culprits = [lit for lit in graph.literals if removed[graph.uf.find(lit.labels)].any()]
-            if culprits:
-                hint = (
-                    " Hard-coded sizes of pruned dims: "
-                    + "; ".join(f"{lit.op} in module {lit.module!r}" for lit in culprits[:5])
-                    + ". Use -1 / computed sizes there, or ignore=[...] those modules."
-                )
-        raise StructuredPruningError(
-            f"the pruned model does not run ({type(exc).__name__}: {exc}).{hint} The model you "
-            "passed was not changed."
-        ) from exc
-    finally:
-        pruned.train(training)
-    if not same_shapes:
-        return
-    was = original.training
-    original.eval()
-    try:
-        with torch.no_grad():
-            want = _output_shapes(call_model(original, example_inputs))
-    finally:
-        original.train(was)
-    if got != want:
-        raise StructuredPruningError(
-            f"the pruned model's outputs have shapes {got}, the original's {want}. The model you "
-            "passed was not changed."
-        )

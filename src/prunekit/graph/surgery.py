@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from prunekit.graph.modules import PrunableMultiheadAttention
-from prunekit.graph.trace import Graph
+from prunekit.graph.trace import Graph, _plain, call_model, iter_tensors
 
 # attributes that hold a head count or a heads x head_dim width, updated after head pruning
 COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads")
@@ -232,3 +232,61 @@ def _fix_heads(modules: dict[str, nn.Module], graph: Graph, kept) -> None:
         groups = getattr(module, "num_key_value_groups", None)
         if isinstance(groups, int) and counts.get(kv_old):
             module.num_key_value_groups = counts[q_old] // counts[kv_old]
+
+
+class StructuredPruningError(RuntimeError):
+    """Surgery produced a model that does not run; nothing of the caller's model was changed."""
+
+
+def _output_shapes(outputs: Any) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in iter_tensors(_plain(outputs))]
+
+
+def verify(
+    pruned: nn.Module,
+    original: nn.Module,
+    example_inputs: Any,
+    *,
+    graph: Graph | None = None,
+    removed_roots=None,
+    same_shapes: bool = True,
+) -> None:
+    """Run the pruned model; raise :class:`StructuredPruningError` if it fails or its outputs
+    changed shape."""
+    training = pruned.training
+    pruned.eval()
+    try:
+        with torch.no_grad():
+            got = _output_shapes(call_model(pruned, example_inputs))
+    except Exception as exc:
+        hint = ""
+        if graph is not None and removed_roots is not None and len(removed_roots):
+            removed = np.zeros(graph.uf.size, dtype=bool)
+            removed[removed_roots] = True
+            culprits = [lit for lit in graph.literals if removed[graph.uf.find(lit.labels)].any()]
+            if culprits:
+                hint = (
+                    " Hard-coded sizes of pruned dims: "
+                    + "; ".join(f"{lit.op} in module {lit.module!r}" for lit in culprits[:5])
+                    + ". Use -1 / computed sizes there, or ignore=[...] those modules."
+                )
+        raise StructuredPruningError(
+            f"the pruned model does not run ({type(exc).__name__}: {exc}).{hint} The model you "
+            "passed was not changed."
+        ) from exc
+    finally:
+        pruned.train(training)
+    if not same_shapes:
+        return
+    was = original.training
+    original.eval()
+    try:
+        with torch.no_grad():
+            want = _output_shapes(call_model(original, example_inputs))
+    finally:
+        original.train(was)
+    if got != want:
+        raise StructuredPruningError(
+            f"the pruned model's outputs have shapes {got}, the original's {want}. The model you "
+            "passed was not changed."
+        )
