@@ -1,0 +1,309 @@
+"""The pipeline's report: the stage table side by side with the dense model, as text, Markdown,
+JSON and a self-contained HTML page with plots.
+
+The HTML embeds its plots as PNG data URIs and its styles inline: it opens in a browser with no
+network access. Plots need matplotlib (``pip install 'prunekit[report]'``); without it the page
+holds the tables and says that the plots were left out.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _fmt_int(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def table_rows(report: Any) -> list[dict[str, Any]]:
+    """Dense first, then one dict per stage, with ratios against dense."""
+    dense = report.dense
+    rows = [{"stage": "dense", "seconds": None, "resumed": False, **_ratios(dense, dense, report)}]
+    for stage in report.stages:
+        if not stage.metrics:
+            rows.append({"stage": stage.label, "seconds": stage.seconds, "resumed": stage.resumed})
+            continue
+        rows.append(
+            {
+                "stage": stage.label,
+                "seconds": stage.seconds,
+                "resumed": stage.resumed,
+                **_ratios(stage.metrics, dense, report),
+            }
+        )
+    return rows
+
+
+def _ratios(m: dict[str, Any], dense: dict[str, Any], report: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "params": m.get("params"),
+        "nonzeros": m.get("nonzeros"),
+        "nonzero_fraction": m["nonzeros"] / dense["nonzeros"] if dense.get("nonzeros") else None,
+        "macs": m.get("macs"),
+        "mac_fraction": m["macs"] / dense["macs"] if m.get("macs") and dense.get("macs") else None,
+        "file_bytes": m.get("file_bytes"),
+        "file_fraction": m["file_bytes"] / dense["fp32_bytes"] if "file_bytes" in m else None,
+        "quality": m.get("quality"),
+    }
+    if "quality" in m and dense.get("quality") not in (None, 0):
+        row["quality_retained"] = m["quality"] / dense["quality"]
+        row["quality_change"] = m["quality"] - dense["quality"]
+    for batch, lat in (m.get("latency") or {}).items():
+        row[f"latency_b{batch}_ms"] = lat["ms"]
+        row[f"latency_b{batch}_ratio"] = lat["ratio"]
+    return row
+
+
+def _columns(report: Any) -> list[tuple[str, str]]:
+    batches = []
+    for stage in report.stages:
+        batches = list((stage.metrics.get("latency") or {}).keys()) or batches
+    cols = [
+        ("stage", "stage"),
+        ("params", "params"),
+        ("nonzeros", "non-zeros"),
+        ("macs", "MACs"),
+        ("file", "file (of fp32)"),
+    ]
+    cols += [(f"lat{b}", f"latency b{b} (x dense)") for b in batches]
+    cols += [("quality", report.quality_name), ("time", "time")]
+    return cols
+
+
+def _cells(row: dict[str, Any], report: Any) -> dict[str, str]:
+    def pct(x: float | None) -> str:
+        return f"{100 * x:.1f}%" if x is not None else "-"
+
+    cells = {
+        "stage": row["stage"] + (" (resumed)" if row.get("resumed") else ""),
+        "params": _fmt_int(row.get("params")),
+        "nonzeros": f"{_fmt_int(row.get('nonzeros'))} ({pct(row.get('nonzero_fraction'))})"
+        if row.get("nonzeros") is not None
+        else "-",
+        "macs": f"{_fmt_int(row.get('macs'))} ({pct(row.get('mac_fraction'))})"
+        if row.get("macs")
+        else "-",
+        "file": f"{_fmt_bytes(row.get('file_bytes'))} ({pct(row.get('file_fraction'))})"
+        if row.get("file_bytes") is not None
+        else "-",
+        "time": f"{row['seconds']:.1f} s" if row.get("seconds") is not None else "-",
+    }
+    quality = row.get("quality")
+    if quality is None:
+        cells["quality"] = "-"
+    elif row["stage"] == "dense" or "quality_retained" not in row:
+        cells["quality"] = f"{quality:.4g}"
+    else:
+        cells["quality"] = f"{quality:.4g} ({100 * row['quality_retained']:.1f}%)"
+    for key in row:
+        if key.startswith("latency_b") and key.endswith("_ms"):
+            batch = key[len("latency_b") : -len("_ms")]
+            ratio = row.get(f"latency_b{batch}_ratio")
+            cells[f"lat{batch}"] = f"{row[key]:.2f} ms ({ratio:.2f}x)"
+    return cells
+
+
+def text_table(report: Any) -> str:
+    cols = _columns(report)
+    rows = [_cells(r, report) for r in table_rows(report)]
+    header = [title for _, title in cols]
+    body = [[r.get(key, "-") for key, _ in cols] for r in rows]
+    widths = [max(len(x) for x in column) for column in zip(header, *body, strict=False)]
+
+    def line(items: list[str]) -> str:
+        return "  ".join(
+            v.ljust(w) if i == 0 else v.rjust(w)
+            for i, (v, w) in enumerate(zip(items, widths, strict=True))
+        )
+
+    title = f"prunekit compress: {report.recipe.name or report.recipe.source}"
+    rule = "  ".join("-" * w for w in widths)
+    notes = [
+        f"file: bytes as saved (compressed) / the dense fp32 safetensors file "
+        f"({_fmt_bytes(report.dense.get('fp32_bytes'))})",
+    ]
+    if any(k.startswith("lat") for k, _ in cols):
+        notes.append(
+            f"latency: median, dense timed in the same call, {report.settings.get('torch_threads')} "
+            "threads"
+        )
+    return "\n".join([title, line(header), rule, *(line(b) for b in body), rule, *notes])
+
+
+def markdown(report: Any) -> str:
+    cols = _columns(report)
+    rows = [_cells(r, report) for r in table_rows(report)]
+    out = [f"# prunekit compress: {report.recipe.name or report.recipe.source}", ""]
+    if report.recipe.description:
+        out += [report.recipe.description.strip(), ""]
+    out += ["| " + " | ".join(t for _, t in cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(r.get(k, "-") for k, _ in cols) + " |" for r in rows]
+    out += ["", "## Recipe", "", "```json", json.dumps(report.recipe.to_dict(), indent=2), "```"]
+    out += ["", "## Stages", ""]
+    for stage in report.stages:
+        out += [f"### {stage.label}", "", "```", stage.summary.strip() or "(no report)", "```", ""]
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------- plots
+
+
+def _png(fig: Any) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def plots(report: Any) -> dict[str, str]:
+    """Base64 PNGs: per-layer density / width by stage, and size and latency against quality."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    out: dict[str, str] = {}
+    dense_layers = {r["name"]: r for r in report.dense.get("layers", [])}
+    measured = [s for s in report.stages if s.metrics.get("layers")]
+    if dense_layers and measured:
+        names = list(dense_layers)
+        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 3.8))
+        width = 0.8 / len(measured)
+        for k, stage in enumerate(measured):
+            layers = {r["name"]: r for r in stage.metrics["layers"]}
+            values = [
+                layers[n]["nonzeros"] / dense_layers[n]["params"] if n in layers else 0.0
+                for n in names
+            ]
+            ax.bar([i + k * width for i in range(len(names))], values, width, label=stage.label)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))])
+        ax.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
+        ax.set_ylabel("non-zeros / dense weights")
+        ax.set_ylim(0, 1.05)
+        ax.set_title("per-layer density after each stage (width cuts and zeros)")
+        ax.legend(fontsize=7)
+        out["layers"] = _png(fig)
+    rows = [r for r in table_rows(report) if r.get("file_fraction") is not None]
+    if rows and any(r.get("quality") is not None for r in rows):
+        keys = [("file_fraction", "file size / dense fp32")]
+        lat = sorted(k for k in rows[-1] if k.endswith("_ratio") and k.startswith("latency"))
+        keys += [
+            (k, k.replace("_ratio", "").replace("latency_b", "latency / dense, batch "))
+            for k in lat
+        ]
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+        for ax, (key, label) in zip(axes[0], keys, strict=True):
+            pts = [
+                (r[key], r["quality"], r["stage"])
+                for r in rows
+                if r.get(key) is not None and r.get("quality") is not None
+            ]
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue")
+            for x, y, name in pts:
+                ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.set_xlabel(label)
+            ax.set_ylabel(report.quality_name)
+            ax.grid(alpha=0.3)
+        fig.suptitle("quality against size and latency, stage by stage", fontsize=10)
+        out["tradeoff"] = _png(fig)
+    return out
+
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;
+color:#222;padding:0 1em}
+table{border-collapse:collapse;font-size:14px;margin:1em 0}
+th,td{border-bottom:1px solid #ddd;padding:4px 10px;text-align:right}
+th:first-child,td:first-child{text-align:left}
+tr:first-child td{background:#f3f6fa}
+pre{background:#f6f8fa;padding:8px;overflow-x:auto;font-size:12px}
+img{max-width:100%;border:1px solid #eee;margin:0.5em 0}
+.note{color:#666;font-size:13px}
+"""
+
+
+def html_page(report: Any, images: dict[str, str]) -> str:
+    cols = _columns(report)
+    rows = [_cells(r, report) for r in table_rows(report)]
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>prunekit compress: {esc(report.recipe.name or report.recipe.source)}</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>prunekit compress: {esc(report.recipe.name or report.recipe.source)}</h1>",
+    ]
+    if report.recipe.description:
+        parts.append(f"<p>{esc(report.recipe.description)}</p>")
+    parts.append("<table><tr>" + "".join(f"<th>{esc(t)}</th>" for _, t in cols) + "</tr>")
+    for r in rows:
+        parts.append("<tr>" + "".join(f"<td>{esc(r.get(k, '-'))}</td>" for k, _ in cols) + "</tr>")
+    parts.append("</table>")
+    parts.append(
+        "<p class='note'>file: bytes as saved (compressed) against the dense model's fp32 "
+        "safetensors file; latency: median, the dense model timed in the same call; quality in "
+        "brackets: retained fraction of dense.</p>"
+    )
+    if images:
+        for key, title in (("layers", "Per-layer density"), ("tradeoff", "Size, latency, quality")):
+            if key in images:
+                parts.append(f"<h2>{title}</h2>")
+                parts.append(f"<img alt='{esc(title)}' src='data:image/png;base64,{images[key]}'>")
+    else:
+        parts.append(
+            "<p class='note'>Plots left out: matplotlib is not installed "
+            "(pip install 'prunekit[report]').</p>"
+        )
+    parts.append(
+        "<h2>Recipe</h2><pre>" + esc(json.dumps(report.recipe.to_dict(), indent=2)) + "</pre>"
+    )
+    for stage in report.stages:
+        parts.append(f"<h3>{esc(stage.label)}</h3><pre>{esc(stage.summary.strip() or '-')}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _atomic_file_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_report(report: Any, out: str | os.PathLike) -> dict[str, str]:
+    """Write report.json, report.md and report.html into ``out``; return their paths."""
+    out = Path(out)
+    files = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
+    data = report.to_dict()
+    data["table"] = table_rows(report)
+    _atomic_file_write(files["json"], json.dumps(data, indent=1, default=str) + "\n")
+    _atomic_file_write(files["md"], markdown(report))
+    _atomic_file_write(files["html"], html_page(report, plots(report)))
+    return {k: str(v) for k, v in files.items()}

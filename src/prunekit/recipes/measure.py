@@ -1,0 +1,174 @@
+"""Measure a model the way the pipeline reports it after every stage: parameters, non-zeros,
+MACs, bytes on disk as saved, latency side by side with the dense model, and quality.
+
+Every figure is measured here, on this machine, in this process; nothing is estimated. Latency
+uses :func:`prunekit.bench` (warm-up, rotated rounds, median, fixed thread count) with the dense
+model timed in the same call, so the ratio compares like with like.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from prunekit.compress.io import effective_state, save
+from prunekit.masks import masked_parameters
+
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+
+@dataclass
+class MeasureSettings:
+    """What to measure after each stage (the recipe's ``measure:`` section)."""
+
+    latency: bool = True
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    repeats: int = 30
+    threads: int | None = None
+    every_stage: bool = True
+
+    @classmethod
+    def from_recipe(cls, section: dict[str, Any]) -> MeasureSettings:
+        return cls(**section)
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of every file under ``path`` (a folder) or of the file itself."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _unique_parameters(model: nn.Module) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for module in model.modules():
+        for name, _ in module.named_parameters(recurse=False):
+            value = getattr(module, name)  # the masked value on a masked layer
+            key = id(module._parameters[name])
+            if key not in seen:
+                seen.add(key)
+                out.append(value.detach())
+    return out
+
+
+def count_nonzeros(model: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters) over every parameter, masks applied, ties counted once."""
+    params = _unique_parameters(model)
+    return sum(p.numel() for p in params), sum(int(torch.count_nonzero(p)) for p in params)
+
+
+def fp32_bytes(model: nn.Module) -> int:
+    """Size of the model's state as one plain float32 safetensors file (the usual reference)."""
+    state, _ = effective_state(model)
+    plain = {}
+    seen = {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if key in seen and tensor.numel():
+            continue  # tied weights are stored once
+        seen[key] = name
+        t = tensor.detach()
+        plain[name] = (t.float() if t.is_floating_point() else t).contiguous().clone()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        save_file(plain, str(path))
+        return path.stat().st_size
+
+
+def compressed_bytes(model: nn.Module) -> int:
+    """Bytes of ``prunekit.save(model, compressed=True)`` (weights + metadata)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return folder_bytes(save(model, Path(tmp) / "m", compressed=True))
+
+
+def layer_rows(model: nn.Module) -> list[dict[str, Any]]:
+    """Per prunable layer: name, shape, parameters and non-zeros of its weight."""
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, LAYER_TYPES) or type(module).__name__ == "Conv1D":
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, torch.Tensor):
+                continue
+            w = weight.detach()
+            rows.append(
+                {
+                    "name": name,
+                    "shape": list(w.shape),
+                    "params": w.numel(),
+                    "nonzeros": int(torch.count_nonzero(w)),
+                }
+            )
+    return rows
+
+
+def masked_count(model: nn.Module) -> int:
+    return sum(1 for _ in masked_parameters(model))
+
+
+def latency(
+    model: nn.Module, dense: nn.Module, example_inputs: Any, settings: MeasureSettings
+) -> dict[str, dict[str, float]]:
+    """Median latency of ``model`` and ``dense`` at each batch size, timed side by side."""
+    from prunekit.runtime.bench import bench
+
+    report = bench(
+        {"dense": dense, "model": model},
+        example_inputs,
+        threads=settings.threads,
+        warmup=max(2, settings.repeats // 5),
+        repeats=settings.repeats,
+        rounds=min(5, settings.repeats),
+        batch_sizes=settings.batch_sizes,
+        progress=False,
+    )
+    out = {}
+    for batch in settings.batch_sizes:
+        row, ref = report.row("model", batch), report.row("dense", batch)
+        out[str(batch)] = {
+            "ms": row.median_ms,
+            "dense_ms": ref.median_ms,
+            "ratio": row.median_ms / ref.median_ms if ref.median_ms > 0 else float("nan"),
+        }
+    return out
+
+
+def measure(
+    model: nn.Module,
+    *,
+    dense: nn.Module | None,
+    example_inputs: Any,
+    evaluate: Callable[[nn.Module], float] | None,
+    settings: MeasureSettings,
+    saved: Path | None = None,
+) -> dict[str, Any]:
+    """All the figures of one row of the stage table (``dense=None`` measures the reference)."""
+    from prunekit.graph.count import count
+
+    params, nonzeros = count_nonzeros(model)
+    row: dict[str, Any] = {"params": params, "nonzeros": nonzeros}
+    if example_inputs is not None:
+        row["macs"] = count(model, example_inputs).macs
+    if dense is None:
+        row["fp32_bytes"] = fp32_bytes(model)
+    row["file_bytes"] = folder_bytes(saved) if saved is not None else compressed_bytes(model)
+    row["file_is"] = "saved folder" if saved is not None else "save(compressed=True)"
+    if settings.latency and example_inputs is not None and dense is not None:
+        row["latency"] = latency(model, dense, example_inputs, settings)
+    if evaluate is not None:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                row["quality"] = float(evaluate(model))
+        finally:
+            model.train(was_training)
+    row["layers"] = layer_rows(model)
+    return row

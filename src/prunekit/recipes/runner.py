@@ -1,0 +1,367 @@
+"""``compress``: run a recipe stage by stage, checkpoint every finished stage, measure after
+every stage, and write the report.
+
+Checkpoints live under ``out/stages/NN-verb/`` (the model saved with :func:`prunekit.save`,
+compressed and exact, plus ``stage.json``), each written to a temporary name and renamed, so a
+killed run leaves only whole stages. Every stage carries a fingerprint chained from the input
+model's weights, the seed and all the stages up to it: run the same call again and it resumes at
+the first stage without a matching checkpoint; change a stage and that stage and every later one
+run again (and it says so). Each stage seeds torch, numpy and ``random`` with ``seed + stage
+number`` before it starts, so a resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunekit._version import __version__
+from prunekit.compress.io import _atomic_dir_write, load, save
+from prunekit.recipes.measure import MeasureSettings, measure
+from prunekit.recipes.metrics import Metric, as_metric
+from prunekit.recipes.schema import Recipe, RecipeError, Stage, check_inputs, load_recipe
+from prunekit.recipes.stages import STAGES, run_stage
+
+STAGES_DIR = "stages"
+STAGE_FILE = "stage.json"
+
+
+@dataclass
+class StageResult:
+    """One row of the stage table."""
+
+    label: str
+    verb: str
+    kwargs: dict[str, Any]
+    seconds: float
+    metrics: dict[str, Any]
+    resumed: bool = False
+    summary: str = ""
+
+
+@dataclass
+class CompressReport:
+    """What :func:`compress` returns: the model, the dense reference row, one row per stage.
+
+    ``print(report)`` shows the stage table; ``to_dict()`` is what ``report.json`` holds.
+    """
+
+    model: nn.Module
+    recipe: Recipe
+    dense: dict[str, Any]
+    stages: list[StageResult] = field(default_factory=list)
+    out: Path | None = None
+    quality_name: str = "quality"
+    higher_is_better: bool = True
+    settings: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The stage table as dicts: dense first, then one per stage."""
+        from prunekit.analysis.pipeline_report import table_rows
+
+        return table_rows(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prunekit_version": __version__,
+            "recipe": self.recipe.to_dict(),
+            "quality": {"name": self.quality_name, "higher_is_better": self.higher_is_better},
+            "settings": self.settings,
+            "dense": self.dense,
+            "stages": [vars(s).copy() for s in self.stages],
+            "out": str(self.out) if self.out else None,
+            "files": self.files,
+        }
+
+    def __str__(self) -> str:
+        from prunekit.analysis.pipeline_report import text_table
+
+        return text_table(self)
+
+
+@dataclass
+class _Context:
+    calib: Any
+    data: Any
+    loss_fn: Any
+    example_inputs: Any
+    dense: nn.Module
+    out: Path | None
+    progress: bool
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of every tensor in the state dict (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def _chain(previous: str, stage: Stage) -> str:
+    return hashlib.sha256(f"{previous}|{stage.fingerprint()}".encode()).hexdigest()[:16]
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        print(f"[prunekit compress] {message}", flush=True)
+
+
+def _check_out(out: Path) -> None:
+    """Fail before any work when ``out`` cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out={out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        probe.write_text("")
+    except OSError as exc:
+        raise PermissionError(f"out={out} is not writable: {exc}") from exc
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _finished_stages(out: Path, recipe: Recipe, chains: list[str], progress: bool) -> int:
+    """How many leading stages have checkpoints that match; stale ones are removed."""
+    root = out / STAGES_DIR
+    done = 0
+    for stage, chain in zip(recipe.stages, chains, strict=True):
+        record = root / stage.label / STAGE_FILE
+        if not record.is_file():
+            break
+        try:
+            saved = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError):
+            break
+        if saved.get("chain") != chain:
+            _log(
+                progress,
+                f"stage {stage.index} ({stage.verb}) differs from the checkpoint in {root} "
+                f"(recipe, seed or input model changed): stages {stage.index}.. run again",
+            )
+            break
+        done += 1
+    if root.is_dir():
+        keep = {s.label for s in recipe.stages[:done]}
+        for item in root.iterdir():
+            if item.name not in keep:
+                shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink()
+    return done
+
+
+def compress(
+    model: nn.Module,
+    recipe: Any,
+    *,
+    calib: Iterable[Any] | None = None,
+    data: Iterable[Any] | None = None,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    evaluate: Callable[[nn.Module], float] | Metric | None = None,
+    example_inputs: Any = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = True,
+    inplace: bool = False,
+    progress: bool = True,
+) -> CompressReport:
+    """Run a recipe end to end: prune, recover, quantize, save; measured after every stage.
+
+    Args:
+        model: the dense model. Left untouched unless ``inplace=True``; either way one copy is
+            kept as the dense reference (the ``teacher: dense`` of ``finetune`` stages, and the
+            left-hand column of every comparison).
+        recipe: a shipped recipe's name (``prunekit recipes`` lists them), a YAML/JSON file or
+            string, or a dict; validated whole before anything runs.
+        calib: calibration samples for ``oneshot`` stages (see :func:`prunekit.calibration`).
+        data, loss_fn: training batches and ``loss_fn(model, batch) -> loss`` for ``finetune``
+            (``loss_fn`` is optional with ``teacher: dense``) and data-driven ``prune`` methods.
+        evaluate: quality, ``evaluate(model) -> float`` (higher is better), or a built-in
+            :mod:`prunekit.recipes.metrics` measure (accuracy, perplexity, fidelity, STS).
+        example_inputs: inputs for tracing (``prune_structured``), MAC counts and latency.
+        out: folder for stage checkpoints, the saved model (``out/model``) and the report
+            (``report.json``, ``report.md``, ``report.html``). Without it nothing is written
+            and nothing can be resumed.
+        resume: continue from the checkpoints in ``out`` (default); False starts over.
+        inplace: run the stages on ``model`` itself.
+        progress: print stage progress and the verbs' progress bars.
+
+    Returns:
+        A :class:`CompressReport`: ``.model`` is the result, ``print(report)`` the stage table.
+
+    Example:
+        >>> report = prunekit.compress(model, "cnn-small", data=loader, loss_fn=ce,  # doctest: +SKIP
+        ...                            evaluate=prunekit.recipes.metrics.accuracy(test),
+        ...                            example_inputs=x, out="runs/cnn")
+        >>> print(report)  # doctest: +SKIP
+    """
+    recipe = load_recipe(recipe)
+    available = {
+        "calib": calib is not None,
+        "data": data is not None,
+        "loss_fn": loss_fn is not None,
+        "example_inputs": example_inputs is not None,
+        "out": out is not None,
+    }
+    check_inputs(recipe, available)
+    metric = as_metric(evaluate)
+    out_path = Path(out) if out is not None else None
+    if out_path is not None:
+        _check_out(out_path)
+    settings = MeasureSettings.from_recipe(recipe.measure)
+
+    dense = copy.deepcopy(model) if inplace else model
+    work = model if inplace else copy.deepcopy(model)
+    dense.eval()
+    if metric is not None and metric.needs_reference:
+        metric = metric.bind(dense)
+    calib_list = list(calib) if calib is not None else None
+    ctx = _Context(calib_list, data, loss_fn, example_inputs, dense, out_path, progress)
+
+    base = hashlib.sha256(f"{model_fingerprint(dense)}|seed={recipe.seed}".encode()).hexdigest()[
+        :16
+    ]
+    chains, previous = [], base
+    for stage in recipe.stages:
+        previous = _chain(previous, stage)
+        chains.append(previous)
+
+    done = 0
+    if out_path is not None and resume:
+        done = _finished_stages(out_path, recipe, chains, progress)
+    elif out_path is not None and (out_path / STAGES_DIR).is_dir():
+        shutil.rmtree(out_path / STAGES_DIR)
+
+    _log(progress, f"measuring the dense model ({recipe.name or recipe.source})")
+    dense_row = measure(
+        dense, dense=None, example_inputs=example_inputs, evaluate=metric, settings=settings
+    )
+    report = CompressReport(
+        model=work,
+        recipe=recipe,
+        dense=dense_row,
+        out=out_path,
+        quality_name=metric.name if metric else "quality",
+        higher_is_better=metric.higher_is_better if metric else True,
+        settings={**vars(settings), "seed": recipe.seed, "torch_threads": torch.get_num_threads()},
+    )
+
+    if done:
+        last = recipe.stages[done - 1]
+        folder = out_path / STAGES_DIR / last.label
+        _log(progress, f"resuming after stage {last.index} ({last.verb}) from {folder}")
+        work = load(folder / "model", work)
+        for stage in recipe.stages[:done]:
+            saved = json.loads((out_path / STAGES_DIR / stage.label / STAGE_FILE).read_text())
+            report.stages.append(
+                StageResult(
+                    label=stage.label,
+                    verb=stage.verb,
+                    kwargs=stage.kwargs,
+                    seconds=saved["seconds"],
+                    metrics=saved["metrics"],
+                    resumed=True,
+                    summary=saved.get("summary", ""),
+                )
+            )
+
+    for stage, chain in list(zip(recipe.stages, chains, strict=True))[done:]:
+        _log(progress, f"stage {stage.index}/{len(recipe.stages)}: {stage.verb} {stage.kwargs}")
+        _seed_everything(recipe.seed + stage.index)
+        start = time.perf_counter()
+        work, verb_report = run_stage(STAGES[stage.verb], work, stage.kwargs, ctx)
+        seconds = time.perf_counter() - start
+        saved_path = verb_report if stage.verb == "save" else None
+        last = stage is recipe.stages[-1]
+        if settings.every_stage or last:
+            metrics = measure(
+                work,
+                dense=dense,
+                example_inputs=example_inputs,
+                evaluate=metric,
+                settings=settings,
+                saved=saved_path,
+            )
+        else:
+            metrics = {}
+        result = StageResult(
+            label=stage.label,
+            verb=stage.verb,
+            kwargs=stage.kwargs,
+            seconds=seconds,
+            metrics=metrics,
+            summary=_summary(verb_report),
+        )
+        report.stages.append(result)
+        _log(progress, _one_line(result, report))
+        if out_path is not None:
+            _write_checkpoint(out_path / STAGES_DIR / stage.label, work, result, chain)
+
+    report.model = work
+    if out_path is not None:
+        from prunekit.analysis.pipeline_report import write_report
+
+        report.files = write_report(report, out_path)
+        _log(progress, f"report written to {report.files.get('html') or report.files['md']}")
+    return report
+
+
+def _summary(verb_report: Any) -> str:
+    if isinstance(verb_report, Path):
+        return f"written to {verb_report}"
+    text = str(verb_report)
+    return text if len(text) < 20000 else text[:20000] + "\n..."
+
+
+def _one_line(result: StageResult, report: CompressReport) -> str:
+    m, d = result.metrics, report.dense
+    parts = [f"{result.verb} done in {result.seconds:.1f} s"]
+    if "nonzeros" in m:
+        parts.append(f"non-zeros {m['nonzeros'] / max(d['nonzeros'], 1):.1%} of dense")
+    if "file_bytes" in m:
+        parts.append(f"file {m['file_bytes'] / d['fp32_bytes']:.1%} of fp32")
+    if "quality" in m:
+        parts.append(f"{report.quality_name} {m['quality']:.4g} (dense {d.get('quality', 0):.4g})")
+    return ", ".join(parts)
+
+
+def _write_checkpoint(folder: Path, model: nn.Module, result: StageResult, chain: str) -> None:
+    record = {
+        "chain": chain,
+        "stage": result.label,
+        "verb": result.verb,
+        "kwargs": result.kwargs,
+        "seconds": result.seconds,
+        "metrics": result.metrics,
+        "summary": result.summary,
+        "prunekit_version": __version__,
+    }
+
+    def write(tmp: Path) -> None:
+        save(model, tmp / "model", compressed=True)
+        (tmp / STAGE_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
+
+    _atomic_dir_write(folder, True, write)
+
+
+__all__ = ["CompressReport", "RecipeError", "StageResult", "compress"]
