@@ -16,6 +16,14 @@ Structured pruning (``prune_structured``, ``count``), calibrated one-shot prunin
 
 from prunekit import eval, train
 from prunekit._version import __version__
+from prunekit.analysis import (
+    Allocation,
+    FloorSearchReport,
+    SensitivityResult,
+    allocate,
+    prune_to_floor,
+    sensitivity,
+)
 from prunekit.calibrate import calibration
 from prunekit.compress.io import load, save
 from prunekit.compress.onnx_export import OnnxCheckError, OnnxExport, export_onnx
@@ -40,19 +48,23 @@ from prunekit.train import GradualPruner, finetune, lottery_ticket, prune_at_ini
 
 __all__ = [
     "AccelerateReport",
+    "Allocation",
     "BenchReport",
     "CountReport",
+    "FloorSearchReport",
     "GradualPruner",
     "OnnxCheckError",
     "OnnxExport",
     "PruneReport",
     "QuantizeReport",
+    "SensitivityResult",
     "SparsityReport",
     "StructuredPruningError",
     "StructuredReport",
     "UnsupportedOperationError",
     "__version__",
     "accelerate",
+    "allocate",
     "bench",
     "calibration",
     "count",
@@ -67,9 +79,11 @@ __all__ = [
     "prune",
     "prune_at_init",
     "prune_structured",
+    "prune_to_floor",
     "quantize",
     "save",
     "save_pretrained",
+    "sensitivity",
     "stats",
     "train",
 ]

@@ -177,6 +177,7 @@ def prune(
     ignore: str | Iterable[str] | None = None,
     per_layer: dict[str, float] | None = None,
     *,
+    allocation: Any = None,
     normalize: str = "auto",
     data: Iterable[Any] | None = None,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
@@ -205,7 +206,12 @@ def prune(
             methods only); their rows are tokens.
         ignore: name patterns of layers to leave alone.
         per_layer: ``{pattern: sparsity}`` overrides; matching layers get their own (local)
-            sparsity, the first matching pattern wins.
+            sparsity, the first matching pattern wins (e.g. ``Allocation.per_layer``).
+        allocation: ``None`` (the scope decides), ``"sensitivity"`` (measure each layer's
+            damage on ``data``, batches of model inputs, with this method, then choose per-layer
+            sparsities removing exactly ``round(sparsity * n)`` weights of the layers together;
+            see :func:`prunekit.sensitivity`) or a :class:`prunekit.SensitivityResult` measured
+            beforehand (its layers are allocated, the others follow ``scope``).
         normalize: per-layer score normalisation under global scope: ``"auto"``, ``"none"``,
             ``"mean"``, ``"l2"`` or ``"max"`` (see :mod:`prunekit.scope`).
         data: batches for data-driven methods (``taylor``).
@@ -269,6 +275,14 @@ def prune(
             "('magnitude' or 'random') in a separate call"
         )
     overrides = per_layer_overrides(chosen, overrides_in)
+    if allocation is not None:  # per-layer sparsities from sensitivity curves
+        from prunekit.analysis.sensitivity import prune_allocation
+
+        overrides.update(
+            prune_allocation(
+                model, chosen, overrides, allocation, sparsity, pattern, method, data, progress
+            )
+        )
     if not inplace:
         names = [t.module_name for t in chosen]
         model = copy.deepcopy(model)

@@ -23,16 +23,16 @@ from prunekit.calibrate.stats import (
 )
 from prunekit.masks import apply_mask, raw_parameter
 from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
-from prunekit.prune import _check_choice, _resolve_sparsity, compute_masks
+from prunekit.prune import _check_choice, _check_sparsity, _resolve_sparsity, compute_masks
 from prunekit.report import PruneReport, layer_stats, model_counts
 from prunekit.runtime.memory import PeakMemory
 from prunekit.scope import owl_allocation
 from prunekit.scores import get_criterion
 from prunekit.calibrate.sparsegpt import SparseGPTFailure, sparsegpt_prune
-from prunekit.targets import Target, resolve_targets
+from prunekit.targets import Target, per_layer_overrides, resolve_targets
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
-ALLOCATIONS = ("uniform", "owl")
+ALLOCATIONS = ("uniform", "owl", "sensitivity")
 _NEEDS = {"magnitude": set(), "wanda": {"norm"}, "sparsegpt": {"hessian"}}
 
 
@@ -94,6 +94,7 @@ class _Pruner:
     progress: bool
     allocated: dict[str, float] = field(default_factory=dict)
     fallbacks: dict[str, str] = field(default_factory=dict)
+    per_layer: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -113,6 +114,13 @@ class _Pruner:
         return allocated
 
     def prune(self, targets: list[Target], stats: dict, sparsity: float) -> None:
+        for t in [t for t in targets if t.name in self.per_layer]:  # own sparsity, one by one
+            self._prune_group([t], stats, self.per_layer[t.name])
+        rest = [t for t in targets if t.name not in self.per_layer]
+        if rest:
+            self._prune_group(rest, stats, sparsity)
+
+    def _prune_group(self, targets: list[Target], stats: dict, sparsity: float) -> None:
         pattern = _nm_for(self.pattern, sparsity) if isinstance(self.pattern, NM) else self.pattern
         for t in targets:
             self.allocated[t.name] = pattern.sparsity if isinstance(pattern, NM) else sparsity
@@ -173,6 +181,8 @@ def oneshot(
     targets: str | Iterable[str] | None = None,
     ignore: str | Iterable[str] | None = None,
     *,
+    per_layer: dict[str, float] | None = None,
+    sensitivity_grid: Iterable[float] | None = None,
     blocks: str | None = None,
     sequential: bool = True,
     propagate: str = "pruned",
@@ -200,8 +210,15 @@ def oneshot(
             layerwise sparsity: blocks with more activation outliers keep more weights, within
             ``sparsity +- owl_lambda``, averaging exactly ``sparsity``; with N:M each block gets
             an N:M level, rounded so the average stays the pattern's sparsity, so 2:4 mostly
-            stays uniform while 4:8 mixes 3:8, 4:8 and 5:8).
+            stays uniform while 4:8 mixes 3:8, 4:8 and 5:8), or ``"sensitivity"`` (a first pass
+            measures every layer's reconstruction error at the sparsities of
+            ``sensitivity_grid`` with this method, then :func:`prunekit.allocate` chooses
+            per-layer sparsities with exactly as many non-zeros as uniform; unstructured only).
         targets, ignore: name patterns, as in :func:`prunekit.prune` (the head is excluded).
+        per_layer: ``{pattern: sparsity}`` overrides (e.g. ``Allocation.per_layer``), as in
+            :func:`prunekit.prune`; unstructured only.
+        sensitivity_grid: sparsities measured by ``allocation="sensitivity"`` (default: 0.2
+            to 0.95, see :mod:`prunekit.analysis.sensitivity`).
         blocks: module path of the repeated blocks (default: the largest ``ModuleList``).
         sequential: prune block by block (bounded memory); False runs the whole model at once.
         propagate: ``"pruned"`` (next block sees the pruned block's outputs) or ``"dense"``.
@@ -231,20 +248,25 @@ def oneshot(
     _check_choice("scope", scope, ("row", "local"))
     if allocation == "owl":
         owl_allocation([0.0], [1], sparsity, owl_lambda)  # validates lambda against sparsity
+    if (per_layer or allocation == "sensitivity") and not isinstance(pattern, Unstructured):
+        raise ValueError("per_layer and allocation='sensitivity' work with unstructured sparsity")
     if not isinstance(calib, CalibrationSet):
         calib = calibration(calib)
     if len(calib) == 0:
         raise ValueError("calib holds no sample")
 
     chosen = resolve_targets(model, targets, ignore)
-    if method != "magnitude" or allocation == "owl":
+    overrides = per_layer_overrides(chosen, per_layer)
+    for key, value in overrides.items():
+        _check_sparsity(value, f"per_layer[{key!r}]")
+    if method != "magnitude" or allocation != "uniform":
         for t in chosen:
             check_calibratable(t)
     skip = {t.name: pattern.skip_reason(tuple(t.as_matrix(t.weight()).shape)) for t in chosen}
     skipped = {name: reason for name, reason in skip.items() if reason}
     for name, reason in skipped.items():
         warnings.warn(f"prunekit: skipping {name} for pattern {pattern}: {reason}", stacklevel=2)
-    if method != "magnitude" or allocation == "owl":
+    if method != "magnitude" or allocation != "uniform":
         check_targets_run(model, chosen, calib[0])
     if not inplace:
         names = [t.module_name for t in chosen]
@@ -266,9 +288,16 @@ def oneshot(
         seed,
         progress,
     )
+    pruner.per_layer = dict(overrides)
     found = find_blocks(model, blocks) if sequential else None
     started = time.perf_counter()
     with PeakMemory() as memory:
+        if allocation == "sensitivity":  # one measuring pass (block by block when blocks exist)
+            from prunekit.analysis.sensitivity import oneshot_allocation
+
+            grid, found_blocks = sensitivity_grid, (blocks, sequential, device)
+            measured = oneshot_allocation(model, usable, calib, pruner, overrides, grid, *found_blocks)
+            pruner.per_layer.update(measured)
         if found is None:
             if sequential:
                 warnings.warn(

@@ -1,0 +1,819 @@
+"""Sensitivity analysis: prune one layer at a time at several sparsities and record the damage.
+
+Two ways to measure, chosen by ``mode``:
+
+* ``"output"``: every layer in turn is pruned at every sparsity (the rest of the model dense),
+  the model runs on the calibration data, and the damage is the divergence of its outputs from
+  the dense outputs (``"kl"`` of the logits for classifiers and language models, ``"cosine"``:
+  1 - cosine similarity, for encoders), or the drop of a user metric ``evaluate(model) ->
+  float`` (higher is better). Cost: one pass over the data per layer and sparsity.
+* ``"proxy"``: for models with repeated blocks (found as in ``prunekit.oneshot``), one pass
+  block by block over the calibration data gathers each layer's input Gram matrix
+  ``H = 2/n X X^T``; the damage of pruning ``W`` to ``W'`` is the relative reconstruction error
+  of the layer's output, ``||(W - W') X||^2 / ||W X||^2 = tr(D H D^T) / tr(W H W^T)``, computed
+  from H without running the model again. The cost stays near one one-shot pass.
+
+The per-layer pruning is the one-shot methods' own: ``"magnitude"``, ``"wanda"`` or
+``"sparsegpt"`` (whose reconstruction is included in the damage), or any registered criterion
+in output mode. The result is a :class:`SensitivityResult`: a table (``print`` it), CSV, JSON,
+a plot, and :meth:`SensitivityResult.allocate` for per-layer sparsities under a budget.
+
+Example:
+    >>> import torch, prunekit
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    >>> data = [torch.randn(32, 8) for _ in range(2)]
+    >>> result = prunekit.sensitivity(net, data, sparsities=(0.5, 0.9), targets=["0", "2"], progress=False)
+    >>> sorted(result.layers)
+    ['0.weight', '2.weight']
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.analysis.allocate import Allocation, _atomic_write, allocate
+from prunekit.calibrate.data import CalibrationSet, calibration
+from prunekit.calibrate.sequential import find_blocks, run_sequential
+from prunekit.calibrate.sparsegpt import SparseGPTFailure, _lowest, inverse_hessian_factor
+from prunekit.calibrate.stats import (
+    InputStats,
+    check_calibratable,
+    collect_input_stats,
+    input_rows,
+    run_model,
+)
+from prunekit.masks import raw_parameter
+from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
+from prunekit.prune import compute_masks
+from prunekit.scores import Criterion, get_criterion
+from prunekit.targets import Target, resolve_targets
+
+DEFAULT_SPARSITIES = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+MODES = ("auto", "output", "proxy")
+DIVERGENCES = ("auto", "kl", "cosine")
+
+
+# ------------------------------------------------------------------------------ the result
+
+
+@dataclass
+class SensitivityResult:
+    """Damage of every layer pruned alone, at every sparsity of the grid.
+
+    Attributes:
+        layers: layer (parameter) names, in model order.
+        sparsities: the measured sparsities.
+        damage: ``{layer: [damage at each sparsity]}``, made non-decreasing in sparsity when
+            ``monotone`` (the running maximum; the measured values stay in ``raw_damage``).
+        metric: ``"kl"``, ``"cosine"``, ``"recon"`` (relative reconstruction error) or
+            ``"evaluate"`` (drop of the user metric from ``dense``).
+        sizes, macs_per_weight, bytes_per_weight: per-layer costs for :meth:`allocate`.
+    """
+
+    layers: list[str]
+    sparsities: list[float]
+    damage: dict[str, list[float]]
+    raw_damage: dict[str, list[float]]
+    metric: str
+    method: str
+    mode: str
+    sizes: dict[str, int]
+    macs_per_weight: dict[str, float] = field(default_factory=dict)
+    bytes_per_weight: dict[str, float] = field(default_factory=dict)
+    dense: float | None = None
+    monotone: bool = True
+    seconds: float = 0.0
+
+    def curves(self) -> dict[str, list[tuple[float, float]]]:
+        """``{layer: [(sparsity, damage), ...]}`` (the input of :func:`prunekit.allocate`)."""
+        return {n: list(zip(self.sparsities, self.damage[n], strict=True)) for n in self.layers}
+
+    def allocate(self, sparsity: float | None = None, **kwargs: Any) -> Allocation:
+        """Per-layer sparsities under a budget; see :func:`prunekit.allocate`.
+
+        Example:
+            >>> result.allocate(0.7).per_layer  # doctest: +SKIP
+        """
+        return allocate(self, sparsity, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "prunekit-sensitivity",
+            "metric": self.metric,
+            "method": self.method,
+            "mode": self.mode,
+            "monotone": self.monotone,
+            "dense": self.dense,
+            "seconds": self.seconds,
+            "sparsities": self.sparsities,
+            "layers": [
+                {
+                    "name": n,
+                    "size": self.sizes[n],
+                    "macs_per_weight": self.macs_per_weight.get(n),
+                    "bytes_per_weight": self.bytes_per_weight.get(n),
+                    "damage": self.damage[n],
+                    "raw_damage": self.raw_damage[n],
+                }
+                for n in self.layers
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SensitivityResult:
+        """Rebuild a result written by :meth:`to_json`."""
+        if data.get("format") != "prunekit-sensitivity":
+            raise ValueError("not a prunekit sensitivity file (format 'prunekit-sensitivity')")
+        rows = data["layers"]
+        return cls(
+            layers=[r["name"] for r in rows],
+            sparsities=list(data["sparsities"]),
+            damage={r["name"]: list(r["damage"]) for r in rows},
+            raw_damage={r["name"]: list(r["raw_damage"]) for r in rows},
+            metric=data["metric"],
+            method=data["method"],
+            mode=data["mode"],
+            sizes={r["name"]: int(r["size"]) for r in rows},
+            macs_per_weight={
+                r["name"]: r["macs_per_weight"] for r in rows if r.get("macs_per_weight")
+            },
+            bytes_per_weight={
+                r["name"]: r["bytes_per_weight"] for r in rows if r.get("bytes_per_weight")
+            },
+            dense=data.get("dense"),
+            monotone=data.get("monotone", True),
+            seconds=data.get("seconds", 0.0),
+        )
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> SensitivityResult:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Write the curves as JSON (written to a temporary name, then renamed)."""
+        return _atomic_write(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        """One row per layer and sparsity: layer, size, sparsity, damage, raw_damage."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["layer", "size", "sparsity", "damage", "raw_damage"])
+        for n in self.layers:
+            for s, d, r in zip(self.sparsities, self.damage[n], self.raw_damage[n], strict=True):
+                writer.writerow([n, self.sizes[n], s, repr(d), repr(r)])
+        return _atomic_write(Path(path), buffer.getvalue())
+
+    def plot(self, path: str | os.PathLike, heatmap: bool | None = None) -> Path:
+        """Damage vs sparsity, one line per layer (a heatmap when there are more than 16).
+
+        Needs matplotlib (imported here, not by prunekit).
+        """
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("plotting needs matplotlib: pip install matplotlib") from exc
+        heatmap = len(self.layers) > 16 if heatmap is None else heatmap
+        path = Path(path)
+        if heatmap:
+            fig, ax = plt.subplots(
+                figsize=(1.0 + 0.6 * len(self.sparsities), 1.5 + 0.22 * len(self.layers))
+            )
+            values = [[self.damage[n][j] for j in range(len(self.sparsities))] for n in self.layers]
+            image = ax.imshow(values, aspect="auto", cmap="viridis")
+            ax.set_xticks(range(len(self.sparsities)), [f"{s:g}" for s in self.sparsities])
+            ax.set_yticks(range(len(self.layers)), self.layers, fontsize=6)
+            fig.colorbar(image, ax=ax, label=self.metric)
+        else:
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for n in self.layers:
+                ax.plot(self.sparsities, self.damage[n], marker="o", label=n)
+            ax.set_ylabel(self.metric)
+            if all(d > 0 for n in self.layers for d in self.damage[n]):
+                ax.set_yscale("log")
+            ax.legend(fontsize=6)
+        ax.set_xlabel("sparsity of the layer")
+        ax.set_title(f"sensitivity ({self.method}, {self.mode} mode)")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+        try:
+            fig.savefig(tmp, dpi=120)
+            os.replace(tmp, path)
+        finally:
+            plt.close(fig)
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def __str__(self) -> str:
+        width = max([len(n) for n in self.layers] + [5])
+        head = f"{'layer':<{width}}  {'size':>9}  " + "  ".join(f"{s:>9g}" for s in self.sparsities)
+        lines = [
+            f"sensitivity: {self.metric} ({self.method}, {self.mode} mode"
+            + (f", dense metric {self.dense:.6g}" if self.dense is not None else "")
+            + f", {self.seconds:.1f} s)",
+            head,
+        ]
+        for n in self.layers:
+            cells = "  ".join(f"{d:>9.3g}" for d in self.damage[n])
+            lines.append(f"{n:<{width}}  {self.sizes[n]:>9,}  {cells}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ pruning one layer
+
+
+def _check_grid(sparsities: Iterable[float]) -> list[float]:
+    grid = sorted(set(float(s) for s in sparsities))
+    if not grid or any(not 0.0 < s < 1.0 for s in grid):
+        raise ValueError(f"sparsities must be numbers in (0, 1), got {list(sparsities)!r}")
+    return grid
+
+
+def sparsegpt_grid(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsities: Sequence[float],
+    *,
+    frozen: torch.Tensor | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    name: str = "layer",
+) -> list[torch.Tensor]:
+    """SparseGPT (unstructured) at several sparsities in one sweep over the columns.
+
+    Returns the same weights as ``sparsegpt_prune(weight, hessian, s)`` for each ``s``: the
+    copies are stacked as extra rows (rows are independent in SparseGPT except for the choice of
+    how many weights each column block loses, which is made per copy), so the column loop runs
+    once instead of once per sparsity.
+    """
+    from prunekit.scope import count_to_remove
+
+    W0 = weight.detach().clone().float()
+    H = hessian.detach().clone().float().to(W0.device)
+    rows, cols = W0.shape
+    must0 = torch.zeros_like(W0, dtype=torch.bool) if frozen is None else frozen.clone().bool()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W0[:, dead] = 0.0
+    must0[:, dead] = True
+    factor, _ = inverse_hessian_factor(H, damp, name)
+    g = len(sparsities)
+    W = W0.repeat(g, 1)
+    must = must0.repeat(g, 1)
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    totals = [count_to_remove(s, rows * cols) for s in sparsities]
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        W1 = W[:, start:end].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        F1 = factor[start:end, start:end]
+        d1 = torch.diagonal(F1)
+        saliency = (W1**2 / d1[None, :] ** 2).masked_fill(must[:, start:end], float("-inf"))
+        P1 = torch.zeros_like(W1, dtype=torch.bool)
+        for c, total in enumerate(totals):
+            k = round(total * end / cols) - round(total * start / cols)
+            P1[c * rows : (c + 1) * rows] = _lowest(saliency[c * rows : (c + 1) * rows], k)
+        for i in range(end - start):
+            w = W1[:, i]
+            q = w.masked_fill(P1[:, i], 0.0)
+            Q1[:, i] = q
+            err = (w - q) / F1[i, i]
+            W1[:, i:] -= err[:, None] * F1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, start:end] = Q1
+        pruned[:, start:end] = P1 | must[:, start:end]
+        W[:, end:] -= Err1 @ factor[start:end, end:]
+    W[pruned] = 0.0
+    if not torch.isfinite(W).all():
+        raise SparseGPTFailure(f"{name}: the SparseGPT update produced non-finite weights")
+    return [W[c * rows : (c + 1) * rows].to(weight.dtype) for c in range(g)]
+
+
+@dataclass
+class _LayerPruner:
+    """Prunes one target's weight matrix to a sparsity with the chosen method (no side effect)."""
+
+    method: str
+    criterion: Criterion | None
+    pattern: Pattern
+    scope: str
+    block_size: int = 128
+    damp: float = 0.01
+    seed: int = 0
+
+    def matrices(self, t: Target, stats: dict, grid: Sequence[float]) -> list[torch.Tensor]:
+        """The pruned weight (weight-shaped) at every sparsity of ``grid``."""
+        weight = t.weight()
+        if self.method == "sparsegpt":
+            matrix = t.as_matrix(weight)
+            try:
+                outs = sparsegpt_grid(
+                    matrix,
+                    stats[t.name]["hessian"],
+                    grid,
+                    frozen=matrix == 0,
+                    block_size=self.block_size,
+                    damp=self.damp,
+                    name=t.name,
+                )
+                return [t.from_matrix(o, weight.shape) for o in outs]
+            except SparseGPTFailure:
+                criterion = get_criterion("magnitude")
+        else:
+            criterion = self.criterion
+        out = []
+        for s in grid:
+            generator = torch.Generator().manual_seed(self.seed)
+            keep = compute_masks(
+                [t], criterion, stats, self.pattern, s, {}, self.scope, generator=generator
+            )
+            out.append(weight * keep[t.name].to(weight.dtype))
+        return out
+
+
+def _recon_damage(t: Target, hessian: torch.Tensor, pruned: list[torch.Tensor]) -> list[float]:
+    """||(W - W') X||^2 / ||W X||^2 from the Gram matrix, for each pruned weight."""
+    W = t.as_matrix(t.weight()).double()
+    H = hessian.double().to(W.device)
+    base = float(((W @ H) * W).sum())
+    out = []
+    for p in pruned:
+        D = W - t.as_matrix(p).double().to(W.device)
+        out.append(float(((D @ H) * D).sum()) / base if base > 0 else 0.0)
+    return out
+
+
+# ------------------------------------------------------------------------------ output damage
+
+
+def _output_tensor(out: Any) -> tuple[torch.Tensor, str]:
+    """The tensor compared, and the divergence that suits it."""
+    if isinstance(out, torch.Tensor):
+        return out, "kl"
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits, "kl"
+    hidden = getattr(out, "last_hidden_state", None)
+    if isinstance(hidden, torch.Tensor):
+        return hidden, "cosine"
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0], "kl"
+    raise TypeError(
+        f"cannot compare model outputs of type {type(out).__name__}: return a tensor, a tuple "
+        "starting with one, or an object with .logits / .last_hidden_state; or pass evaluate="
+    )
+
+
+def _divergence(dense: torch.Tensor, out: torch.Tensor, kind: str) -> torch.Tensor:
+    """Summed divergence over the positions of one batch (and the position count)."""
+    a, b = dense.float().reshape(-1, dense.shape[-1]), out.float().reshape(-1, out.shape[-1])
+    if kind == "kl":
+        la, lb = F.log_softmax(a, -1), F.log_softmax(b, -1)
+        return (la.exp() * (la - lb)).sum(-1).clamp_min(0).sum()
+    return (1.0 - F.cosine_similarity(a, b, dim=-1, eps=1e-12)).sum()
+
+
+class _OutputDamage:
+    """Dense outputs on the calibration data, and the divergence of a changed model from them."""
+
+    def __init__(self, model: nn.Module, data: list, divergence: str, input_fn) -> None:
+        self.model, self.data, self.input_fn = model, data, input_fn
+        self.dense = []
+        kind = None
+        with torch.no_grad():
+            for sample in data:
+                tensor, guess = _output_tensor(run_model(model, input_fn(sample)))
+                kind = kind or guess
+                self.dense.append(tensor.detach())
+        self.kind = kind if divergence == "auto" else divergence
+        self.positions = sum(d.reshape(-1, d.shape[-1]).shape[0] for d in self.dense)
+
+    @torch.no_grad()
+    def __call__(self) -> float:
+        total = 0.0
+        for sample, dense in zip(self.data, self.dense, strict=True):
+            tensor, _ = _output_tensor(run_model(self.model, self.input_fn(sample)))
+            total += float(_divergence(dense, tensor, self.kind))
+        return total / self.positions
+
+
+# ------------------------------------------------------------------------------ per-weight costs
+
+
+def _layer_costs(
+    model: nn.Module, targets: list[Target], sample: Any, input_fn
+) -> dict[str, float]:
+    """MACs per weight of every target (output positions per forward) on one sample."""
+    positions: dict[str, float] = {}
+
+    def hook(t: Target):
+        def record(module, inputs, output) -> None:
+            x = inputs[0]
+            rows = input_rows(t, x.detach()) if not isinstance(module, nn.Conv3d) else x
+            positions[t.name] = positions.get(t.name, 0.0) + float(rows.shape[0])
+
+        return record
+
+    handles = [t.module.register_forward_hook(hook(t)) for t in targets]
+    try:
+        with torch.no_grad():
+            run_model(model, input_fn(sample))
+    except Exception:  # noqa: BLE001 - costs are optional; allocation by params still works
+        positions = {}
+    finally:
+        for h in handles:
+            h.remove()
+    return positions
+
+
+def _monotone(values: list[float]) -> list[float]:
+    out, top = [], -math.inf
+    for v in values:
+        top = max(top, v)
+        out.append(top)
+    return out
+
+
+# ------------------------------------------------------------------------------ the verb
+
+
+def _block_groups(
+    blocks_name: str, n: int, targets: list[Target]
+) -> tuple[list[list[Target]], list[Target]]:
+    prefix = f"{blocks_name}." if blocks_name else ""
+    groups: list[list[Target]] = [[] for _ in range(n)]
+    rest = []
+    for t in targets:
+        head = t.module_name[len(prefix) :].partition(".")[0]
+        if t.module_name.startswith(prefix) and head.isdigit() and int(head) < n:
+            groups[int(head)].append(t)
+        else:
+            rest.append(t)
+    return groups, rest
+
+
+def proxy_damage(
+    model: nn.Module,
+    targets: list[Target],
+    data: Sequence[Any],
+    pruner: _LayerPruner,
+    grid: Sequence[float],
+    *,
+    blocks: str | None = None,
+    sequential: bool = True,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, list[float]]:
+    """Relative reconstruction error of every target at every sparsity, from one pass.
+
+    With blocks, the pass runs block by block over the dense model (each block's Hessians are
+    used and dropped before the next block); targets outside the blocks share one more
+    whole-model pass. Changes no weight.
+    """
+    damage: dict[str, list[float]] = {}
+
+    def measure(group: list[Target], stats: dict) -> None:
+        for t in group:
+            hessian = stats[t.name]["hessian"]
+            layer_stats = {t.name: {"hessian": hessian, "norm": torch.diagonal(hessian).clone()}}
+            damage[t.name] = _recon_damage(t, hessian, pruner.matrices(t, layer_stats, grid))
+
+    found = find_blocks(model, blocks) if sequential else None
+    rest = targets
+    if found is not None:
+        blocks_name, module_list = found
+        groups, rest = _block_groups(blocks_name, len(module_list), targets)
+
+        def on_block(index: int, block: nn.Module, run) -> None:
+            if groups[index]:
+                with InputStats(groups[index], {"hessian"}) as collected:
+                    run()
+                measure(groups[index], collected.stats)
+
+        bar = (
+            (lambda it: tqdm(it, desc="sensitivity", unit="block", leave=False))
+            if progress
+            else None
+        )
+        run_sequential(
+            model, module_list, data, on_block, propagate="dense", device=device, progress=bar
+        )
+    if rest:
+        stats = collect_input_stats(model, rest, data, {"hessian"}, progress=progress)
+        measure(rest, stats)
+    return {t.name: damage[t.name] for t in targets}
+
+
+def sensitivity(
+    model: nn.Module,
+    data: Any,
+    *,
+    sparsities: Iterable[float] = DEFAULT_SPARSITIES,
+    method: str | Criterion = "magnitude",
+    pattern: str | Pattern = "unstructured",
+    scope: str | None = None,
+    targets: str | Iterable[str] | None = None,
+    ignore: str | Iterable[str] | None = None,
+    mode: str = "auto",
+    evaluate: Callable[[nn.Module], float] | None = None,
+    divergence: str = "auto",
+    input_fn: Callable[[Any], Any] | None = None,
+    monotone: bool = True,
+    blocks: str | None = None,
+    device: str | torch.device | None = None,
+    max_batches: int | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    seed: int = 0,
+    progress: bool = True,
+) -> SensitivityResult:
+    """Measure how much each layer suffers when it alone is pruned, at several sparsities.
+
+    Args:
+        model: any ``nn.Module`` (left unchanged: every layer is restored after its turn).
+        data: calibration inputs: a :class:`prunekit.calibrate.CalibrationSet`, a 1-D tensor of
+            token ids, or an iterable of model inputs (tensors, dicts, tuples of arguments).
+        sparsities: the grid measured for every layer (each in (0, 1)).
+        method: how a layer is pruned: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"``, or (output
+            mode) any registered criterion.
+        pattern: ``"unstructured"`` or ``"block:RxC"`` (N:M has a fixed sparsity: nothing to
+            sweep).
+        scope: ``"row"`` or ``"local"`` within the layer (default: row for Wanda, else local).
+        targets, ignore: name patterns, as in :func:`prunekit.prune`.
+        mode: ``"output"``, ``"proxy"`` or ``"auto"`` (proxy when the model has repeated blocks
+            and no ``evaluate`` is given, otherwise output). See the module docstring.
+        evaluate: ``evaluate(model) -> float``, higher is better; damage = dense value - value.
+        divergence: ``"kl"``, ``"cosine"`` or ``"auto"`` (KL for logits, cosine for
+            ``last_hidden_state``).
+        input_fn: turns a data item into the model input (e.g. ``lambda b: b[0]`` for
+            ``(images, labels)`` batches).
+        monotone: make each curve non-decreasing in sparsity (running maximum).
+        blocks: module path of the repeated blocks (proxy mode).
+        device: run each block there in proxy mode.
+        max_batches: use at most this many items of ``data``.
+        block_size, damp: SparseGPT settings.
+
+    Returns:
+        A :class:`SensitivityResult`.
+
+    Example:
+        >>> result = prunekit.sensitivity(model, calib, method="wanda")  # doctest: +SKIP
+        >>> print(result); result.plot("sens.png")                      # doctest: +SKIP
+        >>> report = prunekit.oneshot(model, calib, per_layer=result.allocate(0.7).per_layer)  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    grid = _check_grid(sparsities)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(MODES)}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; accepted: {', '.join(DIVERGENCES)}")
+    pattern = parse_pattern(pattern)
+    if isinstance(pattern, NM):
+        raise ValueError(
+            f"pattern {pattern} has a fixed sparsity, so there is nothing to sweep; measure with "
+            "'unstructured' or 'block:RxC'"
+        )
+    name = method.name if isinstance(method, Criterion) else method
+    criterion = None if name == "sparsegpt" else get_criterion(method)
+    scope = scope or ("row" if name == "wanda" else "local")
+    if scope not in ("row", "local"):
+        raise ValueError(f"scope must be 'row' or 'local' (within one layer), got {scope!r}")
+    if scope == "row" and not isinstance(pattern, Unstructured):
+        raise ValueError(f"scope 'row' works with the unstructured pattern, not {pattern}")
+    if mode == "auto":
+        mode = "proxy" if evaluate is None and find_blocks(model, blocks) is not None else "output"
+    if mode == "proxy":
+        if evaluate is not None:
+            raise ValueError(
+                "evaluate= needs mode='output' (proxy mode never runs the whole model)"
+            )
+        if name not in ("magnitude", "wanda", "sparsegpt"):
+            raise ValueError(f"proxy mode supports magnitude, wanda and sparsegpt, not {name!r}")
+    if criterion is not None and criterion.needs_loss:
+        raise ValueError(f"method {name!r} needs a loss; sensitivity supports loss-free methods")
+    input_fn = input_fn or (lambda item: item)
+    if not isinstance(data, CalibrationSet):
+        data = (
+            calibration(data, n_samples=max_batches or 10**9)
+            if isinstance(data, torch.Tensor) and data.dim() == 1
+            else data
+        )
+    items = list(data)[:max_batches] if max_batches else list(data)
+    if not items:
+        raise ValueError("data holds no sample")
+
+    chosen = resolve_targets(model, targets, ignore)
+    if name != "magnitude" or mode == "proxy":
+        for t in chosen:
+            check_calibratable(t)
+    skipped = [t for t in chosen if pattern.skip_reason(tuple(t.as_matrix(t.weight()).shape))]
+    usable = [t for t in chosen if t not in skipped]
+    pruner = _LayerPruner(name, criterion, pattern, scope, block_size, damp, seed)
+    was_training = model.training
+    model.eval()
+    try:
+        costs = _layer_costs(model, usable, items[0], input_fn)
+        if mode == "proxy":
+            proxy_items = [input_fn(x) for x in items]
+            raw = proxy_damage(
+                model,
+                usable,
+                proxy_items,
+                pruner,
+                grid,
+                blocks=blocks,
+                device=device,
+                progress=progress,
+            )
+            metric, dense_value = "recon", None
+        else:
+            raw, metric, dense_value = _output_mode(
+                model, usable, items, pruner, grid, evaluate, divergence, input_fn, progress
+            )
+    finally:
+        model.train(was_training)
+    names = [t.name for t in usable]
+    return SensitivityResult(
+        layers=names,
+        sparsities=grid,
+        damage={n: _monotone(raw[n]) if monotone else list(raw[n]) for n in names},
+        raw_damage={n: list(raw[n]) for n in names},
+        metric=metric,
+        method=name,
+        mode=mode,
+        sizes={t.name: t.weight().numel() for t in usable},
+        macs_per_weight={n: costs[n] for n in names if n in costs},
+        bytes_per_weight={t.name: float(t.weight().element_size()) for t in usable},
+        dense=dense_value,
+        monotone=monotone,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _output_mode(model, targets, items, pruner, grid, evaluate, divergence, input_fn, progress):
+    stats: dict = {}
+    if pruner.method == "sparsegpt":
+        stats = collect_input_stats(
+            model, targets, [input_fn(x) for x in items], {"hessian"}, progress=False
+        )
+    elif pruner.criterion is not None and pruner.criterion.needs_data:
+        stats = pruner.criterion.collect(
+            model,
+            targets,
+            data=[input_fn(x) for x in items],
+            loss_fn=None,
+            max_batches=None,
+            progress=False,
+        )
+    if evaluate is not None:
+        dense_value = float(evaluate(model))
+        metric = "evaluate"
+
+        def measure() -> float:
+            return dense_value - float(evaluate(model))
+    else:
+        scorer = _OutputDamage(model, items, divergence, input_fn)
+        dense_value, metric, measure = None, scorer.kind, scorer
+    raw: dict[str, list[float]] = {}
+    bar = tqdm(targets, desc="sensitivity", unit="layer", leave=False, disable=not progress)
+    for t in bar:
+        param = raw_parameter(t.module, t.param_name)
+        original = param.detach().clone()
+        values = []
+        try:
+            for pruned in pruner.matrices(t, stats, grid):
+                with torch.no_grad():
+                    param.copy_(pruned.to(param.dtype))
+                values.append(float(measure()))
+        finally:
+            with torch.no_grad():
+                param.copy_(original)
+        raw[t.name] = values
+    return raw, metric, dense_value
+
+
+def oneshot_allocation(
+    model: nn.Module,
+    targets: list[Target],
+    calib: Sequence[Any],
+    pruner: Any,
+    fixed: dict[str, float],
+    grid: Iterable[float] | None,
+    blocks: str | None,
+    sequential: bool,
+    device: str | torch.device | None,
+) -> dict[str, float]:
+    """``oneshot(allocation="sensitivity")``: per-layer sparsities for the targets not in
+    ``fixed``, from one proxy pass with the one-shot method, with exactly as many weights
+    removed as the uniform allocation (``round(sparsity * n)`` in every layer) would."""
+    from prunekit.scope import count_to_remove
+
+    free = [t for t in targets if t.name not in fixed]
+    if not free:
+        return {}
+    points = _check_grid(grid or DEFAULT_SPARSITIES)
+    if pruner.sparsity >= points[-1]:
+        points = _check_grid([*points, pruner.sparsity, (1.0 + pruner.sparsity) / 2])
+    criterion = None if pruner.method == "sparsegpt" else get_criterion(pruner.method)
+    layer_pruner = _LayerPruner(
+        pruner.method,
+        criterion,
+        pruner.pattern,
+        pruner.scope,
+        pruner.block_size,
+        pruner.damp,
+        pruner.seed,
+    )
+    damage = proxy_damage(
+        model,
+        free,
+        list(calib),
+        layer_pruner,
+        points,
+        blocks=blocks,
+        sequential=sequential,
+        device=device,
+        progress=pruner.progress,
+    )
+    curves = {n: list(zip(points, _monotone(d), strict=True)) for n, d in damage.items()}
+    sizes = {t.name: t.weight().numel() for t in free}
+    removed = sum(count_to_remove(pruner.sparsity, n) for n in sizes.values())
+    return allocate(curves, sizes=sizes, removed=removed).per_layer
+
+
+def prune_allocation(
+    model: nn.Module,
+    chosen: list[Target],
+    fixed: dict[str, float],
+    allocation: Any,
+    sparsity: float,
+    pattern: Pattern,
+    method: str | Criterion,
+    data: Iterable[Any] | None,
+    progress: bool,
+) -> dict[str, float]:
+    """``prune(allocation=...)``: per-layer sparsities of the layers not in ``fixed``.
+
+    ``allocation`` is ``"sensitivity"`` (measured here, output mode, on ``data``) or a
+    :class:`SensitivityResult`; the allocated layers lose exactly ``round(sparsity * n)``
+    weights together.
+    """
+    free = [t for t in chosen if t.name not in fixed]
+    if isinstance(allocation, str):
+        if allocation != "sensitivity":
+            raise ValueError(
+                f"unknown allocation {allocation!r}; accepted: None, 'sensitivity' or a "
+                "SensitivityResult"
+            )
+        if data is None:
+            raise ValueError(
+                "allocation='sensitivity' measures on data: pass data=<iterable of model inputs>"
+            )
+        if isinstance(pattern, NM):
+            raise ValueError("allocation does not apply to N:M patterns (their sparsity is fixed)")
+        if not free:
+            return {}
+        allocation = sensitivity(
+            model,
+            data,
+            method=method,
+            pattern=pattern,
+            targets=[t.module_name for t in free],
+            mode="output",
+            progress=progress,
+        )
+    if not isinstance(allocation, SensitivityResult):
+        raise ValueError(
+            f"allocation must be None, 'sensitivity' or a SensitivityResult, got "
+            f"{type(allocation).__name__}"
+        )
+    names = {t.name for t in free}
+    layers = [n for n in allocation.layers if n in names]
+    if not layers:
+        raise ValueError(
+            "the SensitivityResult measured none of the layers this call prunes "
+            f"({', '.join(sorted(names))})"
+        )
+    curves = allocation.curves()
+    sizes = {n: allocation.sizes[n] for n in layers}
+    removed = int(round(sparsity * sum(sizes.values())))
+    chosen_curves = {n: curves[n] for n in layers}
+    return allocate(chosen_curves, sizes=sizes, removed=removed).per_layer
