@@ -15,8 +15,13 @@ so that what is exported is the plain architecture with its zeros baked in. The 
 tries PyTorch's TorchScript-based exporter (``dynamo=False``), which needs no extra package and
 handles plain CNNs and MLPs; where it fails (Hugging Face transformers models: unsupported
 operators such as ``aten::diff`` in their attention masks) or the PyTorch version no longer
-offers it, the torch.export-based exporter is used, which needs ``onnxscript``. ONNX stores the zeros of an unstructured-pruned model as dense weights: the
-file compresses well, but runs no faster; structured pruning gives a smaller, faster graph.
+offers it, the torch.export-based exporter is used, which needs ``onnxscript``. ONNX stores
+the zeros of an unstructured-pruned model as dense weights: the file compresses well, but runs
+no faster; structured pruning gives a smaller, faster graph.
+
+Keyword inputs (a tokenizer's ``dict``, in any key order) become graph inputs named after their
+keys, ordered as ``model.forward`` lists them; the file is written to a temporary name and moved
+to ``path`` only after the onnxruntime check passed, so a failed export leaves nothing there.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import contextlib
 import inspect
 import io
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -91,31 +98,66 @@ def _flatten(outputs: Any) -> list[torch.Tensor]:
     return []
 
 
+class _Inputs(nn.Module):
+    """Calls ``model`` with exactly the example's tensors: positionally, or by keyword when
+    ``keywords`` names them (plus the ``fixed`` non-tensor values, such as ``use_cache=False``).
+
+    The exported graph then takes those tensors positionally in one known order whatever order
+    an exporter would flatten a keyword dict in, and the TorchScript exporter does not fill in
+    the model's other defaults itself (which breaks Hugging Face models).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        keywords: list[str] | None = None,
+        fixed: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.keywords = keywords
+        self.fixed = dict(fixed or {})
+        self.training = False  # the wrapped model's own flags are left as they are
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        if self.keywords is None:
+            return self.model(*tensors)
+        return self.model(**dict(zip(self.keywords, tensors, strict=True)), **self.fixed)
+
+
 def _split(
-    example_inputs: Any, model: nn.Module | None = None
-) -> tuple[tuple, dict[str, Any], list[str]]:
-    """(positional args, keyword args, names of the tensor inputs in graph order)."""
+    example_inputs: Any, model: nn.Module
+) -> tuple[nn.Module, tuple[torch.Tensor, ...], list[str]]:
+    """(module to export, its positional tensor inputs, the names of those inputs in order).
+
+    Keyword (dict) inputs are ordered as ``model.forward``'s signature lists them (keys it does
+    not name follow in the dict's order) and bound by name through :class:`_Inputs`, so any key
+    order gives the same graph with correctly named inputs.
+    """
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}, ["input"]
+        return _Inputs(model), (example_inputs,), ["input"]
     if isinstance(example_inputs, tuple):
-        if not all(isinstance(t, torch.Tensor) for t in example_inputs):
-            raise TypeError("export_onnx: positional example inputs must all be tensors")
+        if not example_inputs or not all(isinstance(t, torch.Tensor) for t in example_inputs):
+            raise TypeError(
+                "export_onnx: positional example inputs must be a non-empty tuple of tensors"
+            )
         names = (
             ["input"]
             if len(example_inputs) == 1
             else [f"input_{i}" for i in range(len(example_inputs))]
         )
-        return example_inputs, {}, names
+        return _Inputs(model), example_inputs, names
     if isinstance(example_inputs, Mapping):
         if not all(isinstance(k, str) for k in example_inputs):
             raise TypeError("export_onnx: keyword example inputs need string keys")
         names = [k for k, v in example_inputs.items() if isinstance(v, torch.Tensor)]
-        if model is not None:  # the exporter orders keyword inputs as forward's signature does
-            order = list(inspect.signature(model.forward).parameters)
-            names.sort(key=lambda k: order.index(k) if k in order else len(order))
         if not names:
             raise ValueError("export_onnx: the keyword example inputs hold no tensor")
-        return (), dict(example_inputs), names
+        order = list(inspect.signature(model.forward).parameters)
+        names.sort(key=lambda k: order.index(k) if k in order else len(order))  # stable
+        fixed = {k: v for k, v in example_inputs.items() if k not in names}
+        target = _Inputs(model, names, fixed)
+        return target, tuple(example_inputs[k] for k in names), names
     raise TypeError(
         "export_onnx: example_inputs must be a tensor, a tuple of tensors or a dict of keyword "
         f"inputs, got {type(example_inputs).__name__}"
@@ -132,8 +174,7 @@ def _has_onnxscript() -> bool:
 
 def _export(
     model: nn.Module,
-    args: tuple,
-    kwargs: dict[str, Any],
+    args: tuple[torch.Tensor, ...],
     path: Path,
     input_names: list[str],
     output_names: list[str],
@@ -150,11 +191,6 @@ def _export(
     }
     if opset is not None:
         options["opset_version"] = opset
-    if kwargs:
-        if "kwargs" in params:
-            options["kwargs"] = kwargs
-        else:  # older torch: a trailing dict holds the keyword inputs
-            args = (*args, kwargs)
     has_dynamo = "dynamo" in params
     if exporter in ("auto", "torchscript"):
         try:
@@ -184,13 +220,8 @@ def _export(
     options.pop("dynamic_axes")
     if dynamic_batch:
         batch = torch.export.Dim.AUTO
-        if kwargs:
-            shapes: Any = {
-                k: ({0: batch} if isinstance(v, torch.Tensor) and v.dim() else None)
-                for k, v in kwargs.items()
-            }
-        else:
-            shapes = tuple({0: batch} if a.dim() else None for a in args)
+        # one entry, for _Inputs.forward's *tensors, holding one entry a tensor
+        shapes: Any = (tuple({0: batch} if a.dim() else None for a in args),)
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
                 torch.onnx.export(
@@ -224,12 +255,15 @@ def export_onnx(
         model: a plain model: finalized (``prunekit.finalize``) or structurally pruned
             (``prunekit.prune_structured``), or never pruned. A model that still carries
             prunekit masks is refused with a ``ValueError``: call ``prunekit.finalize`` first.
-        example_inputs: a tensor, a tuple of tensors (positional inputs) or a dict of keyword
-            inputs (non-tensor values, like ``use_cache=False``, are fixed into the graph).
+        example_inputs: a tensor (graph input ``input``), a tuple of tensors (positional
+            inputs ``input_0``, ``input_1``, ...) or a dict of keyword inputs in any key order,
+            such as ``dict(tokenizer(texts, return_tensors="pt"))``: each tensor becomes a graph
+            input named after its key, in ``model.forward``'s order; non-tensor values, like
+            ``use_cache=False``, are fixed into the graph.
         path: the ``.onnx`` file to write (parent folders are created).
         check: run the file in onnxruntime (CPU) on ``example_inputs`` and compare with
             PyTorch's outputs; raise :class:`OnnxCheckError` if the largest absolute
-            difference exceeds ``atol``.
+            difference exceeds ``atol`` (then nothing is written at ``path``).
         opset: ONNX opset version; None lets PyTorch choose.
         atol: tolerance of the check.
         dynamic_batch: make the leading dimension of every input and output symbolic, so the
@@ -260,7 +294,7 @@ def export_onnx(
         )
     if not (isinstance(atol, (int, float)) and atol >= 0):
         raise ValueError(f"export_onnx: atol must be a number >= 0, got {atol!r}")
-    args, kwargs, input_names = _split(example_inputs, model)
+    target, args, input_names = _split(example_inputs, model)
     onnx = _require("onnx")
     ort = _require("onnxruntime") if check else None
     path = Path(path)
@@ -269,19 +303,61 @@ def export_onnx(
             f"export_onnx: {path} is a folder; give a file name like model.onnx"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Written in a temporary folder next to the target (with the target's file name, so any
+    # external-data file it references keeps its name) and moved into place only once checked:
+    # a file that fails the check is never left at ``path``.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        result = _export_and_check(
+            model,
+            target,
+            args,
+            tmp / path.name,
+            path,
+            input_names,
+            onnx,
+            ort,
+            opset,
+            atol,
+            dynamic_batch,
+            exporter,
+        )
+        for extra in sorted(tmp.iterdir()):  # external data first, the .onnx file last
+            if extra.name != path.name:
+                os.replace(extra, path.parent / extra.name)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result.path = path
+    return result
 
+
+def _export_and_check(
+    model: nn.Module,
+    target: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    final: Path,
+    input_names: list[str],
+    onnx: Any,
+    ort: Any,
+    opset: int | None,
+    atol: float,
+    dynamic_batch: bool,
+    exporter: str,
+) -> OnnxExport:
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.inference_mode():
-            expected = _flatten(model(*args, **kwargs))
+            expected = _flatten(target(*args))
         if not expected:
             raise TypeError("export_onnx: the model returned no tensor")
         output_names = (
             ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]
         )
         exporter = _export(
-            model, args, kwargs, path, input_names, output_names, opset, dynamic_batch, exporter
+            target, args, path, input_names, output_names, opset, dynamic_batch, exporter
         )
     finally:
         for module, training in modes:
@@ -290,27 +366,25 @@ def export_onnx(
     proto = onnx.load(str(path), load_external_data=False)
     used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     graph_outputs = [o.name for o in proto.graph.output]
+    graph_inputs = [i.name for i in proto.graph.input]
     dims = [i.type.tensor_type.shape.dim for i in proto.graph.input]
     dynamic = bool(dims) and all(len(d) > 0 and d[0].dim_param for d in dims if len(d))
+    unknown = [n for n in graph_inputs if n not in input_names]
+    if unknown or graph_inputs != [n for n in input_names if n in graph_inputs]:
+        raise OnnxCheckError(
+            f"export_onnx: the ONNX graph's inputs {graph_inputs} do not match the example "
+            f"inputs {input_names}; {final} was not written"
+        )
     result = OnnxExport(
-        path, used_opset, exporter, input_names, graph_outputs, None, float(atol), dynamic
+        path, used_opset, exporter, graph_inputs, graph_outputs, None, float(atol), dynamic
     )
-    if not check:
+    if ort is None:
         return result
 
     onnx.checker.check_model(str(path))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    tensors = {**dict(zip(input_names, args, strict=False)), **kwargs}
-    feed = {
-        i.name: tensors[i.name].detach().cpu().numpy()
-        for i in session.get_inputs()
-        if i.name in tensors
-    }
-    missing = [i.name for i in session.get_inputs() if i.name not in tensors]
-    if missing:
-        raise OnnxCheckError(
-            f"export_onnx: the ONNX graph wants inputs it was not given: {missing}"
-        )
+    tensors = dict(zip(input_names, args, strict=True))
+    feed = {i.name: tensors[i.name].detach().cpu().numpy() for i in session.get_inputs()}
     got = session.run(None, feed)
     if len(got) != len(expected):
         raise OnnxCheckError(f"export_onnx: ONNX gives {len(got)} outputs, PyTorch {len(expected)}")
@@ -326,7 +400,7 @@ def export_onnx(
     result.max_abs_diff = diff
     if not diff <= atol:
         raise OnnxCheckError(
-            f"export_onnx: {path} differs from PyTorch by up to {diff:.3g} (tolerance {atol:g}); "
-            "the file is written but should not be trusted"
+            f"export_onnx: the exported model differs from PyTorch by up to {diff:.3g} "
+            f"(tolerance {atol:g}); {final} was not written"
         )
     return result
