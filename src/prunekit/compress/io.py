@@ -38,19 +38,40 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from prunekit._version import __version__
 from prunekit.compress.quantize import (
+    ACCEPTED_BITS,
     QUANT_ATTR,
     QuantizedTensor,
     check_bits,
     parse_granularity,
     quantize_tensor,
 )
-from prunekit.compress.sparse_format import _check_index, decode, encode, nonzero_bits
-from prunekit.compress.structured import STRUCTURE_ATTR, apply_structure
+from prunekit.compress.sparse_format import (
+    VALUE_DTYPES,
+    _check_index,
+    decode,
+    encode,
+    nonzero_bits,
+)
+from prunekit.compress.structured import STRUCTURE_ATTR, apply_structure, check_structure
+from prunekit.compress.validate import (
+    INTEGRITY_KEY,
+    SavedModelError,
+    TensorInfo,
+    check_integrity,
+    check_size,
+    fail,
+    integrity_record,
+    is_shape,
+    load_tensors,
+    numel,
+    read_header,
+    read_json,
+)
 from prunekit.masks import MASK_SUFFIX, apply_mask, get_mask, masked_parameters, remove_mask
 from prunekit.report import stats
 from prunekit.targets import matches
@@ -60,6 +81,17 @@ WEIGHTS_FILE = "model.safetensors"
 META_FILE = "prunekit.json"
 MASK_PREFIX = "__prunekit_mask__."
 SPARSE_PREFIX = "__prunekit_sparse__."
+# the prunekit.json fields that decide what loads: covered by the integrity checksum
+LOAD_FIELDS = (
+    "format",
+    "format_version",
+    "masks",
+    "aliases",
+    "compressed",
+    "derived_masks",
+    "quantization",
+    "structure",
+)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -96,6 +128,14 @@ def _dedupe_shared(
         seen[key] = name
         kept[name] = tensor.detach().contiguous().cpu()
     return kept, aliases
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file and flush it to disk."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _atomic_dir_write(path: Path, overwrite: bool, write) -> None:
@@ -184,20 +224,24 @@ def save(
         "prunekit_version": __version__,
         "torch_version": torch.__version__,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "masks": mask_shapes,
-        "aliases": aliases,
         "sparsity": {row.name: round(row.sparsity, 6) for row in report.layers},
         "total_sparsity": round(report.sparsity, 6),
-        **extra,
         **(metadata or {}),
     }
+    # what decides how the file loads comes after the caller's metadata, which cannot hide it
+    for key in (*LOAD_FIELDS, INTEGRITY_KEY):
+        meta.pop(key, None)
+    meta.update({"format": "prunekit", "format_version": 2 if compressed else 1})
+    meta.update({"masks": mask_shapes, "aliases": aliases, **extra})
     structure = getattr(model, STRUCTURE_ATTR, None)
     if structure:
         meta["structure"] = structure
 
     def write(folder: Path) -> None:
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-        (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        fields = [k for k in LOAD_FIELDS if k in meta]
+        meta[INTEGRITY_KEY] = integrity_record(folder, [WEIGHTS_FILE], meta, fields)
+        write_text(folder / META_FILE, json.dumps(meta, indent=2) + "\n")
 
     _atomic_dir_write(path, overwrite, write)
     return path
@@ -302,22 +346,23 @@ def decode_state(
     """
     state = dict(tensors)
     quantized: dict[str, QuantizedTensor] = {}
-    for name, entry in meta.get("compressed", {}).items():
+    entries = meta.get("compressed", {})
+    if not isinstance(entries, dict):
+        raise fail(source, "compressed", f"expected an object, got {type(entries).__name__}")
+    for name, entry in entries.items():
         prefix = f"{SPARSE_PREFIX}{name}."
         arrays = {k[len(prefix) :]: state.pop(k) for k in list(state) if k.startswith(prefix)}
         if not arrays:
-            raise ValueError(f"{source}: no stored arrays for the compressed tensor {name!r}")
+            raise fail(source, name, "no stored arrays for this compressed tensor")
         try:
             state[name], q = decode(arrays, entry)
         except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
-            raise ValueError(
-                f"{source}: cannot decode the compressed tensor {name!r}: {exc}"
-            ) from exc
+            raise fail(source, f"compressed tensor {name!r}", f"cannot be decoded: {exc}") from exc
         if q is not None:
             quantized[name] = q
     unknown = [k for k in state if k.startswith(SPARSE_PREFIX)]
     if unknown:
-        raise ValueError(f"{source}: compressed tensors without metadata: {unknown[:5]}")
+        raise fail(source, unknown[0], f"encoded arrays without metadata: {unknown[:5]}")
     return state, quantized
 
 
@@ -358,20 +403,136 @@ def _bit_rules(bits: Any, granularity: str) -> list[tuple[str, int, str]]:
 
 def load_state(path: str | os.PathLike, aliases: bool = True) -> dict[str, torch.Tensor]:
     """The saved weights as a plain dense state dict (compressed tensors decoded, masks applied
-    and left out), without needing the model class."""
-    return _read_tensors(Path(path), read_metadata(path), aliases)[0]
+    and left out), without needing the model class. The folder is checked whole first; any
+    problem is a :class:`SavedModelError` naming the file and the field.
+
+    Example:
+        >>> state = prunekit.load_state("out/net")  # doctest: +SKIP
+    """
+    saved = _open_folder(Path(path))
+    return _decode_folder(saved, aliases)[0]
 
 
-def _read_tensors(
-    path: Path, meta: dict[str, Any], aliases: bool = True
+class _Saved:
+    """A save folder whose JSON record, safetensors header and checksums were checked."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], header: dict[str, TensorInfo]) -> None:
+        self.path = path
+        self.meta = meta
+        self.header = header
+        self.weights = path / WEIGHTS_FILE
+        self.meta_path = path / META_FILE
+
+    def layout(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """dtype name and shape of every tensor of the dense state the folder decodes to
+        (aliases included), known before a tensor is read."""
+        compressed = self.meta.get("compressed", {})
+        out: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for name, info in self.header.items():
+            if not name.startswith((MASK_PREFIX, SPARSE_PREFIX)):
+                out[name] = (info.dtype, info.shape)
+        for name, entry in compressed.items():
+            out[name] = (entry["dtype"], tuple(entry["shape"]))
+        for alias, target in self.meta.get("aliases", {}).items():
+            out[alias] = out[target]
+        return out
+
+
+def _open_folder(path: Path) -> _Saved:
+    """Read and check a save folder without reading its tensors: the JSON record's schema, the
+    safetensors header, the checksums, and that the two agree (a mask tensor for every masked
+    layer, with its exact packed length; the arrays of every compressed tensor)."""
+    meta = read_metadata(path)
+    meta_path = path / META_FILE
+    weights = path / WEIGHTS_FILE
+    header = read_header(weights)
+    saved = _Saved(path, meta, header)
+    compressed = meta.get("compressed", {})
+    derived = set(meta.get("derived_masks", []))
+    stored_masks = {k[len(MASK_PREFIX) :] for k in header if k.startswith(MASK_PREFIX)}
+    for name, shape in meta["masks"].items():
+        key = MASK_PREFIX + name
+        if name in derived:
+            if name not in compressed:
+                raise fail(
+                    meta_path,
+                    f"derived_masks[{name!r}]",
+                    "a derived mask needs a compressed tensor of that name",
+                )
+            if key in header:
+                raise fail(weights, key, "stored although prunekit.json derives this mask")
+            if list(compressed[name]["shape"]) != list(shape):
+                raise fail(
+                    meta_path,
+                    f"masks[{name!r}]",
+                    f"shape {shape} differs from the compressed tensor's {compressed[name]['shape']}",
+                )
+            continue
+        if key not in header:
+            raise fail(
+                weights,
+                key,
+                f"missing: prunekit.json lists a mask for {name!r} (shape {shape}); the file "
+                "holds no packed mask for it",
+            )
+        info = header[key]
+        want = -(-numel(shape) // 8)
+        if info.dtype != "uint8" or info.shape != (want,):
+            raise fail(
+                weights,
+                key,
+                f"expected the packed mask as uint8 of shape [{want}] ({numel(shape)} bits of "
+                f"shape {shape}), got {info.dtype} of shape {list(info.shape)}",
+            )
+    for name in sorted(stored_masks - set(meta["masks"])):
+        raise fail(weights, MASK_PREFIX + name, "a mask that prunekit.json does not list")
+    for name in sorted(derived - set(meta["masks"])):
+        raise fail(meta_path, "derived_masks", f"{name!r} is not listed in masks")
+    check_encoded_layout(meta, header, meta_path, weights)
+    check_integrity(path, meta, meta_path)
+    return saved
+
+
+def check_encoded_layout(
+    meta: dict[str, Any], header: dict[str, TensorInfo], meta_path: Path, weights: Path
+) -> None:
+    """The compressed tensors and aliases a record lists against a safetensors header: every
+    compressed tensor has arrays and no plain copy, every encoded array belongs to a listed
+    tensor, every alias names a stored tensor."""
+    compressed = meta.get("compressed", {})
+    for name in compressed:
+        prefix = f"{SPARSE_PREFIX}{name}."
+        if not any(k.startswith(prefix) for k in header):
+            raise fail(weights, name, "prunekit.json lists it as compressed; no arrays are stored")
+        if name in header:
+            raise fail(weights, name, "stored both plain and compressed")
+    names = set(compressed)
+    for key in header:
+        if key.startswith(SPARSE_PREFIX):
+            owner = key[len(SPARSE_PREFIX) :].rpartition(".")[0]
+            if owner not in names:
+                raise fail(weights, key, "an encoded array of no tensor listed in prunekit.json")
+    known = {k for k in header if not k.startswith((MASK_PREFIX, SPARSE_PREFIX))} | names
+    for alias, target in meta.get("aliases", {}).items():
+        if target not in known:
+            raise fail(meta_path, f"aliases[{alias!r}]", f"names {target!r}, which is not stored")
+        if alias in known:
+            raise fail(meta_path, f"aliases[{alias!r}]", "names a tensor that is also stored")
+
+
+def _decode_folder(
+    saved: _Saved, aliases: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
-    tensors = load_file(str(path / WEIGHTS_FILE))
-    masks = {
+    """Read the tensors of a checked folder: dense state, bool masks, quantized codes."""
+    tensors, _ = load_tensors(saved.weights)
+    meta = saved.meta
+    packed = {
         name[len(MASK_PREFIX) :]: tensors.pop(name)
         for name in list(tensors)
         if name.startswith(MASK_PREFIX)
     }
-    tensors, quantized = decode_state(tensors, meta, source=str(path))
+    tensors, quantized = decode_state(tensors, meta, source=str(saved.weights))
+    masks = {name: unpack_mask(p, meta["masks"][name]) for name, p in packed.items()}
     for name in meta.get("derived_masks", []):
         masks[name] = nonzero_bits(tensors[name])
     if aliases:
@@ -380,17 +541,105 @@ def _read_tensors(
     return tensors, masks, quantized
 
 
+def _check_meta(meta: dict[str, Any], meta_path: Path) -> None:
+    """The schema of a prunekit.json record (format already checked)."""
+
+    def names_to(field: str, check, expected: str, required: bool = False) -> None:
+        value = meta.get(field)
+        if value is None and not required:
+            return
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and check(v) for k, v in value.items()
+        ):
+            what = "missing" if value is None else f"got {json.dumps(value)[:120]}"
+            raise fail(meta_path, field, f"expected an object of {expected}; {what}")
+
+    version = meta.get("format_version")
+    if version not in (1, 2) or isinstance(version, bool):
+        raise fail(meta_path, "format_version", f"expected 1 or 2, got {version!r}")
+    names_to("masks", is_shape, "parameter name -> shape (a list of integers)", required=True)
+    for name, shape in meta["masks"].items():
+        check_size(meta_path, f"masks[{name!r}]", numel(shape) // 8)
+    check_weights_meta(meta, meta_path)
+
+
+def check_weights_meta(meta: dict[str, Any], meta_path: Path) -> None:
+    """The schema of the record's fields that say how the weights are stored (shared with the
+    Hugging Face folders): aliases, compressed entries, derived masks, quantization, structure."""
+
+    def names_to(field: str, check, expected: str) -> None:
+        if field not in meta:
+            return
+        value = meta[field]
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and check(v) for k, v in value.items()
+        ):
+            raise fail(
+                meta_path, field, f"expected an object of {expected}; got {json.dumps(value)[:120]}"
+            )
+
+    names_to("aliases", lambda v: isinstance(v, str), "tensor name -> stored tensor name")
+    names_to("compressed", lambda v: isinstance(v, dict), "tensor name -> encoding entry")
+    for name, entry in meta.get("compressed", {}).items():
+        if not is_shape(entry.get("shape")) or entry.get("dtype") not in VALUE_DTYPES:
+            raise fail(
+                meta_path,
+                f"compressed[{name!r}]",
+                f"expected 'shape' (a list of integers) and 'dtype' (one of "
+                f"{', '.join(VALUE_DTYPES)}), got shape {entry.get('shape')!r} and dtype "
+                f"{entry.get('dtype')!r}",
+            )
+        check_size(meta_path, f"compressed[{name!r}].shape", numel(entry["shape"]) * 8)
+    derived = meta.get("derived_masks", [])
+    if not isinstance(derived, list) or not all(isinstance(n, str) for n in derived):
+        raise fail(meta_path, "derived_masks", f"expected a list of names, got {derived!r}")
+    quant = meta.get("quantization")
+    if "quantization" in meta:
+        ok = (
+            isinstance(quant, dict)
+            and quant.get("bits") in ACCEPTED_BITS
+            and not isinstance(quant.get("bits"), bool)
+            and isinstance(quant.get("granularity"), str)
+            and isinstance(quant.get("symmetric", True), bool)
+            and quant.get("mode", "int") in ("fake", "int")
+        )
+        if ok:
+            try:
+                parse_granularity(quant["granularity"])
+            except ValueError:
+                ok = False
+        if not ok:
+            raise fail(
+                meta_path,
+                "quantization",
+                "expected {'bits': 4 or 8, 'granularity': 'per_channel' or 'group:G', "
+                f"'symmetric': true/false, 'mode': 'fake' or 'int'}}, got {json.dumps(quant)[:200]}",
+            )
+    if "structure" in meta:
+        try:
+            check_structure(meta["structure"])
+        except ValueError as exc:
+            raise fail(meta_path, "structure", str(exc)) from exc
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``prunekit.json`` of a saved model folder."""
+    """The ``prunekit.json`` of a saved model folder, its schema checked.
+
+    Example:
+        >>> prunekit.compress.io.read_metadata("out/net")["masks"]  # doctest: +SKIP
+        {'fc1.weight': [32, 256]}
+    """
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} is not a prunekit save folder (no {META_FILE})")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != "prunekit" or meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
-            f"{meta_path} has format {meta.get('format')!r} version {meta.get('format_version')!r}; "
+    meta = read_json(meta_path)
+    version = meta.get("format_version", 0)
+    if meta.get("format") != "prunekit" or not isinstance(version, int) or version > FORMAT_VERSION:
+        raise SavedModelError(
+            f"{meta_path} has format {meta.get('format')!r} version {version!r}; "
             f"this prunekit ({__version__}) reads prunekit format up to version {FORMAT_VERSION}"
         )
+    _check_meta(meta, meta_path)
     return meta
 
 
@@ -399,8 +648,13 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module]) ->
 
     ``model`` is an instance of the saved architecture (fresh, or carrying masks of its own,
     which the saved ones replace), or a zero-argument factory that builds one. The weights are
-    restored bit for bit and every mask is re-attached, so pruning or training can go on. Shapes
-    must match exactly; a mismatch raises before any weight is changed.
+    restored bit for bit and every mask is re-attached, so pruning or training can go on.
+
+    The folder is checked whole before the model is touched: the JSON record's schema, the
+    safetensors header, the checksums written at save time, every tensor's dtype and shape
+    against the model, packed mask lengths, the compressed encodings and the structure record.
+    Any problem raises :class:`SavedModelError` (a ``ValueError`` naming the file, the field and
+    what was expected) or ``FileNotFoundError``, and the model is left as it was.
 
     A structurally pruned model (``prunekit.prune_structured``) has smaller layers than a fresh
     instance: its saved record of changed shapes is first replayed on the fresh model (checked
@@ -410,69 +664,76 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module]) ->
         >>> restored = prunekit.load("out/net", MyNet())  # doctest: +SKIP
         >>> restored = prunekit.load("out/pruned", MyNet)  # a factory works too  # doctest: +SKIP
     """
+    if not isinstance(model, nn.Module) and not callable(model):
+        raise TypeError(
+            f"model must be an nn.Module or a callable returning one, got {type(model).__name__}"
+        )
+    saved = _open_folder(Path(path))
     if not isinstance(model, nn.Module):
-        if not callable(model):
-            raise TypeError(
-                f"model must be an nn.Module or a callable returning one, got {type(model).__name__}"
-            )
         built = model()
         if not isinstance(built, nn.Module):
             raise TypeError(f"the model factory returned {type(built).__name__}, not an nn.Module")
         model, fresh = built, True
     else:
         fresh = False
-    structure = read_metadata(path).get("structure")
+    structure = saved.meta.get("structure")
     if structure:
-        if not fresh:
-            _load_into(path, apply_structure(copy.deepcopy(model), structure))  # check first
-        apply_structure(model, structure)
+        if not fresh:  # replay on a copy first: the caller's model changes only if all fits
+            probe = apply_structure(copy.deepcopy(model), structure, source=saved.meta_path)
+            _check_compatible(saved, probe)
+        apply_structure(model, structure, source=saved.meta_path)
+    _check_compatible(saved, model)
+    tensors, masks, quantized = _decode_folder(saved)
+    _check_decoded(saved, tensors, model)
+    if structure:
         object.__setattr__(model, STRUCTURE_ATTR, structure)
-    return _load_into(path, model)
-
-
-def _load_into(path: str | os.PathLike, model: nn.Module) -> nn.Module:
-    path = Path(path)
-    meta = read_metadata(path)
-    tensors, masks, quantized = _read_tensors(path, meta)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    expected = {
-        k: v
-        for k, v in model.state_dict().items()
-        if not k.endswith(MASK_SUFFIX) or k[: -len(MASK_SUFFIX)] not in params
-    }
-    _check_compatible(expected, tensors, meta, params)
-
     for _, module, name in list(masked_parameters(model)):
         remove_mask(module, name)  # the file's masks replace any the model carries
     modules = dict(model.named_modules())
-    for name, packed in masks.items():
+    for name, mask in masks.items():
         module_name, _, param_name = name.rpartition(".")
-        if packed.dtype != torch.bool:
-            packed = unpack_mask(packed, meta["masks"][name])
-        apply_mask(modules[module_name], param_name, packed)
+        apply_mask(modules[module_name], param_name, mask)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not k.endswith(MASK_SUFFIX)]
     if missing or unexpected:  # pragma: no cover - _check_compatible catches these first
         raise ValueError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
     if quantized:  # keep the codes, so that saving again stores exactly the same values
-        record = {**meta.get("quantization", {"mode": "int"}), "layers": quantized}
+        record = {**saved.meta.get("quantization", {"mode": "int"}), "layers": quantized}
         object.__setattr__(model, QUANT_ATTR, record)
     return model
 
 
-def _check_compatible(expected: dict, tensors: dict, meta: dict, params: dict) -> None:
+def _expected_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, nn.Parameter]]:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = {
+        k: v
+        for k, v in model.state_dict(keep_vars=True).items()
+        if not k.endswith(MASK_SUFFIX) or k[: -len(MASK_SUFFIX)] not in params
+    }
+    return expected, params
+
+
+def _check_compatible(saved: _Saved, model: nn.Module) -> None:
+    """Names, dtypes and shapes of the file (read from its header and record, before any tensor
+    is read) against the model's; every problem at once."""
+    expected, params = _expected_state(model)
+    layout = saved.layout()
     problems = []
-    for name in sorted(set(expected) - set(tensors)):
+    for name in sorted(set(expected) - set(layout)):
         problems.append(f"{name}: in the model but not in the file")
-    for name in sorted(set(tensors) - set(expected)):
+    for name in sorted(set(layout) - set(expected)):
         problems.append(f"{name}: in the file but not in the model")
-    for name in sorted(set(expected) & set(tensors)):
-        if tuple(expected[name].shape) != tuple(tensors[name].shape):
+    for name in sorted(set(expected) & set(layout)):
+        dtype, shape = layout[name]
+        want = expected[name]
+        if tuple(want.shape) != tuple(shape):
+            problems.append(f"{name}: model has shape {tuple(want.shape)}, file has {tuple(shape)}")
+        elif str(want.dtype).replace("torch.", "") != dtype:
             problems.append(
-                f"{name}: model has shape {tuple(expected[name].shape)}, "
-                f"file has {tuple(tensors[name].shape)}"
+                f"{name}: model has dtype {str(want.dtype)[6:]}, file has {dtype} (convert the "
+                "model with .to(dtype) first, or the file is damaged)"
             )
-    for name, shape in meta.get("masks", {}).items():
+    for name, shape in saved.meta["masks"].items():
         if name not in params:
             problems.append(f"mask for {name}: the model has no such parameter")
         elif tuple(params[name].shape) != tuple(shape):
@@ -481,6 +742,21 @@ def _check_compatible(expected: dict, tensors: dict, meta: dict, params: dict) -
                 f"file has {tuple(shape)}"
             )
     if problems:
-        raise ValueError(
-            "the saved model does not fit this architecture:\n  " + "\n  ".join(problems)
+        raise SavedModelError(
+            f"{saved.path}: the saved model does not fit this architecture:\n  "
+            + "\n  ".join(problems)
         )
+
+
+def _check_decoded(saved: _Saved, tensors: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """The decoded tensors against the model (what the header promised, checked again)."""
+    expected, _ = _expected_state(model)
+    for name, want in expected.items():
+        got = tensors.get(name)
+        if got is None or got.dtype != want.dtype or got.shape != want.shape:
+            raise fail(
+                saved.weights,
+                name,
+                f"decodes to {None if got is None else (got.dtype, tuple(got.shape))}, the "
+                f"model needs {(want.dtype, tuple(want.shape))}",
+            )

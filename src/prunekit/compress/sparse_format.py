@@ -30,8 +30,12 @@ import numpy as np
 import torch
 
 from prunekit.compress.quantize import QuantizedTensor, dequantize_codes
+from prunekit.compress.validate import check_size, is_shape, numel
 
 INDEX_KINDS = ("bitmask", "rle", "csr", "dense")
+INDEX_ARRAYS = {"bitmask": ("bits",), "rle": ("gaps",), "csr": ("rowptr", "col"), "dense": ()}
+INDEX_DTYPES = ("uint8", "uint16", "uint32", "uint64")
+VALUE_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def _check_index(index: str) -> None:
@@ -185,10 +189,154 @@ def _expand_groups(per_group: torch.Tensor, group: int | None, cols: int) -> tor
     return per_group.repeat_interleave(group, dim=1)[:, :cols]
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_entry(arrays: dict[str, torch.Tensor], meta: Any) -> None:
+    """Check one encoded tensor whole (its JSON entry and its arrays) before decoding it.
+
+    Raises ``ValueError`` naming the field and what was expected: unknown index kinds or
+    dtypes, arrays of the wrong dtype or length, index positions outside the tensor, counts
+    that do not add up, or a declared tensor larger than this machine's memory.
+
+    Example:
+        >>> arrays, meta = encode(torch.tensor([[0.0, 2.0], [3.0, 0.0]]), "csr")
+        >>> check_entry(arrays, meta)  # fine
+        >>> check_entry(arrays, {**meta, "index": "zstd"})
+        Traceback (most recent call last):
+        ...
+        ValueError: index: 'zstd' is not one of bitmask, rle, csr, dense
+    """
+
+    def bad(field: str, problem: str) -> ValueError:
+        return ValueError(f"{field}: {problem}")
+
+    if not isinstance(meta, dict):
+        raise bad("entry", f"expected an object, got {type(meta).__name__}")
+    shape = meta.get("shape")
+    if not is_shape(shape):
+        raise bad("shape", f"expected a list of integers >= 0, got {shape!r}")
+    dtype = meta.get("dtype")
+    if dtype not in VALUE_DTYPES:
+        raise bad("dtype", f"{dtype!r} is not one of {', '.join(VALUE_DTYPES)}")
+    kind = meta.get("index")
+    if kind not in INDEX_KINDS:
+        raise bad("index", f"{kind!r} is not one of {', '.join(INDEX_KINDS)}")
+    for key in ("nnz", "count"):
+        if not _is_count(meta.get(key)):
+            raise bad(key, f"expected an integer >= 0, got {meta.get(key)!r}")
+    index_dtypes = meta.get("index_dtypes")
+    if not (
+        isinstance(index_dtypes, dict)
+        and sorted(index_dtypes) == sorted(INDEX_ARRAYS[kind])
+        and all(v in INDEX_DTYPES for v in index_dtypes.values())
+    ):
+        raise bad(
+            "index_dtypes",
+            f"index {kind!r} needs {{{', '.join(INDEX_ARRAYS[kind])}}} each one of "
+            f"{', '.join(INDEX_DTYPES)}, got {index_dtypes!r}",
+        )
+    itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    check_size("", "shape", numel(shape) * itemsize)
+    quant = meta.get("quant")
+    allowed = {"values", *INDEX_ARRAYS[kind]}
+    if quant is not None:
+        if not (
+            isinstance(quant, dict)
+            and quant.get("bits") in (4, 8)
+            and not isinstance(quant.get("bits"), bool)
+            and (quant.get("group") is None or (_is_count(quant["group"]) and quant["group"] > 0))
+            and isinstance(quant.get("transposed"), bool)
+            and is_shape(quant.get("codes_shape"))
+            and len(quant["codes_shape"]) == 2
+        ):
+            raise bad(
+                "quant",
+                "expected {'bits': 4 or 8, 'group': null or a positive integer, 'transposed': "
+                f"true/false, 'codes_shape': [rows, cols]}}, got {quant!r}",
+            )
+        rows, cols = quant["codes_shape"]
+        if quant["transposed"]:
+            expected = (shape[1], shape[0]) if len(shape) == 2 else None
+        else:
+            expected = _matrix_shape(tuple(shape))
+        if expected != (rows, cols):
+            raise bad(
+                "quant.codes_shape", f"{[rows, cols]} does not fit the tensor's shape {shape}"
+            )
+        allowed |= {"scale", "zero_point"}
+    else:
+        rows, cols = _matrix_shape(tuple(shape))
+    n = rows * cols
+    extra = sorted(set(arrays) - allowed)
+    missing = sorted(a for a in allowed - {"scale", "zero_point"} if a not in arrays)
+    if quant is not None and "scale" not in arrays:
+        missing.append("scale")
+    if extra or missing:
+        raise bad("arrays", f"missing {missing}, unexpected {extra} (index {kind!r})")
+    nnz, count = meta["nnz"], meta["count"]
+    if count != (n if kind == "dense" else nnz) or nnz > n:
+        raise bad(
+            "count",
+            f"{count} values with {nnz} non-zeros in {n} entries do not fit index {kind!r}",
+        )
+
+    def check_array(name: str, want_dtype: torch.dtype, length: int, shape_: tuple | None = None):
+        array = arrays[name]
+        want_shape = shape_ if shape_ is not None else (length,)
+        if array.dtype != want_dtype or tuple(array.shape) != want_shape:
+            raise bad(
+                name,
+                f"expected {str(want_dtype)[6:]} of shape {list(want_shape)}, got "
+                f"{str(array.dtype)[6:]} of shape {list(array.shape)}",
+            )
+
+    if quant is None:
+        check_array("values", getattr(torch, dtype), count)
+    elif quant["bits"] == 8:
+        check_array("values", torch.int8, count)
+    else:
+        check_array("values", torch.uint8, -(-count // 2))
+    if quant is not None:
+        groups = 1 if quant["group"] is None else -(-cols // quant["group"])
+        check_array("scale", torch.float32, 0, (rows, groups))
+        if "zero_point" in arrays:
+            check_array("zero_point", torch.int8, 0, (rows, groups))
+    lengths = {"bits": -(-n // 8), "gaps": nnz, "rowptr": rows + 1, "col": nnz}
+    index: dict[str, np.ndarray] = {}
+    for name, dt in index_dtypes.items():
+        size = np.dtype(dt).itemsize
+        array = arrays[name]
+        if array.dtype != torch.uint8 or array.dim() != 1 or array.numel() != lengths[name] * size:
+            raise bad(
+                name,
+                f"expected {lengths[name]} {dt} entries ({lengths[name] * size} bytes), got "
+                f"{array.numel()} {'bytes' if array.dtype == torch.uint8 else str(array.dtype)}",
+            )
+        index[name] = array.numpy().view(np.dtype(dt))
+    if kind == "bitmask":
+        found = int(np.unpackbits(index["bits"], count=n).sum())
+        if found != nnz:
+            raise bad("bits", f"marks {found} entries, nnz says {nnz}")
+    elif kind == "rle":
+        last = int(np.sum(index["gaps"].astype(np.uint64) + 1, dtype=np.uint64)) - 1
+        if nnz and last >= n:
+            raise bad("gaps", f"run lengths reach entry {last} of a tensor of {n}")
+    elif kind == "csr":
+        rowptr = index["rowptr"].astype(np.int64)
+        if rowptr[0] != 0 or rowptr[-1] != nnz or bool((np.diff(rowptr) < 0).any()):
+            raise bad("rowptr", f"expected non-decreasing row pointers from 0 to nnz={nnz}")
+        if nnz and int(index["col"].max()) >= cols:
+            raise bad("col", f"column {int(index['col'].max())} of a matrix with {cols} columns")
+
+
 def decode(
     arrays: dict[str, torch.Tensor], meta: dict[str, Any]
 ) -> tuple[torch.Tensor, QuantizedTensor | None]:
-    """Inverse of :func:`encode`: the dense tensor, and its quantized codes if it was quantized."""
+    """Inverse of :func:`encode`: the dense tensor, and its quantized codes if it was quantized.
+    ``arrays`` and ``meta`` are checked first (:func:`check_entry`)."""
+    check_entry(arrays, meta)
     shape = tuple(meta["shape"])
     dtype = getattr(torch, meta["dtype"])
     kind = meta["index"]

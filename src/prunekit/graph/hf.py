@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from prunekit.compress.structured import STRUCTURE_ATTR
@@ -39,6 +39,19 @@ WEIGHTS_KEY = "compressed_weights"  # in prunekit.json: file, encoding, encoding
 # Weight files of a source folder that are never copied beside the saved weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
+# prunekit.json fields that decide what loads (covered by its integrity checksum), and the
+# files besides the weights whose checksums it records
+HF_LOAD_FIELDS = (
+    "format",
+    "format_version",
+    "structure",
+    "original_config",
+    WEIGHTS_KEY,
+    "aliases",
+    "compressed",
+    "quantization",
+)
+_CHECKED_CONFIGS = ("config.json", "generation_config.json", "model.safetensors.index.json")
 
 
 def is_hf(model: nn.Module) -> bool:
@@ -240,7 +253,8 @@ def save_pretrained(
         >>> model = prunekit.from_pretrained("out/small")  # doctest: +SKIP
     """
     from prunekit._version import __version__
-    from prunekit.compress.io import _atomic_dir_write, check_compress_args
+    from prunekit.compress.io import _atomic_dir_write, check_compress_args, write_text
+    from prunekit.compress.validate import INTEGRITY_KEY, integrity_record
 
     if not is_hf(model):
         raise TypeError(
@@ -262,8 +276,18 @@ def save_pretrained(
         "original_config": getattr(model, ORIGINAL_CONFIG_ATTR, None),
     }
     meta.update(metadata or {})
+    for key in (*HF_LOAD_FIELDS, INTEGRITY_KEY):  # the caller's metadata cannot hide these
+        meta.pop(key, None)
+    meta.update(
+        {
+            "format": HF_FORMAT,
+            "format_version": HF_FORMAT_VERSION if compressed else 1,
+            "structure": structure_of(model),
+            "original_config": getattr(model, ORIGINAL_CONFIG_ATTR, None),
+        }
+    )
     tensors: dict[str, torch.Tensor] = {}
-    if compressed:  # after the caller's metadata, which must not hide how to decode the weights
+    if compressed:
         tensors, weights_meta = _encode_weights(model, bits, granularity, index)
         meta.update(weights_meta)
 
@@ -282,7 +306,14 @@ def save_pretrained(
                     and not item.name.endswith(_WEIGHT_INDEX_SUFFIXES)
                 ):
                     shutil.copy2(item, folder / item.name)
-        (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        written = sorted(
+            p.name
+            for p in folder.iterdir()
+            if p.is_file() and (p.suffix == ".safetensors" or p.name in _CHECKED_CONFIGS)
+        )
+        fields = [k for k in HF_LOAD_FIELDS if k in meta]
+        meta[INTEGRITY_KEY] = integrity_record(folder, written, meta, fields)
+        write_text(folder / META_FILE, json.dumps(meta, indent=2) + "\n")
 
     _atomic_dir_write(path, overwrite, write)
     return path
@@ -342,34 +373,52 @@ def _model_class(config):
 
 def read_hf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``prunekit.json`` of a folder written by :func:`save_pretrained` (``{}`` for a plain
-    Hugging Face folder), checked to be a version this prunekit reads.
+    Hugging Face folder), checked to be a version this prunekit reads, with a valid schema and
+    the checksums recorded at save time. Problems raise
+    :class:`prunekit.compress.validate.SavedModelError` naming the file and the field.
 
     Example:
         >>> read_hf_metadata("out/small")["compressed_weights"]["file"]  # doctest: +SKIP
         'prunekit-compressed.safetensors'
     """
+    from prunekit.compress.io import check_weights_meta
+    from prunekit.compress.validate import check_integrity, fail, read_json
+
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
         return {}
-    meta = json.loads(meta_path.read_text())
-    if not isinstance(meta, dict) or meta.get("format") != HF_FORMAT:
-        return meta if isinstance(meta, dict) else {}  # e.g. the CLI's "prunekit-hf": plain
+    meta = read_json(meta_path)
+    if meta.get("format") != HF_FORMAT:
+        return meta  # e.g. the CLI's "prunekit-hf": a plain folder
     version = meta.get("format_version", 1)
-    if not isinstance(version, int) or version > HF_FORMAT_VERSION:
-        raise ValueError(
-            f"{meta_path} has format {HF_FORMAT!r} version {version!r}; this prunekit reads it "
-            f"up to version {HF_FORMAT_VERSION}: upgrade prunekit"
+    if not isinstance(version, int) or isinstance(version, bool) or version > HF_FORMAT_VERSION:
+        raise fail(
+            meta_path,
+            "format_version",
+            f"format {HF_FORMAT!r} version {version!r}; this prunekit reads it up to version "
+            f"{HF_FORMAT_VERSION}: upgrade prunekit",
         )
     weights = meta.get(WEIGHTS_KEY)
-    if weights is not None and (
+    if WEIGHTS_KEY in meta and (
         not isinstance(weights, dict)
         or weights.get("encoding") != COMPRESSED_ENCODING
+        or not isinstance(weights.get("encoding_version", 0), int)
         or weights.get("encoding_version", 0) > COMPRESSED_ENCODING_VERSION
+        or not isinstance(weights.get("file", COMPRESSED_WEIGHTS_FILE), str)
     ):
-        raise ValueError(
-            f"{meta_path}: {WEIGHTS_KEY} is {weights!r}; this prunekit reads weights encoded as "
-            f"{COMPRESSED_ENCODING!r} up to version {COMPRESSED_ENCODING_VERSION}"
+        raise fail(
+            meta_path,
+            WEIGHTS_KEY,
+            f"{weights!r}; this prunekit reads weights encoded as "
+            f"{COMPRESSED_ENCODING!r} up to version {COMPRESSED_ENCODING_VERSION}",
         )
+    original = meta.get("original_config")
+    if original is not None and not isinstance(original, dict):
+        raise fail(meta_path, "original_config", f"expected an object, got {original!r}"[:200])
+    if not isinstance(meta.get("structure", []), list):
+        raise fail(meta_path, "structure", "expected a list of steps")
+    check_weights_meta(meta, meta_path)
+    check_integrity(Path(path), meta, meta_path)
     return meta
 
 
@@ -397,11 +446,18 @@ def from_pretrained(
             f"{path}: expected a Hugging Face model folder with config.json (as written by "
             "prunekit.save_pretrained or model.save_pretrained)"
         )
+    from prunekit.compress.validate import read_header, read_json
+
     meta = read_hf_metadata(path)
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    cls = model_class or _model_class(config) or transformers.AutoModel
+    read_json(path / "config.json")  # a clear error for a damaged config
     structure = meta.get("structure") or []
     compressed = meta.get(WEIGHTS_KEY) is not None
+    headers = {} if compressed else {p: read_header(p) for p in sorted(path.glob("*.safetensors"))}
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
+        raise _fail(path / "config.json", "config", f"transformers cannot read it ({exc})") from exc
+    cls = model_class or _model_class(config) or transformers.AutoModel
     if not structure and not compressed:
         kwargs.setdefault("use_safetensors", True)  # never unpickle a .bin checkpoint
         return cls.from_pretrained(path, local_files_only=True, **kwargs)
@@ -417,23 +473,37 @@ def from_pretrained(
     if structure:
         original = meta.get("original_config")
         if original is None:
-            raise ValueError(
-                f"{path / META_FILE} records a surgery but not the original config; cannot rebuild"
+            raise _fail(
+                path / META_FILE,
+                "original_config",
+                "the record holds a surgery but not the original config; cannot rebuild",
             )
-        base_config = type(config).from_dict(original)
+        try:
+            base_config = type(config).from_dict(original)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise _fail(path / META_FILE, "original_config", f"not a valid config ({exc})") from exc
     else:
         base_config = config
     if attn is not None:
         base_config._attn_implementation = attn
-    model = cls.from_config(base_config) if cls is transformers.AutoModel else cls(base_config)
+    try:
+        model = cls.from_config(base_config) if cls is transformers.AutoModel else cls(base_config)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        raise _fail(path, "config", f"the model cannot be built from it ({exc})") from exc
     if structure:
         from prunekit.compress.structured import apply_structure
 
-        apply_structure(model, structure)
+        apply_structure(model, structure, source=path / META_FILE)
         object.__setattr__(model, STRUCTURE_ATTR, structure)
         object.__setattr__(model, ORIGINAL_CONFIG_ATTR, original)
         update_config(model)
-    state, quantized = _read_weights(path, meta) if compressed else (_read_plain(path), {})
+    if compressed:
+        state, quantized = _read_weights(path, meta, model)
+    else:
+        _check_layout(
+            path, model, {n: (i.dtype, i.shape) for h in headers.values() for n, i in h.items()}
+        )
+        state, quantized = _read_plain(path), {}
     _load_state(model, state, path)
     if quantized:  # keep the codes, so that saving again stores exactly the same values
         from prunekit.compress.quantize import QUANT_ATTR
@@ -446,26 +516,72 @@ def from_pretrained(
     return model
 
 
+def _fail(source: Any, field: str, problem: str) -> Exception:
+    from prunekit.compress.validate import fail
+
+    return fail(source, field, problem)
+
+
+def _check_layout(path: Path, model: nn.Module, layout: dict[str, tuple[str, tuple]]) -> None:
+    """Shapes (and, where the file's floating dtype is uniform, dtypes) of the tensors a folder
+    will give, from headers and records before any tensor is read, against the rebuilt model."""
+    expected = model.state_dict()
+    problems = [
+        f"{k}: model {tuple(expected[k].shape)}, file {tuple(shape)}"
+        for k, (_, shape) in layout.items()
+        if k in expected and tuple(expected[k].shape) != tuple(shape)
+    ]
+    for k, (dtype, _) in layout.items():
+        want = expected.get(k)
+        if want is None:
+            continue
+        file_float = dtype.startswith(("float", "bfloat"))
+        # floating weights take the file's dtype (the model is cast); others must match
+        if want.is_floating_point() != file_float or (
+            not file_float and str(want.dtype)[6:] != dtype
+        ):
+            problems.append(f"{k}: model dtype {str(want.dtype)[6:]}, file {dtype}")
+    if problems:
+        raise _fail(
+            path, "weights", "do not fit the rebuilt model:\n  " + "\n  ".join(problems[:20])
+        )
+
+
 def _read_plain(path: Path) -> dict[str, torch.Tensor]:
+    from prunekit.compress.validate import load_tensors
+
     state: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):
-        state.update(load_file(str(file)))
+        state.update(load_tensors(file)[0])
     return state
 
 
 def _read_weights(
-    path: Path, meta: dict[str, Any]
+    path: Path, meta: dict[str, Any], model: nn.Module
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Decode the compressed weights file of a folder: dense state dict and quantized codes."""
-    from prunekit.compress.io import decode_state
+    """Decode the compressed weights file of a folder: dense state dict and quantized codes.
+    The header and the record are checked against ``model`` before any tensor is read."""
+    from prunekit.compress.io import MASK_PREFIX, SPARSE_PREFIX, check_encoded_layout, decode_state
+    from prunekit.compress.validate import load_tensors, read_header
 
-    file = path / meta[WEIGHTS_KEY].get("file", COMPRESSED_WEIGHTS_FILE)
-    if not file.is_file() or file.parent != path:
+    name = meta[WEIGHTS_KEY].get("file", COMPRESSED_WEIGHTS_FILE)
+    file = path / name
+    if Path(name).name != name or not file.is_file():
         raise FileNotFoundError(
-            f"{path}: prunekit.json says the weights are compressed in {file.name}, which is "
+            f"{path}: prunekit.json says the weights are compressed in {name}, which is "
             "missing from the folder"
         )
-    state, quantized = decode_state(load_file(str(file)), meta, source=str(file))
+    header = read_header(file)
+    check_encoded_layout(meta, header, path / META_FILE, file)
+    layout = {
+        k: (i.dtype, i.shape)
+        for k, i in header.items()
+        if not k.startswith((MASK_PREFIX, SPARSE_PREFIX))
+    }
+    for k, entry in meta.get("compressed", {}).items():
+        layout[k] = (entry["dtype"], tuple(entry["shape"]))
+    _check_layout(path, model, layout)
+    state, quantized = decode_state(load_tensors(file)[0], meta, source=str(file))
     for alias, target in meta.get("aliases", {}).items():
         state[alias] = state[target]
     return state, quantized
