@@ -10,7 +10,9 @@
 
 For ``stats``, PATH is a Hugging Face model folder (``config.json`` + ``*.safetensors``), a
 folder written by ``prunekit.save``, or a single ``.safetensors`` file; it reads the tensors
-directly and needs no model code. ``prune`` takes a Hugging Face folder or a safetensors file. ``prune`` on a Hugging Face folder loads the model with ``transformers``
+directly (compressed ones decoded) and needs no model code. Layers are listed in model order;
+"whole model" counts each parameter once and no buffers, as ``count`` does (see
+:mod:`prunekit.file_stats`). ``prune`` takes a Hugging Face folder or a safetensors file. ``prune`` on a Hugging Face folder loads the model with ``transformers``
 (``pip install prunekit[hf]``) and writes a folder that ``from_pretrained`` loads; on a bare
 safetensors file it prunes every weight matrix or conv kernel in PyTorch's (out, in, ...) layout
 and writes a safetensors file with the same keys. Output goes to a temporary name and is renamed
@@ -29,16 +31,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunekit._version import __version__
-from prunekit.compress.io import MASK_PREFIX, META_FILE, _atomic_dir_write
+from prunekit.compress.io import META_FILE, _atomic_dir_write
 from prunekit.graph import StructuredPruningError, UnsupportedOperationError
 from prunekit.masks import finalize
 from prunekit.prune import prune
-from prunekit.report import LayerStats, SparsityReport
+from prunekit.report import SparsityReport
 
 # Tensors of a bare safetensors file that are not pruned unless named in --targets.
 FILE_DEFAULT_IGNORE = r"(^|.*\.)(embed\w*|wte|wpe|lm_head|\w*norm\w*|ln_\w*|head|classifier)\..*"
@@ -68,25 +70,9 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 def _file_stats(path: Path) -> SparsityReport:
-    masks: dict = {}
-    if path.is_dir() and (path / META_FILE).is_file():
-        masks = json.loads((path / META_FILE).read_text()).get("masks", {})
-    rows: list[LayerStats] = []
-    total = zeros = 0
-    for file in _safetensors_files(path):
-        with safe_open(file, "pt") as f:
-            for name in f.keys():
-                if name.startswith(MASK_PREFIX):
-                    continue
-                tensor = f.get_tensor(name)
-                count = tensor.numel() - int(torch.count_nonzero(tensor))
-                total += tensor.numel()
-                zeros += count
-                if tensor.dim() >= 2 and tensor.is_floating_point():
-                    rows.append(
-                        LayerStats(name, tuple(tensor.shape), tensor.numel(), count, name in masks)
-                    )
-    return SparsityReport(rows, total, zeros)
+    from prunekit.file_stats import file_stats
+
+    return file_stats(path)
 
 
 # ---------------------------------------------------------------- pruning a bare file

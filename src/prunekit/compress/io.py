@@ -27,12 +27,13 @@ interrupted save never leaves a half-written model under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,42 @@ def _atomic_dir_write(path: Path, overwrite: bool, write) -> None:
         raise
 
 
+@contextlib.contextmanager
+def accelerated_as_dense(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every layer :func:`prunekit.runtime.accelerate.accelerate` swapped in
+    (``SparseLinear``, ``SparseConv2d``) is replaced by the dense ``nn.Linear`` / ``nn.Conv2d``
+    it encodes, so ``state_dict`` holds ordinary ``weight`` / ``bias`` tensors that load into
+    the original architecture; the accelerated layers are put back afterwards.
+
+    Example:
+        >>> with accelerated_as_dense(model):  # doctest: +SKIP
+        ...     model.save_pretrained(folder)
+    """
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    for name, module in list(model.named_modules()):
+        if type(module).__module__ != "prunekit.runtime.accelerate" or not name:
+            continue
+        if not hasattr(module, "to_dense"):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if parent._modules.get(child) is not module:
+            continue  # inside another accelerated module (SparseConv2d.linear)
+        dense = module.to_dense()
+        dense.train(module.training)
+        parent._modules[child] = dense
+        swapped.append((parent, child, module))
+    if not swapped and type(model).__module__ == "prunekit.runtime.accelerate":
+        raise TypeError(
+            f"{type(model).__name__} is itself an accelerated layer; save the model that holds it"
+        )
+    try:
+        yield model
+    finally:
+        for parent, child, module in reversed(swapped):
+            parent._modules[child] = module
+
+
 def effective_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``model.state_dict()`` with every masked weight replaced by its effective (masked) value
     and the mask buffers dropped, plus those masks by parameter name."""
@@ -193,6 +230,10 @@ def save(
     match wins) to ``bits`` or ``(bits, granularity)``, e.g. ``{"*embeddings*": (4, "group:64"),
     "*": 8}``; weights no pattern matches keep their float values.
 
+    A model sped up by :func:`prunekit.runtime.accelerate.accelerate` is saved with ordinary
+    ``weight`` / ``bias`` tensors (each accelerated layer decoded to the dense weight it
+    holds), so it loads into the original architecture.
+
     Example:
         >>> import torch, prunekit, tempfile
         >>> net = prunekit.prune(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)), 0.5).model
@@ -202,7 +243,9 @@ def save(
     """
     path = Path(path)
     check_compress_args(compressed, bits, granularity, index)
-    state, masks = effective_state(model)
+    with accelerated_as_dense(model):  # accelerated layers are saved as their dense weights
+        state, masks = effective_state(model)
+        report = stats(model)
     tensors, aliases = _dedupe_shared(state)
     extra: dict[str, Any] = {}
     mask_shapes = {name: list(mask.shape) for name, mask in masks.items()}
@@ -217,7 +260,6 @@ def save(
         masks = _stored_masks(tensors, extra, masks)
     for name, mask in masks.items():
         tensors[MASK_PREFIX + name] = pack_mask(mask)
-    report = stats(model)
     meta = {
         "format": "prunekit",
         "format_version": 2 if compressed else 1,

@@ -247,22 +247,53 @@ def save_pretrained(
     :func:`from_pretrained` restores the dense tensors exactly. Masks (``prunekit.prune``
     without ``finalize``) are baked in: the stored zeros are the mask.
 
+    Layers swapped in by :func:`prunekit.runtime.accelerate.accelerate` are written as the
+    dense ``weight`` / ``bias`` they encode, so the folder holds the architecture's own tensors
+    (and ``plain_loadable`` stays true where it was).
+
     Example:
         >>> prunekit.save_pretrained(pruned, "out/pruned", source="path/to/original")  # doctest: +SKIP
         >>> prunekit.save_pretrained(pruned, "out/small", compressed=True, bits=8)  # doctest: +SKIP
         >>> model = prunekit.from_pretrained("out/small")  # doctest: +SKIP
     """
-    from prunekit._version import __version__
-    from prunekit.compress.io import _atomic_dir_write, check_compress_args, write_text
-    from prunekit.compress.validate import INTEGRITY_KEY, integrity_record
+    from prunekit.compress.io import accelerated_as_dense
 
     if not is_hf(model):
         raise TypeError(
             f"save_pretrained needs a Hugging Face model (with .config and .save_pretrained), got "
             f"{type(model).__name__}; use prunekit.save(model, folder) for other models"
         )
+    with accelerated_as_dense(model):  # accelerated layers are saved as their dense weights
+        return _save_pretrained(
+            model,
+            Path(path),
+            source=source,
+            overwrite=overwrite,
+            metadata=metadata,
+            compressed=compressed,
+            bits=bits,
+            granularity=granularity,
+            index=index,
+        )
+
+
+def _save_pretrained(
+    model: nn.Module,
+    path: Path,
+    *,
+    source: str | os.PathLike | None,
+    overwrite: bool,
+    metadata: dict[str, Any] | None,
+    compressed: bool,
+    bits: int | dict[str, int | tuple[int, str]] | None,
+    granularity: str,
+    index: str,
+) -> Path:
+    from prunekit._version import __version__
+    from prunekit.compress.io import _atomic_dir_write, check_compress_args, write_text
+    from prunekit.compress.validate import INTEGRITY_KEY, integrity_record
+
     check_compress_args(compressed, bits, granularity, index)
-    path = Path(path)
     if source is not None and not Path(source).is_dir():
         raise ValueError(f"source={str(source)!r} is not a folder; pass the original model folder")
     plain = update_config(model) if structure_of(model) else True
