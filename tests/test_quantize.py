@@ -117,3 +117,45 @@ def test_all_zero_rows_and_transposed_shapes() -> None:
     report = quantize(net, bits=8, targets=["0", "2"])
     assert torch.all(report.model[0].weight[:5] == 0)
     assert isinstance(report.model[0], nn.Linear)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_weight_refused_with_the_layer_named(bad) -> None:
+    torch.manual_seed(0)
+    net = mlp((8, 16, 8, 4))
+    with torch.no_grad():
+        net[2].weight[3, 5] = bad
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    kind = "1 NaN and 0 inf" if bad != bad else "0 NaN and 1 inf"
+    for inplace in (False, True):
+        with pytest.raises(ValueError, match=rf"2\.weight holds {kind} of its 128 values") as info:
+            quantize(net, bits=8, inplace=inplace)
+        assert "ignore=['2']" in str(info.value)
+    for k, v in net.state_dict().items():  # nothing changed, not even the healthy layer 0
+        assert torch.equal(v.nan_to_num(), before[k].nan_to_num())
+    assert not hasattr(net, "_prunekit_quant")
+    # the layer left out: the others are quantized and the bad one is untouched
+    model, report = quantize(net, bits=8, ignore=["2"])
+    assert [r.name for r in report.layers] == ["0.weight"]
+    assert torch.equal(model[2].weight.nan_to_num(), net[2].weight.nan_to_num())
+    assert not torch.equal(model[0].weight, net[0].weight)
+    with pytest.raises(ValueError, match=r"cannot quantize w: it holds"):
+        quantize_tensor(net[2].weight, 8, name="w")
+    with pytest.raises(ValueError, match=r"2\.weight"):
+        fake_quant_forward(net, torch.randn(2, 8))
+
+
+def test_nonfinite_weight_refused_by_prune() -> None:
+    torch.manual_seed(0)
+    net = mlp((8, 16, 8, 4))
+    with torch.no_grad():
+        net[0].weight[1, 1] = float("nan")
+    before = net[0].weight.clone()
+    for method in ("magnitude", "random"):
+        with pytest.raises(ValueError, match=r"0\.weight holds 1 NaN and 0 inf of its 128"):
+            prunekit.prune(net, sparsity=0.5, method=method, inplace=True)
+    assert torch.equal(net[0].weight.isnan(), before.isnan())
+    assert not any("_prunekit_mask" in k for k in net.state_dict())  # no mask was applied
+    # left out by name, the rest prunes to the exact count
+    report = prunekit.prune(net, sparsity=0.5, method="random", ignore=["0"])
+    assert [(r.name, r.params, r.zeros) for r in report.layers] == [("2.weight", 128, 64)]

@@ -56,6 +56,7 @@ def _check_choice(name: str, value: Any, accepted: Iterable[str]) -> str:
 def _element_scores(criterion: Criterion, target: Target, stats: dict, generator) -> torch.Tensor:
     """Scores shaped like the weight; entries that are already zero get -inf (removed first)."""
     weight = target.weight()
+    _refuse_nonfinite(target)
     context = LayerContext(target, weight, stats.get(target.name, {}), generator)
     scores = criterion.score(context).detach().float()
     if scores.shape != weight.shape:
@@ -63,7 +64,26 @@ def _element_scores(criterion: Criterion, target: Target, stats: dict, generator
             f"criterion {criterion.name!r} returned shape {tuple(scores.shape)} for "
             f"{target.name} of shape {tuple(weight.shape)}"
         )
-    return scores.masked_fill(weight == 0, float("-inf"))
+    scores = scores.masked_fill(weight == 0, float("-inf"))
+    if bool(scores.isnan().any()):
+        raise ValueError(
+            f"criterion {criterion.name!r} gave {int(scores.isnan().sum())} NaN scores for "
+            f"{target.name}: check the calibration data and loss for NaN / inf"
+        )
+    return scores
+
+
+def _refuse_nonfinite(target: Target) -> None:
+    """NaN / inf weights cannot be ranked (NaN compares false with everything): refuse them."""
+    weight = target.weight()
+    if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
+        nan, inf = int(weight.isnan().sum()), int(weight.isinf().sum())
+        raise ValueError(
+            f"{target.name} holds {nan} NaN and {inf} inf of its {weight.numel()} values; "
+            "pruning ranks weights and cannot rank those. Fix the weights (reload the "
+            f"checkpoint, check the training run) or leave the layer out with "
+            f"ignore=[{target.module_name!r}]"
+        )
 
 
 def _warn_if_already_sparser(what: str, unit_scores: list[torch.Tensor], sparsity: float) -> None:
@@ -267,6 +287,8 @@ def prune(
 
     # Validate names on the user's model before copying anything.
     chosen = resolve_targets(model, targets, ignore, embeddings=True)
+    for t in chosen:
+        _refuse_nonfinite(t)
     tables = [t.module_name for t in chosen if isinstance(t.module, nn.Embedding)]
     if tables and criterion.needs_data:
         raise ValueError(

@@ -70,6 +70,21 @@ def check_bits(bits: Any) -> int:
     return int(bits)
 
 
+def nonfinite(tensor: torch.Tensor) -> str:
+    """``""`` for a tensor whose values are all finite, else what it holds, e.g.
+    ``"2 NaN and 1 inf of its 64 values"``.
+
+    Example:
+        >>> nonfinite(torch.tensor([1.0, float("nan"), float("-inf")]))
+        '1 NaN and 1 inf of its 3 values'
+    """
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return ""
+    nan = int(torch.isnan(tensor).sum())
+    inf = int(torch.isinf(tensor).sum())
+    return f"{nan} NaN and {inf} inf of its {tensor.numel()} values"
+
+
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     half = 2 ** (bits - 1)
     return (-(half - 1), half - 1) if symmetric else (-half, half - 1)
@@ -148,10 +163,21 @@ def quantize_tensor(
     granularity: str = "per_channel",
     symmetric: bool = True,
     transposed: bool = False,
+    name: str | None = None,
 ) -> QuantizedTensor:
-    """Quantize one weight (its first dimension = output channels) to integer codes and scales."""
+    """Quantize one weight (its first dimension = output channels) to integer codes and scales.
+
+    ``name`` names the weight in errors. A weight holding NaN or inf is refused (ValueError):
+    its scale would be NaN or inf and every value sharing that scale would be lost.
+    """
     bits = check_bits(bits)
     group = parse_granularity(granularity)
+    problem = nonfinite(weight)
+    if problem:
+        raise ValueError(
+            f"cannot quantize {name or 'a weight'}: it holds {problem}; a non-finite value has "
+            "no integer code and would turn its whole row or group to zero or NaN"
+        )
     w = _as_matrix(weight.detach(), transposed).float()
     rows, cols = w.shape
     size = cols if group is None else group
@@ -191,22 +217,29 @@ def quantize_tensor(
 
 class _FakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, bits, granularity, symmetric):  # noqa: D102
-        q = quantize_tensor(weight, bits, granularity, symmetric)
+    def forward(ctx, weight, bits, granularity, symmetric, name):  # noqa: D102
+        q = quantize_tensor(weight, bits, granularity, symmetric, name=name)
         return q.dequantize().to(weight.device)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def fake_quantize(
-    weight: torch.Tensor, bits: int = 8, granularity: str = "per_channel", symmetric: bool = True
+    weight: torch.Tensor,
+    bits: int = 8,
+    granularity: str = "per_channel",
+    symmetric: bool = True,
+    name: str | None = None,
 ) -> torch.Tensor:
-    """Quantize-dequantize ``weight`` with a straight-through gradient (identity backward)."""
+    """Quantize-dequantize ``weight`` with a straight-through gradient (identity backward).
+
+    A weight holding NaN or inf raises ``ValueError`` (naming ``name``).
+    """
     check_bits(bits)
     parse_granularity(granularity)
-    return _FakeQuant.apply(weight, bits, granularity, symmetric)
+    return _FakeQuant.apply(weight, bits, granularity, symmetric, name)
 
 
 def fake_quant_forward(
@@ -231,9 +264,9 @@ def fake_quant_forward(
         if is_masked(t.module, t.param_name):
             mask = t.module._buffers[t.param_name + MASK_SUFFIX]
             # the masked property multiplies by the mask again: zeros stay zero
-            replaced[t.name] = fake_quantize(raw * mask, bits, granularity, symmetric)
+            replaced[t.name] = fake_quantize(raw * mask, bits, granularity, symmetric, t.name)
         else:
-            replaced[t.name] = fake_quantize(raw, bits, granularity, symmetric)
+            replaced[t.name] = fake_quantize(raw, bits, granularity, symmetric, t.name)
     return torch.func.functional_call(model, replaced, args, kwargs, strict=False)
 
 
@@ -314,7 +347,9 @@ def quantize(
 
     Targets default to those of ``prunekit.prune`` (every Linear / Conv weight except the output
     head). Returns a :class:`QuantizeReport` (relative Frobenius and max absolute error per
-    layer) whose ``model`` is the quantized model (a copy unless ``inplace=True``).
+    layer) whose ``model`` is the quantized model (a copy unless ``inplace=True``). A targeted
+    weight holding NaN or inf is refused with a ``ValueError`` naming the layer, before any
+    layer is changed.
 
     Example:
         >>> import torch, prunekit
@@ -331,6 +366,14 @@ def quantize(
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be True or False, got {symmetric!r}")
     chosen = resolve_targets(model, targets, ignore)  # raises before anything is changed
+    for t in chosen:  # every layer checked before any is changed
+        problem = nonfinite(t.weight())
+        if problem:
+            raise ValueError(
+                f"quantize: {t.name} holds {problem}; quantizing it would zero or NaN whole "
+                "rows. Fix the weights (reload the checkpoint, check the training run) or leave "
+                f"the layer out with ignore=[{t.module_name!r}]; nothing was changed"
+            )
     if not inplace:
         model = copy.deepcopy(model)
         chosen = resolve_targets(model, targets, ignore)
@@ -355,7 +398,7 @@ def _quantize_target(
     layers: dict[str, QuantizedTensor],
 ) -> QuantLayer:
     weight = t.weight()
-    q = quantize_tensor(weight, bits, granularity, symmetric, transposed=t.transposed)
+    q = quantize_tensor(weight, bits, granularity, symmetric, transposed=t.transposed, name=t.name)
     deq = q.dequantize().to(weight.device)
     zero = weight == 0
     kept = bool((deq[zero] == 0).all())
