@@ -4,6 +4,7 @@ crash-safe overwrite."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -82,3 +83,106 @@ def test_accelerated_layer_alone_is_refused(tmp_path) -> None:
     with pytest.raises(TypeError, match="accelerated layer"):
         prunekit.save(layer, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------- folders and permissions
+
+
+def test_save_accepts_an_existing_empty_folder(tmp_path, cnn_input) -> None:
+    model = _sparse_cnn()
+    for compressed in (False, True):
+        target = tmp_path / f"empty{compressed}"
+        target.mkdir()
+        prunekit.save(model, target, compressed=compressed)
+        assert torch.equal(prunekit.load(target, SmallCNN())(cnn_input), model(cnn_input))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        prunekit.save(model, tmp_path / "busy")
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def _modes(folder) -> set[int]:
+    return {p.stat().st_mode & 0o777 for p in [folder, *folder.iterdir()]}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_outputs_follow_the_umask(tmp_path, umask) -> None:
+    transformers = pytest.importorskip("transformers")  # noqa: F841
+    model = _sparse_cnn()
+    llama = prunekit.finalize(prunekit.prune(tiny_llama(), 0.5).model)
+    old = os.umask(umask)
+    try:
+        folders = [
+            prunekit.save(model, tmp_path / "plain"),
+            prunekit.save(model, tmp_path / "compressed", compressed=True),
+            prunekit.save_pretrained(llama, tmp_path / "hf"),
+            prunekit.save_pretrained(llama, tmp_path / "hfc", compressed=True),
+        ]
+        folders.append(prunekit.save(model, tmp_path / "plain", overwrite=True))
+    finally:
+        os.umask(old)
+    for folder in folders:
+        dirs = {folder.stat().st_mode & 0o777}
+        files = {p.stat().st_mode & 0o777 for p in folder.iterdir()}
+        assert dirs == {0o777 & ~umask}, folder
+        assert files == {0o666 & ~umask}, folder
+
+
+# ------------------------------------------------------------------- interrupted overwrites
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_old_version_is_restored_after_a_kill_between_the_renames(tmp_path, cnn_input) -> None:
+    old_model, new_model = _sparse_cnn(), prunekit.prune(SmallCNN(), 0.5).model
+    target = prunekit.save(old_model, tmp_path / "net")
+    pid = _dead_pid()
+    # what a process killed after its first rename leaves: the old version aside, the new one
+    # complete in its temporary folder, nothing under the final name
+    aside = tmp_path / f".net.old-{pid}-0badc0de"
+    os.replace(target, aside)
+    prunekit.save(new_model, tmp_path / "staging")
+    os.replace(tmp_path / "staging", tmp_path / f".net.tmp-{pid}-0badc0de")
+    (tmp_path / ".net.tmp-1a2b3c").mkdir()  # an older prunekit's temporary name
+    restored = prunekit.load(target, SmallCNN())
+    assert torch.equal(restored(cnn_input), old_model(cnn_input))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net"]
+
+
+def test_the_next_save_repairs_and_overwrites(tmp_path, cnn_input) -> None:
+    old_model, new_model = _sparse_cnn(), prunekit.prune(SmallCNN(), 0.5).model
+    target = prunekit.save(old_model, tmp_path / "net")
+    os.replace(target, tmp_path / f".net.old-{_dead_pid()}-feedbeef")
+    with pytest.raises(FileExistsError):  # the restored old version is there again
+        prunekit.save(new_model, target)
+    assert torch.equal(prunekit.load(target, SmallCNN())(cnn_input), old_model(cnn_input))
+    prunekit.save(new_model, target, overwrite=True)
+    assert torch.equal(prunekit.load(target, SmallCNN())(cnn_input), new_model(cnn_input))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net"]
+
+
+def test_a_running_writers_temporary_folder_is_left_alone(tmp_path) -> None:
+    busy = tmp_path / f".net.tmp-{os.getppid()}-12345678"
+    busy.mkdir()
+    prunekit.save(_sparse_cnn(), tmp_path / "net")
+    assert busy.is_dir()
+
+
+def test_files_and_folders_are_flushed_to_disk(tmp_path, monkeypatch) -> None:
+    synced: list[int] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    prunekit.save(_sparse_cnn(), tmp_path / "net")
+    assert len(synced) >= 4  # two files, the new folder, its parent

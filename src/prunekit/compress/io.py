@@ -32,7 +32,7 @@ import copy
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -139,20 +139,165 @@ def write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _atomic_dir_write(path: Path, overwrite: bool, write) -> None:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - file systems that refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` (and ``root``) to disk."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # pragma: no cover - systems without /proc
+    os.umask(mask)  # pragma: no cover
+    return mask  # pragma: no cover
+
+
+def _apply_umask(root: Path) -> None:
+    """Give ``root`` and everything under it the permissions a plain ``open`` / ``mkdir`` would
+    (libraries may write through temporary files created 0600)."""
+    mask = _umask()
+    for folder, dirs, files in os.walk(root):
+        for name in files:
+            file = os.path.join(folder, name)
+            if os.path.islink(file):
+                continue
+            execute = os.stat(file).st_mode & 0o111
+            os.chmod(file, (0o666 | execute) & ~mask)
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o777 & ~mask)
+    os.chmod(root, 0o777 & ~mask)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process
+    return True
+
+
+def _leftovers(path: Path, kind: str) -> list[tuple[Path, int | None]]:
+    """``.NAME.<kind>-PID-...`` folders beside ``path``, with the writer's process id (None for
+    names written by older prunekit versions)."""
+    found = []
+    prefix = f".{path.name}.{kind}-"
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.name.startswith(prefix):
+            head = entry.name[len(prefix) :].split("-", 1)[0]
+            found.append((entry, int(head) if head.isdigit() else None))
+    return found
+
+
+def recover_interrupted(path: str | os.PathLike) -> bool:
+    """Finish what an interrupted overwrite of ``path`` left behind: if the process died
+    between moving the old version aside and moving the new one in, the old version is put back;
+    a leftover old version beside a complete new one, and temporary folders of writers that are
+    no longer running, are removed. Returns whether an old version was restored.
+
+    Called by every save before writing, and by load when ``path`` is missing.
+
+    Example:
+        >>> recover_interrupted("out/net")  # doctest: +SKIP
+        False
+    """
+    path = Path(path)
+    restored = False
+    olds = [(p, pid) for p, pid in _leftovers(path, "old") if pid is None or not _pid_alive(pid)]
+    for old, _ in sorted(olds, key=lambda item: item[0].stat().st_mtime, reverse=True):
+        if not os.path.lexists(path):
+            os.replace(old, path)  # the newest old version is the one that was replaced
+            restored = True
+        elif old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    for tmp, pid in _leftovers(path, "tmp"):
+        if pid is None or not _pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+    if restored:
+        _fsync_dir(path.parent)
+    return restored
+
+
+def _recover_quietly(path: Path) -> None:
+    """Put back a version an interrupted overwrite left aside, if the folder allows it."""
+    try:
+        recover_interrupted(path)
+    except OSError:  # read-only folder: the error about the missing model follows
+        pass
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def _atomic_dir_write(path: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
+    """Run ``write(folder)`` on a fresh temporary folder beside ``path``, flush it to disk and
+    rename it to ``path``.
+
+    ``path`` may be absent or an empty folder; anything else needs ``overwrite=True``, and then
+    the old version is moved aside, the new one moved in, and the old one deleted. A run killed
+    between those two renames is repaired by the next call (:func:`recover_interrupted`). The
+    folder and its files are created with the process's umask, like any other output.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    recover_interrupted(path)
+    if os.path.lexists(path) and not overwrite and not _is_empty_dir(path):
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = path.with_name(f".{path.name}.tmp-{tag}")
+    os.mkdir(tmp, 0o777)  # the umask decides the permissions, not mkdtemp's 0700
     try:
         write(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        _apply_umask(tmp)
+        _fsync_tree(tmp)
+        if os.path.lexists(path) and not _is_empty_dir(path):
+            old = path.with_name(f".{path.name}.old-{tag}")
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            _fsync_dir(path.parent)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
         else:
-            os.replace(tmp, path)
+            os.replace(tmp, path)  # an empty folder is replaced atomically
+        _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -484,6 +629,8 @@ def _open_folder(path: Path) -> _Saved:
     """Read and check a save folder without reading its tensors: the JSON record's schema, the
     safetensors header, the checksums, and that the two agree (a mask tensor for every masked
     layer, with its exact packed length; the arrays of every compressed tensor)."""
+    if not os.path.lexists(path):
+        _recover_quietly(path)
     meta = read_metadata(path)
     meta_path = path / META_FILE
     weights = path / WEIGHTS_FILE

@@ -471,7 +471,11 @@ def from_pretrained(
     """
     import transformers
 
+    from prunekit.compress.io import _recover_quietly
+
     path = Path(path)
+    if not os.path.lexists(path):
+        _recover_quietly(path)  # an overwrite killed between its renames left the old version
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path}: expected a Hugging Face model folder with config.json (as written by "
