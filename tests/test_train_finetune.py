@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -14,6 +15,9 @@ import prunekit
 from conftest import mlp
 from prunekit.masks import get_mask, is_masked
 from prunekit.train import GradualPruner, PolynomialSchedule, finetune, hidden_loss, kd_loss
+from prunekit.train.checkpoint import latest_point, write_point
+from prunekit.train.finetune import AUTO_LR_BOUNDS, RANGE_TEST_STEPS
+from prunekit.train.lr import find_lr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,6 +57,7 @@ def test_finetune_keeps_the_mask_and_learns(dense) -> None:
         ce,
         epochs=4,
         lr=3e-2,
+        scheduler=None,  # a constant rate, as before schedules existed
         weight_decay=0.1,
         evaluate=lambda m: -mean_loss(m),
         progress=False,
@@ -215,3 +220,188 @@ def test_bad_input(dense) -> None:
     opt = torch.optim.SGD(dense.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="factory"):
         finetune(dense, DATA, ce, optimizer=opt)
+    with pytest.raises(ValueError, match="'auto'"):
+        finetune(dense, DATA, ce, lr="fast")
+    with pytest.raises(ValueError, match="'cosine', 'linear', 'constant'"):
+        finetune(dense, DATA, ce, scheduler="step")
+    with pytest.raises(ValueError, match="warmup"):
+        finetune(dense, DATA, ce, warmup=1.0)
+    with pytest.raises(TypeError, match="checkpoint"):
+        finetune(dense, DATA, ce, checkpoint=3)
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that records the rate of its first group at every step."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, lr=lr)
+        self.seen: list[float] = []
+
+    def step(self, closure=None):
+        self.seen.append(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+
+def rates(dense, **kwargs) -> list[float]:
+    made: list[RecordingSGD] = []
+
+    def factory(params):
+        made.append(RecordingSGD(params, lr=0.5))
+        return made[-1]
+
+    finetune(dense, DATA, ce, epochs=4, optimizer=factory, progress=False, **kwargs)
+    return made[0].seen
+
+
+def reference_rates(kind: str, total: int, warm: int, peak: float = 0.5) -> list[float]:
+    out = []
+    for i in range(total):
+        if i < warm:
+            out.append(peak * (i + 1) / (warm + 1))
+            continue
+        p = (i - warm) / (total - warm)
+        factor = {"cosine": (1 + math.cos(math.pi * p)) / 2, "linear": 1 - p, "constant": 1.0}
+        out.append(peak * factor[kind])
+    return out
+
+
+def test_schedules_warm_up_then_decay(dense) -> None:
+    total = 4 * len(DATA)  # 24 steps
+    assert rates(dense, warmup=0.25) == pytest.approx(reference_rates("cosine", total, 6))
+    assert rates(dense, scheduler="linear", warmup=0.25) == pytest.approx(
+        reference_rates("linear", total, 6)
+    )
+    assert rates(dense, scheduler="constant") == pytest.approx(
+        reference_rates("constant", total, 1)  # the default warm-up: 5 % of 24 steps
+    )
+    assert rates(dense, scheduler=None) == [0.5] * total  # constant, no warm-up
+    assert rates(dense, max_steps=10, warmup=0.2) == pytest.approx(reference_rates("cosine", 10, 2))
+    step = rates(
+        dense, scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=12, gamma=0.1)
+    )
+    assert step == pytest.approx([0.5] * 12 + [0.05] * 12)  # a torch scheduler: no warm-up
+
+
+def test_range_test_restores_the_model_and_suggests_a_tenth_of_the_best() -> None:
+    torch.manual_seed(0)
+    net = nn.Linear(16, 8)
+    before = copy.deepcopy(net.state_dict())
+    losses_seen: list[float] = []
+
+    def loss(batch):
+        value = ce(net, batch)
+        losses_seen.append(float(value.detach()))
+        return value
+
+    test = find_lr(net, DATA, loss, lambda p, lr: torch.optim.SGD(p, lr=lr), steps=40, end=1e3)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())
+    assert test.lrs[0] == pytest.approx(1e-7) and len(test.lrs) < 40  # stopped on divergence
+    ratios = [b / a for a, b in zip(test.lrs, test.lrs[1:], strict=False)]
+    assert ratios == pytest.approx([(1e10) ** (1 / 39)] * len(ratios))
+    # the smoothed curve is the debiased exponential average of the raw losses
+    avg, smooth = 0.0, []
+    for i, value in enumerate(losses_seen[: len(test.lrs)]):
+        avg = 0.9 * avg + 0.1 * value
+        smooth.append(avg / (1 - 0.9 ** (i + 1)))
+    assert test.losses == pytest.approx(smooth)
+    best = min(range(len(smooth)), key=smooth.__getitem__)
+    assert test.best_lr == test.lrs[best] and test.lr == pytest.approx(test.lrs[best] / 10)
+
+
+def test_auto_lr_comes_from_the_range_test(dense) -> None:
+    pruned = prunekit.prune(dense, 0.8).model
+    zeros = zero_positions(pruned)
+    result = finetune(pruned, DATA, ce, teacher=dense, epochs=2, progress=False)
+    assert result.lr_test is not None and len(result.lr_test.lrs) <= RANGE_TEST_STEPS
+    low, high = AUTO_LR_BOUNDS
+    assert result.lr == pytest.approx(min(max(result.lr_test.lr, low), high))
+    assert all(torch.equal(a, b) for a, b in zip(zeros, zero_positions(result.model), strict=True))
+    fixed = finetune(pruned, DATA, ce, teacher=dense, epochs=1, lr=1e-3, progress=False)
+    assert fixed.lr == 1e-3 and fixed.lr_test is None
+
+
+class Interrupt:
+    """An evaluate callback that raises KeyboardInterrupt at its n-th call (0 = never)."""
+
+    def __init__(self, at: int = 0) -> None:
+        self.calls, self.at = 0, at
+
+    def __call__(self, model) -> float:
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return -mean_loss(model)
+
+
+def resumable_run(dense, folder, evaluate, epochs: int = 3) -> prunekit.train.FinetuneResult:
+    torch.manual_seed(0)
+    pruned = prunekit.prune(dense, 0.7).model
+    x = torch.cat([b[0] for b in DATA])
+    y = torch.cat([b[1] for b in DATA])
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y),
+        batch_size=32,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(1),
+    )
+    model = nn.Sequential(*pruned, nn.Dropout(0.2))  # dropout: the global generator counts too
+    teacher = nn.Sequential(*dense, nn.Dropout(0.2))
+    return finetune(
+        model,
+        data,
+        ce,
+        teacher=teacher,
+        epochs=epochs,
+        evaluate=evaluate,
+        checkpoint=folder,
+        progress=False,
+    )
+
+
+def test_checkpoint_resumes_to_the_uninterrupted_result(dense, tmp_path) -> None:
+    straight = resumable_run(dense, tmp_path / "a", Interrupt())
+    with pytest.warns(UserWarning, match="interrupted"):
+        cut = resumable_run(dense, tmp_path / "b", Interrupt(at=3))  # in the 2nd epoch's eval
+    assert cut.interrupted and sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "epoch-000001"
+    ]
+    resumed = resumable_run(dense, tmp_path / "b", Interrupt())
+    assert resumed.resumed_epoch == 1 and resumed.steps == straight.steps == 3 * len(DATA)
+    assert resumed.lr == straight.lr and resumed.best_step == straight.best_step
+    assert [r["metric"] for r in resumed.history] == [r["metric"] for r in straight.history]
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # only whole points, no pickle: safetensors + JSON
+    point = tmp_path / "b" / "epoch-000003"
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["epoch-000003"]
+    assert sorted(p.name for p in point.iterdir()) == ["state.json", "state.safetensors"]
+    assert json.loads((point / "state.json").read_text())["state"]["finished"] is True
+    # a finished run is loaded, not trained again
+    counting = Interrupt()
+    again = resumable_run(dense, tmp_path / "b", counting)
+    assert counting.calls == 0 and again.steps == straight.steps and again.resumed_epoch == 3
+    c = again.model.state_dict()
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(ValueError, match="epochs: checkpoint 3, this call 4"):
+        resumable_run(dense, tmp_path / "b", Interrupt(), epochs=4)
+
+
+def test_checkpoint_points_are_whole_and_checked(tmp_path) -> None:
+    state = {"w": torch.arange(4.0), "betas": (0.9, 0.999), "state": {0: {"step": 3}}, "x": None}
+    write_point(tmp_path, 2, state)
+    (tmp_path / ".epoch-000003.tmp-dead").mkdir()  # a writer killed mid-way
+    write_point(tmp_path, 3, {**state, "w": torch.ones(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-000003"]
+    epoch, loaded = latest_point(tmp_path)
+    assert epoch == 3 and loaded["betas"] == (0.9, 0.999) and loaded["state"] == {0: {"step": 3}}
+    assert torch.equal(loaded["w"], torch.ones(2)) and loaded["x"] is None
+    blob = tmp_path / "epoch-000003" / "state.safetensors"
+    raw = bytearray(blob.read_bytes())
+    raw[-1] ^= 0xFF
+    blob.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum"):
+        latest_point(tmp_path)
+    with pytest.raises(TypeError, match="cannot checkpoint a object"):
+        write_point(tmp_path / "other", 1, {"bad": object()})
+    assert latest_point(tmp_path / "missing") is None

@@ -13,6 +13,12 @@ before training and after each epoch (or every ``eval_every`` steps), with early
 ``patience`` evaluations without improvement and the best weights restored at the end.
 Ctrl-C stops the run cleanly: the result says ``interrupted=True`` and holds the model as it was
 (or its best evaluated state).
+
+Defaults that work without tuning (measured in ``benchmarks/mnist_finetune_defaults.py``):
+AdamW at a learning rate found by a short range test (:func:`prunekit.train.lr.find_lr`),
+linear warm-up over the first 5 % of the steps and cosine decay to zero. ``checkpoint=DIR``
+saves the run after every epoch (safetensors + JSON, written atomically) and the same call
+resumes from the last finished epoch.
 """
 
 from __future__ import annotations
@@ -20,17 +26,21 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import os
+import random
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.masks import apply_mask, is_masked, reapply_masks, remove_mask
 from prunekit.targets import all_prunable
+from prunekit.train.checkpoint import latest_point, write_point
 from prunekit.train.distill import (
     Capture,
     default_logits,
@@ -38,6 +48,7 @@ from prunekit.train.distill import (
     kd_loss,
     resolve_modules,
 )
+from prunekit.train.lr import SCHEDULES, RangeTest, WarmupSchedule, find_lr
 from prunekit.train.pruner import GradualPruner
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -57,6 +68,10 @@ class FinetuneResult:
         best_metric / best_step: the best evaluation (at the final sparsity, with a pruner).
         stopped_early: early stopping ended the run.
         interrupted: Ctrl-C ended the run.
+        lr: the peak learning rate of the default optimizer (found by the range test with
+            ``lr="auto"``); None with an optimizer passed in.
+        lr_test: the range test's measurements (``lr="auto"`` only, not on a resumed run).
+        resumed_epoch: the finished epochs loaded from ``checkpoint`` (None: a fresh run).
     """
 
     model: nn.Module
@@ -66,12 +81,15 @@ class FinetuneResult:
     best_step: int | None = None
     stopped_early: bool = False
     interrupted: bool = False
+    lr: float | None = None
+    lr_test: RangeTest | None = None
+    resumed_epoch: int | None = None
 
     def __repr__(self) -> str:
         best = "none" if self.best_metric is None else f"{self.best_metric:.6g}"
         return (
             f"FinetuneResult(steps={self.steps}, best_metric={best}, best_step={self.best_step}, "
-            f"stopped_early={self.stopped_early}, interrupted={self.interrupted})"
+            f"stopped_early={self.stopped_early}, interrupted={self.interrupted}, lr={self.lr!r})"
         )
 
 
@@ -167,6 +185,89 @@ def _make_optimizer(
     )
 
 
+RANGE_TEST_STEPS = 100
+"""Optimizer steps of the learning-rate range test run by ``lr="auto"``."""
+AUTO_LR_BOUNDS = (1e-5, 3e-3)
+"""The range test's suggestion is clipped into this band (AdamW fine-tuning rates)."""
+
+
+def _check_lr(lr: Any) -> float | str:
+    if isinstance(lr, str):
+        if lr != "auto":
+            raise ValueError(f"lr must be a positive number or 'auto', got {lr!r}")
+        return lr
+    return _check_number("lr", lr, positive=True)
+
+
+def _check_scheduler(scheduler: Any) -> Any:
+    if scheduler is None or callable(scheduler) or scheduler in SCHEDULES:
+        return scheduler
+    raise ValueError(
+        f"scheduler must be one of {', '.join(map(repr, SCHEDULES))}, None (constant), or a "
+        f"callable optimizer -> torch lr scheduler; got {scheduler!r}"
+    )
+
+
+def _data_generators(data: Any) -> list[torch.Generator]:
+    """The torch generators that shuffle ``data`` (a DataLoader's and its samplers')."""
+    found: list[torch.Generator] = []
+    sampler = getattr(data, "sampler", None)
+    batch_sampler = getattr(data, "batch_sampler", None)
+    for owner in (data, sampler, getattr(batch_sampler, "sampler", None)):
+        gen = getattr(owner, "generator", None)
+        if isinstance(gen, torch.Generator) and all(gen is not f for f in found):
+            found.append(gen)
+    return found
+
+
+def _rng_state(data: Any) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [
+            str(np_state[0]),
+            torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            *(float(v) if isinstance(v, float) else int(v) for v in np_state[2:]),
+        ],
+        "data": [g.get_state() for g in _data_generators(data)],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], data: Any) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    gens = _data_generators(data)
+    if len(gens) == len(state["data"]):
+        for gen, saved in zip(gens, state["data"], strict=True):
+            gen.set_state(saved)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_same_run(saved: dict[str, Any], current: dict[str, Any], folder: Any) -> None:
+    diffs = [
+        f"{key}: checkpoint {saved.get(key)!r}, this call {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if key != "parameters" and saved.get(key) != current.get(key)
+    ]
+    if saved.get("parameters") != current.get("parameters"):
+        diffs.append("the model's parameters (names or shapes) differ")
+    if diffs:
+        raise ValueError(
+            f"checkpoint {os.fspath(folder)!r} is of another run ("
+            + "; ".join(diffs[:6])
+            + "): call finetune with the same arguments to resume, or pass another checkpoint "
+            "folder (or delete this one) to start afresh"
+        )
+
+
 def finetune(
     model: nn.Module,
     data: Iterable[Any],
@@ -175,10 +276,11 @@ def finetune(
     teacher: nn.Module | None = None,
     epochs: int = 1,
     max_steps: int | None = None,
-    lr: float = 1e-4,
+    lr: float | str = "auto",
     weight_decay: float = 0.0,
     optimizer: Any = None,
-    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    scheduler: str | Callable[[torch.optim.Optimizer], Any] | None = "cosine",
+    warmup: float = 0.05,
     temperature: float = 2.0,
     task_weight: float = 1.0,
     kd_weight: float = 1.0,
@@ -195,6 +297,7 @@ def finetune(
     pruner: GradualPruner | None = None,
     grad_clip: float | None = None,
     keep_zeros: bool = True,
+    checkpoint: str | os.PathLike | None = None,
     inplace: bool = False,
     progress: bool = True,
 ) -> FinetuneResult:
@@ -208,11 +311,21 @@ def finetune(
             Optional with a teacher (pure distillation).
         teacher: the dense model to distil from (run in eval mode, without gradients).
         epochs: passes over ``data``; ``max_steps`` stops earlier.
-        lr, weight_decay: of the default optimizer, AdamW.
+        lr: peak learning rate of the default optimizer (AdamW), or ``"auto"`` (the default):
+            a range test of ``RANGE_TEST_STEPS`` steps on ``data`` with this loss
+            (:func:`prunekit.train.lr.find_lr`; the model is restored after it) picks the rate
+            ten times below the one of lowest loss, clipped to ``AUTO_LR_BOUNDS``. Ignored when
+            ``optimizer`` is given (its own rate is the peak).
+        weight_decay: of the default optimizer.
         optimizer: an optimizer factory ``params -> Optimizer`` (or, with ``inplace=True``, an
             optimizer over the model's parameters).
-        scheduler: a learning-rate scheduler factory ``optimizer -> scheduler``, stepped after
-            every optimizer step.
+        scheduler: ``"cosine"`` (default) or ``"linear"`` decay to zero at the last step, or
+            ``"constant"``, each after a linear warm-up over the first ``warmup`` fraction of
+            the steps (applied to any optimizer's rates); ``None`` keeps the rate constant with
+            no warm-up; or a factory ``optimizer -> scheduler`` (a torch lr scheduler), stepped
+            after every optimizer step, with no warm-up added. The steps of the run are
+            ``epochs * len(data)`` (or ``max_steps``); without either, the rate stays constant.
+        warmup: fraction of the steps spent warming up (``0 <= warmup < 1``).
         temperature, task_weight, kd_weight, hidden_weight: the loss is ``task_weight * task +
             kd_weight * T**2 * KL(teacher || student) + hidden_weight * MSE(hidden states)``;
             ``kd_weight=0`` turns the logit term off.
@@ -233,6 +346,14 @@ def finetune(
         grad_clip: clip the gradient norm to this value.
         keep_zeros: mask the zeros of unmasked prunable weights for the run, so a finalized
             sparse model stays sparse (masks added this way are removed at the end).
+        checkpoint: a folder; the run's state (model, optimizer, schedule, pruner, random
+            generators, history, best state) is written there after every finished epoch
+            (``epoch-NNNNNN/`` with safetensors + JSON, atomically, older points removed).
+            Called again with the same arguments and the same starting model, ``finetune``
+            resumes after the last finished epoch (a finished run is only loaded), giving the
+            same weights as an uninterrupted run when ``data`` shuffles with a
+            ``DataLoader(generator=...)`` or the global torch generator. Different arguments
+            raise an error naming them.
         inplace: train ``model`` itself; by default a deep copy is trained.
         progress: show a progress bar.
 
@@ -254,7 +375,11 @@ def finetune(
     max_steps = _check_count("max_steps", max_steps)
     eval_every = _check_count("eval_every", eval_every)
     patience = _check_count("patience", patience)
-    lr = _check_number("lr", lr, positive=True)
+    lr = _check_lr(lr)
+    scheduler = _check_scheduler(scheduler)
+    warmup = _check_number("warmup", warmup)
+    if warmup >= 1:
+        raise ValueError(f"warmup is a fraction of the steps, 0 <= warmup < 1; got {warmup!r}")
     weight_decay = _check_number("weight_decay", weight_decay)
     temperature = _check_number("temperature", temperature, positive=True)
     task_weight = _check_number("task_weight", task_weight)
@@ -282,33 +407,31 @@ def finetune(
             raise ValueError("the pruner was built on another model; build it on `model`")
         if not inplace:
             raise ValueError("with a pruner, pass inplace=True: the pruner prunes its own model")
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a folder path, got {type(checkpoint).__name__}")
 
     if not inplace:
         model = copy.deepcopy(model)
     use_kd = teacher is not None and kd_weight > 0
     hidden_names: list[str] = []
+    teacher_was_training = False
     if teacher is not None:
         if hidden_layers is not None and hidden_weight > 0:
             hidden_names = resolve_modules(model, hidden_layers)
             Capture(teacher, hidden_names)  # checks the teacher has the same submodules
         teacher_was_training = teacher.training
-        teacher.eval()
     forward = forward_fn or default_forward
     logits_of = logits_fn or default_logits
     device = _model_device(model)
-    added_masks = _mask_zeros(model) if keep_zeros else []
-    opt = _make_optimizer(optimizer, model, lr, weight_decay)
-    if pruner is not None and pruner.optimizer is None:
-        pruner.optimizer = opt
-    sched = scheduler(opt) if scheduler is not None else None
+    was_training = model.training
     sign = 1.0 if mode == "max" else -1.0
-
-    result = FinetuneResult(model=model)
-    best_state: dict[str, torch.Tensor] | None = None
-    best_sparsity = pruner.sparsity if pruner is not None else None
-    waited = 0
-    running, counted = 0.0, 0
-    epoch_float = 0.0
+    try:
+        per_epoch: int | None = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        per_epoch = None
+    total_steps = epochs * per_epoch if per_epoch is not None else None
+    if max_steps is not None:
+        total_steps = min(total_steps or max_steps, max_steps)
 
     def compute_loss(batch: Any) -> torch.Tensor:
         batch = to_device(batch, device)
@@ -342,48 +465,172 @@ def finetune(
                 total = total + hidden_weight * torch.stack(parts).mean()
         return total
 
-    def run_evaluation() -> bool:
-        """Evaluate, update the best state; True when early stopping should end the run."""
-        nonlocal best_state, best_sparsity, waited, running, counted
-        row: dict[str, float] = {"step": result.steps, "epoch": epoch_float}
-        row["train_loss"] = running / counted if counted else float("nan")
-        running, counted = 0.0, 0
-        if pruner is not None:
-            row["sparsity"] = pruner.sparsity
-        if evaluate is None:
-            result.history.append(row)
-            return False
-        was_training = model.training
-        metric = float(evaluate(model))
-        model.train(was_training)
-        row["metric"] = metric
-        result.history.append(row)
-        if pruner is not None and pruner.sparsity != best_sparsity:
-            result.best_metric, result.best_step, best_state = None, None, None
-            best_sparsity, waited = pruner.sparsity, 0
-        if result.best_metric is None or sign * (metric - result.best_metric) > min_delta:
-            result.best_metric, result.best_step, waited = metric, result.steps, 0
-            if restore_best:
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            return False
-        waited += 1
-        return patience is not None and waited >= patience
+    settings: dict[str, Any] = {
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "batches_per_epoch": per_epoch,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "optimizer": "AdamW" if optimizer is None else type(optimizer).__name__,
+        "scheduler": scheduler if scheduler is None or isinstance(scheduler, str) else "callable",
+        "warmup": warmup,
+        "temperature": temperature,
+        "task_weight": task_weight,
+        "kd_weight": kd_weight,
+        "hidden_layers": hidden_names,
+        "hidden_weight": hidden_weight,
+        "loss_fn": loss_fn is not None,
+        "teacher": teacher is not None,
+        "pruner": pruner is not None,
+        "eval_every": eval_every,
+        "mode": mode,
+        "patience": patience,
+        "min_delta": min_delta,
+        "restore_best": restore_best,
+        "grad_clip": grad_clip,
+        "keep_zeros": keep_zeros,
+        "parameters": {k: list(v.shape) for k, v in model.state_dict().items()},
+    }
+    resume: tuple[int, dict[str, Any]] | None = None
+    if checkpoint is not None:
+        resume = latest_point(checkpoint)
+        if resume is not None:
+            _check_same_run(resume[1]["settings"], settings, checkpoint)
 
+    result = FinetuneResult(model=model)
+    best_state: dict[str, torch.Tensor] | None = None
+    best_sparsity = pruner.sparsity if pruner is not None else None
+    waited = 0
+    running, counted = 0.0, 0
+    epoch_float = 0.0
+    start_epoch = 0
+    finished = False
+    added_masks: list[tuple[nn.Module, str]] = []
+    bar = None
     try:
-        per_epoch: int | None = len(data)  # type: ignore[arg-type]
-    except TypeError:
-        per_epoch = None
-    total_steps = epochs * per_epoch if per_epoch is not None else None
-    if max_steps is not None:
-        total_steps = min(total_steps or max_steps, max_steps)
-    was_training = model.training
-    bar = tqdm(total=total_steps, desc="finetune", unit="step", disable=not progress)
-    try:
-        if evaluate is not None:
+        added_masks = _mask_zeros(model) if keep_zeros else []
+        if teacher is not None:
+            teacher.eval()
+        peak = lr
+        if resume is not None:
+            peak = resume[1]["lr"]
+        elif optimizer is None and lr == "auto":
+            result.lr_test = find_lr(
+                model,
+                data,
+                compute_loss,
+                lambda params, rate: torch.optim.AdamW(params, lr=rate, weight_decay=weight_decay),
+                steps=RANGE_TEST_STEPS,
+                after_step=lambda: reapply_masks(model),
+            )
+            low, high = AUTO_LR_BOUNDS
+            peak = min(max(result.lr_test.lr, low), high)
+        result.lr = float(peak) if optimizer is None else None
+        opt = _make_optimizer(optimizer, model, result.lr or 0.0, weight_decay)
+        if pruner is not None and pruner.optimizer is None:
+            pruner.optimizer = opt
+        if callable(scheduler):
+            sched, warm = scheduler(opt), None
+        else:
+            sched = None
+            kind = scheduler or "constant"
+            warm = WarmupSchedule(opt, kind, total_steps, warmup if scheduler else 0.0)
+            if total_steps is None and (kind != "constant" or warmup > 0) and scheduler:
+                warnings.warn(
+                    f"prunekit: finetune cannot size the {kind!r} schedule: data has no len() "
+                    "and max_steps is not set; the learning rate stays constant",
+                    stacklevel=2,
+                )
+
+        if resume is not None:
+            done_epochs, state = resume
+            if pruner is not None:
+                pruner.load_state_dict(state["pruner"])
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if sched is not None and state.get("scheduler") is not None:
+                sched.load_state_dict(state["scheduler"])
+            result.steps = state["steps"]
+            result.history = state["history"]
+            result.best_metric = state["best_metric"]
+            result.best_step = state["best_step"]
+            result.stopped_early = state["stopped_early"]
+            result.resumed_epoch = done_epochs
+            best_state = state.get("best_state")
+            best_sparsity = state["best_sparsity"]
+            waited, running, counted = state["waited"], state["running"], state["counted"]
+            epoch_float = state["epoch_float"]
+            finished = state["finished"]
+            start_epoch = done_epochs
+            _set_rng_state(state["rng"], data)
+
+        def save_point(epoch_done: int, is_finished: bool) -> None:
+            if checkpoint is None:
+                return
+            state = {
+                "settings": settings,
+                "lr": result.lr if optimizer is None else lr,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict() if sched is not None else None,
+                "pruner": pruner.state_dict() if pruner is not None else None,
+                "steps": result.steps,
+                "history": result.history,
+                "best_metric": result.best_metric,
+                "best_step": result.best_step,
+                "best_state": best_state,
+                "best_sparsity": best_sparsity,
+                "stopped_early": result.stopped_early,
+                "waited": waited,
+                "running": running,
+                "counted": counted,
+                "epoch_float": epoch_float,
+                "finished": is_finished,
+                "rng": _rng_state(data),
+            }
+            write_point(checkpoint, epoch_done, state)
+
+        def run_evaluation() -> bool:
+            """Evaluate, update the best state; True when early stopping should end the run."""
+            nonlocal best_state, best_sparsity, waited, running, counted
+            row: dict[str, float] = {"step": result.steps, "epoch": epoch_float}
+            row["train_loss"] = running / counted if counted else float("nan")
+            running, counted = 0.0, 0
+            if pruner is not None:
+                row["sparsity"] = pruner.sparsity
+            if evaluate is None:
+                result.history.append(row)
+                return False
+            was = model.training
+            metric = float(evaluate(model))
+            model.train(was)
+            row["metric"] = metric
+            result.history.append(row)
+            if pruner is not None and pruner.sparsity != best_sparsity:
+                result.best_metric, result.best_step, best_state = None, None, None
+                best_sparsity, waited = pruner.sparsity, 0
+            if result.best_metric is None or sign * (metric - result.best_metric) > min_delta:
+                result.best_metric, result.best_step, waited = metric, result.steps, 0
+                if restore_best:
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                return False
+            waited += 1
+            return patience is not None and waited >= patience
+
+        bar = tqdm(
+            total=total_steps,
+            initial=result.steps,
+            desc="finetune",
+            unit="step",
+            disable=not progress,
+        )
+        if evaluate is not None and resume is None:
             run_evaluation()
         model.train()
-        done = False
-        for epoch in range(epochs):
+        done = finished
+        for epoch in range(start_epoch, epochs):
+            if done:
+                break
             seen = 0
             for batch in data:
                 loss = compute_loss(batch)
@@ -391,6 +638,8 @@ def finetune(
                 loss.backward()
                 if grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                if warm is not None:
+                    warm.set_step(result.steps)
                 opt.step()
                 if sched is not None:
                     sched.step()
@@ -416,15 +665,17 @@ def finetune(
             if eval_every is None and not result.stopped_early:
                 if run_evaluation():
                     result.stopped_early = done = True
-            if done:
-                break
-        if eval_every is not None and evaluate is not None and counted:
-            run_evaluation()
+            if done or epoch + 1 == epochs:
+                if eval_every is not None and evaluate is not None and counted:
+                    run_evaluation()
+                done = True
+            save_point(epoch + 1, done)
     except KeyboardInterrupt:
         result.interrupted = True
         warnings.warn(f"prunekit: finetune interrupted after {result.steps} steps", stacklevel=2)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if teacher is not None:
             teacher.train(teacher_was_training)
     if restore_best and best_state is not None:
