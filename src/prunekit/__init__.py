@@ -11,10 +11,11 @@ The public verbs:
 
 Structured pruning (``prune_structured``, ``count``), calibrated one-shot pruning
 (``oneshot``, ``calibration``), train-time pruning (``GradualPruner``, ``finetune``,
-``lottery_ticket``, ``prune_at_init``) and evaluation (``eval``) build on the same pieces.
+``lottery_ticket``, ``prune_at_init``) and evaluation (``eval``) build on the same pieces;
+``compress(model, recipe, ...)`` runs a whole recipe of them, measured stage by stage.
 """
 
-from prunekit import eval, train
+from prunekit import compress, eval, recipes, train
 from prunekit._version import __version__
 from prunekit.analysis import (
     Allocation,
@@ -41,6 +42,7 @@ from prunekit.graph import (
 from prunekit.masks import finalize
 from prunekit.calibrate.oneshot import oneshot
 from prunekit.prune import prune
+from prunekit.recipes import CompressReport, RecipeError, list_recipes, load_recipe
 from prunekit.report import PruneReport, SparsityReport, stats
 from prunekit.runtime.accelerate import AccelerateReport, accelerate
 from prunekit.runtime.bench import BenchReport, bench
@@ -50,6 +52,7 @@ __all__ = [
     "AccelerateReport",
     "Allocation",
     "BenchReport",
+    "CompressReport",
     "CountReport",
     "FloorSearchReport",
     "GradualPruner",
@@ -57,6 +60,7 @@ __all__ = [
     "OnnxExport",
     "PruneReport",
     "QuantizeReport",
+    "RecipeError",
     "SensitivityResult",
     "SparsityReport",
     "StructuredPruningError",
@@ -67,13 +71,16 @@ __all__ = [
     "allocate",
     "bench",
     "calibration",
+    "compress",
     "count",
     "eval",
     "export_onnx",
     "finalize",
     "finetune",
     "from_pretrained",
+    "list_recipes",
     "load",
+    "load_recipe",
     "lottery_ticket",
     "oneshot",
     "prune",
@@ -81,6 +88,7 @@ __all__ = [
     "prune_structured",
     "prune_to_floor",
     "quantize",
+    "recipes",
     "save",
     "save_pretrained",
     "sensitivity",

@@ -224,6 +224,7 @@ def _oneshot_hf(args: argparse.Namespace, source: Path, out: Path) -> SparsityRe
         sparsity=args.sparsity,
         pattern=args.pattern,
         allocation=args.allocation,
+        per_layer=_per_layer(args),
         targets=args.targets or None,
         ignore=args.ignore or None,
         seed=args.seed,
@@ -245,7 +246,15 @@ def _prune_options(args: argparse.Namespace) -> dict:
         "scope": args.scope,
         "ignore": args.ignore or None,
         "seed": args.seed,
+        "per_layer": _per_layer(args),
     }
+
+
+def _per_layer(args: argparse.Namespace) -> dict[str, float] | None:
+    """``--per-layer FILE``: an allocation written by ``prunekit analyze`` (or {layer: s})."""
+    from prunekit.analysis.allocate import load_per_layer
+
+    return load_per_layer(args.per_layer) if getattr(args, "per_layer", None) else None
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
@@ -338,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ignore", nargs="*", default=[], help="name patterns of layers to leave alone")
     p.add_argument("--seed", type=int, default=0, help="seed for --method random")
+    p.add_argument("--per-layer", default=None, help="per-layer sparsities (prunekit analyze)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_cmd_prune)
 
@@ -363,14 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--targets", nargs="*", default=[], help="name patterns of layers to prune")
     o.add_argument("--ignore", nargs="*", default=[], help="name patterns of layers to leave alone")
     o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--per-layer", default=None, help="per-layer sparsities (prunekit analyze)")
     o.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     o.set_defaults(func=_cmd_oneshot)
 
+    from prunekit.analysis.cli import add_commands as add_analysis_commands
     from prunekit.graph.cli import add_commands as add_graph_commands
+    from prunekit.recipes.cli import add_commands as add_recipe_commands
     from prunekit.runtime.cli import add_commands as add_runtime_commands
 
     add_graph_commands(commands)  # prune-structured, count
+    add_analysis_commands(commands)  # analyze
     add_runtime_commands(commands)  # bench
+    add_recipe_commands(commands)  # compress, recipes
     return parser
 
 

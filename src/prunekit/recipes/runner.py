@@ -102,6 +102,7 @@ class _Context:
     dense: nn.Module
     out: Path | None
     progress: bool
+    source: Path | None = None
 
 
 def _seed_everything(seed: int) -> None:
@@ -181,6 +182,7 @@ def compress(
     evaluate: Callable[[nn.Module], float] | Metric | None = None,
     example_inputs: Any = None,
     out: str | os.PathLike | None = None,
+    source: str | os.PathLike | None = None,
     resume: bool = True,
     inplace: bool = False,
     progress: bool = True,
@@ -202,6 +204,9 @@ def compress(
         out: folder for stage checkpoints, the saved model (``out/model``) and the report
             (``report.json``, ``report.md``, ``report.html``). Without it nothing is written
             and nothing can be resumed.
+        source: the Hugging Face folder the model was loaded from; ``save`` stages then write a
+            Hugging Face folder (:func:`prunekit.save_pretrained`) with its side files
+            (tokenizer, ...). Hugging Face models are saved that way even without it.
         resume: continue from the checkpoints in ``out`` (default); False starts over.
         inplace: run the stages on ``model`` itself.
         progress: print stage progress and the verbs' progress bars.
@@ -236,7 +241,16 @@ def compress(
     if metric is not None and metric.needs_reference:
         metric = metric.bind(dense)
     calib_list = list(calib) if calib is not None else None
-    ctx = _Context(calib_list, data, loss_fn, example_inputs, dense, out_path, progress)
+    ctx = _Context(
+        calib_list,
+        data,
+        loss_fn,
+        example_inputs,
+        dense,
+        out_path,
+        progress,
+        Path(source) if source is not None else None,
+    )
 
     base = hashlib.sha256(f"{model_fingerprint(dense)}|seed={recipe.seed}".encode()).hexdigest()[
         :16

@@ -370,9 +370,14 @@ def run_stage(
         return report.model, report
     if spec.name == "save":
         from prunekit.compress.io import load
+        from prunekit.graph.hf import from_pretrained, is_hf, save_pretrained
 
-        path = verb(model, Path(ctx.out) / "model", overwrite=True, **kwargs)
+        target = Path(ctx.out) / "model"
         # Go on with what the file holds (e.g. values quantized on save), so what is measured
         # after this stage is what was written.
+        if is_hf(model):
+            path = save_pretrained(model, target, source=ctx.source, overwrite=True, **kwargs)
+            return from_pretrained(path).eval(), path
+        path = verb(model, target, overwrite=True, **kwargs)
         return load(path, model), path
     raise AssertionError(spec.name)  # pragma: no cover - STAGES and run_stage list the same

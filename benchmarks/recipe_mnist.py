@@ -1,0 +1,82 @@
+"""The whole pipeline on the pretrained MNIST CNN: one shipped recipe, one call, a measured report.
+
+``prunekit.compress(model, RECIPE, data=..., loss_fn=..., evaluate=..., example_inputs=...)`` on
+the classic PyTorch MNIST CNN (``../shared/data/mnist/mnist_cnn.pt``, 431,080 parameters).
+Fine-tuning (the recipe's ``finetune`` stage, with its default settings) trains on MNIST test
+images 0-4999; accuracy is measured on test images 5000-9999, which training never sees. The
+file size is the saved folder (``out/model``: model.safetensors + prunekit.json) against the
+dense model's fp32 safetensors file, as the report prints it.
+
+Target (issue 10): a compressed file <= 3 % of the fp32 file at >= 99.0 % accuracy.
+
+    .venv/bin/python benchmarks/recipe_mnist.py [--recipe cnn-tiny-file] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import prunekit
+from prunekit.recipes import metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_common import MNIST_FILES, find_folder, load_mnist, load_mnist_model  # noqa: E402
+
+TARGET_SIZE, TARGET_ACCURACY = 0.03, 0.990
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="cnn-tiny-file", help="shipped name or file")
+    parser.add_argument("--data", default=None, help="folder with the MNIST files")
+    parser.add_argument("--out", default=None, help="run folder (default: a temporary one)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    folder = find_folder(args.data, "mnist", MNIST_FILES)
+    if folder is None:
+        print("SKIP: ../shared/data/mnist (or --data) with the MNIST test set and mnist_cnn.pt")
+        return 0
+    torch.set_num_threads(args.threads)
+    x, y = load_mnist(folder)
+    train = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 5000, 64)]
+    test = [(x[i : i + 1000], y[i : i + 1000]) for i in range(5000, 10000, 1000)]
+
+    def nll(model, batch):
+        return F.nll_loss(model(batch[0]), batch[1])
+
+    model = load_mnist_model(folder)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(args.out) if args.out else Path(tmp) / "run"
+        report = prunekit.compress(
+            model,
+            args.recipe,
+            data=train,
+            loss_fn=nll,
+            evaluate=metrics.accuracy(test),
+            example_inputs=x[:1],
+            out=out,
+            resume=False,
+        )
+        print(report)
+        final = report.rows()[-1]
+        size, acc = final["file_fraction"], final["quality"]
+        print(f"\nwall time {time.perf_counter() - start:.0f} s; report in {out}")
+    print(
+        f"recipe {args.recipe}: file {100 * size:.2f} % of fp32 (target <= {100 * TARGET_SIZE:.0f} %),"
+        f" accuracy {100 * acc:.2f} % on test images 5000-9999 (target >= {100 * TARGET_ACCURACY:.1f} %)"
+    )
+    ok = size <= TARGET_SIZE and acc >= TARGET_ACCURACY
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

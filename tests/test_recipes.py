@@ -1,0 +1,397 @@
+"""Recipes and the pipeline: validation of every bad recipe before anything runs, the formats a
+recipe comes in, the measured stage table, the report files, resume and kill-and-resume."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import prunekit
+from conftest import SmallCNN
+from prunekit.recipes import RecipeError, compress, list_recipes, load_recipe, metrics
+from prunekit.recipes.stages import STAGES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GOOD = {
+    "stages": [
+        {"prune": {"sparsity": 0.5}},
+        {"finetune": {"teacher": "dense", "epochs": 1}},
+        {"quantize": {"bits": 8, "mode": "int"}},
+        {"save": {"compressed": True}},
+    ],
+    "measure": {"latency": False},
+}
+
+# (recipe text, the place the message must name, what it must say)
+BAD_RECIPES = [
+    ("stages: []", "key 'stages', line 1", "non-empty list"),
+    ("seed: 1", "key 'stages'", "missing"),
+    ("stages:\n  - prune: {sparsity: 1.5}", "stage 1, prune, key 'sparsity', line 2", "[0, 1)"),
+    ("stages:\n  - prune: {sparsity: high}", "stage 1, prune, key 'sparsity', line 2", "number"),
+    (
+        "stages:\n  - prune: {sparsity: 0.5, colour: red}",
+        "stage 1, prune, key 'colour'",
+        "unknown key",
+    ),
+    (
+        "stages:\n  - prune: {sparsity: 0.5}\n  - polish: {}",
+        "stage 2, line 3",
+        "unknown stage 'polish'",
+    ),
+    ("stages:\n  - prune: {pattern: '4:2'}", "stage 1, prune, key 'pattern'", "1 <= N < M"),
+    ("stages:\n  - prune: {method: psychic}", "stage 1, prune, key 'method'", "'magnitude'"),
+    ("stages:\n  - oneshot: {method: wanda, allocation: lucky}", "key 'allocation'", "'owl'"),
+    ("stages:\n  - prune_structured: {target_macs: 0}", "key 'target_macs'", "(0, 1]"),
+    ("stages:\n  - prune_structured: {unit: [head, fin]}", "key 'unit'", "'fin'"),
+    ("stages:\n  - finetune: {epochs: 0}", "stage 1, finetune, key 'epochs'", ">= 1"),
+    ("stages:\n  - finetune: {teacher: bert}", "key 'teacher'", "'dense'"),
+    ("stages:\n  - finetune: {loss_fn: ce}", "key 'loss_fn'", "given to prunekit.compress"),
+    ("stages:\n  - quantize: {bits: 7}", "stage 1, quantize, key 'bits'", "8"),
+    ("stages:\n  - quantize: {mode: float}", "key 'mode'", "'int'"),
+    (
+        "stages:\n  - save: {}\n  - prune: {sparsity: 0.5}",
+        "stage 2, prune, line 3",
+        "save must be last",
+    ),
+    (
+        "stages:\n  - quantize: {bits: 8}\n  - finetune: {teacher: dense}",
+        "stage 2, finetune",
+        "off the quantization grid",
+    ),
+    (
+        "stages:\n  - prune: {sparsity: 0.5}\n  - prune_structured: {ratio: 0.5}",
+        "stage 2, prune_structured",
+        "put prune_structured first",
+    ),
+    ("stages:\n  - prune: [0.5]", "stage 1, prune", "must be a mapping"),
+    ("stages:\n  - {prune: {}, save: {}}", "stage 1", "one mapping"),
+    ("stages:\n  - save: {}\nmeasure: {batch_sizes: [0]}", "key 'measure'", "positive integers"),
+    ("stages: [save]\ncolour: 3", "key 'colour'", "unknown key"),
+    ("stages:\n  - prune: {sparsity: 0.5\n", "line", "not valid YAML"),
+    ("{not json", "line", "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize(("text", "place", "says"), BAD_RECIPES)
+def test_every_bad_recipe_gets_one_clear_error_with_its_place(text, place, says, tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text + "\n")
+    out = tmp_path / "run"
+    with pytest.raises(RecipeError) as err:
+        compress(nn.Linear(4, 4), path, out=out, progress=False)
+    assert len(err.value.problems) == 1, err.value.problems
+    message = err.value.problems[0]
+    assert place in message and says in message, message
+    assert str(path) in str(err.value)
+    assert not out.exists()  # nothing written
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    text = "stages:\n  - prune: {sparsity: 2}\n  - quantize: {bits: 3}\n  - polish: {}\n"
+    with pytest.raises(RecipeError) as err:
+        load_recipe(text)
+    places = [p.split(":")[0] for p in err.value.problems]
+    assert places == [
+        "stage 1, prune, key 'sparsity', line 2",
+        "stage 2, quantize, key 'bits', line 3",
+        "stage 3, line 4",
+    ]
+
+
+def test_missing_inputs_are_named_before_anything_runs(tmp_path) -> None:
+    with pytest.raises(RecipeError) as err:
+        compress(nn.Linear(4, 4), GOOD, out=tmp_path / "run", progress=False)
+    assert err.value.problems == [
+        "stage 2, finetune: needs data= (fine-tuning trains on batches), which was not given"
+    ]
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(RecipeError, match="needs calib="):
+        compress(nn.Linear(4, 4), "llm-2of4-int8", out=tmp_path / "run", progress=False)
+    with pytest.raises(RecipeError, match="needs out="):
+        compress(nn.Linear(4, 4), {"stages": ["save"]}, progress=False)
+
+
+def test_the_same_recipe_from_every_source(tmp_path) -> None:
+    yaml_text = (
+        "stages:\n  - prune: {sparsity: 0.5}\n  - finetune: {teacher: dense, epochs: 1}\n"
+        "  - quantize: {bits: 8, mode: int}\n  - save: {compressed: true}\n"
+    )
+    (tmp_path / "r.yaml").write_text(yaml_text)
+    (tmp_path / "r.json").write_text(json.dumps(GOOD))
+    sources = [GOOD, yaml_text, json.dumps(GOOD), tmp_path / "r.yaml", str(tmp_path / "r.json")]
+    stages = [[(s.verb, s.kwargs) for s in load_recipe(src).stages] for src in sources]
+    assert all(s == stages[0] for s in stages)
+    assert [s.fingerprint() for s in load_recipe(GOOD).stages] == [
+        s.fingerprint() for s in load_recipe(yaml_text).stages
+    ]
+
+
+def test_shipped_recipes_are_listed_and_valid() -> None:
+    names = list_recipes()
+    assert {"cnn-small", "llm-2of4-int8", "encoder-small"} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe.stages[-1].verb == "save" and recipe.name == name
+    with pytest.raises(RecipeError, match="not a shipped recipe"):
+        load_recipe("no-such-recipe")
+
+
+def test_keywords_follow_the_verbs_signatures() -> None:
+    """A new keyword of a verb is accepted by recipes without any change here."""
+    import inspect
+
+    params = inspect.signature(prunekit.quantize).parameters
+    assert set(STAGES["quantize"].parameters()) == {
+        n for n in list(params)[1:] if n not in ("inplace",)
+    }
+
+
+# ------------------------------------------------------------------------------ running
+
+
+def _task(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(96, 1, 8, 8, generator=g)
+    teacher = SmallCNN()
+    with torch.no_grad():
+        y = teacher(x).argmax(1)
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 96, 16)]
+    return teacher, batches
+
+
+def _ce(model, batch):
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+FAST = dict(GOOD, measure={"batch_sizes": [1, 4], "repeats": 3})  # latency measured too
+
+
+def test_pipeline_measures_every_stage(tmp_path) -> None:
+    torch.manual_seed(0)
+    model, batches = _task()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = compress(
+        model,
+        FAST,
+        data=batches,
+        loss_fn=_ce,
+        evaluate=metrics.accuracy(batches),
+        example_inputs=batches[0][0][:1],
+        out=tmp_path / "run",
+        progress=False,
+    )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not in place
+    result = report.model
+    weights = [result.conv1.weight, result.conv2.weight, result.fc1.weight]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    assert zeros == round(0.5 * sum(w.numel() for w in weights))  # stays through finetune
+    rows = report.rows()
+    assert [r["stage"] for r in rows] == [
+        "dense",
+        "01-prune",
+        "02-finetune",
+        "03-quantize",
+        "04-save",
+    ]
+    nonzeros = sum(int(torch.count_nonzero(p)) for p in result.parameters())
+    assert rows[-1]["nonzeros"] == nonzeros
+    assert rows[-1]["params"] == sum(p.numel() for p in model.parameters())
+    saved = tmp_path / "run" / "model"
+    assert rows[-1]["file_bytes"] == sum(f.stat().st_size for f in saved.iterdir())
+    assert rows[0]["quality"] == pytest.approx(1.0)  # labels are the dense model's argmax
+    assert rows[-1]["quality"] == metrics.accuracy(batches)(result)
+    assert rows[-1]["macs"] == prunekit.count(result, batches[0][0][:1]).macs
+    assert set(report.stages[-1].metrics["latency"]) == {"1", "4"}
+    # the reloaded folder gives the same model as the one returned
+    again = prunekit.load(saved, SmallCNN())
+    x = batches[0][0]
+    assert torch.equal(again(x), result(x))
+    # quantized to int8: at most 255 distinct values per output channel
+    assert all(len(torch.unique(row)) <= 255 for row in result.fc1.weight)
+
+
+def test_report_files_are_written_and_self_contained(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    model, batches = _task()
+    report = compress(
+        model,
+        FAST,
+        data=batches,
+        loss_fn=_ce,
+        evaluate=metrics.accuracy(batches),
+        example_inputs=batches[0][0][:1],
+        out=tmp_path / "run",
+        progress=False,
+    )
+    data = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert [r["stage"] for r in data["table"]] == [r["stage"] for r in report.rows()]
+    assert data["table"][-1]["nonzeros"] == report.rows()[-1]["nonzeros"]
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "| stage |" in md and "04-save" in md
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert not re.search(r"(src|href)=['\"]https?:", page)  # opens with no network
+    images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
+    assert len(images) == 2
+    import matplotlib.image
+
+    for encoded in images:
+        pixels = matplotlib.image.imread(io.BytesIO(base64.b64decode(encoded)), format="png")
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+        assert pixels.std() > 0.01  # not a blank canvas
+    assert "02-finetune" in str(report) and "dense" in str(report)
+
+
+def test_teacher_dense_is_the_model_before_the_first_stage(tmp_path, monkeypatch) -> None:
+    model, batches = _task()
+    seen = {}
+    real = STAGES["finetune"].verb
+
+    def spy_verb():
+        fn = real()
+
+        @functools.wraps(fn)
+        def wrapped(m, data, loss_fn, teacher=None, **kw):
+            seen["teacher"] = {k: v.clone() for k, v in teacher.state_dict().items()}
+            seen["student_zeros"] = int((m.conv1.weight == 0).sum())
+            return fn(m, data, loss_fn, teacher=teacher, **kw)
+
+        return wrapped
+
+    monkeypatch.setattr(STAGES["finetune"], "verb", spy_verb)
+    compress(model, GOOD, data=batches, loss_fn=_ce, out=tmp_path / "r", progress=False)
+    assert all(torch.equal(seen["teacher"][k], v) for k, v in model.state_dict().items())
+    assert seen["student_zeros"] > 0
+
+
+def _final_state(report) -> dict[str, torch.Tensor]:
+    from prunekit.compress.io import effective_state
+
+    return {k: v.clone() for k, v in effective_state(report.model)[0].items()}
+
+
+def test_rerun_resumes_and_a_changed_stage_reruns_from_there(tmp_path, capsys) -> None:
+    model, batches = _task()
+    kwargs = dict(data=batches, loss_fn=_ce, out=tmp_path / "run")
+    first = compress(model, GOOD, progress=False, **kwargs)
+    again = compress(model, GOOD, progress=True, **kwargs)
+    assert [s.resumed for s in again.stages] == [True] * 4
+    a, b = _final_state(first), _final_state(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "resuming after stage 4" in capsys.readouterr().out
+
+    changed = json.loads(json.dumps(GOOD))
+    changed["stages"][1]["finetune"]["epochs"] = 2
+    third = compress(model, changed, progress=True, **kwargs)
+    assert [s.resumed for s in third.stages] == [True, False, False, False]
+    out = capsys.readouterr().out
+    assert "stage 2 (finetune) differs from the checkpoint" in out
+    assert "stages 2.. run again" in out
+    record = json.loads((tmp_path / "run" / "stages" / "02-finetune" / "stage.json").read_text())
+    assert record["kwargs"] == {"teacher": "dense", "epochs": 2}
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    import torch
+    from torch import nn
+    from safetensors.torch import save_file
+    sys.path.insert(0, {tests!r})
+    from conftest import SmallCNN
+    import prunekit
+    from prunekit.compress.io import effective_state
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = SmallCNN()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    marker = os.environ.get("KILL_MARKER")
+
+    class Batches:
+        def __init__(self):
+            self.epoch = 0
+        def __iter__(self):
+            self.epoch += 1
+            for i in range(0, 96, 16):
+                if marker and self.epoch == 2 and i == 48:
+                    open(marker, "w").close()
+                    time.sleep(120)  # killed here, in the middle of stage 2
+                yield x[i : i + 16], y[i : i + 16]
+
+    recipe = {{"stages": [
+        {{"prune": {{"sparsity": 0.6}}}},
+        {{"finetune": {{"teacher": "dense", "epochs": 3, "lr": 0.003}}}},
+        {{"quantize": {{"bits": 8, "mode": "int"}}}},
+        {{"save": {{"compressed": True}}}},
+    ], "measure": {{"latency": False}}}}
+    ce = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+    report = prunekit.compress(model, recipe, data=Batches(), loss_fn=ce, out=sys.argv[1],
+                               progress=False)
+    print("RESUMED", [s.resumed for s in report.stages])
+    save_file(effective_state(report.model)[0], sys.argv[2])
+    """
+)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "PYTHONPATH": str(Path(prunekit.__file__).parents[1])}
+    marker = tmp_path / "in-stage-2"
+    victim = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "killed"), str(tmp_path / "never.st")],
+        env={**env, "KILL_MARKER": str(marker)},
+    )
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert victim.poll() is None, "the run ended before reaching stage 2"
+        assert time.monotonic() < deadline, "stage 2 never started"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    stages = tmp_path / "killed" / "stages"
+    assert sorted(p.name for p in stages.iterdir() if not p.name.startswith(".")) == ["01-prune"]
+
+    for folder, target in (("killed", "resumed.st"), ("clean", "clean.st")):
+        done = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / folder), str(tmp_path / target)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        expected = "[True, False, False, False]" if folder == "killed" else "[False] * 4"
+        if folder == "killed":
+            assert f"RESUMED {expected}" in done.stdout
+    resumed, clean = load_file(tmp_path / "resumed.st"), load_file(tmp_path / "clean.st")
+    assert resumed.keys() == clean.keys()
+    assert all(torch.equal(resumed[k], clean[k]) for k in clean)
+    assert not any(p.name.startswith(".") for p in (tmp_path / "killed" / "stages").iterdir())
+
+
+def test_run_folder_holds_no_pickle(tmp_path) -> None:
+    """Checkpoints and outputs are safetensors + JSON (and the report's text files) only."""
+    model, batches = _task()
+    compress(model, GOOD, data=batches, loss_fn=_ce, out=tmp_path / "run", progress=False)
+    suffixes = {p.suffix for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert suffixes == {".safetensors", ".json", ".md", ".html"}
