@@ -12,7 +12,7 @@ piece shorter than two tokens is dropped.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -20,19 +20,52 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+_NOT_CAUSAL = (
+    "perplexity needs a causal language model that returns next-token logits of shape "
+    "(batch, seq_len, vocab), such as transformers' AutoModelForCausalLM (GPT-2, Llama, ...)"
+)
+_INSTEAD = (
+    "For an encoder (BERT, sentence-transformers) measure quality with a task metric instead: "
+    "prunekit.eval.accuracy for a classifier, or prunekit.eval.evaluate(model, {name: fn}) with "
+    "your own metric (e.g. the STS-B correlation of the embeddings, or the agreement of the "
+    "pruned model's outputs with the dense model's)"
+)
+
 
 def _logits(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
     logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, (tuple, list)):
+    if logits is None and isinstance(output, (tuple, list)) and output:
         logits = output[0]
     if not isinstance(logits, torch.Tensor):
+        if isinstance(output, dict):  # a Hugging Face ModelOutput is a dict
+            got = f"{type(output).__name__} with {', '.join(map(str, output.keys()))}"
+        else:
+            got = type(output).__name__
         raise TypeError(
-            "the model must return logits: a tensor, a tuple starting with one, "
-            "or an object with .logits"
+            "the model must return logits: a tensor, a tuple starting with one, or an object "
+            f"with .logits; it returned {got}"
         )
     return logits
+
+
+def _check_causal_lm(model: nn.Module) -> None:
+    """Refuse, before any work, a Hugging Face model that cannot be a causal LM."""
+    config = getattr(model, "config", None)
+    can_generate = getattr(model, "can_generate", None)
+    if config is None or not callable(can_generate):
+        return
+    try:
+        causal = bool(can_generate())
+    except Exception:  # an old or custom class: let the output check decide
+        return
+    if not causal:
+        raise TypeError(
+            f"{_NOT_CAUSAL}; {type(model).__name__} "
+            f"({getattr(config, 'model_type', 'unknown')}) is not one: it cannot generate, so "
+            f"its outputs are not next-token predictions. {_INSTEAD}"
+        )
 
 
 def _windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -65,10 +98,30 @@ def perplexity(
 ) -> float:
     """Perplexity of a causal LM over a 1-D token tensor (see the module docstring).
 
+    ``model(ids)`` must return next-token logits of shape (batch, seq_len, vocab) (a tensor, a
+    tuple starting with one, or an object with ``.logits``); an encoder such as BERT, a masked
+    LM or a classifier is refused with a ``TypeError`` that says what to use instead.
+
     Example:
         >>> ppl = prunekit.eval.perplexity(model, val_ids, seq_len=256)  # doctest: +SKIP
     """
-    tokens = torch.as_tensor(tokens).reshape(-1).long()
+    if isinstance(tokens, Mapping):  # a tokenizer's output
+        keys = ", ".join(map(str, tokens.keys()))
+        raise TypeError(
+            f"tokens must be the token ids (a 1-D tensor or list of ints), got a mapping with "
+            f"keys {keys}: pass encoding['input_ids'] (and a causal LM as the model)"
+        )
+    try:
+        tokens = torch.as_tensor(tokens)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(
+            f"tokens must be the token ids (a 1-D tensor or list of ints), got "
+            f"{type(tokens).__name__}: {exc}"
+        ) from exc
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+    tokens = tokens.reshape(-1).long()
+    _check_causal_lm(model)
     stride = seq_len if stride is None else stride
     if seq_len < 2 or not 1 <= stride <= seq_len:
         raise ValueError(f"need seq_len >= 2 and 1 <= stride <= seq_len; got {seq_len}, {stride}")
@@ -87,7 +140,16 @@ def perplexity(
                 by_length.setdefault(w[1] - w[0], []).append(w)
             for group in by_length.values():
                 ids = torch.stack([tokens[s:e] for s, e, _ in group]).to(device)
-                logits = _logits(model(ids)).float()
+                output = model(ids)
+                try:
+                    logits = _logits(output).float()
+                except TypeError as exc:
+                    raise TypeError(f"{_NOT_CAUSAL}; {exc}. {_INSTEAD}") from None
+                if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+                    raise TypeError(
+                        f"{_NOT_CAUSAL}; for input ids of shape {tuple(ids.shape)} the model "
+                        f"returned logits of shape {tuple(logits.shape)}. {_INSTEAD}"
+                    )
                 losses = F.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.shape[-1]),
                     ids[:, 1:].reshape(-1),
