@@ -186,3 +186,56 @@ def test_files_and_folders_are_flushed_to_disk(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(os, "fsync", counting)
     prunekit.save(_sparse_cnn(), tmp_path / "net")
     assert len(synced) >= 4  # two files, the new folder, its parent
+
+
+# ------------------------------------------------------------------- quantized in any mode
+
+
+@pytest.mark.parametrize(
+    ("bits", "granularity", "symmetric"),
+    [(8, "per_channel", True), (4, "group:16", True), (8, "group:32", False)],
+)
+def test_fake_quantized_model_saves_as_small_as_int_mode(
+    tmp_path, cnn_input, bits, granularity, symmetric
+) -> None:
+    model = _sparse_cnn()
+    options = dict(bits=bits, granularity=granularity, symmetric=symmetric)
+    fake = prunekit.quantize(model, **options).model  # mode="fake", the default
+    real = prunekit.quantize(model, **options, mode="int").model
+    sizes = {}
+    for name, quantized in (("fake", fake), ("int", real)):
+        folder = prunekit.save(quantized, tmp_path / name, compressed=True)
+        sizes[name] = (folder / "model.safetensors").stat().st_size
+        entries = json.loads((folder / "prunekit.json").read_text())["compressed"]
+        assert all(entries[f"{n}.weight"]["quant"]["bits"] == bits for n in ("conv1", "fc1")), name
+        restored = prunekit.load(folder, SmallCNN())
+        for key, value in quantized.state_dict().items():
+            assert torch.equal(restored.state_dict()[key], value), (name, key)
+    assert sizes["fake"] == sizes["int"]
+    plain = prunekit.save(model, tmp_path / "float", compressed=True)
+    assert sizes["fake"] < 0.75 * (plain / "model.safetensors").stat().st_size
+
+
+def test_weights_changed_after_fake_quantization_stay_floats(tmp_path) -> None:
+    fake = prunekit.quantize(_sparse_cnn(), bits=8).model
+    with torch.no_grad():
+        fake.fc1.weight.mul_(1.001)  # off the grid now
+    folder = prunekit.save(fake, tmp_path / "q", compressed=True)
+    entries = json.loads((folder / "prunekit.json").read_text())["compressed"]
+    assert "quant" not in entries["fc1.weight"] and "quant" in entries["conv2.weight"]
+    assert torch.equal(prunekit.load(folder, SmallCNN()).fc1.weight, fake.fc1.weight)
+
+
+def test_codes_on_grid_recovers_every_scale_exactly() -> None:
+    from prunekit.compress.io import codes_on_grid
+    from prunekit.compress.quantize import quantize_tensor
+
+    gen = torch.Generator().manual_seed(0)
+    for i in range(40):
+        w = torch.randn(16, 40, generator=gen) * torch.rand(16, 1, generator=gen) * 3
+        for granularity, symmetric in (("per_channel", True), ("group:16", False)):
+            bits = 8 if i % 2 else 4
+            values = quantize_tensor(w, bits, granularity, symmetric).dequantize()
+            q = codes_on_grid(values, bits, granularity, symmetric)
+            assert q is not None and torch.equal(q.dequantize(), values)
+    assert codes_on_grid(w, 8, "per_channel") is None

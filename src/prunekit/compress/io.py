@@ -13,7 +13,8 @@ A saved model is a folder:
 With ``save(..., compressed=True)`` (format version 2) every floating weight of two or more
 dimensions is stored as its non-zero values plus the smallest index (bitmask, run-length or CSR;
 see :mod:`prunekit.compress.sparse_format`), the values as int8 / int4 codes with scales when the
-model was quantized with ``prunekit.quantize(..., mode="int")`` or when ``bits`` is given. The
+model was quantized with ``prunekit.quantize`` (any mode: with ``mode="fake"`` the codes are
+recovered from the values, which lie on the grid) or when ``bits`` is given. The
 JSON gains ``"compressed"`` (per tensor: shape, dtype, index kind, quantization) and
 ``"derived_masks"`` (masks equal to the non-zero pattern of the stored values, so not stored).
 Loading restores the dense tensors exactly (bit for bit for float values, the exact dequantized
@@ -48,6 +49,7 @@ from prunekit.compress.quantize import (
     QUANT_ATTR,
     QuantizedTensor,
     check_bits,
+    dequantize_codes,
     parse_granularity,
     quantize_tensor,
 )
@@ -368,8 +370,8 @@ def save(
 
     ``compressed=True`` stores each floating weight with two or more dimensions as non-zero
     values plus an index (``index``: ``"auto"`` picks the smallest of bitmask / rle / csr /
-    dense per tensor, or force one). Weights quantized by ``prunekit.quantize(mode="int")`` are
-    stored as their integer codes and scales; ``bits=8`` or ``4`` quantizes the other ones too
+    dense per tensor, or force one). Weights quantized by ``prunekit.quantize`` (in any mode)
+    are stored as their integer codes and scales, as long as they still lie on the grid; ``bits=8`` or ``4`` quantizes the other ones too
     (symmetric, ``granularity`` ``"per_channel"`` or ``"group:G"``), so loading gives the
     dequantized values. ``bits`` may also map name patterns (globs, ``re:`` regexes; the first
     match wins) to ``bits`` or ``(bits, granularity)``, e.g. ``{"*embeddings*": (4, "group:64"),
@@ -504,6 +506,12 @@ def encode_state(
                 q = quantize_tensor(
                     tensor, record["bits"], record["granularity"], record.get("symmetric", True)
                 )
+        if q is None and record.get("bits") in ACCEPTED_BITS:
+            # quantized without its codes kept (mode="fake"): values still on the grid are
+            # stored as codes, exactly
+            q = codes_on_grid(
+                tensor, record["bits"], record["granularity"], record.get("symmetric", True)
+            )
         rule = next((r for r in rules if matches(r[0], name)), None)
         if q is None and rule is not None:
             q = quantize_tensor(tensor, rule[1], rule[2], symmetric=True)
@@ -515,6 +523,79 @@ def encode_state(
     if record:
         meta["quantization"] = {k: v for k, v in record.items() if k != "layers"}
     return out, meta
+
+
+def codes_on_grid(
+    tensor: torch.Tensor, bits: int, granularity: str, symmetric: bool = True
+) -> QuantizedTensor | None:
+    """Integer codes and scales that give back exactly ``tensor`` (bit for bit), when its
+    values lie on the grid ``prunekit.quantize`` with these settings produces (as after
+    ``quantize(..., mode="fake")``); None when they do not.
+
+    Quantizing the dequantized values again finds the same codes; a scale may come out one or
+    two units in the last place off, so the scales of groups that do not reproduce exactly are
+    nudged to the neighbouring float32 values that do. Hugging Face ``Conv1D`` weights
+    (quantized transposed) are tried both ways.
+
+    Example:
+        >>> from prunekit.compress.quantize import quantize_tensor
+        >>> w = quantize_tensor(torch.randn(4, 8), 8).dequantize()
+        >>> torch.equal(codes_on_grid(w, 8, "per_channel").dequantize(), w)
+        True
+        >>> codes_on_grid(torch.randn(4, 8), 8, "per_channel") is None
+        True
+    """
+    if not tensor.is_floating_point() or tensor.dim() < 2 or not bool(tensor.isfinite().all()):
+        return None
+    tensor = tensor.detach().cpu()
+    for transposed in (False, True) if tensor.dim() == 2 else (False,):
+        q = quantize_tensor(tensor, bits, granularity, symmetric, transposed=transposed)
+        q = _nudge_scales(q, tensor)
+        if q is not None:
+            return q
+    return None
+
+
+def _nudge_scales(q: QuantizedTensor, tensor: torch.Tensor) -> QuantizedTensor | None:
+    """``q`` with the scales of groups that miss ``tensor`` moved by up to 3 float32 steps,
+    when that makes every group exact; else None."""
+    target = tensor.t() if q.transposed else tensor.reshape(tensor.shape[0], -1)
+    rows, cols = q.codes.shape
+    size = cols if q.group is None else q.group
+    groups = q.scale.shape[1]
+
+    def exact_groups(scale: torch.Tensor) -> torch.Tensor:
+        values = dequantize_codes(q.codes, scale, q.zero_point, q.group, (rows, cols), tensor.dtype)
+        equal = values == target
+        padded = torch.ones(rows, groups * size, dtype=torch.bool)
+        padded[:, :cols] = equal
+        return padded.reshape(rows, groups, size).all(-1)
+
+    ok = exact_groups(q.scale)
+    if bool(ok.all()):
+        return q
+    if float(ok.float().mean()) < 0.5:  # not quantized values: do not search
+        return None
+    scale = q.scale.clone()
+    for direction in (float("inf"), float("-inf")):
+        candidate = q.scale.clone()
+        for _ in range(3):
+            candidate = torch.nextafter(candidate, torch.full_like(candidate, direction))
+            better = exact_groups(candidate) & ~ok
+            scale = torch.where(better, candidate, scale)
+            ok = ok | better
+    if not bool(ok.all()):
+        return None
+    return QuantizedTensor(
+        codes=q.codes,
+        scale=scale,
+        zero_point=q.zero_point,
+        bits=q.bits,
+        group=q.group,
+        shape=q.shape,
+        dtype=q.dtype,
+        transposed=q.transposed,
+    )
 
 
 def decode_state(
