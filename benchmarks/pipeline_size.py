@@ -17,7 +17,7 @@ fp32) -> ``prunekit.load`` into a fresh model, and the *reloaded* model is evalu
   (``prunekit.prune(targets=["embeddings.word_embeddings"], scope="row")``) and keeps int8.
 
 Size: bytes of the saved folder (model.safetensors + prunekit.json) as a fraction of the dense
-fp32 safetensors file, each also gzip -9'd (``prunekit.compress.sparse_format.size_report``).
+fp32 safetensors file, each also gzip -9'd (``prunekit.compress.size.size_report``).
 Target (issue 6): <= 15 % of the fp32 file at >= 95 % of dense quality.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/pipeline_size.py [--threads 2]
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 import prunekit
 from prunekit.compress.quantize import quantize
-from prunekit.compress.sparse_format import size_report
+from prunekit.compress.size import size_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_common import (  # noqa: E402

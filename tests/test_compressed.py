@@ -12,7 +12,8 @@ import prunekit
 from conftest import SmallCNN
 from prunekit.compress.io import load_state
 from prunekit.compress.quantize import quantize, quantize_tensor
-from prunekit.compress.sparse_format import INDEX_KINDS, decode, encode, size_report
+from prunekit.compress.size import size_report
+from prunekit.compress.sparse_format import INDEX_KINDS, decode, encode
 from prunekit.masks import get_mask
 
 

@@ -8,7 +8,7 @@ stay where they were.
 import sys
 import types
 
-from prunekit.compress.sparse_format import size_report
+from prunekit.compress.size import size_report
 
 __all__ = ["size_report"]
 
