@@ -408,7 +408,7 @@ def test_prune_structured_runs_and_reports(name: str, scope: str) -> None:
     model, inputs = zoo()[name]
     dense = outputs(model, inputs)
     report = pg.prune_structured(
-        model, inputs, ratio=0.4, unit=["channel", "head"], scope=scope, progress=False
+        model, inputs, ratio=0.4, unit=["channel", "head"], scope=scope, round_to=1, progress=False
     )
     pruned = report.model
     got = outputs(pruned, inputs)

@@ -53,7 +53,7 @@ def unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
 
 def test_local_ratio_per_group_and_model_untouched(net) -> None:
     before = state(net)
-    pruned, report = pg.prune_structured(net, X, ratio=0.5, progress=False)
+    pruned, report = pg.prune_structured(net, X, ratio=0.5, round_to=1, progress=False)
     assert [m.out_features for m in pruned if isinstance(m, nn.Linear)] == [16, 12, 8, 3]
     assert unchanged(net, before)
     assert report.params_after == sum(p.numel() for p in pruned.parameters())
@@ -77,16 +77,16 @@ def test_pin_outputs_false_allows_pruning_the_output_dim() -> None:
 
 
 def test_global_scope_removes_the_pooled_fraction(net) -> None:
-    report = pg.prune_structured(net, X, ratio=0.5, scope="global", progress=False)
+    report = pg.prune_structured(net, X, ratio=0.5, scope="global", round_to=1, progress=False)
     total = sum(g.units for g in report.groups)
     assert sum(g.removed for g in report.groups) == round(0.5 * total)
     assert len({g.removed / g.units for g in report.groups}) > 1  # not uniform
 
 
 def test_min_keep_and_never_the_last_unit(net) -> None:
-    report = pg.prune_structured(net, X, ratio=0.99, min_keep=3, progress=False)
+    report = pg.prune_structured(net, X, ratio=0.99, min_keep=3, round_to=1, progress=False)
     assert all(g.kept == 3 for g in report.groups)
-    report = pg.prune_structured(net, X, ratio=0.99, scope="global", progress=False)
+    report = pg.prune_structured(net, X, ratio=0.99, scope="global", round_to=1, progress=False)
     assert all(g.kept >= 1 for g in report.groups)
 
 
@@ -104,7 +104,9 @@ def test_ignore_leaves_groups_whole(net) -> None:
 
 
 def test_per_layer_overrides(net) -> None:
-    report = pg.prune_structured(net, X, ratio=0.5, per_layer={"2": 0.25, "*": 0.0}, progress=False)
+    report = pg.prune_structured(
+        net, X, ratio=0.5, per_layer={"2": 0.25, "*": 0.0}, round_to=1, progress=False
+    )
     assert [g.kept for g in report.groups] == [32, 18, 16]
 
 
@@ -112,10 +114,14 @@ def test_per_layer_overrides(net) -> None:
 def test_target_macs_and_params(scope: str) -> None:
     model = _randomize_bn(ResNet())
     dense = pg.count(model, IMG)
-    report = pg.prune_structured(model, IMG, target_macs=0.5, scope=scope, progress=False)
+    report = pg.prune_structured(
+        model, IMG, target_macs=0.5, scope=scope, round_to=1, progress=False
+    )
     assert report.macs_after <= 0.5 * dense.macs
     assert report.macs_after > 0.4 * dense.macs  # not much more than needed
-    report = pg.prune_structured(model, IMG, target_params=10_000, scope=scope, progress=False)
+    report = pg.prune_structured(
+        model, IMG, target_params=10_000, scope=scope, round_to=1, progress=False
+    )
     assert report.params_after <= 10_000
 
 
@@ -253,7 +259,14 @@ def _loss(model, batch):
 @pytest.mark.parametrize("importance", ["l1", "l2", "random", "taylor", "activation", "apoz"])
 def test_importance_criteria_run_and_differ(net, importance) -> None:
     report = pg.prune_structured(
-        net, X, ratio=0.5, importance=importance, calib=_data(), loss_fn=_loss, progress=False
+        net,
+        X,
+        ratio=0.5,
+        importance=importance,
+        calib=_data(),
+        loss_fn=_loss,
+        round_to=1,
+        progress=False,
     )
     assert [g.kept for g in report.groups] == [16, 12, 8]
     assert report.settings["importance"] == importance
@@ -265,7 +278,9 @@ def test_l2_removes_the_smallest_units(net) -> None:
         net[0].bias[:5].mul_(1e-3)
         net[2].weight[:, :5].mul_(1e-3)
     kept = (
-        pg.prune_structured(net, X, ratio=5 / 32, ignore=["2", "4"], progress=False).model[0].weight
+        pg.prune_structured(net, X, ratio=5 / 32, ignore=["2", "4"], round_to=1, progress=False)
+        .model[0]
+        .weight
     )
     assert torch.equal(kept, net[0].weight[5:])
 

@@ -161,3 +161,55 @@ def resolve_target(value: float | None, dense: float) -> float | None:
     if value is None:
         return None
     return value * dense if value <= 1.0 else value
+
+
+def allowed_keep(n: int, kept: int, round_to: int | None, group: Group) -> int:
+    """The next width a group may grow to from ``kept``: the next multiple of ``round_to``, or
+    its full width ``n`` (which need not be a multiple); one unit more when not rounded."""
+    if not round_to or round_to <= 1 or group.kind != "channel":
+        return min(n, kept + 1)
+    return min(n, (kept // round_to + 1) * round_to)
+
+
+def restore(
+    selection: Selection,
+    groups: list[Group],
+    ranked: dict[int, np.ndarray],
+    ok,
+    *,
+    round_to: int | None = None,
+    frozen: set[int] | frozenset[int] = frozenset(),
+) -> Selection:
+    """Put removed units back while ``ok(selection)`` holds: at each step the group whose next
+    step (up to its next allowed width, best-scored removed units first) has the highest mean
+    score. A group whose next step fails is done: every unit of a group costs the same, so a
+    later step of that group would fail too. Groups in ``frozen`` and GQA q-head groups keep
+    their selection. The result keeps every width a multiple of ``round_to`` (or full)."""
+    by_index = {g.index: g for g in groups}
+    removed = {i: np.asarray(r, dtype=np.int64) for i, r in selection.removed.items()}
+    active = {
+        i
+        for i, r in removed.items()
+        if len(r) and i in ranked and i not in frozen and by_index[i].parents is None
+    }
+
+    def step(i: int) -> tuple[float, np.ndarray]:
+        g, r = by_index[i], removed[i]
+        kept = g.n_units - len(r)
+        grow = allowed_keep(g.n_units, kept, round_to, g) - kept
+        best = r[np.argsort(-ranked[i][r], kind="stable")[:grow]]
+        return float(ranked[i][best].mean()), best
+
+    while active:
+        i = max(active, key=lambda j: (step(j)[0], -j))
+        _, back = step(i)
+        trial = dict(removed)
+        trial[i] = np.setdiff1d(removed[i], back)
+        candidate = Selection(trial)
+        if ok(candidate):
+            removed, selection = trial, candidate
+            if not len(removed[i]):
+                active.discard(i)
+        else:
+            active.discard(i)
+    return selection

@@ -11,12 +11,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunekit.graph import latency as _latency
 from prunekit.graph.count import count
 from prunekit.graph.depth import prune_layers
 from prunekit.graph.groups import Group, build_groups
 from prunekit.graph.importance import NORMALIZATIONS, REDUCTIONS, get_importance, score_groups
 from prunekit.graph.importance import normalize as normalize_scores
-from prunekit.graph.plan import CostModel, Selection, resolve_target, select
+from prunekit.graph.latency import Latency, default_round_to
+from prunekit.graph.plan import CostModel, Selection, resolve_target, restore, select
 from prunekit.graph.report import GroupRow, StructuredReport
 from prunekit.graph.surgery import StructuredPruningError, apply_removal, verify
 from prunekit.graph.trace import Graph, trace
@@ -123,6 +125,9 @@ def prune_structured(
     seed: int = 0,
     inplace: bool = False,
     progress: bool = True,
+    target_latency: float | None = None,
+    measure_latency: bool = True,
+    threads: int | None = None,
 ) -> StructuredReport:
     """Remove whole channels, neurons, attention heads or layers; the result is a smaller dense model.
 
@@ -141,14 +146,19 @@ def prune_structured(
             1 - cosine of a block's input and output on data), ``"loss"`` (loss increase when
             the block is skipped) or ``"random"``.
         scope: ``"local"`` or ``"global"`` (scores normalised per group with ``normalize``).
-        round_to: keep channel counts a multiple of this (e.g. 8); heads are not rounded.
+        round_to: keep channel counts a multiple of this; heads are not rounded. None (default):
+            the multiple this device's kernels run fast (:func:`prunekit.graph.latency.
+            default_round_to`: 8 on CPU and CUDA). A group is never rounded below ``min_keep``
+            nor above its width; a group whose width is not a multiple may keep its full width.
+            ``round_to=1`` turns rounding off.
         ignore: module name patterns (glob, or ``re:`` regex) whose output units must stay:
             every group that such a module produces is left whole.
         per_layer: ``{pattern: ratio}``: groups produced by a matching module get their own
             ratio (first matching pattern wins).
         target_macs / target_params: prune until the model has at most this many MACs /
             parameters instead of using ``ratio``: a fraction of the dense model in (0, 1], or
-            an absolute count above 1.
+            an absolute count above 1. The search works with the rounding: it lands at or just
+            below the target (the report shows the value reached).
         min_keep: units every group keeps at least (never below 1).
         calib: batches for data-driven criteria (a tensor, a dict of model kwargs, or a tuple
             whose first item is the model input). Defaults to ``[example_inputs]``.
@@ -165,6 +175,14 @@ def prune_structured(
         seed: seed of ``random``.
         inplace: change ``model`` itself (after the pruned copy was verified).
         progress: progress bars for data passes.
+        target_latency: prune until the *measured* latency on ``example_inputs`` is this fraction
+            of the dense model's, in (0, 1) (channel / head units): MAC targets are tried and
+            the pruned model timed against dense until the ratio is within 5 % (at most 8
+            tries; the report says what was reached). Time it at the batch you will serve.
+        measure_latency: time dense and pruned on ``example_inputs`` (about a second each) and
+            put the result in ``report.latency``; False skips it.
+        threads: torch intra-op threads for every latency measurement (None: the current
+            count).
 
     Returns:
         A :class:`StructuredReport` (``report.model`` is the pruned model).
@@ -189,6 +207,23 @@ def prune_structured(
     if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 1:
         raise ValueError(f"min_keep must be an integer >= 1, got {min_keep!r}")
     target_macs = _check_target(target_macs, "target_macs")
+    if target_latency is not None:
+        target_latency = _check_ratio(target_latency, "target_latency")
+        if target_latency == 0.0:
+            raise ValueError("target_latency must be a latency fraction in (0, 1), got 0")
+        if target_macs is not None:
+            raise ValueError(
+                "give target_latency or target_macs, not both (target_latency searches the MACs)"
+            )
+        if units == {"layer"}:
+            raise ValueError(
+                "target_latency works with channel / head units; for unit='layer' use "
+                "target_macs or target_params"
+            )
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
     target_params = _check_target(target_params, "target_params")
     per_layer = dict(per_layer or {})
     for key, value in per_layer.items():
@@ -217,7 +252,12 @@ def prune_structured(
                 "target_params, layers=, ignore= and importance)"
             )
 
-        return prune_layers(
+        dense_ms = (
+            _latency.measure({"dense": model}, example_inputs, threads=threads)
+            if measure_latency and inplace
+            else None
+        )
+        report = prune_layers(
             model,
             example_inputs,
             ratio=ratio,
@@ -234,6 +274,9 @@ def prune_structured(
             progress=progress,
             settings=settings,
         )
+        if measure_latency:
+            report.latency = _measure_pair(model, report.model, example_inputs, threads, dense_ms)
+        return report
 
     criterion = get_importance(importance or "l2")
     settings["importance"] = criterion.name
@@ -261,6 +304,11 @@ def prune_structured(
     )
     notes.extend(score_notes)
 
+    if round_to is None:
+        round_to = default_round_to(model)
+    ranked = {i: normalize_scores(v, normalize) for i, v in scores.items()}
+    cost = _cost_model(graph, model)
+
     def choose(r: float) -> Selection:
         return select(
             groups,
@@ -273,13 +321,32 @@ def prune_structured(
             normalize_how=normalize,
         )
 
-    if target_macs is not None or target_params is not None:
-        ranked = (
-            None if round_to else {i: normalize_scores(v, normalize) for i, v in scores.items()}
+    def plan(macs: float | None, params: float | None) -> tuple[Selection, float]:
+        return _search_target(
+            cost, groups, choose, macs, params, ranked, round_to=round_to, frozen=set(overrides)
         )
-        selection, reached = _search_target(
-            graph, groups, choose, model, target_macs, target_params, fill=ranked
+
+    latency = None
+    if target_latency is not None:
+        selection, latency, note = _search_latency(
+            model,
+            graph,
+            groups,
+            cost,
+            plan,
+            example_inputs,
+            target_latency,
+            target_params,
+            smallest=choose(0.999),
+            threads=threads,
+            pin_outputs=pin_outputs,
         )
+        notes.append(note)
+        settings["target_latency"] = target_latency
+        if target_params is not None:
+            settings["target_params"] = target_params
+    elif target_macs is not None or target_params is not None:
+        selection, reached = plan(target_macs, target_params)
         settings.update(
             {
                 k: v
@@ -291,12 +358,16 @@ def prune_structured(
     else:
         selection = choose(ratio)
         settings["ratio"] = ratio
-    if round_to:
-        settings["round_to"] = round_to
+    settings["round_to"] = round_to
     removed_roots = selection.roots(groups)
     before = count(model, example_inputs)
+    dense_ms = None
+    if measure_latency and latency is None and inplace:
+        dense_ms = _latency.measure({"dense": model}, example_inputs, threads=threads)
     pruned = _surgery_verified(model, graph, removed_roots, example_inputs, inplace, pin_outputs)
     after = count(pruned, example_inputs)
+    if measure_latency and latency is None:
+        latency = _measure_pair(model, pruned, example_inputs, threads, dense_ms)
     rows = [
         GroupRow(
             g.name,
@@ -308,7 +379,7 @@ def prune_structured(
         )
         for g in groups
     ]
-    return StructuredReport(pruned, before, after, rows, [], settings, notes)
+    return StructuredReport(pruned, before, after, rows, [], settings, notes, latency)
 
 
 def _drop_ignored(groups: list[Group], patterns: list[str]) -> list[Group]:
@@ -333,14 +404,26 @@ def _overrides(groups: list[Group], per_layer: dict[str, float]) -> dict[int, fl
     return out
 
 
-def _search_target(
-    graph, groups, choose, model, target_macs, target_params, fill=None
-) -> tuple[Selection, float]:
-    """Smallest ratio whose selection meets the targets (bisection on the analytic cost model),
-    then the most important of the removed units are put back while the targets still hold."""
+def _cost_model(graph: Graph, model: nn.Module) -> CostModel:
     traced = {k for k, (kind, _) in graph.tensors.items() if kind == "param"}
     extra = sum(p.numel() for n, p in model.named_parameters() if n not in traced)
-    cost = CostModel(graph, extra_params=extra)
+    return CostModel(graph, extra_params=extra)
+
+
+def _search_target(
+    cost: CostModel,
+    groups: list[Group],
+    choose: Callable[[float], Selection],
+    target_macs: float | None,
+    target_params: float | None,
+    ranked: dict[int, np.ndarray],
+    *,
+    round_to: int,
+    frozen: set[int],
+) -> tuple[Selection, float]:
+    """Smallest ratio whose (rounded) selection meets the targets (bisection on the analytic cost
+    model), then removed units are put back, a whole rounding step at a time and best scores
+    first, while the targets still hold: the result lands at or just below the target."""
     dense_macs, dense_params = cost.evaluate(np.zeros(0, dtype=np.int64))
     want_macs = resolve_target(target_macs, dense_macs)
     want_params = resolve_target(target_params, dense_params)
@@ -356,7 +439,8 @@ def _search_target(
     good, macs, params = ok(hi_sel)
     if not good:
         raise ValueError(
-            f"the target cannot be reached by removing {sorted({g.kind for g in groups})} units: the "
+            f"the target cannot be reached by removing {sorted({g.kind for g in groups})} units"
+            f"{f' kept at multiples of round_to={round_to}' if round_to > 1 else ''}: the "
             f"smallest reachable model has {macs:,.0f} MACs and {params:,.0f} params (dense: "
             f"{dense_macs:,.0f} MACs, {dense_params:,.0f} params). Nothing was changed."
         )
@@ -371,36 +455,109 @@ def _search_target(
             hi, best = mid, sel
         else:
             lo = mid
-    if fill is not None:
-        best = _fill(best, groups, fill, lambda sel: ok(sel)[0])
+    best = restore(best, groups, ranked, lambda sel: ok(sel)[0], round_to=round_to, frozen=frozen)
     return best, hi
 
 
-def _fill(
-    selection: Selection, groups: list[Group], ranked: dict[int, np.ndarray], ok
-) -> Selection:
-    """Restore removed units, best score first, while ``ok``; give up after 64 misses in a row."""
-    by_index = {g.index: g for g in groups}
-    candidates = [
-        (float(ranked[i][u]), i, int(u))
-        for i, removed in selection.removed.items()
-        if i in ranked and by_index[i].parents is None
-        for u in removed
-    ]
-    candidates.sort(key=lambda c: -c[0])
-    removed = {i: set(map(int, r)) for i, r in selection.removed.items()}
-    misses = 0
-    for _, i, u in candidates:
-        removed[i].discard(u)
-        trial = Selection({k: np.array(sorted(v), dtype=np.int64) for k, v in removed.items()})
-        if ok(trial):
-            selection, misses = trial, 0
-        else:
-            removed[i].add(u)
-            misses += 1
-            if misses >= 64:
+def _measure_pair(
+    dense: nn.Module,
+    pruned: nn.Module,
+    example_inputs: Any,
+    threads: int | None,
+    dense_alone: dict[str, Any] | None = None,
+    budget_s: float = 1.0,
+) -> Latency:
+    """Dense and pruned timed side by side (or the pruned alone, when ``dense`` was pruned in
+    place and ``dense_alone`` holds its earlier measurement)."""
+    if dense_alone is not None:
+        got = _latency.measure({"pruned": pruned}, example_inputs, threads=threads)
+        dense_ms = dense_alone["ms"]["dense"]
+    else:
+        got = _latency.measure(
+            {"dense": dense, "pruned": pruned}, example_inputs, threads=threads, budget_s=budget_s
+        )
+        dense_ms = got["ms"]["dense"]
+    return Latency(
+        dense_ms=dense_ms,
+        pruned_ms=got["ms"]["pruned"],
+        batch=got["batch"],
+        threads=got["threads"],
+        repeats=got["repeats"],
+        device=got["device"],
+    )
+
+
+LATENCY_TOLERANCE = 0.05  # relative distance to the asked latency ratio that ends the search
+LATENCY_TRIES = 8
+
+
+def _search_latency(
+    model: nn.Module,
+    graph: Graph,
+    groups: list[Group],
+    cost: CostModel,
+    plan: Callable[[float | None, float | None], tuple[Selection, float]],
+    example_inputs: Any,
+    asked: float,
+    target_params: float | None,
+    *,
+    smallest: Selection,
+    threads: int | None,
+    pin_outputs: bool,
+) -> tuple[Selection, Latency, str]:
+    """MAC targets tried until the pruned model's measured latency ratio is within
+    ``LATENCY_TOLERANCE`` of ``asked``: proportional steps until the ratio is bracketed, then
+    linear interpolation between the closest tries on either side."""
+    dense_macs, _ = cost.evaluate(np.zeros(0, dtype=np.int64))
+    floor = cost.evaluate(smallest.roots(groups))[0] / dense_macs if dense_macs else 1.0
+    tries: list[tuple[float, Latency, Selection]] = []  # (MACs ratio reached, latency, selection)
+    m = min(max(asked, floor), 1.0)
+    for _ in range(LATENCY_TRIES):
+        selection, _ = plan(m, target_params)
+        reached = cost.evaluate(selection.roots(groups))[0] / dense_macs if dense_macs else 1.0
+        candidate = _surgery_verified(
+            model, graph, selection.roots(groups), example_inputs, False, pin_outputs
+        )
+        lat = _measure_pair(model, candidate, example_inputs, threads, budget_s=2.0)
+        del candidate
+        tries.append((reached, lat, selection))
+        r = lat.ratio
+        if abs(r / asked - 1) <= LATENCY_TOLERANCE:
+            break
+        below = [(mm, t.ratio) for mm, t, _ in tries if t.ratio < asked]
+        above = [(mm, t.ratio) for mm, t, _ in tries if t.ratio > asked]
+        if below and above:
+            (m_lo, r_lo), (m_hi, r_hi) = max(below), min(above)
+            if m_hi - m_lo < 1e-3:
                 break
-    return selection
+            m_next = m_lo + (asked - r_lo) * (m_hi - m_lo) / max(r_hi - r_lo, 1e-9)
+            m_next = min(max(m_next, m_lo + 0.1 * (m_hi - m_lo)), m_hi - 0.1 * (m_hi - m_lo))
+        elif above:  # still too slow: fewer MACs
+            if reached <= floor + 1e-9:
+                break
+            m_next = max(floor, reached * asked / r)
+        else:  # already faster than asked: more MACs
+            if reached >= 1.0 - 1e-9:
+                break
+            m_next = min(1.0, reached * asked / r)
+        if abs(m_next - reached) < 1e-4:
+            break
+        m = m_next
+    best = min(tries, key=lambda t: abs(t[1].ratio / asked - 1))
+    reached, lat, selection = best
+    if lat.ratio > asked * (1 + LATENCY_TOLERANCE) and reached <= floor + 1e-9:
+        raise ValueError(
+            f"target_latency={asked} cannot be reached by removing "
+            f"{sorted({g.kind for g in groups})} units: the smallest model measures "
+            f"{lat.pruned_ms:.3g} ms against {lat.dense_ms:.3g} ms dense (ratio {lat.ratio:.2f}, "
+            f"batch {lat.batch}, {lat.threads} threads). Nothing was changed."
+        )
+    steps = ", ".join(f"{100 * mm:.1f} % -> {t.ratio:.2f}" for mm, t, _ in tries)
+    note = (
+        f"target_latency {asked}: measured latency ratio {lat.ratio:.2f} at {100 * reached:.1f} % "
+        f"of dense MACs, after {len(tries)} tries (MACs -> latency ratio: {steps})"
+    )
+    return selection, lat, note
 
 
 def _surgery_verified(

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from prunekit.graph.count import CountReport
+from prunekit.graph.latency import Latency
 
 
 @dataclass
@@ -29,9 +30,9 @@ class GroupRow:
 
 @dataclass
 class StructuredReport:
-    """What :func:`prune_structured` returns: sizes before / after, per-group and per-layer
-    tables, the settings and the pruned model (``report.model``; ``model, report = ...`` also
-    works)."""
+    """What :func:`prune_structured` returns: sizes before / after, measured latency, per-group
+    and per-layer tables, the settings and the pruned model (``report.model``; ``model, report =
+    ...`` also works). ``latency`` is None when ``measure_latency=False``."""
 
     model: nn.Module | None
     before: CountReport
@@ -40,6 +41,7 @@ class StructuredReport:
     removed_layers: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    latency: Latency | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.model, self))
@@ -59,6 +61,15 @@ class StructuredReport:
     @property
     def macs_after(self) -> int:
         return self.after.macs
+
+    @property
+    def macs_ratio(self) -> float:
+        """MACs of the pruned model / MACs of the dense one (what a ``target_macs`` reached)."""
+        return self.macs_after / self.macs_before if self.macs_before else 1.0
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / self.params_before if self.params_before else 1.0
 
     def layers(self) -> list[dict[str, Any]]:
         """Per-layer params and MACs before and after (layers removed entirely show 0 after)."""
@@ -85,6 +96,9 @@ class StructuredReport:
             "params_after": self.params_after,
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
+            "macs_ratio": self.macs_ratio,
+            "params_ratio": self.params_ratio,
+            "latency": self.latency.to_dict() if self.latency is not None else None,
             "groups": [{**vars(g), "removed": g.removed} for g in self.groups],
             "removed_layers": list(self.removed_layers),
             "layers": self.layers(),
@@ -102,6 +116,8 @@ class StructuredReport:
             f"params {self.params_before:,} -> {self.params_after:,} ({pct(self.params_after, self.params_before)}); "
             f"MACs {self.macs_before:,} -> {self.macs_after:,} ({pct(self.macs_after, self.macs_before)})"
         )
+        if self.latency is not None:
+            lines.append(str(self.latency))
         if self.groups:
             header = ("group", "kind", "units", "kept", "removed")
             rows = [
