@@ -125,6 +125,19 @@ def _user_callable(spec: str) -> Any:
     return fn
 
 
+def _check_eval_spec(spec: str | None) -> None:
+    """Cheap checks of --eval before any model is loaded."""
+    from prunekit.cli import CliError
+
+    if spec is None:
+        return
+    kind, _, arg = spec.partition(":")
+    if kind in ("perplexity", "sts") and (not arg or not Path(arg).is_file()):
+        raise CliError(f"--eval {spec}: no such file {arg!r}")
+    if kind not in ("perplexity", "sts", "fidelity") and not arg:
+        raise CliError(f"--eval {spec}: unknown measure; accepted: {EVAL_HELP}")
+
+
 def _metric(spec: str | None, tokenizer: Any, calib: Any, seq_len: int, causal: bool) -> Any:
     from prunekit.cli import CliError
     from prunekit.recipes import metrics
@@ -166,6 +179,7 @@ def run_compress(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
     if not args.model.is_dir() or not (args.model / "config.json").is_file():
         raise CliError(f"{args.model}: not a Hugging Face model folder (no config.json)")
+    _check_eval_spec(args.eval_spec)
     for flag, value in (("--calib", args.calib), ("--data", args.data)):
         if value is not None and not Path(value).is_file():
             raise CliError(f"{flag} {value}: no such file")

@@ -1,0 +1,168 @@
+"""``prunekit compress`` and ``prunekit recipes`` through ``prunekit.cli.main`` on tiny Hugging
+Face folders (a Llama and a BERT, with a word-level tokenizer)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from prunekit.cli import main
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WORDS = [f"w{i}" for i in range(60)]
+
+
+def _tokenizer_into(folder) -> None:
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]"
+    ).save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    generator = torch.Generator().manual_seed(0)
+    path.write_text(" ".join(WORDS[i] for i in torch.randint(0, 60, (4000,), generator=generator)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf") / "llama"
+    tiny_llama(vocab_size=64).save_pretrained(folder)
+    _tokenizer_into(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf") / "bert"
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    transformers.BertModel(config).eval().save_pretrained(folder)
+    _tokenizer_into(folder)
+    return folder
+
+
+def test_recipes_command_lists_and_prints(capsys) -> None:
+    assert main(["recipes"]) == 0
+    listed = capsys.readouterr().out
+    assert "llm-2of4-int8" in listed and "encoder-small" in listed and "cnn-small" in listed
+    assert main(["recipes", "llm-2of4-int8"]) == 0
+    assert "sparsegpt" in capsys.readouterr().out
+    assert main(["recipes", "nope"]) == 2
+
+
+def test_compress_llm_recipe_and_resume(llama_folder, text_file, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    args = [
+        "compress",
+        str(llama_folder),
+        "--recipe",
+        "llm-2of4-int8",
+        "--out",
+        str(out),
+        "--calib",
+        str(text_file),
+        "--n-samples",
+        "4",
+        "--seq-len",
+        "16",
+        "--eval",
+        f"perplexity:{text_file}",
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "03-save" in printed and "perplexity" in printed
+    import prunekit
+
+    model = prunekit.from_pretrained(out / "model")
+    up = model.model.layers[1].mlp.up_proj.weight.detach()
+    assert torch.all((up.reshape(up.shape[0], -1, 4) != 0).sum(-1) <= 2)
+    assert (out / "model" / "tokenizer.json").is_file()  # side files kept
+    report = json.loads((out / "report.json").read_text())
+    assert [r["stage"] for r in report["table"]] == [
+        "dense",
+        "01-oneshot",
+        "02-quantize",
+        "03-save",
+    ]
+    assert report["table"][-1]["file_fraction"] < 0.5
+    assert report["quality"] == {"name": "perplexity", "higher_is_better": False}
+
+    assert main(args) == 0  # the same command again: every stage comes from its checkpoint
+    assert "resuming after stage 3" in capsys.readouterr().out
+
+
+def test_compress_encoder_recipe_with_training_data(bert_folder, text_file, tmp_path) -> None:
+    out = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "stages:\n"
+        "  - oneshot: {method: wanda, sparsity: 0.5}\n"
+        "  - finetune: {teacher: dense, max_steps: 2, kd_weight: 0.0,"
+        ' hidden_layers: "re:encoder\\\\.layer\\\\.\\\\d+\\\\.output$"}\n'
+        "  - quantize: {bits: 8, mode: int}\n"
+        "  - save: {compressed: true}\n"
+        "measure: {latency: false}\n"
+    )
+    args = [
+        "compress",
+        str(bert_folder),
+        "--recipe",
+        str(recipe),
+        "--out",
+        str(out),
+        "--calib",
+        str(text_file),
+        "--data",
+        str(text_file),
+        "--n-samples",
+        "4",
+        "--seq-len",
+        "16",
+        "--eval",
+        "fidelity",
+    ]
+    assert main(args) == 0
+    table = json.loads((out / "report.json").read_text())["table"]
+    assert table[0]["quality"] == pytest.approx(1.0)
+    assert 0.0 < table[-1]["quality"] < 1.0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--recipe", "nope"], "not a shipped recipe"),
+        (["--recipe", "encoder-small"], "needs --data"),
+        (["--recipe", "llm-2of4-int8", "--calib", "missing.txt"], "no such file"),
+        (["--recipe", "llm-2of4-int8", "--seq-len", "4096"], "above the model's 64 positions"),
+        (["--recipe", "llm-2of4-int8", "--eval", "perplexity:missing.txt"], "no such file"),
+        (["--recipe", "llm-2of4-int8", "--eval", "bogus"], "unknown measure"),
+    ],
+)
+def test_compress_bad_input_is_one_line_and_writes_nothing(
+    llama_folder, tmp_path, capsys, extra, message
+) -> None:
+    out = tmp_path / "run"
+    base = ["compress", str(llama_folder), "--out", str(out), "--seq-len", "16"]
+    assert main([*base, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
