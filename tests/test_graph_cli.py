@@ -7,8 +7,10 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 import prunekit.graph as pg
+from conftest import tiny_llama
 from prunekit.graph.cli import add_commands
 
 transformers = pytest.importorskip("transformers")
@@ -89,7 +91,17 @@ def test_prune_structured_layers_and_targets(llama_dir, tmp_path, capsys) -> Non
 def test_count_command(llama_dir, capsys) -> None:
     assert run("count", str(llama_dir), "--seq-len", "4", "--json") == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["params"] > 0 and report["macs"] > 0 and report["inputs"] == "1x4"
+    # reference: every parameter once; MACs = tokens x in x out of every Linear (lm_head
+    # included) + QK^T and AV: layers x heads x seq x seq x head_dim, twice
+    model = tiny_llama()
+    params = sum(p.numel() for p in model.parameters())
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    linear = sum(m.in_features * m.out_features for m in linears)
+    c = model.config
+    heads, head_dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
+    attention = 2 * c.num_hidden_layers * heads * 4 * 4 * head_dim
+    want = (params, 4 * linear + attention, "1x4")
+    assert (report["params"], report["macs"], report["inputs"]) == want
     assert run("count", str(llama_dir)) == 0
     assert "total" in capsys.readouterr().out
 

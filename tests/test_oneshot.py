@@ -78,9 +78,11 @@ def test_n_m_in_every_group(make, method, nm, calib) -> None:
             continue
         matrix = module.weight.detach()
         matrix = matrix.t() if type(module).__name__ == "MaskedConv1D" else matrix
-        groups = (matrix.reshape(matrix.shape[0], -1, m) != 0).sum(-1)
-        assert torch.all(groups <= n), name
-        assert targeted(report)[f"{name}.weight"].sparsity == pytest.approx(1 - n / m, abs=0.02)
+        mask = mask.t() if type(module).__name__ == "MaskedConv1D" else mask
+        # exactly n kept in every group of m, and the kept weights are the non-zero ones
+        assert torch.all(mask.reshape(mask.shape[0], -1, m).sum(-1) == n), name
+        assert torch.equal(matrix != 0, mask.bool()), name
+        assert targeted(report)[f"{name}.weight"].zeros == matrix.numel() * (m - n) // m
 
 
 def correlated_inputs(n: int = 512, features: int = 64, seed: int = 0) -> torch.Tensor:
@@ -313,8 +315,7 @@ def test_perplexity_matches_manual_computation() -> None:
     assert perplexity(model, tokens, 16, batch_size=3) == pytest.approx(
         math.exp(nll / count), rel=1e-5
     )
-    strided = perplexity(model, tokens, 16, stride=8)
-    assert math.isfinite(strided) and strided != perplexity(model, tokens, 16)
+    # strided windows: tests/test_eval.py compares them with a token-by-token reference
 
 
 def _tiny(arch: str) -> nn.Module:
