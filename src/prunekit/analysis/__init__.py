@@ -12,7 +12,7 @@
 
 from prunekit.analysis.allocate import Allocation, allocate, load_per_layer
 from prunekit.analysis.search import FloorPoint, FloorSearchReport, prune_to_floor
-from prunekit.analysis.sensitivity import SensitivityResult, sensitivity
+from prunekit.analysis.sensitivity import SensitivityResult, allocate_by_sensitivity, sensitivity
 
 __all__ = [
     "Allocation",
@@ -20,6 +20,7 @@ __all__ = [
     "FloorSearchReport",
     "SensitivityResult",
     "allocate",
+    "allocate_by_sensitivity",
     "load_per_layer",
     "prune_to_floor",
     "sensitivity",

@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -60,7 +61,7 @@ from prunekit.masks import raw_parameter
 from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from prunekit.prune import compute_masks
 from prunekit.scores import Criterion, get_criterion
-from prunekit.targets import Target, resolve_targets
+from prunekit.targets import Target, per_layer_overrides, resolve_targets
 
 DEFAULT_SPARSITIES = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 MODES = ("auto", "output", "proxy")
@@ -241,8 +242,8 @@ class SensitivityResult:
 
 def _check_grid(sparsities: Iterable[float]) -> list[float]:
     grid = sorted(set(float(s) for s in sparsities))
-    if not grid or any(not 0.0 < s < 1.0 for s in grid):
-        raise ValueError(f"sparsities must be numbers in (0, 1), got {list(sparsities)!r}")
+    if not grid or any(not 0.0 <= s < 1.0 for s in grid):
+        raise ValueError(f"sparsities must be numbers in [0, 1), got {list(sparsities)!r}")
     return grid
 
 
@@ -407,10 +408,10 @@ class _OutputDamage:
         self.positions = sum(d.reshape(-1, d.shape[-1]).shape[0] for d in self.dense)
 
     @torch.no_grad()
-    def __call__(self) -> float:
+    def __call__(self, model: nn.Module | None = None) -> float:
         total = 0.0
         for sample, dense in zip(self.data, self.dense, strict=True):
-            tensor, _ = _output_tensor(run_model(self.model, self.input_fn(sample)))
+            tensor, _ = _output_tensor(run_model(model or self.model, self.input_fn(sample)))
             total += float(_divergence(dense, tensor, self.kind))
         return total / self.positions
 
@@ -537,6 +538,7 @@ def sensitivity(
     divergence: str = "auto",
     input_fn: Callable[[Any], Any] | None = None,
     monotone: bool = True,
+    base: dict[str, float] | None = None,
     blocks: str | None = None,
     device: str | torch.device | None = None,
     max_batches: int | None = None,
@@ -566,6 +568,9 @@ def sensitivity(
         input_fn: turns a data item into the model input (e.g. ``lambda b: b[0]`` for
             ``(images, labels)`` batches).
         monotone: make each curve non-decreasing in sparsity (running maximum).
+        base: ``{pattern: sparsity}`` of the other layers while one is measured (output mode):
+            curves measured around an operating point (e.g. a first allocation's
+            ``per_layer``) see how layers interact at high sparsity; default: the others dense.
         blocks: module path of the repeated blocks (proxy mode).
         device: run each block there in proxy mode.
         max_batches: use at most this many items of ``data``.
@@ -601,6 +606,8 @@ def sensitivity(
     if mode == "auto":
         mode = "proxy" if evaluate is None and find_blocks(model, blocks) is not None else "output"
     if mode == "proxy":
+        if base:
+            raise ValueError("base= needs mode='output' (proxy errors are per layer)")
         if evaluate is not None:
             raise ValueError(
                 "evaluate= needs mode='output' (proxy mode never runs the whole model)"
@@ -645,8 +652,20 @@ def sensitivity(
             )
             metric, dense_value = "recon", None
         else:
+            base_of = per_layer_overrides(usable, base) if base else {}
+            if base_of and grid[0] > 0:  # the curve's start is not zero damage any more
+                grid = [0.0, *grid]
             raw, metric, dense_value = _output_mode(
-                model, usable, items, pruner, grid, evaluate, divergence, input_fn, progress
+                model,
+                usable,
+                items,
+                pruner,
+                grid,
+                evaluate,
+                divergence,
+                input_fn,
+                progress,
+                base_of,
             )
     finally:
         model.train(was_training)
@@ -668,22 +687,19 @@ def sensitivity(
     )
 
 
-def _output_mode(model, targets, items, pruner, grid, evaluate, divergence, input_fn, progress):
+def _output_mode(
+    model, targets, items, pruner, grid, evaluate, divergence, input_fn, progress, base
+):
+    """Damage of every target at every sparsity, the others dense or at their ``base``."""
     stats: dict = {}
+    inputs = [input_fn(x) for x in items]
     if pruner.method == "sparsegpt":
-        stats = collect_input_stats(
-            model, targets, [input_fn(x) for x in items], {"hessian"}, progress=False
-        )
+        stats = collect_input_stats(model, targets, inputs, {"hessian"}, progress=False)
     elif pruner.criterion is not None and pruner.criterion.needs_data:
         stats = pruner.criterion.collect(
-            model,
-            targets,
-            data=[input_fn(x) for x in items],
-            loss_fn=None,
-            max_batches=None,
-            progress=False,
+            model, targets, data=inputs, loss_fn=None, max_batches=None, progress=False
         )
-    if evaluate is not None:
+    if evaluate is not None:  # measured on the dense model, before any base pruning
         dense_value = float(evaluate(model))
         metric = "evaluate"
 
@@ -692,21 +708,33 @@ def _output_mode(model, targets, items, pruner, grid, evaluate, divergence, inpu
     else:
         scorer = _OutputDamage(model, items, divergence, input_fn)
         dense_value, metric, measure = None, scorer.kind, scorer
+    params = {t.name: raw_parameter(t.module, t.param_name) for t in targets}
+    originals = {name: p.detach().clone() for name, p in params.items()}
+    at_base = {
+        t.name: pruner.matrices(t, stats, [base[t.name]])[0] for t in targets if t.name in base
+    }
     raw: dict[str, list[float]] = {}
-    bar = tqdm(targets, desc="sensitivity", unit="layer", leave=False, disable=not progress)
-    for t in bar:
-        param = raw_parameter(t.module, t.param_name)
-        original = param.detach().clone()
-        values = []
-        try:
+    try:
+        with torch.no_grad():
+            for name, weight in at_base.items():
+                params[name].copy_(weight.to(params[name].dtype))
+        bar = tqdm(targets, desc="sensitivity", unit="layer", leave=False, disable=not progress)
+        for t in bar:
+            param = params[t.name]
+            with torch.no_grad():
+                param.copy_(originals[t.name])  # prune from the dense weight, not the base
+            values = []
             for pruned in pruner.matrices(t, stats, grid):
                 with torch.no_grad():
                     param.copy_(pruned.to(param.dtype))
                 values.append(float(measure()))
-        finally:
             with torch.no_grad():
-                param.copy_(original)
-        raw[t.name] = values
+                param.copy_(at_base.get(t.name, originals[t.name]).to(param.dtype))
+            raw[t.name] = values
+    finally:
+        with torch.no_grad():
+            for name, original in originals.items():
+                params[name].copy_(original)
     return raw, metric, dense_value
 
 
@@ -772,9 +800,9 @@ def prune_allocation(
 ) -> dict[str, float]:
     """``prune(allocation=...)``: per-layer sparsities of the layers not in ``fixed``.
 
-    ``allocation`` is ``"sensitivity"`` (measured here, output mode, on ``data``) or a
-    :class:`SensitivityResult`; the allocated layers lose exactly ``round(sparsity * n)``
-    weights together.
+    ``allocation`` is ``"sensitivity"`` (measured here on ``data`` by
+    :func:`allocate_by_sensitivity`, two rounds) or a :class:`SensitivityResult`; the allocated
+    layers lose exactly ``round(sparsity * n)`` weights together.
     """
     free = [t for t in chosen if t.name not in fixed]
     if isinstance(allocation, str):
@@ -791,15 +819,18 @@ def prune_allocation(
             raise ValueError("allocation does not apply to N:M patterns (their sparsity is fixed)")
         if not free:
             return {}
-        allocation = sensitivity(
+        removed = int(round(sparsity * sum(t.weight().numel() for t in free)))
+        best, _ = allocate_by_sensitivity(
             model,
             data,
+            budget={"removed": removed},
+            rounds=2,
             method=method,
             pattern=pattern,
             targets=[t.module_name for t in free],
-            mode="output",
             progress=progress,
         )
+        return best.per_layer
     if not isinstance(allocation, SensitivityResult):
         raise ValueError(
             f"allocation must be None, 'sensitivity' or a SensitivityResult, got "
@@ -817,3 +848,101 @@ def prune_allocation(
     removed = int(round(sparsity * sum(sizes.values())))
     chosen_curves = {n: curves[n] for n in layers}
     return allocate(chosen_curves, sizes=sizes, removed=removed).per_layer
+
+
+def allocate_by_sensitivity(
+    model: nn.Module,
+    data: Any,
+    sparsity: float | None = None,
+    *,
+    rounds: int = 2,
+    budget: dict[str, Any] | None = None,
+    **options: Any,
+) -> tuple[Allocation, list[SensitivityResult]]:
+    """Sensitivity curves, an allocation, and ``rounds - 1`` refinements around it (output mode).
+
+    Round 1 measures every layer with the others dense; each later round measures the curves
+    with the other layers at the previous allocation (``base=``), where the layers' damages
+    interact (at 90 % and more the additive prediction of round 1 is far off). Every round's
+    allocation is applied in full and its true damage measured on the same data; the allocation
+    with the lowest measured damage is returned (``budget["measured_damage"]``), with every
+    round's curves.
+
+    Args:
+        sparsity: the budget (global sparsity of the measured layers); or give ``budget``, the
+            keyword arguments of :func:`prunekit.allocate` (``nonzeros=``, ``cost=``, ``keep=``).
+        rounds: measurements in all (1 = no refinement).
+        options: the keyword arguments of :func:`sensitivity` (``method``, ``targets``,
+            ``sparsities``, ``evaluate``, ``input_fn``...).
+
+    Example:
+        >>> alloc, curves = allocate_by_sensitivity(net, batches, 0.95, targets=layers)  # doctest: +SKIP
+        >>> prunekit.prune(net, 0.95, targets=layers, per_layer=alloc.per_layer)      # doctest: +SKIP
+    """
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    if options.get("mode", "output") != "output" or "base" in options:
+        raise ValueError("allocate_by_sensitivity measures in output mode and sets base= itself")
+    options = {**options, "mode": "output"}
+    budget = dict(budget or {})
+    if sparsity is not None:
+        budget["sparsity"] = sparsity
+    evaluate = options.get("evaluate")
+    input_fn = options.get("input_fn") or (lambda item: item)
+    items = list(data)[: options["max_batches"]] if options.get("max_batches") else list(data)
+    scorer = None
+    if evaluate is None:
+        scorer = _OutputDamage(model, items, options.get("divergence", "auto"), input_fn)
+        dense_value = 0.0
+    else:
+        dense_value = float(evaluate(model))
+    results: list[SensitivityResult] = []
+    best: Allocation | None = None
+    base = None
+    for _ in range(rounds):
+        result = sensitivity(model, items, base=base, **options)
+        results.append(result)
+        allocation = result.allocate(**budget)
+        pruned = _apply_allocation(model, items, allocation.per_layer, result, options, input_fn)
+        measured = scorer(pruned) if scorer else dense_value - float(evaluate(pruned))
+        allocation.budget["measured_damage"] = measured
+        if best is None or measured < best.budget["measured_damage"]:
+            best = allocation
+        base = allocation.per_layer
+    return best, results
+
+
+def _apply_allocation(model, items, per_layer, result, options, input_fn) -> nn.Module:
+    """A copy of ``model`` with every measured layer pruned to its allocated sparsity."""
+    method = options.get("method", "magnitude")
+    name = method.name if isinstance(method, Criterion) else method
+    criterion = None if name == "sparsegpt" else get_criterion(method)
+    scope = options.get("scope") or ("row" if name == "wanda" else "local")
+    pruner = _LayerPruner(
+        name,
+        criterion,
+        parse_pattern(options.get("pattern", "unstructured")),
+        scope,
+        options.get("block_size", 128),
+        options.get("damp", 0.01),
+        options.get("seed", 0),
+    )
+    copied = copy.deepcopy(model)
+    modules = dict(copied.named_modules())
+    by_name = {
+        t.name: t for t in resolve_targets(copied, options.get("targets"), options.get("ignore"))
+    }
+    targets = [by_name[n] for n in result.layers]
+    inputs = [input_fn(x) for x in items]
+    stats: dict = {}
+    if name == "sparsegpt":
+        stats = collect_input_stats(copied, targets, inputs, {"hessian"}, progress=False)
+    elif criterion.needs_data:
+        stats = criterion.collect(
+            copied, targets, data=inputs, loss_fn=None, max_batches=None, progress=False
+        )
+    pruned = {t.name: pruner.matrices(t, stats, [per_layer[t.name]])[0] for t in targets}
+    with torch.no_grad():
+        for t in targets:
+            raw_parameter(modules[t.module_name], t.param_name).copy_(pruned[t.name])
+    return copied.eval()
