@@ -218,10 +218,14 @@ def plots(report: Any) -> dict[str, str]:
         fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
         for ax, (key, label) in zip(axes[0], keys, strict=True):
             pts = [
-                (r[key], r["quality"], r["stage"])
+                (
+                    1.0 if r["stage"] == "dense" and key != "file_fraction" else r.get(key),
+                    r.get("quality"),
+                    r["stage"],
+                )
                 for r in rows
-                if r.get(key) is not None and r.get("quality") is not None
-            ]
+            ]  # the dense model is the reference: latency ratio 1 by definition
+            pts = [p for p in pts if p[0] is not None and p[1] is not None]
             if not pts:
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue")
