@@ -104,6 +104,25 @@ def test_save_folders(net, tmp_path, capsys, kind):
     assert z == round(0.6 * n) if kind != "compressed-8bit" else z >= round(0.6 * n)
 
 
+class Embedded(nn.Module):
+    """An embedding (not prunable by default) before layers whose names sort out of order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.fc3 = nn.Linear(6, 12)
+        self.fc10 = nn.Linear(12, 12)
+        self.fc2 = nn.Linear(12, 4)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_save_folder_model_order_with_an_unpruned_embedding(tmp_path, capsys, compressed):
+    torch.manual_seed(0)
+    model = prunekit.finalize(prunekit.prune(Embedded(), sparsity=0.5).model)
+    folder = prunekit.save(model, tmp_path / "e", compressed=compressed)
+    _check(_cli_stats(folder, capsys), model)  # embed, fc3, fc10, fc2
+
+
 def test_single_file_natural_order(tmp_path, capsys):
     tensors = {
         "layers.10.weight": torch.zeros(3, 2),

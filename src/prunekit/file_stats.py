@@ -15,10 +15,12 @@ What is counted, so that the totals agree with ``prunekit count`` and ``prunekit
   statistics, and, for a Hugging Face folder, every buffer the model class declares), and a
   tied weight stored once is counted once.
 
-For a Hugging Face folder, model order and which tensors are buffers come from the model class
-named in ``config.json``, built on the ``meta`` device (no weights are allocated) when
-``transformers`` can build it; otherwise (and for a ``prunekit.save`` folder, whose record lists
-its weights in model order) names are ordered naturally (``layer.2`` before ``layer.10``).
+Model order: for a Hugging Face folder, model order and which tensors are buffers come from the
+model class named in ``config.json``, built on the ``meta`` device (no weights are allocated)
+when ``transformers`` can build it. A compressed ``prunekit.save`` folder lists every weight in
+model order in its ``prunekit.json``; a plain one lists its prunable layers, which then appear in
+model order while the others (embeddings) keep their natural place. Anything else is in natural
+order (``layer.2`` before ``layer.10``): safetensors files themselves store names sorted.
 
 Example:
     >>> import torch, prunekit, tempfile
@@ -154,8 +156,9 @@ def file_stats(path: str | os.PathLike) -> SparsityReport:
     masks = meta.get("masks", {}) if isinstance(meta.get("masks"), dict) else {}
     reference = _reference(path) if path.is_dir() else None
     # names in model order: the model class's, else those a prunekit record lists in order
+    # ("compressed" lists every weight of two or more dimensions, the others a subset)
     order: list[str] = list(reference[0]) if reference else []
-    for field in ("sparsity", "masks", "compressed"):
+    for field in ("compressed", "sparsity", "masks"):
         if isinstance(meta.get(field), dict):
             order += [n for n in meta[field] if isinstance(n, str)]
     rank: dict[str, int] = {}
@@ -179,8 +182,17 @@ def file_stats(path: str | os.PathLike) -> SparsityReport:
             total += tensor.numel()
             zeros += count
             if tensor.dim() >= 2:
-                key = (0, rank[name], ()) if name in rank else (1, 0, natural_key(name))
-                row = LayerStats(name, tuple(tensor.shape), tensor.numel(), count, name in masks)
-                rows.append((key, row))
-    rows.sort(key=lambda item: item[0])
-    return SparsityReport([row for _, row in rows], total, zeros)
+                rows.append(
+                    LayerStats(name, tuple(tensor.shape), tensor.numel(), count, name in masks)
+                )
+    return SparsityReport(_model_order(rows, rank), total, zeros)
+
+
+def _model_order(rows: list[LayerStats], rank: dict[str, int]) -> list[LayerStats]:
+    """Rows in natural name order, except that the slots of the names ``rank`` knows are
+    refilled in ``rank`` order: with a complete ranking that is model order, with a partial
+    one (a plain ``prunekit.save`` folder lists only its pruned layers in order) the known
+    layers are in model order and the others keep their natural place among them."""
+    rows = sorted(rows, key=lambda r: natural_key(r.name))
+    known = iter(sorted((r for r in rows if r.name in rank), key=lambda r: rank[r.name]))
+    return [next(known) if r.name in rank else r for r in rows]
