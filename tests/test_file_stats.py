@@ -216,3 +216,11 @@ def test_python_api_and_errors(net, tmp_path):
     (tmp_path / "w.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="safetensors only"):
         file_stats(tmp_path / "w.bin")
+    # a compressed folder whose record lost a tensor's entry: one clear error, exit 2 in the CLI
+    folder = prunekit.save(net, tmp_path / "c", compressed=True)
+    meta = json.loads((folder / "prunekit.json").read_text())
+    del meta["compressed"]["fc10.weight"]
+    (folder / "prunekit.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"__prunekit_sparse__\.fc10\.weight\..*no tensor listed"):
+        file_stats(folder)
+    assert main(["stats", str(folder)]) == 2
