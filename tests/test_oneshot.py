@@ -14,11 +14,11 @@ import prunekit
 from conftest import TINY_LLAMA
 from conftest import tiny_llama as _tiny_llama
 from prunekit.calibrate import calibration
+from prunekit.calibrate.oneshot import oneshot
+from prunekit.calibrate.sparsegpt import SparseGPTFailure, sparsegpt_prune
 from prunekit.eval import perplexity
 from prunekit.masks import get_mask
-from prunekit.calibrate.oneshot import oneshot
 from prunekit.scope import owl_allocation
-from prunekit.calibrate.sparsegpt import SparseGPTFailure, sparsegpt_prune
 
 transformers = pytest.importorskip("transformers")
 
