@@ -187,7 +187,9 @@ def _make_optimizer(
 
 RANGE_TEST_STEPS = 100
 """Optimizer steps of the learning-rate range test run by ``lr="auto"``."""
-AUTO_LR_BOUNDS = (1e-5, 3e-3)
+AUTO_LR_DIVISOR = 10.0
+"""``lr="auto"`` peaks at the range test's rate of lowest loss divided by this."""
+AUTO_LR_BOUNDS = (1e-5, 1e-2)
 """The range test's suggestion is clipped into this band (AdamW fine-tuning rates)."""
 
 
@@ -521,6 +523,7 @@ def finetune(
                 compute_loss,
                 lambda params, rate: torch.optim.AdamW(params, lr=rate, weight_decay=weight_decay),
                 steps=RANGE_TEST_STEPS,
+                divisor=AUTO_LR_DIVISOR,
                 after_step=lambda: reapply_masks(model),
             )
             low, high = AUTO_LR_BOUNDS
