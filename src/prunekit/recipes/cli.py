@@ -69,7 +69,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_recipes(args: argparse.Namespace) -> int:
-    from prunekit.cli import CliError
     from prunekit.recipes.schema import builtin_dir, list_recipes
 
     recipes = list_recipes()
@@ -80,7 +79,7 @@ def run_recipes(args: argparse.Namespace) -> int:
             print(f"{name.ljust(width)}  {first}")
         return 0
     if args.name not in recipes:
-        raise CliError(f"no shipped recipe {args.name!r}; shipped: {', '.join(recipes)}")
+        raise ValueError(f"no shipped recipe {args.name!r}; shipped: {', '.join(recipes)}")
     print((builtin_dir() / f"{args.name}.yaml").read_text(), end="")
     return 0
 
@@ -112,34 +111,31 @@ def _training_batches(windows: torch.Tensor, batch_size: int, causal: bool) -> l
 
 
 def _user_callable(spec: str) -> Any:
-    from prunekit.cli import CliError
 
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise CliError(f"--eval {spec}: cannot import {module_name!r} ({exc})") from exc
+        raise ValueError(f"--eval {spec}: cannot import {module_name!r} ({exc})") from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise CliError(f"--eval {spec}: {module_name} has no callable {attr!r}")
+        raise ValueError(f"--eval {spec}: {module_name} has no callable {attr!r}")
     return fn
 
 
 def _check_eval_spec(spec: str | None) -> None:
     """Cheap checks of --eval before any model is loaded."""
-    from prunekit.cli import CliError
 
     if spec is None:
         return
     kind, _, arg = spec.partition(":")
     if kind in ("perplexity", "sts") and (not arg or not Path(arg).is_file()):
-        raise CliError(f"--eval {spec}: no such file {arg!r}")
+        raise ValueError(f"--eval {spec}: no such file {arg!r}")
     if kind not in ("perplexity", "sts", "fidelity") and not arg:
-        raise CliError(f"--eval {spec}: unknown measure; accepted: {EVAL_HELP}")
+        raise ValueError(f"--eval {spec}: unknown measure; accepted: {EVAL_HELP}")
 
 
 def _metric(spec: str | None, tokenizer: Any, calib: Any, seq_len: int, causal: bool) -> Any:
-    from prunekit.cli import CliError
     from prunekit.recipes import metrics
 
     if spec is None:
@@ -149,10 +145,10 @@ def _metric(spec: str | None, tokenizer: Any, calib: Any, seq_len: int, causal: 
         return metrics.fidelity([dict(s) for s in calib])
     if kind in ("perplexity", "sts"):
         if not arg or not Path(arg).is_file():
-            raise CliError(f"--eval {spec}: no such file {arg!r}")
+            raise ValueError(f"--eval {spec}: no such file {arg!r}")
         if kind == "perplexity":
             if not causal:
-                raise CliError(
+                raise ValueError(
                     "--eval perplexity needs a causal LM; for encoders use sts: or fidelity"
                 )
             text = Path(arg).read_text(encoding="utf-8")
@@ -161,31 +157,27 @@ def _metric(spec: str | None, tokenizer: Any, calib: Any, seq_len: int, causal: 
         try:
             return metrics.sts_spearman(metrics.read_sts(arg), tokenizer)
         except ValueError as exc:
-            raise CliError(f"--eval {spec}: {exc}") from exc
+            raise ValueError(f"--eval {spec}: {exc}") from exc
     if not arg:
-        raise CliError(f"--eval {spec}: unknown measure; accepted: {EVAL_HELP}")
+        raise ValueError(f"--eval {spec}: unknown measure; accepted: {EVAL_HELP}")
     return _user_callable(spec)
 
 
 def run_compress(args: argparse.Namespace) -> int:
     from prunekit.calibrate.data import calibration
-    from prunekit.cli import CliError, _load_hf
+    from prunekit.graph.cli import hf_folder, load_hf_folder
     from prunekit.recipes.runner import compress
-    from prunekit.recipes.schema import RecipeError, load_recipe
+    from prunekit.recipes.schema import load_recipe
 
-    try:
-        recipe = load_recipe(args.recipe)
-    except RecipeError as exc:
-        raise CliError(str(exc)) from exc
-    if not args.model.is_dir() or not (args.model / "config.json").is_file():
-        raise CliError(f"{args.model}: not a Hugging Face model folder (no config.json)")
+    recipe = load_recipe(args.recipe)  # a RecipeError (ValueError) lists every problem
+    hf_folder(str(args.model))  # a folder with config.json and safetensors weights
     _check_eval_spec(args.eval_spec)
     for flag, value in (("--calib", args.calib), ("--data", args.data)):
         if value is not None and not Path(value).is_file():
-            raise CliError(f"{flag} {value}: no such file")
+            raise ValueError(f"{flag} {value}: no such file")
     needs = recipe.needs()
     if "data" in needs and args.data is None:
-        raise CliError(
+        raise ValueError(
             f"the recipe's {', '.join(needs['data'])} stage needs --data FILE (training text)"
         )
     for name, value in (
@@ -194,20 +186,20 @@ def run_compress(args: argparse.Namespace) -> int:
         ("--batch-size", args.batch_size),
     ):
         if value < 1:
-            raise CliError(f"{name} must be >= 1, got {value}")
+            raise ValueError(f"{name} must be >= 1, got {value}")
     try:
         import transformers
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise CliError("compress needs transformers: pip install 'prunekit[hf]'") from exc
+        raise ValueError("compress needs transformers: pip install 'prunekit[hf]'") from exc
     transformers.logging.set_verbosity_error()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise CliError(f"{args.model}: no tokenizer found ({exc})") from exc
+        raise ValueError(f"{args.model}: no tokenizer found ({exc})") from exc
     config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
     max_pos = getattr(config, "max_position_embeddings", None)
     if max_pos is not None and args.seq_len > max_pos:
-        raise CliError(f"--seq-len {args.seq_len} is above the model's {max_pos} positions")
+        raise ValueError(f"--seq-len {args.seq_len} is above the model's {max_pos} positions")
     args.out.mkdir(parents=True, exist_ok=True)
 
     calib = calibration(
@@ -217,7 +209,7 @@ def run_compress(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         seed=args.seed,
     )
-    model = _load_hf(args.model)
+    model = load_hf_folder(args.model)  # structurally pruned folders too
     causal = _is_causal(model)
     data = loss_fn = None
     if args.data is not None:
@@ -225,7 +217,7 @@ def run_compress(args: argparse.Namespace) -> int:
         try:
             windows = _windows(text, tokenizer, args.seq_len, args.max_train_windows)
         except ValueError as exc:
-            raise CliError(f"--data {args.data}: {exc}") from exc
+            raise ValueError(f"--data {args.data}: {exc}") from exc
         data = _training_batches(windows, args.batch_size, causal)
         if causal:
 
