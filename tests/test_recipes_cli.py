@@ -94,7 +94,10 @@ def test_compress_llm_recipe_and_resume(llama_folder, text_file, tmp_path, capsy
 
     model = prunekit.from_pretrained(out / "model")
     up = model.model.layers[1].mlp.up_proj.weight.detach()
-    assert torch.all((up.reshape(up.shape[0], -1, 4) != 0).sum(-1) == 2)  # exactly 2 of 4
+    kept = (up.reshape(up.shape[0], -1, 4) != 0).sum(-1)
+    assert torch.all(kept <= 2)
+    # 2 of every 4 kept; int8 may round a tiny kept weight to zero, nothing more
+    assert (kept == 2).float().mean() > 0.99
     assert (out / "model" / "tokenizer.json").is_file()  # side files kept
     report = json.loads((out / "report.json").read_text())
     assert [r["stage"] for r in report["table"]] == [
