@@ -156,10 +156,13 @@ def measure(
     row: dict[str, Any] = {"params": params, "nonzeros": nonzeros}
     if example_inputs is not None:
         row["macs"] = count(model, example_inputs).macs
-    if dense is None:
-        row["fp32_bytes"] = fp32_bytes(model)
-    row["file_bytes"] = folder_bytes(saved) if saved is not None else compressed_bytes(model)
-    row["file_is"] = "saved folder" if saved is not None else "save(compressed=True)"
+    if dense is None:  # the reference: the plain fp32 safetensors file
+        row["fp32_bytes"] = row["file_bytes"] = fp32_bytes(model)
+        row["file_is"] = "fp32 safetensors"
+    elif saved is not None:
+        row["file_bytes"], row["file_is"] = folder_bytes(saved), "saved folder"
+    else:
+        row["file_bytes"], row["file_is"] = compressed_bytes(model), "save(compressed=True)"
     if settings.latency and example_inputs is not None and dense is not None:
         row["latency"] = latency(model, dense, example_inputs, settings)
     if evaluate is not None:
