@@ -290,7 +290,9 @@ def test_bn_scale_scores_batchnorm_groups_only() -> None:
     with torch.no_grad():
         model.blocks[1].conv[1].weight[:8] = 0.0  # block 1's expand and depthwise BNs (one group)
         model.blocks[1].conv[4].weight[:8] = 0.0
-    report = pg.prune_structured(model, IMG, ratio=0.25, importance="bn_scale", progress=False)
+    report = pg.prune_structured(
+        model, IMG, ratio=0.25, importance="bn_scale", round_to=1, progress=False
+    )
     pruned_bn = report.model.blocks[1].conv[1].weight
     assert pruned_bn.shape[0] == 24 and bool((pruned_bn != 0).all())
 
@@ -302,7 +304,9 @@ def test_a_custom_criterion_is_a_small_class(net) -> None:
         def score(self, group, ctx):
             return np.arange(group.n_units, dtype=float)[::-1]  # the last units score lowest
 
-    pruned = pg.prune_structured(net, X, ratio=0.25, importance=LastFirst(), progress=False).model
+    pruned = pg.prune_structured(
+        net, X, ratio=0.25, importance=LastFirst(), round_to=1, progress=False
+    ).model
     assert torch.equal(pruned[0].weight, net[0].weight[:24])
 
 

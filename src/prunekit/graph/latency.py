@@ -22,26 +22,46 @@ from torch import nn
 
 from prunekit.runtime.bench import bench
 
-# Channel multiple per device type. CPU (oneDNN / MKL, measured with
-# benchmarks/structured_widths.py on a 2-core AMD EPYC, 1 and 2 threads): a 3x3 conv or an MLP
-# whose width is a multiple of 8 runs at least as fast as any narrower width that is not, at
-# batch 1 and 32 (see the table in docs/structured.md). GPU: 8 (fp16 / bf16 tensor-core tiles)
-# is the common recommendation; nothing was measured here.
-DEFAULT_ROUND_TO: dict[str, int] = {"cpu": 8, "cuda": 8}
+# Channel multiples. CPU: oneDNN keeps conv activations in blocked layouts whose block is the
+# vector width (nChw16c with AVX-512, nChw8c with AVX2), so a channel count is in effect padded
+# up to the next multiple of 16 / 8. benchmarks/structured_widths.py on a 2-core AMD EPYC with
+# AVX-512 (torch 2.13, 1 thread, fastest of 20 calls, batch 32, 16x16 maps) shows the steps: a
+# 3x3 conv 64 -> w costs 1.5-1.8 ms for every w in 8..16, 3.0-3.7 ms for 17..32, 4.7-9.2 ms for
+# 33..48, 9.9-14.8 ms for 49..63; w -> w: 0.21 ms at 8, 0.40 ms at 16, 2.5 ms at 17, 3.6 ms at
+# 32. At batch 1 the cost is proportional to the width (no steps). GPU: 8 (fp16 / bf16
+# tensor-core tiles) is the common recommendation; nothing was measured here.
+CPU_LANES = {"AVX512": 16, "AVX2": 8}
+DEFAULT_ROUND_TO: dict[str, int] = {"cuda": 8}
 FALLBACK_ROUND_TO = 8
 
 
+def cpu_round_to() -> int:
+    """16 where torch's CPU kernels use AVX-512, 8 otherwise (AVX2 and anything unmeasured)."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # older torch without the query
+        return FALLBACK_ROUND_TO
+    for name, lanes in CPU_LANES.items():
+        if name in capability.upper():
+            return lanes
+    return FALLBACK_ROUND_TO
+
+
 def default_round_to(model: nn.Module) -> int:
-    """The channel multiple used when ``prune_structured`` gets no ``round_to``: by the device of
-    the model's first parameter (8 on CPU and CUDA; 8 where nothing was measured).
+    """The channel multiple used when ``prune_structured`` gets no ``round_to``, by the device of
+    the model's first parameter: on CPU the vector width of torch's kernels (16 with AVX-512,
+    8 otherwise), 8 on CUDA and anywhere nothing was measured. Groups narrower than twice the
+    multiple use half of it (see :func:`prunekit.graph.plan.group_multiple`).
 
     Example:
         >>> import torch
-        >>> default_round_to(torch.nn.Linear(4, 4))
-        8
+        >>> default_round_to(torch.nn.Linear(4, 4)) in (8, 16)
+        True
     """
     param = next(iter(model.parameters()), None)
     kind = param.device.type if param is not None else "cpu"
+    if kind == "cpu":
+        return cpu_round_to()
     return DEFAULT_ROUND_TO.get(kind, FALLBACK_ROUND_TO)
 
 
@@ -110,12 +130,12 @@ def measure(
     *,
     threads: int | None = None,
     budget_s: float = 1.0,
-    min_repeats: int = 5,
+    min_repeats: int = 3,
     max_repeats: int = 30,
 ) -> dict[str, Any]:
     """Median latency (ms) of each model on ``example_inputs``, timed side by side.
 
-    Warm-up (2 calls), then as many repetitions as fit ``budget_s`` in all (at least
+    Warm-up (2 calls; 1 for a model slower than a tenth of the budget), then as many repetitions as fit ``budget_s`` in all (at least
     ``min_repeats``, at most ``max_repeats``), in rotating rounds so that drift hits every model
     alike; ``threads`` fixes torch's intra-op threads (None: the current count).
 
@@ -138,7 +158,7 @@ def measure(
             models,
             example_inputs,
             threads=threads,
-            warmup=2,
+            warmup=2 if repeats > 10 else 1,
             repeats=repeats,
             rounds=min(3, repeats),
             progress=False,

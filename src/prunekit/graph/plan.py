@@ -33,10 +33,21 @@ def _cap(group: Group, min_keep: int) -> int:
     return max(group.n_units - max(min_keep, 1), 0)
 
 
+def group_multiple(n: int, round_to: int | None) -> int:
+    """The multiple a group of ``n`` channels is kept at: ``round_to``, halved while the group
+    is narrower than two of it (a 16-wide group with ``round_to=16`` keeps 8 or 16 channels,
+    rather than never being pruned); 1 when not rounded."""
+    m = round_to or 1
+    while m > 1 and n < 2 * m:
+        m //= 2
+    return max(m, 1)
+
+
 def _rounded_keep(kept: int, n: int, round_to: int | None, group: Group) -> int:
     if not round_to or group.kind != "channel" or round_to <= 1:
         return kept
-    return min(n, int(math.ceil(kept / round_to) * round_to))
+    m = group_multiple(n, round_to)
+    return min(n, int(math.ceil(kept / m) * m))
 
 
 def _lowest(scores: np.ndarray, k: int) -> np.ndarray:
@@ -164,11 +175,13 @@ def resolve_target(value: float | None, dense: float) -> float | None:
 
 
 def allowed_keep(n: int, kept: int, round_to: int | None, group: Group) -> int:
-    """The next width a group may grow to from ``kept``: the next multiple of ``round_to``, or
-    its full width ``n`` (which need not be a multiple); one unit more when not rounded."""
+    """The next width a group may grow to from ``kept``: the next multiple of its
+    :func:`group_multiple`, or its full width ``n`` (which need not be a multiple); one unit
+    more when not rounded."""
     if not round_to or round_to <= 1 or group.kind != "channel":
         return min(n, kept + 1)
-    return min(n, (kept // round_to + 1) * round_to)
+    m = group_multiple(n, round_to)
+    return min(n, (kept // m + 1) * m)
 
 
 def restore(

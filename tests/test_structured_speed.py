@@ -1,0 +1,226 @@
+"""Hardware-aware structured pruning: default width rounding, targets met with the rounding,
+``round_to=1``, ``target_latency`` (with a fake latency measurement: no timing here), and the
+latency in the report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit.graph as pg
+from prunekit.graph import latency as latency_module
+from prunekit.graph.plan import group_multiple
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+X = torch.randn(4, 24, generator=torch.Generator().manual_seed(0))
+IMG = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+WIDTHS = [64, 40, 20, 10]
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    layers, cin = [], 24
+    for w in WIDTHS:
+        layers += [nn.Linear(cin, w), nn.ReLU()]
+        cin = w
+    return nn.Sequential(*layers, nn.Linear(cin, 5)).eval()
+
+
+def convnet(widths=(32, 64, 48, 32)) -> nn.Sequential:
+    """A plain 3x3 conv chain (padding 1, 8x8 maps): MACs = 64 * 9 * sum(c_in * c_out)."""
+    torch.manual_seed(0)
+    layers, cin = [], 3
+    for w in widths:
+        layers += [nn.Conv2d(cin, w, 3, padding=1, bias=False), nn.ReLU()]
+        cin = w
+    return nn.Sequential(*layers, nn.Conv2d(cin, 4, 1, bias=False)).eval()
+
+
+def chain_macs(widths: list[int]) -> int:
+    """The obvious reference for convnet(): every conv's MACs from its channel counts."""
+    chans = [3, *widths]
+    return sum(64 * 9 * a * b for a, b in zip(chans, chans[1:], strict=False)) + 64 * widths[-1] * 4
+
+
+def fake_measure(dense_macs: int, overhead: float = 0.2, calls: list | None = None):
+    """A stand-in for prunekit.graph.latency.measure: a model's latency is
+    ``10 ms * (overhead + (1 - overhead) * its MACs / dense_macs)`` (MACs from pg.count)."""
+
+    def measure(models, example_inputs, *, threads=None, **_):
+        if calls is not None:
+            calls.append(sorted(models))
+        ms = {
+            name: 10.0 * (overhead + (1 - overhead) * pg.count(m, example_inputs).macs / dense_macs)
+            for name, m in models.items()
+        }
+        return {"ms": ms, "batch": 1, "threads": threads or 1, "repeats": 1, "device": "cpu"}
+
+    return measure
+
+
+@pytest.fixture
+def lanes_8(monkeypatch):
+    """The default multiple as on an AVX2 CPU (8), whatever this machine has."""
+    monkeypatch.setattr(latency_module, "cpu_round_to", lambda: 8)
+
+
+@pytest.fixture
+def no_timing(monkeypatch):
+    def measure(models, example_inputs, *, threads=None, **_):
+        return {"ms": dict.fromkeys(models, 1.0), "batch": 4, "threads": 1, "repeats": 1,
+                "device": "cpu"}  # fmt: skip
+
+    monkeypatch.setattr(latency_module, "measure", measure)
+
+
+# --------------------------------------------------------------------------- rounding
+
+
+def test_group_multiple_halves_for_narrow_groups() -> None:
+    assert [group_multiple(n, 16) for n in (64, 32, 31, 16, 10, 3)] == [16, 16, 8, 8, 4, 1]
+    assert [group_multiple(n, 8) for n in (64, 16, 15, 8)] == [8, 8, 4, 4]
+    assert group_multiple(64, None) == group_multiple(64, 1) == 1
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.8])
+def test_default_round_to_keeps_fast_widths(lanes_8, no_timing, ratio: float) -> None:
+    model = mlp()
+    report = pg.prune_structured(model, X, ratio=ratio, progress=False)
+    assert report.settings["round_to"] == 8
+    want = []
+    for n in WIDTHS:  # reference: keep n - round(ratio * n), rounded up to the group's multiple
+        m = group_multiple(n, 8)
+        want.append(min(n, math.ceil((n - round(ratio * n)) / m) * m))
+    got = [layer.out_features for layer in report.model if isinstance(layer, nn.Linear)][:-1]
+    assert got == want
+    assert all(w % 8 == 0 or w == n for w, n in zip(got[:2], WIDTHS[:2], strict=True))
+    assert all(w <= n for w, n in zip(got, WIDTHS, strict=True))
+
+
+def test_round_to_one_opts_out(lanes_8, no_timing) -> None:
+    report = pg.prune_structured(mlp(), X, ratio=0.3, round_to=1, progress=False)
+    got = [layer.out_features for layer in report.model if isinstance(layer, nn.Linear)][:-1]
+    assert got == [n - round(0.3 * n) for n in WIDTHS] == [45, 28, 14, 7]
+    assert report.settings["round_to"] == 1
+
+
+def test_rounding_respects_min_keep_and_full_width(lanes_8, no_timing) -> None:
+    report = pg.prune_structured(mlp(), X, ratio=0.99, min_keep=3, progress=False)
+    got = [g.kept for g in report.groups]
+    # 3 rounded up to each group's multiple (8, 8, 8, 4), never above the width
+    assert [group_multiple(n, 8) for n in WIDTHS] == [8, 8, 8, 4]
+    assert got == [8, 8, 8, 4]
+    report = pg.prune_structured(mlp(), X, ratio=0.99, min_keep=9, progress=False)
+    assert [g.kept for g in report.groups] == [16, 16, 16, 10]  # 12 > 10: its full width
+
+
+def test_target_macs_met_with_rounding_and_lands_just_below(lanes_8, no_timing) -> None:
+    widths = [32, 64, 48, 32]
+    model = convnet(widths)
+    dense = chain_macs(widths)
+    assert pg.count(model, IMG).macs == dense  # the reference counts what prunekit counts
+    report = pg.prune_structured(model, IMG, target_macs=0.5, progress=False)
+    kept = [g.kept for g in report.groups]
+    assert all(k % 8 == 0 for k in kept)
+    assert report.macs_after == chain_macs(kept) <= 0.5 * dense
+    assert report.macs_ratio == pytest.approx(report.macs_after / dense)
+    # at or just below: no group can take its next step of 8 without breaking the target
+    for i, k in enumerate(kept):
+        if k < widths[i]:
+            grown = [*kept[:i], k + 8, *kept[i + 1 :]]
+            assert chain_macs(grown) > 0.5 * dense, (kept, i)
+    assert report.macs_ratio > 0.45
+
+
+def test_target_params_with_default_rounding(lanes_8, no_timing) -> None:
+    model = mlp()
+    report = pg.prune_structured(model, X, target_params=0.5, progress=False)
+    assert report.params_after <= 0.5 * report.params_before
+    assert all(g.kept % group_multiple(g.units, 8) == 0 or g.kept == g.units for g in report.groups)
+
+
+def test_unreachable_with_rounding_says_so(lanes_8, no_timing) -> None:
+    with pytest.raises(ValueError, match="round_to=8"):
+        pg.prune_structured(convnet(), IMG, target_macs=0.01, progress=False)
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def test_report_holds_measured_latency(monkeypatch) -> None:
+    calls: list = []
+    dense = pg.count(mlp(), X).macs
+    monkeypatch.setattr(latency_module, "measure", fake_measure(dense, 0.2, calls))
+    report = pg.prune_structured(mlp(), X, ratio=0.5, round_to=1, progress=False)
+    lat = report.latency
+    assert calls == [["dense", "pruned"]]  # side by side, once
+    assert lat.dense_ms == pytest.approx(10.0)
+    assert lat.ratio == pytest.approx(0.2 + 0.8 * report.macs_ratio)
+    assert "latency 10 ms ->" in str(report)
+    assert json.loads(json.dumps(report.to_dict()))["latency"]["ratio"] == pytest.approx(lat.ratio)
+    off = pg.prune_structured(mlp(), X, ratio=0.5, measure_latency=False, progress=False)
+    assert off.latency is None and len(calls) == 1
+
+
+def test_inplace_measures_dense_before_surgery(monkeypatch) -> None:
+    calls: list = []
+    model = mlp()
+    dense = pg.count(model, X).macs
+    monkeypatch.setattr(latency_module, "measure", fake_measure(dense, 0.0, calls))
+    report = pg.prune_structured(model, X, ratio=0.5, round_to=1, inplace=True, progress=False)
+    assert calls == [["dense"], ["pruned"]]
+    assert report.latency.ratio == pytest.approx(report.macs_ratio)
+
+
+@pytest.mark.parametrize("overhead", [0.0, 0.2, 0.4])
+def test_target_latency_converges(monkeypatch, overhead: float) -> None:
+    model = convnet()
+    dense = pg.count(model, IMG).macs
+    calls: list = []
+    monkeypatch.setattr(latency_module, "measure", fake_measure(dense, overhead, calls))
+    report = pg.prune_structured(model, IMG, target_latency=0.5, round_to=1, progress=False)
+    assert abs(report.latency.ratio / 0.5 - 1) <= 0.05
+    # the reported latency is the one of the returned model
+    assert report.latency.ratio == pytest.approx(overhead + (1 - overhead) * report.macs_ratio)
+    assert len(calls) <= 8 and all(c == ["dense", "pruned"] for c in calls)
+    assert "target_latency 0.5" in report.notes[-1]
+    assert report.settings["target_latency"] == 0.5
+
+
+def test_target_latency_with_default_rounding(monkeypatch, lanes_8) -> None:
+    model = convnet()
+    dense = pg.count(model, IMG).macs
+    monkeypatch.setattr(latency_module, "measure", fake_measure(dense, 0.1))
+    report = pg.prune_structured(model, IMG, target_latency=0.5, progress=False)
+    assert abs(report.latency.ratio / 0.5 - 1) <= 0.10
+    assert all(g.kept % 8 == 0 for g in report.groups)
+
+
+def test_unreachable_latency_says_so_and_changes_nothing(monkeypatch) -> None:
+    model = convnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dense = pg.count(model, IMG).macs
+    monkeypatch.setattr(latency_module, "measure", fake_measure(dense, 0.9))
+    with pytest.raises(ValueError, match="target_latency=0.5 cannot be reached"):
+        pg.prune_structured(model, IMG, target_latency=0.5, inplace=True, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"target_latency": 1.5}, "target_latency must be a number in"),
+        ({"target_latency": 0.0}, "target_latency must be a latency fraction"),
+        ({"target_latency": 0.5, "target_macs": 0.5}, "not both"),
+        ({"target_latency": 0.5, "unit": "layer"}, "works with channel / head units"),
+        ({"threads": 0}, "threads must be a positive integer"),
+    ],
+)
+def test_bad_latency_arguments(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        pg.prune_structured(mlp(), X, progress=False, **kwargs)
