@@ -186,7 +186,8 @@ def _make_optimizer(
 
 
 RANGE_TEST_STEPS = 100
-"""Optimizer steps of the learning-rate range test run by ``lr="auto"``."""
+"""Optimizer steps of the learning-rate range test run by ``lr="auto"`` (at most a quarter of
+the run's steps, at least 20)."""
 AUTO_LR_DIVISOR = 10.0
 """``lr="auto"`` peaks at the range test's rate of lowest loss divided by this."""
 AUTO_LR_BOUNDS = (1e-5, 1e-2)
@@ -314,7 +315,7 @@ def finetune(
         teacher: the dense model to distil from (run in eval mode, without gradients).
         epochs: passes over ``data``; ``max_steps`` stops earlier.
         lr: peak learning rate of the default optimizer (AdamW), or ``"auto"`` (the default):
-            a range test of ``RANGE_TEST_STEPS`` steps on ``data`` with this loss
+            a range test of up to ``RANGE_TEST_STEPS`` steps on ``data`` with this loss
             (:func:`prunekit.train.lr.find_lr`; the model is restored after it) picks the rate
             ten times below the one of lowest loss, clipped to ``AUTO_LR_BOUNDS``. Ignored when
             ``optimizer`` is given (its own rate is the peak).
@@ -522,7 +523,9 @@ def finetune(
                 data,
                 compute_loss,
                 lambda params, rate: torch.optim.AdamW(params, lr=rate, weight_decay=weight_decay),
-                steps=RANGE_TEST_STEPS,
+                steps=RANGE_TEST_STEPS
+                if total_steps is None
+                else min(RANGE_TEST_STEPS, max(20, total_steps // 4)),
                 divisor=AUTO_LR_DIVISOR,
                 after_step=lambda: reapply_masks(model),
             )
