@@ -947,18 +947,28 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module]) ->
     else:
         fresh = False
     structure = saved.meta.get("structure")
-    if structure:
-        if not fresh:  # replay on a copy first: the caller's model changes only if all fits
-            probe = apply_structure(copy.deepcopy(model), structure, source=saved.meta_path)
-            _check_compatible(saved, probe)
+    if (
+        structure and not fresh
+    ):  # replay on a copy first: the caller's model changes only if all fits
+        probe = copy.deepcopy(model)
+        _drop_masks(probe)
+        apply_structure(probe, structure, source=saved.meta_path)
+        _check_compatible(saved, probe)
+        tensors, masks, quantized = _decode_folder(saved)
+        _check_decoded(saved, tensors, probe)
+        del probe
+        _drop_masks(model)
         apply_structure(model, structure, source=saved.meta_path)
-    _check_compatible(saved, model)
-    tensors, masks, quantized = _decode_folder(saved)
-    _check_decoded(saved, tensors, model)
+    else:
+        if structure:  # a model built here by the factory: nobody else holds it
+            _drop_masks(model)
+            apply_structure(model, structure, source=saved.meta_path)
+        _check_compatible(saved, model)
+        tensors, masks, quantized = _decode_folder(saved)
+        _check_decoded(saved, tensors, model)
+        _drop_masks(model)  # the file's masks replace any the model carries
     if structure:
         object.__setattr__(model, STRUCTURE_ATTR, structure)
-    for _, module, name in list(masked_parameters(model)):
-        remove_mask(module, name)  # the file's masks replace any the model carries
     modules = dict(model.named_modules())
     for name, mask in masks.items():
         module_name, _, param_name = name.rpartition(".")
@@ -970,7 +980,14 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module]) ->
     if quantized:  # keep the codes, so that saving again stores exactly the same values
         record = {**saved.meta.get("quantization", {"mode": "int"}), "layers": quantized}
         object.__setattr__(model, QUANT_ATTR, record)
+    elif QUANT_ATTR in model.__dict__:  # the model's own record described other weights
+        object.__delattr__(model, QUANT_ATTR)
     return model
+
+
+def _drop_masks(model: nn.Module) -> None:
+    for _, module, name in list(masked_parameters(model)):
+        remove_mask(module, name)
 
 
 def _expected_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, nn.Parameter]]:

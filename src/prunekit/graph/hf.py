@@ -494,8 +494,20 @@ def from_pretrained(
         raise _fail(path / "config.json", "config", f"transformers cannot read it ({exc})") from exc
     cls = model_class or _model_class(config) or transformers.AutoModel
     if not structure and not compressed:
+        if (path / COMPRESSED_WEIGHTS_FILE).is_file() and not meta:
+            raise FileNotFoundError(
+                f"{path / META_FILE}: missing; the folder holds prunekit-compressed weights "
+                f"({COMPRESSED_WEIGHTS_FILE}) that cannot be decoded without it"
+            )
+        if not headers:
+            raise FileNotFoundError(
+                f"{path}: no *.safetensors weights (prunekit never loads pickle checkpoints)"
+            )
         kwargs.setdefault("use_safetensors", True)  # never unpickle a .bin checkpoint
-        return cls.from_pretrained(path, local_files_only=True, **kwargs)
+        try:
+            return cls.from_pretrained(path, local_files_only=True, **kwargs)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise _fail(path, "weights", f"transformers cannot load them ({exc})") from exc
     attn = kwargs.pop("attn_implementation", kwargs.pop("_attn_implementation", None))
     dtype = kwargs.pop("dtype", None)
     dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
