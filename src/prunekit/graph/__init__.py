@@ -8,6 +8,7 @@ from prunekit.graph.count import CountReport, LayerCount, count
 from prunekit.graph.groups import Group, build_groups
 from prunekit.graph.hf import from_pretrained, save_pretrained
 from prunekit.graph.importance import GroupImportance, register
+from prunekit.graph.latency import Latency, default_round_to
 from prunekit.graph.pruner import StructuredPruningError, StructuredReport, prune_structured
 from prunekit.graph.trace import Graph, UnsupportedOperationError, trace
 
@@ -17,11 +18,13 @@ __all__ = [
     "Group",
     "GroupImportance",
     "LayerCount",
+    "Latency",
     "StructuredPruningError",
     "StructuredReport",
     "UnsupportedOperationError",
     "build_groups",
     "count",
+    "default_round_to",
     "from_pretrained",
     "prune_structured",
     "register",
