@@ -29,6 +29,7 @@ from prunekit.calibrate import calibration
 from prunekit.compress.io import load, save
 from prunekit.compress.onnx_export import OnnxCheckError, OnnxExport, export_onnx
 from prunekit.compress.quantize import QuantizeReport, quantize
+from prunekit.compress.validate import SavedModelError
 from prunekit.graph import (
     CountReport,
     StructuredPruningError,
@@ -61,6 +62,7 @@ __all__ = [
     "PruneReport",
     "QuantizeReport",
     "RecipeError",
+    "SavedModelError",
     "SensitivityResult",
     "SparsityReport",
     "StructuredPruningError",
