@@ -47,7 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.analysis.allocate import Allocation, _atomic_write, allocate
-from prunekit.calibrate.data import CalibrationSet, calibration
+from prunekit.calibrate.data import calibration
 from prunekit.calibrate.sequential import find_blocks, run_sequential
 from prunekit.calibrate.sparsegpt import SparseGPTFailure, _lowest, inverse_hessian_factor
 from prunekit.calibrate.stats import (
@@ -617,12 +617,8 @@ def sensitivity(
     if criterion is not None and criterion.needs_loss:
         raise ValueError(f"method {name!r} needs a loss; sensitivity supports loss-free methods")
     input_fn = input_fn or (lambda item: item)
-    if not isinstance(data, CalibrationSet):
-        data = (
-            calibration(data, n_samples=max_batches or 10**9)
-            if isinstance(data, torch.Tensor) and data.dim() == 1
-            else data
-        )
+    if isinstance(data, torch.Tensor) and data.dim() == 1:  # token ids: oneshot's windows
+        data = calibration(data)
     items = list(data)[:max_batches] if max_batches else list(data)
     if not items:
         raise ValueError("data holds no sample")
