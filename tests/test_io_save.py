@@ -239,3 +239,17 @@ def test_codes_on_grid_recovers_every_scale_exactly() -> None:
             q = codes_on_grid(values, bits, granularity, symmetric)
             assert q is not None and torch.equal(q.dequantize(), values)
     assert codes_on_grid(w, 8, "per_channel") is None
+
+
+def test_fake_quantized_hugging_face_model_saves_codes(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    base = prunekit.finalize(prunekit.prune(tiny_llama(), 0.5).model)
+    sizes = {}
+    for mode in ("fake", "int"):
+        model = prunekit.quantize(base, bits=8, mode=mode).model
+        folder = prunekit.save_pretrained(model, tmp_path / mode, compressed=True)
+        sizes[mode] = (folder / "prunekit-compressed.safetensors").stat().st_size
+        restored = prunekit.from_pretrained(folder)
+        for key, value in model.state_dict().items():
+            assert torch.equal(restored.state_dict()[key], value), (mode, key)
+    assert sizes["fake"] == sizes["int"]

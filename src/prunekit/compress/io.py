@@ -22,8 +22,17 @@ values for quantized ones). :func:`encode_state` / :func:`decode_state` are this
 whole state dict, shared with the compressed Hugging Face folders of
 :func:`prunekit.save_pretrained`.
 
-Writes go to a temporary folder beside the destination, which is then renamed into place, so an
-interrupted save never leaves a half-written model under the final name.
+``prunekit.json`` also records ``"integrity"``: the sha256 of the weights file and of the record
+fields that decide what loads. Loading checks the whole folder before touching the model (the
+record's schema, the safetensors header, the checksums, every tensor's dtype and shape against
+the model, packed mask lengths, compressed encodings, the structure record against an allow-list;
+see :mod:`prunekit.compress.validate`); any problem is a ``SavedModelError`` naming the file and
+the field, and the model is left as it was.
+
+Writes go to a temporary folder beside the destination (created with the process's umask), are
+flushed to disk, and the folder is then renamed into place, so an interrupted save never leaves
+a half-written model under the final name; an overwrite killed between moving the old version
+aside and moving the new one in is repaired by the next save or load of that path.
 """
 
 from __future__ import annotations
@@ -859,7 +868,8 @@ def check_weights_meta(meta: dict[str, Any], meta_path: Path) -> None:
                 f"{', '.join(VALUE_DTYPES)}), got shape {entry.get('shape')!r} and dtype "
                 f"{entry.get('dtype')!r}",
             )
-        check_size(meta_path, f"compressed[{name!r}].shape", numel(entry["shape"]) * 8)
+        itemsize = torch.empty(0, dtype=getattr(torch, entry["dtype"])).element_size()
+        check_size(meta_path, f"compressed[{name!r}].shape", numel(entry["shape"]) * itemsize)
     derived = meta.get("derived_masks", [])
     if not isinstance(derived, list) or not all(isinstance(n, str) for n in derived):
         raise fail(meta_path, "derived_masks", f"expected a list of names, got {derived!r}")
