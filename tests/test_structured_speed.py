@@ -224,3 +224,31 @@ def test_unreachable_latency_says_so_and_changes_nothing(monkeypatch) -> None:
 def test_bad_latency_arguments(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         pg.prune_structured(mlp(), X, progress=False, **kwargs)
+
+
+class PadNet(nn.Module):
+    """16 channels padded with 8 zero channels on each side before a 32-input conv (the
+    option-A shortcut of CIFAR ResNets): the 16-unit group lives in a 32-wide layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 16, 3, padding=1)
+        self.conv3 = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.pad(torch.relu(self.conv1(x)), (0, 0, 0, 0, 8, 8))
+        return self.conv3(torch.relu(self.conv2(y)))
+
+
+def test_a_group_inside_a_wider_layer_keeps_the_full_multiple(no_timing) -> None:
+    torch.manual_seed(0)
+    model = PadNet().eval()
+    kept = {
+        g.name: g.kept
+        for g in pg.prune_structured(model, IMG, ratio=0.5, round_to=16, progress=False).groups
+    }
+    # conv1's 16 channels sit in conv2's 32-wide input: 8 of them would make it 24 wide
+    assert kept == {"conv1": 16, "conv2": 8}  # conv2's group is 16 wide everywhere: multiple 8
+    pruned = pg.prune_structured(model, IMG, ratio=0.5, round_to=8, progress=False).model
+    assert pruned.conv2.in_channels == 24 and pruned.conv1.out_channels == 8

@@ -36,6 +36,7 @@ class Group:
     parents: np.ndarray | None = None  # GQA "q" mode: the kv unit (root) of each q-head unit
     name: str = ""
     modules: list[str] = field(default_factory=list)
+    layer_width: int = 0  # the widest parameter dim the group's units live in
 
     @property
     def n_units(self) -> int:
@@ -102,6 +103,7 @@ def build_groups(graph: Graph) -> list[Group]:
             producers=prod,
             exact=not bool(flags & INEXACT),
             kv=bool(flags & KV),
+            layer_width=max(int(graph.tensors[k][1][d]) for k, d in signature),
         )
         if kv_parent and not group.kv and group.kind == "head":
             parents = [kv_parent.get(r) for r in roots]

@@ -36,17 +36,24 @@ def _cap(group: Group, min_keep: int) -> int:
 def group_multiple(n: int, round_to: int | None) -> int:
     """The multiple a group of ``n`` channels is kept at: ``round_to``, halved while the group
     is narrower than two of it (a 16-wide group with ``round_to=16`` keeps 8 or 16 channels,
-    rather than never being pruned); 1 when not rounded."""
+    rather than never being pruned); 1 when not rounded. ``n`` is the widest layer the group
+    lives in (:func:`_multiple`): a group that is part of wider layers (16 channels of a
+    residual stream that later layers pad to 64) keeps the full multiple, so that those layers
+    stay multiples too."""
     m = round_to or 1
     while m > 1 and n < 2 * m:
         m //= 2
     return max(m, 1)
 
 
+def _multiple(group: Group, round_to: int | None) -> int:
+    return group_multiple(max(group.n_units, group.layer_width), round_to)
+
+
 def _rounded_keep(kept: int, n: int, round_to: int | None, group: Group) -> int:
     if not round_to or group.kind != "channel" or round_to <= 1:
         return kept
-    m = group_multiple(n, round_to)
+    m = _multiple(group, round_to)
     return min(n, int(math.ceil(kept / m) * m))
 
 
@@ -180,7 +187,7 @@ def allowed_keep(n: int, kept: int, round_to: int | None, group: Group) -> int:
     more when not rounded."""
     if not round_to or round_to <= 1 or group.kind != "channel":
         return min(n, kept + 1)
-    m = group_multiple(n, round_to)
+    m = _multiple(group, round_to)
     return min(n, (kept // m + 1) * m)
 
 
