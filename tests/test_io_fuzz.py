@@ -384,11 +384,26 @@ def _in_child(job: Callable[[], None], step: int | None, delay: float | None = N
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    _, status = os.waitpid(pid, 0)
+    status = _wait(pid)
     if os.WIFSIGNALED(status):
         return "killed"
     assert os.WEXITSTATUS(status) == 0, f"the writer failed (exit {os.WEXITSTATUS(status)})"
     return "finished"
+
+
+def _wait(pid: int, limit: float = 120.0) -> int:
+    """The exit status of child ``pid``; a child still running after ``limit`` seconds (a hang)
+    is killed and the test fails."""
+    deadline = time.monotonic() + limit
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the forked writer did not finish within {limit:.0f} s")
+        time.sleep(0.002)
 
 
 def _steps(job: Callable[[], None]) -> int:
@@ -403,7 +418,7 @@ def _steps(job: Callable[[], None]) -> int:
         finally:
             os._exit(0)
     os.close(write)
-    os.waitpid(pid, 0)
+    _wait(pid)
     with os.fdopen(read) as f:
         return int(f.read())
 
@@ -444,6 +459,7 @@ def _writer(kind: str, tmp_path: Path):
     return a, b, write, read
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="kills a forked writer")
 @pytest.mark.parametrize("kind", WRITERS)
 def test_writers_killed_at_every_step(tmp_path, kind, monkeypatch) -> None:
     # a kill is not a power cut: flushing to disk changes nothing here but the time it takes
