@@ -12,7 +12,8 @@ For batch 32 and batch 1, with ``--threads`` (default 2) torch threads:
 1. the default call ``prune_structured(model, x, target_macs=0.5)``; the pruned model and the
    dense one are then timed side by side (warm-up, ``--rounds`` rounds of ``--reps`` calls in
    alternating order, median of the round medians). PASS when the measured speedup is at least
-   0.85x the MAC ratio (dense MACs / pruned MACs).
+   0.85x the MAC ratio (dense MACs / pruned MACs). The ratio of the fastest calls is printed
+   next to it (a second opinion on a busy machine; the verdict uses the medians).
 2. ``prune_structured(model, x, target_latency=0.5, threads=...)``, then the result timed
    again, independently of the search: PASS when the latency ratio is within 10 % of 0.5.
 
@@ -28,11 +29,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-from structured_common import latency, machine, table
+from structured_common import machine, table
 from torch import nn
 
 import prunekit
@@ -177,15 +179,33 @@ def call(x: object):
     return lambda m: m(x)
 
 
-def timed(dense: nn.Module, pruned: nn.Module, x: object, args) -> tuple[float, float]:
-    t = latency(
-        {"dense": dense, "pruned": pruned},
-        call(x),
-        threads=args.threads,
-        reps=args.reps,
-        rounds=args.rounds,
+def timed(dense: nn.Module, pruned: nn.Module, x: object, args) -> tuple[float, float, float]:
+    """Median ms of dense and pruned (median of round medians, rounds alternate the order), and
+    the ratio of their fastest calls (pruned / dense): on a shared machine other processes only
+    add time, so the fastest calls are the contention-robust second opinion."""
+    torch.set_num_threads(args.threads)
+    run = call(x)
+    models = {"dense": dense, "pruned": pruned}
+    rounds: dict[str, list[float]] = {"dense": [], "pruned": []}
+    fastest = {"dense": float("inf"), "pruned": float("inf")}
+    with torch.inference_mode():
+        for m in models.values():
+            for _ in range(2):
+                run(m)
+        for r in range(args.rounds):
+            for name in ["dense", "pruned"] if r % 2 == 0 else ["pruned", "dense"]:
+                times = []
+                for _ in range(args.reps):
+                    start = time.perf_counter()
+                    run(models[name])
+                    times.append(time.perf_counter() - start)
+                rounds[name].append(statistics.median(times))
+                fastest[name] = min(fastest[name], min(times))
+    return (
+        1000 * statistics.median(rounds["dense"]),
+        1000 * statistics.median(rounds["pruned"]),
+        fastest["pruned"] / fastest["dense"],
     )
-    return 1000 * t["dense"], 1000 * t["pruned"]
 
 
 def main() -> None:
@@ -209,7 +229,7 @@ def main() -> None:
             start = time.time()
             report = prunekit.prune_structured(dense, x, target_macs=0.5, progress=False)
             took = time.time() - start
-            d_ms, p_ms = timed(dense, report.model, x, args)
+            d_ms, p_ms, best = timed(dense, report.model, x, args)
             mac_x = report.macs_before / report.macs_after
             speed = d_ms / p_ms
             ok = speed >= 0.85 * mac_x
@@ -226,13 +246,15 @@ def main() -> None:
                     f"{p_ms:.2f}",
                     f"{speed:.2f}x",
                     f"{speed / mac_x:.2f}",
+                    f"{1 / best:.2f}x",
                     f"{took:.0f}",
                     "PASS" if ok else "FAIL",
                 ]
             )
             print(
                 f"{name} batch {batch}: MACs x{report.macs_ratio:.3f} (round_to "
-                f"{report.settings.get('round_to')}), speedup {speed:.2f}x vs MAC ratio "
+                f"{report.settings.get('round_to')}), speedup {speed:.2f}x (fastest calls "
+                f"{1 / best:.2f}x) vs MAC ratio "
                 f"{mac_x:.2f}x -> {'PASS' if ok else 'FAIL'}; in-report {report.latency}; "
                 f"channel widths kept: {widths[:12]}{' ...' if len(widths) > 12 else ''}",
                 flush=True,
@@ -240,11 +262,18 @@ def main() -> None:
             if args.no_latency_target:
                 continue
             start = time.time()
-            report = prunekit.prune_structured(
-                dense, x, target_latency=0.5, threads=args.threads, progress=False
-            )
+            try:
+                report = prunekit.prune_structured(
+                    dense, x, target_latency=0.5, threads=args.threads, progress=False
+                )
+            except ValueError as exc:  # the asked latency is out of reach on this machine
+                verdicts.append(False)
+                rows.append([name, batch, "target_latency=0.5", "-", "-", "-", "-", "-",
+                             "unreachable", "-", f"{time.time() - start:.0f}", "FAIL"])  # fmt: skip
+                print(f"{name} batch {batch}: target_latency=0.5 -> FAIL: {exc}", flush=True)
+                continue
             took = time.time() - start
-            d_ms, p_ms = timed(dense, report.model, x, args)
+            d_ms, p_ms, best = timed(dense, report.model, x, args)
             ratio = p_ms / d_ms
             ok = abs(ratio / 0.5 - 1) <= 0.10
             verdicts.append(ok)
@@ -259,6 +288,7 @@ def main() -> None:
                     f"{p_ms:.2f}",
                     f"{d_ms / p_ms:.2f}x",
                     f"ratio {ratio:.3f}",
+                    f"ratio {best:.3f}",
                     f"{took:.0f}",
                     "PASS" if ok else "FAIL",
                 ]
@@ -283,6 +313,7 @@ def main() -> None:
                 "pruned ms",
                 "speedup",
                 "speedup / MAC ratio",
+                "fastest-call speedup",
                 "prune s",
                 "verdict",
             ],
