@@ -406,3 +406,33 @@ def test_checkpoint_points_are_whole_and_checked(tmp_path) -> None:
     with pytest.raises(TypeError, match="cannot checkpoint a object"):
         write_point(tmp_path / "other", 1, {"bad": object()})
     assert latest_point(tmp_path / "missing") is None
+
+
+def test_killed_checkpoint_writer_leaves_a_whole_point(tmp_path) -> None:
+    import os
+    import random
+    import signal
+    import time
+
+    rng = random.Random(0)
+    for trial in range(6):
+        folder = tmp_path / f"run{trial}"
+        pid = os.fork()  # a writer that is killed mid-way (torch is already imported: fast)
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                for epoch in range(1, 100_000):
+                    write_point(folder, epoch, {"epoch": epoch, "w": torch.full((64, 64), epoch)})
+            finally:
+                os._exit(0)
+        deadline = time.monotonic() + 30
+        while not (folder / "epoch-000001").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)  # the first point exists: kill somewhere after it
+        time.sleep(rng.uniform(0.0, 0.2))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        epoch, state = latest_point(folder)
+        assert state["epoch"] == epoch >= 1
+        assert torch.equal(state["w"], torch.full((64, 64), epoch))
+        # the next write cleans up what the kill left (older points, temporaries)
+        write_point(folder, epoch + 1, {"epoch": epoch + 1})
+        assert [p.name for p in folder.iterdir()] == [f"epoch-{epoch + 1:06d}"]
