@@ -130,7 +130,9 @@ def test_save_pretrained_needs_a_hugging_face_model(tmp_path) -> None:
 def test_structured_safetensors_hold_only_the_kept_weights(tmp_path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
-    pruned = pg.prune_structured(model, torch.randn(1, 8), ratio=0.75, progress=False).model
+    pruned = pg.prune_structured(
+        model, torch.randn(1, 8), ratio=0.75, round_to=1, progress=False
+    ).model
     folder = prunekit.save(pruned, tmp_path / "m")
     with safe_open(folder / "model.safetensors", "pt") as f:
         assert f.get_slice("0.weight").get_shape() == [8, 8]
