@@ -113,8 +113,13 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_mask(packed: torch.Tensor, shape: list[int] | tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`pack_mask`."""
+    """Inverse of :func:`pack_mask`; ``packed`` must be uint8 of exactly ceil(numel / 8) bytes."""
     count = int(np.prod(shape)) if len(shape) else 1
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != (-(-count // 8),):
+        raise ValueError(
+            f"a packed mask of shape {list(shape)} is uint8 of shape [{-(-count // 8)}], got "
+            f"{str(packed.dtype)[6:]} of shape {list(packed.shape)}"
+        )
     bits = np.unpackbits(packed.numpy(), count=count).astype(bool)
     return torch.from_numpy(bits.reshape(tuple(shape)))
 
