@@ -466,6 +466,7 @@ def _measure_pair(
     threads: int | None,
     dense_alone: dict[str, Any] | None = None,
     budget_s: float = 1.0,
+    min_repeats: int = 3,
 ) -> Latency:
     """Dense and pruned timed side by side (or the pruned alone, when ``dense`` was pruned in
     place and ``dense_alone`` holds its earlier measurement)."""
@@ -474,7 +475,11 @@ def _measure_pair(
         dense_ms = dense_alone["ms"]["dense"]
     else:
         got = _latency.measure(
-            {"dense": dense, "pruned": pruned}, example_inputs, threads=threads, budget_s=budget_s
+            {"dense": dense, "pruned": pruned},
+            example_inputs,
+            threads=threads,
+            budget_s=budget_s,
+            min_repeats=min_repeats,
         )
         dense_ms = got["ms"]["dense"]
     return Latency(
@@ -518,7 +523,7 @@ def _search_latency(
         candidate = _surgery_verified(
             model, graph, selection.roots(groups), example_inputs, False, pin_outputs
         )
-        lat = _measure_pair(model, candidate, example_inputs, threads, budget_s=2.0)
+        lat = _measure_pair(model, candidate, example_inputs, threads, budget_s=3.0, min_repeats=5)
         del candidate
         tries.append((reached, lat, selection))
         r = lat.ratio
