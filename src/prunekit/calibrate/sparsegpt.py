@@ -13,11 +13,23 @@ weights pruned first; the Hessian is damped by ``damp`` times its mean diagonal,
 Cholesky factorisation still fails the damping grows tenfold (up to four times) with a warning.
 If even that fails, or the result is not finite, :class:`SparseGPTFailure` is raised so the
 caller can fall back to another method; NaN weights are never returned.
+
+Determinism: on the CPU, LAPACK's Cholesky factorisation and inverse (MKL's ``potrf`` /
+``potri``) round differently with different thread counts (1 vs 2 threads: factors off by up to
+6e-7, then weights by 1e-6 and a few mask entries flipped). The factorisation therefore runs on
+one thread of the calling Python thread (``torch.set_num_threads(1)``, restored afterwards);
+everything else (matrix products, element-wise updates, top-k selection) gives the same bits for
+any thread count. Masks and weights are then identical whatever ``torch.get_num_threads()`` is.
+The cost is the factorisation's own speed-up from threads: it is O(in^3) once per layer, against
+O(out * in^2) for the column sweep, about a tenth of the layer's time on one thread.
+``deterministic=False`` lets LAPACK use every thread.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -39,18 +51,38 @@ class SparseGPTResult:
     """The damping fraction that was finally used."""
 
 
+@contextmanager
+def fixed_threads(device: torch.device, enabled: bool = True) -> Iterator[None]:
+    """Run CPU linear algebra on one thread (of this Python thread), so it rounds the same way
+    whatever ``torch.get_num_threads()`` is; no-op on other devices or when not ``enabled``."""
+    before = torch.get_num_threads()
+    if not enabled or device.type != "cpu" or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def inverse_hessian_factor(
-    hessian: torch.Tensor, damp: float, name: str = "layer"
+    hessian: torch.Tensor, damp: float, name: str = "layer", deterministic: bool = True
 ) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damping)^-1, raising the damping until it factorises."""
+    """Upper Cholesky factor of (H + damping)^-1, raising the damping until it factorises.
+
+    ``deterministic`` (default) factorises on one CPU thread, so the factor has the same bits
+    for any thread count (see the module docstring).
+    """
     diag_mean = torch.diagonal(hessian).mean().clamp_min(1e-12)
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     for attempt in range(5):
         fraction = damp * 10**attempt
         try:
-            lower = torch.linalg.cholesky(hessian + fraction * diag_mean * eye)
-            inverse = torch.cholesky_inverse(lower)
-            factor = torch.linalg.cholesky(inverse, upper=True)
+            with fixed_threads(hessian.device, deterministic):
+                lower = torch.linalg.cholesky(hessian + fraction * diag_mean * eye)
+                inverse = torch.cholesky_inverse(lower)
+                factor = torch.linalg.cholesky(inverse, upper=True)
         except torch.linalg.LinAlgError:
             continue
         if torch.isfinite(factor).all():
@@ -84,6 +116,7 @@ def sparsegpt_prune(
     block_size: int = 128,
     damp: float = 0.01,
     name: str = "layer",
+    deterministic: bool = True,
 ) -> SparseGPTResult:
     """Prune ``weight`` (out x in) with its Hessian (in x in); returns the updated weight.
 
@@ -94,6 +127,8 @@ def sparsegpt_prune(
         frozen: bool mask of entries that must be pruned (already-zero weights stay zero).
         block_size: columns per lazy-update block (rounded down to a multiple of M).
         damp: damping as a fraction of the mean Hessian diagonal.
+        deterministic: factorise the Hessian on one CPU thread so that masks and weights are
+            identical for any ``torch.get_num_threads()`` (default); False uses every thread.
 
     Example:
         >>> w, x = torch.randn(8, 16), torch.randn(64, 16)
@@ -114,7 +149,7 @@ def sparsegpt_prune(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     must_prune[:, dead] = True  # inputs that never fire: their weights go first
-    factor, used_damp = inverse_hessian_factor(H, damp, name)
+    factor, used_damp = inverse_hessian_factor(H, damp, name, deterministic)
     pruned = torch.zeros_like(W, dtype=torch.bool)
     total = count_to_remove(sparsity, W.numel())
 
