@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import time
 import warnings
 from collections.abc import Iterable
@@ -14,7 +15,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.calibrate.data import CalibrationSet, calibration
+from prunekit.calibrate.progress import (
+    OneshotProgress,
+    Stage,
+    check_marker,
+    data_digest,
+    model_digest,
+)
 from prunekit.calibrate.sequential import find_blocks, run_sequential
+from prunekit.calibrate.sparsegpt import SparseGPTFailure, sparsegpt_prune
 from prunekit.calibrate.stats import (
     InputStats,
     check_calibratable,
@@ -23,12 +32,17 @@ from prunekit.calibrate.stats import (
 )
 from prunekit.masks import apply_mask, raw_parameter
 from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
-from prunekit.prune import _check_choice, _check_sparsity, _resolve_sparsity, compute_masks
+from prunekit.prune import (
+    _check_choice,
+    _check_sparsity,
+    _resolve_sparsity,
+    compute_masks,
+    split_by_pattern,
+)
 from prunekit.report import PruneReport, layer_stats, model_counts
 from prunekit.runtime.memory import PeakMemory
 from prunekit.scope import owl_allocation
 from prunekit.scores import get_criterion
-from prunekit.calibrate.sparsegpt import SparseGPTFailure, sparsegpt_prune
 from prunekit.targets import Target, per_layer_overrides, resolve_targets
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -195,6 +209,7 @@ def oneshot(
     seed: int = 0,
     inplace: bool = False,
     progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
 ) -> PruneReport:
     """Prune a trained model in one shot with calibration data; no retraining.
 
@@ -227,7 +242,20 @@ def oneshot(
         owl_lambda: OWL's lambda, the largest deviation from the target sparsity.
         block_size, damp: SparseGPT's column block size and damping fraction.
         device: run each block there (e.g. ``"cuda"``) and move it back; the rest stays put.
-        inplace: prune ``model`` itself (recommended for large models); default: a copy.
+        inplace: prune ``model`` itself (recommended for large models); default: a copy. If
+            the call is interrupted (``KeyboardInterrupt``, an error), the block in progress is
+            rolled back, and a model with finished blocks carries
+            ``model._prunekit_oneshot_progress = {"done_blocks": k, "of": n, ...}`` (a warning
+            says so); ``oneshot`` then refuses it unless it can resume from ``checkpoint``.
+        checkpoint: a folder that records every finished block (pruned weights and masks as
+            safetensors, settings fingerprint as JSON, written atomically). Called again with
+            the same model, data, arguments and ``checkpoint``, ``oneshot`` loads the finished
+            blocks and continues with the first unfinished one; the result is identical to an
+            uninterrupted run on the same device. See :mod:`prunekit.calibrate.progress`.
+
+    A layer whose shape does not fit ``pattern`` is skipped with a warning naming it and listed
+    in ``report.skipped``; when no targeted layer fits, ``ValueError`` is raised before anything
+    is changed (as in :func:`prunekit.prune`).
 
     Returns:
         A :class:`prunekit.PruneReport`; ``settings`` holds the wall time (s), the peak memory
@@ -254,6 +282,7 @@ def oneshot(
         calib = calibration(calib)
     if len(calib) == 0:
         raise ValueError("calib holds no sample")
+    check_marker(model, checkpoint, propagate)
 
     chosen = resolve_targets(model, targets, ignore)
     overrides = per_layer_overrides(chosen, per_layer)
@@ -262,10 +291,7 @@ def oneshot(
     if method != "magnitude" or allocation != "uniform":
         for t in chosen:
             check_calibratable(t)
-    skip = {t.name: pattern.skip_reason(tuple(t.as_matrix(t.weight()).shape)) for t in chosen}
-    skipped = {name: reason for name, reason in skip.items() if reason}
-    for name, reason in skipped.items():
-        warnings.warn(f"prunekit: skipping {name} for pattern {pattern}: {reason}", stacklevel=2)
+    _, skipped = split_by_pattern(chosen, pattern)  # warns per layer; raises if none fits
     if method != "magnitude" or allocation != "uniform":
         check_targets_run(model, chosen, calib[0])
     if not inplace:
@@ -290,23 +316,58 @@ def oneshot(
     )
     pruner.per_layer = dict(overrides)
     found = find_blocks(model, blocks) if sequential else None
+    if found is None:
+        stages = [Stage("all", usable)]
+    else:
+        groups, rest = _block_targets(found[0], len(found[1]), usable)
+        stages = [Stage(f"block-{i:04d}", group) for i, group in enumerate(groups)]
+        stages += [Stage("rest", rest)] if rest else []
+    fingerprint = None
+    if checkpoint is not None:
+        fingerprint = {
+            "method": method,
+            "pattern": str(pattern),
+            "sparsity": sparsity,
+            "allocation": allocation,
+            "sensitivity_grid": None if sensitivity_grid is None else list(sensitivity_grid),
+            "per_layer": overrides,
+            "blocks": None if found is None else found[0],
+            "stages": [s.key for s in stages],
+            "propagate": propagate,
+            "scope": scope,
+            "owl": [owl_threshold, owl_lambda],
+            "sparsegpt": [block_size, damp],
+            "seed": seed,
+            "model": type(model).__name__,
+            "targets": [[t.name, list(t.weight().shape), str(t.weight().dtype)] for t in usable],
+            "skipped": sorted(skipped),
+            "calibration": [len(calib), data_digest(calib)],
+            "model_sha256": model_digest(model, usable),
+        }
+    tracker = OneshotProgress(model, stages, checkpoint, fingerprint or {}, inplace)
+    tracker.open()  # validates an existing checkpoint against the model before any change
     started = time.perf_counter()
     with PeakMemory() as memory:
-        if allocation == "sensitivity":  # one measuring pass (block by block when blocks exist)
-            from prunekit.analysis.sensitivity import oneshot_allocation
-
-            grid, found_blocks = sensitivity_grid, (blocks, sequential, device)
-            measured = oneshot_allocation(model, usable, calib, pruner, overrides, grid, *found_blocks)
-            pruner.per_layer.update(measured)
-        if found is None:
-            if sequential:
-                warnings.warn(
-                    "prunekit: no repeated blocks found; calibrating the whole model at once",
-                    stacklevel=2,
+        try:
+            if tracker.complete:  # a finished run: load it, no calibration pass
+                for stage in stages:
+                    tracker.restore(stage.key, pruner)
+            else:
+                _run_stages(
+                    model,
+                    found,
+                    usable,
+                    calib,
+                    pruner,
+                    propagate,
+                    device,
+                    tracker,
+                    (sensitivity_grid, blocks, sequential, overrides),
                 )
-            _prune_all_at_once(model, usable, calib, pruner, allocation)
-        else:
-            _prune_sequentially(model, found, usable, calib, pruner, propagate, device)
+        except BaseException:
+            tracker.interrupted()
+            raise
+        tracker.completed()
     elapsed = time.perf_counter() - started
 
     rows = [layer_stats(t) for t in chosen]
@@ -325,9 +386,53 @@ def oneshot(
     if isinstance(pattern, Unstructured):
         settings["scope"] = scope
     details = {"allocated": pruner.allocated, "fallbacks": pruner.fallbacks}
+    if checkpoint is not None:
+        details["checkpoint"] = {
+            "folder": os.fspath(checkpoint),
+            "resumed_stages": tracker.resumed,
+            "stages": len(stages),
+        }
     return PruneReport(
         rows, params, zeros, skipped, model=model, settings=settings, details=details
     )
+
+
+def _run_stages(
+    model: nn.Module,
+    found: tuple[str, nn.ModuleList] | None,
+    usable: list[Target],
+    calib: Any,
+    pruner: _Pruner,
+    propagate: str,
+    device: str | torch.device | None,
+    tracker: OneshotProgress,
+    sensitivity_args: tuple,
+) -> None:
+    """The passes of one oneshot call that are not finished yet (all of them without a
+    checkpoint): the sensitivity measurement, then block by block, or everything at once."""
+    grid, blocks, sequential, overrides = sensitivity_args
+    if pruner.allocation == "sensitivity":  # one measuring pass (block by block if blocks exist)
+        measured = tracker.allocation("per_layer")
+        if measured is None:
+            from prunekit.analysis.sensitivity import oneshot_allocation
+
+            found_blocks = (blocks, sequential, device)
+            measured = oneshot_allocation(
+                model, usable, calib, pruner, overrides, grid, *found_blocks
+            )
+            tracker.save_allocation("per_layer", measured)
+        pruner.per_layer.update(measured)
+    if found is None:
+        if sequential:
+            warnings.warn(
+                "prunekit: no repeated blocks found; calibrating the whole model at once",
+                stacklevel=4,
+            )
+        tracker.begin("all")
+        _prune_all_at_once(model, usable, calib, pruner, pruner.allocation)
+        tracker.finish("all", pruner)
+    else:
+        _prune_sequentially(model, found, usable, calib, pruner, propagate, device, tracker)
 
 
 def _prune_all_at_once(
@@ -365,6 +470,7 @@ def _prune_sequentially(
     pruner: _Pruner,
     propagate: str,
     device: str | torch.device | None,
+    tracker: OneshotProgress,
 ) -> None:
     blocks_name, blocks = found
     groups, rest = _block_targets(blocks_name, len(blocks), targets)
@@ -375,7 +481,10 @@ def _prune_sequentially(
             (lambda it: tqdm(it, desc=desc, unit="block", leave=False)) if pruner.progress else None
         )
 
-    if pruner.allocation == "owl":
+    saved = tracker.allocation("per_block") if pruner.allocation == "owl" else None
+    if saved is not None:  # resuming: the allocation of the checkpointed run
+        per_block = [float(s) for s in saved]
+    elif pruner.allocation == "owl":
         stats: dict = {}
 
         def measure(index: int, block: nn.Module, run) -> None:
@@ -399,16 +508,24 @@ def _prune_sequentially(
         used = [i for i, g in enumerate(groups) if g]
         for i, s in zip(used, pruner.owl([groups[i] for i in used], stats), strict=True):
             per_block[i] = s
+        tracker.save_allocation("per_block", per_block)
 
     def prune_block(index: int, block: nn.Module, run) -> None:
-        if not groups[index]:
+        key = f"block-{index:04d}"
+        if tracker.is_done(key):  # resuming: load what the checkpointed run wrote
+            if propagate == "dense":
+                run()  # dense outputs first (check_marker ensured this block is dense)
+            tracker.restore(key, pruner)
             return
-        stats = {}
-        if pruner.need:
-            with InputStats(groups[index], pruner.need) as collected:
-                run()
-            stats = collected.stats
-        pruner.prune(groups[index], stats, per_block[index])
+        tracker.begin(key)
+        if groups[index]:
+            stats = {}
+            if pruner.need:
+                with InputStats(groups[index], pruner.need) as collected:
+                    run()
+                stats = collected.stats
+            pruner.prune(groups[index], stats, per_block[index])
+        tracker.finish(key, pruner)
 
     run_sequential(
         model,
@@ -420,4 +537,6 @@ def _prune_sequentially(
         progress=bar(f"oneshot {pruner.method}"),
     )
     if rest:
+        tracker.begin("rest")
         _prune_all_at_once(model, rest, calib, pruner, "uniform")
+        tracker.finish("rest", pruner)
