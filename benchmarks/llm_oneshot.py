@@ -36,8 +36,8 @@ import torch
 from tqdm.auto import tqdm
 
 import prunekit
-from prunekit.eval import perplexity
 from prunekit.calibrate.oneshot import oneshot
+from prunekit.eval import perplexity
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN = 128

@@ -199,8 +199,12 @@ def test_pipeline_measures_every_stage(tmp_path) -> None:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not in place
     result = report.model
     weights = [result.conv1.weight, result.conv2.weight, result.fc1.weight]
+    n = sum(w.numel() for w in weights)
     zeros = sum(int((w == 0).sum()) for w in weights)
-    assert zeros == round(0.5 * sum(w.numel() for w in weights))  # stays through finetune
+    # the pruned half stays zero through finetune; int8 may round a few tiny weights to zero too
+    assert round(0.5 * n) <= zeros <= round(0.5 * n) + n // 500
+    after_prune = report.stages[0].metrics["nonzeros"]
+    assert report.stages[1].metrics["nonzeros"] == after_prune  # finetune keeps the mask
     rows = report.rows()
     assert [r["stage"] for r in rows] == [
         "dense",

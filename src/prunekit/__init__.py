@@ -26,6 +26,7 @@ from prunekit.analysis import (
     sensitivity,
 )
 from prunekit.calibrate import calibration
+from prunekit.calibrate.oneshot import oneshot
 from prunekit.compress.io import load, save
 from prunekit.compress.onnx_export import OnnxCheckError, OnnxExport, export_onnx
 from prunekit.compress.quantize import QuantizeReport, quantize
@@ -41,7 +42,6 @@ from prunekit.graph import (
     save_pretrained,
 )
 from prunekit.masks import finalize
-from prunekit.calibrate.oneshot import oneshot
 from prunekit.prune import prune
 from prunekit.recipes import CompressReport, RecipeError, list_recipes, load_recipe
 from prunekit.report import PruneReport, SparsityReport, stats
