@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
 import prunekit
@@ -176,3 +178,42 @@ def test_bad_inputs(cnn: SmallCNN, tmp_path) -> None:
     with pytest.raises(ValueError, match="per_channel"):
         prunekit.save(cnn, tmp_path / "d", compressed=True, bits=8, granularity="rows")
     assert not any(tmp_path.iterdir())
+
+
+def _masked_with_kept_zeros():
+    """A 90 %-pruned, int8 model where three kept weights round to zero."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    pruned = prunekit.prune(net, 0.9).model
+    raw = prunekit.masks.raw_parameter(pruned[0])
+    kept = torch.nonzero(pruned[0].weight_mask.reshape(-1)).reshape(-1)[:3]
+    with torch.no_grad():
+        raw.view(-1)[kept] = 1e-7  # below half an int8 step: quantizes to 0
+    return prunekit.quantize(pruned, bits=8, mode="int").model, kept
+
+
+def test_kept_weights_rounded_to_zero_cost_a_few_positions_not_a_bitmask(tmp_path) -> None:
+    model, kept = _masked_with_kept_zeros()
+    assert int((model[0].weight != 0).sum()) == int(model[0].weight_mask.sum()) - 3
+    path = prunekit.save(model, tmp_path / "m", compressed=True)
+    meta = json.loads((path / "prunekit.json").read_text())
+    assert meta["kept_zeros"] == {"0.weight": kept.tolist()}
+    assert "__prunekit_mask__.0.weight" not in safe_open(path / "model.safetensors", "pt").keys()
+    fresh = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    restored = prunekit.load(path, fresh)
+    assert torch.equal(restored[0].weight_mask, model[0].weight_mask)
+    assert torch.equal(restored[0].weight, model[0].weight)
+
+
+@pytest.mark.parametrize(
+    ("positions", "says"), [([5000], "positions in [0, 4096)"), ([2, 1], "sorted distinct")]
+)
+def test_hostile_kept_zeros_are_refused(tmp_path, positions, says) -> None:
+    model, _ = _masked_with_kept_zeros()
+    path = prunekit.save(model, tmp_path / "m", compressed=True)
+    meta = json.loads((path / "prunekit.json").read_text())
+    meta["kept_zeros"]["0.weight"] = positions
+    meta.pop("integrity", None)  # as an older or hand-made file would have it
+    (path / "prunekit.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=re.escape(says)):
+        prunekit.load(path, nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)))

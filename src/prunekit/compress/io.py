@@ -16,7 +16,9 @@ see :mod:`prunekit.compress.sparse_format`), the values as int8 / int4 codes wit
 model was quantized with ``prunekit.quantize`` (any mode: with ``mode="fake"`` the codes are
 recovered from the values, which lie on the grid) or when ``bits`` is given. The
 JSON gains ``"compressed"`` (per tensor: shape, dtype, index kind, quantization) and
-``"derived_masks"`` (masks equal to the non-zero pattern of the stored values, so not stored).
+``"derived_masks"`` (masks equal to the non-zero pattern of the stored values, so not stored),
+with ``"kept_zeros"`` listing the few kept positions whose value is zero (a weight int8 rounded
+to zero) so that those masks need no bitmask either.
 Loading restores the dense tensors exactly (bit for bit for float values, the exact dequantized
 values for quantized ones). :func:`encode_state` / :func:`decode_state` are this encoding for a
 whole state dict, shared with the compressed Hugging Face folders of
@@ -101,6 +103,7 @@ LOAD_FIELDS = (
     "aliases",
     "compressed",
     "derived_masks",
+    "kept_zeros",
     "quantization",
     "structure",
 )
@@ -653,17 +656,28 @@ def _stored_masks(
 ) -> dict[str, torch.Tensor]:
     """The masks that a compressed save must store: those not equal to the non-zero pattern of
     their decoded values (the others are derived on load, listed in ``meta["derived_masks"]``)."""
-    kept, derived = {}, []
+    kept, derived, kept_zeros = {}, [], {}
     entries = meta["compressed"]
     for name, mask in masks.items():
         if name in entries:
             prefix = f"{SPARSE_PREFIX}{name}."
             arrays = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if torch.equal(nonzero_bits(decode(arrays, entries[name])[0]), mask.cpu()):
+            nonzero = nonzero_bits(decode(arrays, entries[name])[0])
+            mask = mask.cpu()
+            if torch.equal(nonzero, mask):
                 derived.append(name)
+                continue
+            # Kept weights that are zero (e.g. rounded to zero by int8): list their positions
+            # instead of storing a whole second bitmask, when they are few.
+            extra = (mask & ~nonzero).reshape(-1)
+            if not bool((nonzero & ~mask).any()) and int(extra.sum()) * 64 < mask.numel():
+                derived.append(name)
+                kept_zeros[name] = torch.nonzero(extra).reshape(-1).tolist()
                 continue
         kept[name] = mask
     meta["derived_masks"] = sorted(derived)
+    if kept_zeros:
+        meta["kept_zeros"] = kept_zeros
     return kept
 
 
@@ -819,10 +833,40 @@ def _decode_folder(
     masks = {name: unpack_mask(p, meta["masks"][name]) for name, p in packed.items()}
     for name in meta.get("derived_masks", []):
         masks[name] = nonzero_bits(tensors[name])
+    for name, positions in meta.get("kept_zeros", {}).items():
+        flat = masks[name].reshape(-1)  # a fresh tensor: nonzero_bits made it
+        where = torch.tensor(positions, dtype=torch.long)
+        if bool((tensors[name].reshape(-1)[where] != 0).any()):
+            raise fail(
+                saved.meta_path, f"kept_zeros[{name!r}]", "lists positions whose value is not zero"
+            )
+        flat[where] = True
     if aliases:
         for alias, source in meta.get("aliases", {}).items():
             tensors[alias] = tensors[source]
     return tensors, masks, quantized
+
+
+def _check_kept_zeros(meta: dict[str, Any], derived: list[str], meta_path: Path) -> None:
+    """``kept_zeros``: {derived mask name: sorted flat positions inside its tensor}."""
+    kept = meta.get("kept_zeros", {})
+    if not isinstance(kept, dict):
+        raise fail(meta_path, "kept_zeros", f"expected an object, got {type(kept).__name__}")
+    for name, positions in kept.items():
+        if name not in derived:
+            raise fail(meta_path, f"kept_zeros[{name!r}]", "names no derived mask")
+        size = numel(meta["masks"].get(name, [])) if isinstance(meta.get("masks"), dict) else 0
+        if (
+            not isinstance(positions, list)
+            or not all(isinstance(p, int) and not isinstance(p, bool) for p in positions)
+            or any(not 0 <= p < size for p in positions)
+            or positions != sorted(set(positions))
+        ):
+            raise fail(
+                meta_path,
+                f"kept_zeros[{name!r}]",
+                f"expected sorted distinct positions in [0, {size}), got {str(positions)[:80]}",
+            )
 
 
 def _check_meta(meta: dict[str, Any], meta_path: Path) -> None:
@@ -878,6 +922,7 @@ def check_weights_meta(meta: dict[str, Any], meta_path: Path) -> None:
     derived = meta.get("derived_masks", [])
     if not isinstance(derived, list) or not all(isinstance(n, str) for n in derived):
         raise fail(meta_path, "derived_masks", f"expected a list of names, got {derived!r}")
+    _check_kept_zeros(meta, derived, meta_path)
     quant = meta.get("quantization")
     if "quantization" in meta:
         ok = (
