@@ -38,6 +38,9 @@ def main() -> int:
     parser.add_argument("--data", default=None, help="folder with the MNIST files")
     parser.add_argument("--out", default=None, help="run folder (default: a temporary one)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoints in --out"
+    )
     args = parser.parse_args()
     folder = find_folder(args.data, "mnist", MNIST_FILES)
     if folder is None:
@@ -63,7 +66,7 @@ def main() -> int:
             evaluate=metrics.accuracy(test),
             example_inputs=x[:1],
             out=out,
-            resume=False,
+            resume=args.resume,
         )
         print(report)
         final = report.rows()[-1]
