@@ -135,7 +135,8 @@ def measure(
 ) -> dict[str, Any]:
     """Median latency (ms) of each model on ``example_inputs``, timed side by side.
 
-    Warm-up (2 calls; 1 for a model slower than a tenth of the budget), then as many repetitions as fit ``budget_s`` in all (at least
+    Warm-up (bench's untimed first call, then 2 more calls for a fast model, 1 or 0 for a
+    slow one), then as many repetitions as fit ``budget_s`` in all (at least
     ``min_repeats``, at most ``max_repeats``), in rotating rounds so that drift hits every model
     alike; ``threads`` fixes torch's intra-op threads (None: the current count).
 
@@ -158,7 +159,7 @@ def measure(
             models,
             example_inputs,
             threads=threads,
-            warmup=2 if repeats > 10 else 1,
+            warmup=2 if repeats > 10 else (1 if repeats > min_repeats else 0),
             repeats=repeats,
             rounds=min(3, repeats),
             progress=False,
