@@ -216,18 +216,25 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10, help="timed calls per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-latency-target", action="store_true", help="skip target_latency")
+    parser.add_argument(
+        "--round-to", type=int, default=None, help="pass round_to (default: leave it out)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     print(f"machine: {machine()}; threads {args.threads}")
-    print("default call: prunekit.prune_structured(model, x, target_macs=0.5)")
+    extra = {} if args.round_to is None else {"round_to": args.round_to}
+    shown = "" if args.round_to is None else f", round_to={args.round_to}"
+    print(
+        f"{'default ' if not extra else ''}call: prunekit.prune_structured(model, x, target_macs=0.5{shown})"
+    )
     rows, verdicts = [], []
     for name in args.models:
         dense = MODELS[name]()
         for batch in args.batches:
             x = inputs_for(name, batch)
             start = time.time()
-            report = prunekit.prune_structured(dense, x, target_macs=0.5, progress=False)
+            report = prunekit.prune_structured(dense, x, target_macs=0.5, progress=False, **extra)
             took = time.time() - start
             d_ms, p_ms, best = timed(dense, report.model, x, args)
             mac_x = report.macs_before / report.macs_after
@@ -264,7 +271,7 @@ def main() -> None:
             start = time.time()
             try:
                 report = prunekit.prune_structured(
-                    dense, x, target_latency=0.5, threads=args.threads, progress=False
+                    dense, x, target_latency=0.5, threads=args.threads, progress=False, **extra
                 )
             except ValueError as exc:  # the asked latency is out of reach on this machine
                 verdicts.append(False)
