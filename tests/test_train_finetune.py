@@ -13,7 +13,7 @@ from torch import nn
 
 import prunekit
 from conftest import mlp
-from prunekit.masks import get_mask, is_masked
+from prunekit.masks import get_mask, is_masked, reapply_masks
 from prunekit.train import GradualPruner, PolynomialSchedule, finetune, hidden_loss, kd_loss
 from prunekit.train.checkpoint import latest_point, write_point
 from prunekit.train.finetune import AUTO_LR_BOUNDS, RANGE_TEST_STEPS
@@ -320,6 +320,29 @@ def test_auto_lr_comes_from_the_range_test(dense) -> None:
     assert all(torch.equal(a, b) for a, b in zip(zeros, zero_positions(result.model), strict=True))
     fixed = finetune(pruned, DATA, ce, teacher=dense, epochs=1, lr=1e-3, progress=False)
     assert fixed.lr == 1e-3 and fixed.lr_test is None
+
+
+def test_auto_lr_with_a_pruner_is_tested_at_the_final_sparsity(dense) -> None:
+    model = copy.deepcopy(dense)
+    pruner = GradualPruner(model, PolynomialSchedule(final_sparsity=0.75, begin_step=0, end_step=8))
+    result = finetune(model, DATA, ce, epochs=4, pruner=pruner, inplace=True, progress=False)
+    # the reference: the range test on a copy pruned one-shot to 75 %, same loss, same steps
+    probe = prunekit.prune(dense, 0.75).model
+    reference = find_lr(
+        probe,
+        DATA,
+        lambda b: ce(probe, b),
+        lambda p, lr: torch.optim.AdamW(p, lr=lr),
+        steps=20,  # 24 steps in the run: the minimum of 20
+        divisor=3.0,
+        after_step=lambda: reapply_masks(probe),
+    )
+    assert result.lr_test is not None
+    # equal up to the last, divergent step at lr 1 (where float differences are amplified)
+    assert result.lr_test.losses[:-1] == pytest.approx(reference.losses[:-1], rel=1e-5)
+    low, high = AUTO_LR_BOUNDS
+    assert result.lr == pytest.approx(min(max(reference.lr, low), high))
+    assert pruner.sparsity == 0.75
 
 
 class Interrupt:

@@ -256,6 +256,33 @@ def _set_rng_state(state: dict[str, Any], data: Any) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _at_final_sparsity(
+    model: nn.Module, pruner: GradualPruner, total_steps: int | None
+) -> nn.Module:
+    """A copy of ``model`` pruned by a copy of ``pruner`` as its schedule stands at the run's
+    last step: the model the learning rate has to suit (a dense start would ask for a rate too
+    small to recover from the pruning to come). ``model`` itself when that fails."""
+    last = total_steps if total_steps is not None else getattr(pruner.schedule, "end_step", None)
+    if last is None:
+        return model
+    shared = [getattr(pruner, "data", None), getattr(pruner, "loss_fn", None), pruner.optimizer]
+    memo: dict[int, Any] = {id(obj): obj for obj in shared if obj is not None}
+    try:
+        twin = copy.deepcopy({"model": model, "pruner": pruner}, memo)
+        twin_pruner: GradualPruner = twin["pruner"]
+        twin_pruner.optimizer = None
+        twin_pruner.step_count = max(twin_pruner.step_count, last - 1)
+        twin_pruner.step()
+    except Exception as exc:  # noqa: BLE001 - any failure: test the rate on the model as it is
+        warnings.warn(
+            f"prunekit: finetune tests the learning rate on the model as it is, not at the "
+            f"pruner's final sparsity ({type(exc).__name__}: {exc})",
+            stacklevel=3,
+        )
+        return model
+    return twin["model"]
+
+
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], folder: Any) -> None:
     diffs = [
         f"{key}: checkpoint {saved.get(key)!r}, this call {current.get(key)!r}"
@@ -320,7 +347,8 @@ def finetune(
             a range test of up to ``RANGE_TEST_STEPS`` steps on ``data`` with this loss
             (:func:`prunekit.train.lr.find_lr`; the model is restored after it) picks the rate
             ``AUTO_LR_DIVISOR`` (3) times below the one of lowest loss, clipped to
-            ``AUTO_LR_BOUNDS``. Ignored when
+            ``AUTO_LR_BOUNDS``. With a ``pruner``, the test runs on a copy pruned to the
+            sparsity the pruner's schedule reaches at the last step. Ignored when
             ``optimizer`` is given (its own rate is the peak).
         weight_decay: of the default optimizer.
         optimizer: an optimizer factory ``params -> Optimizer`` (or, with ``inplace=True``, an
@@ -439,22 +467,23 @@ def finetune(
     if max_steps is not None:
         total_steps = min(total_steps or max_steps, max_steps)
 
-    def compute_loss(batch: Any) -> torch.Tensor:
+    def compute_loss(batch: Any, net: nn.Module | None = None) -> torch.Tensor:
+        net = model if net is None else net
         batch = to_device(batch, device)
         total = torch.zeros((), device=device)
         student_out: list[Any] = []
-        with Capture(model, hidden_names) as student_hidden:
+        with Capture(net, hidden_names) as student_hidden:
             if loss_fn is not None:
-                hook = model.register_forward_hook(lambda m, a, out: student_out.append(out))
+                hook = net.register_forward_hook(lambda m, a, out: student_out.append(out))
                 try:
-                    task = loss_fn(model, batch)
+                    task = loss_fn(net, batch)
                 finally:
                     hook.remove()
                 if not isinstance(task, torch.Tensor) or task.dim() != 0:
                     raise TypeError("loss_fn(model, batch) must return a scalar tensor")
                 total = total + task_weight * task
             if (use_kd or hidden_names) and not student_out:
-                student_out.append(forward(model, batch))
+                student_out.append(forward(net, batch))
         if teacher is not None:
             with torch.no_grad(), Capture(teacher, hidden_names) as teacher_hidden:
                 teacher_out = forward(teacher, batch)
@@ -521,17 +550,19 @@ def finetune(
         if resume is not None:
             peak = resume[1]["lr"]
         elif optimizer is None and lr == "auto":
+            probe = model if pruner is None else _at_final_sparsity(model, pruner, total_steps)
             result.lr_test = find_lr(
-                model,
+                probe,
                 data,
-                compute_loss,
+                lambda batch: compute_loss(batch, probe),
                 lambda params, rate: torch.optim.AdamW(params, lr=rate, weight_decay=weight_decay),
                 steps=RANGE_TEST_STEPS
                 if total_steps is None
                 else min(RANGE_TEST_STEPS, max(20, total_steps // 4)),
                 divisor=AUTO_LR_DIVISOR,
-                after_step=lambda: reapply_masks(model),
+                after_step=lambda: reapply_masks(probe),
             )
+            del probe
             low, high = AUTO_LR_BOUNDS
             peak = min(max(result.lr_test.lr, low), high)
         result.lr = float(peak) if optimizer is None else None
