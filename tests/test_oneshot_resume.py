@@ -352,3 +352,42 @@ def test_bad_checkpoint_is_refused_before_any_change(
         )
     assert_same(state(model), before)
     assert not hasattr(model, MARKER)
+
+
+class BlocksAndRest(nn.Module):
+    """Three blocks, a projection outside them (the "rest" stage) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(3))
+        self.proj = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(torch.relu(self.proj(x)))
+
+
+def test_interrupted_in_the_layers_outside_the_blocks_resumes(tmp_path, monkeypatch) -> None:
+    data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    want = state(oneshot(BlocksAndRest(), data, method="sparsegpt", progress=False).model)
+    model = BlocksAndRest()
+    interrupt_at(monkeypatch, 4)  # the three blocks done, then the projection
+    with pytest.warns(UserWarning, match="3 of 4 stages pruned in place .rest onwards"):
+        with pytest.raises(KeyboardInterrupt):
+            oneshot(
+                model, data, method="sparsegpt", inplace=True, checkpoint=tmp_path, progress=False
+            )
+    monkeypatch.undo()
+    assert getattr(model, MARKER)["next"] == "rest" and get_mask(model.proj) is None
+    report = oneshot(
+        model, data, method="sparsegpt", inplace=True, checkpoint=tmp_path, progress=False
+    )
+    assert_same(state(model), want)
+    assert report.details["checkpoint"] == {
+        "folder": str(tmp_path),
+        "resumed_stages": 3,
+        "stages": 4,
+    }

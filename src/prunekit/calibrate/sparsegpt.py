@@ -54,7 +54,12 @@ class SparseGPTResult:
 @contextmanager
 def fixed_threads(device: torch.device, enabled: bool = True) -> Iterator[None]:
     """Run CPU linear algebra on one thread (of this Python thread), so it rounds the same way
-    whatever ``torch.get_num_threads()`` is; no-op on other devices or when not ``enabled``."""
+    whatever ``torch.get_num_threads()`` is; no-op on other devices or when not ``enabled``.
+
+    PyTorch's OpenMP and MKL thread counts are per Python thread, so other threads keep theirs;
+    only a thread that makes its very first torch call inside this window starts with one
+    thread (PyTorch initialises new threads from the last value set). The count is restored on
+    exit, exceptions included."""
     before = torch.get_num_threads()
     if not enabled or device.type != "cpu" or before == 1:
         yield
