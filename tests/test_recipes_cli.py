@@ -149,6 +149,16 @@ def test_compress_encoder_recipe_with_training_data(bert_folder, text_file, tmp_
     assert 0.0 < table[-1]["quality"] < 1.0
 
 
+def test_compress_explains_why_a_bare_safetensors_file_is_not_enough(tmp_path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"fc.weight": torch.zeros(4, 4)}, str(tmp_path / "w.safetensors"))
+    args = ["compress", str(tmp_path / "w.safetensors"), "--recipe", "llm-2of4-int8"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    assert "no architecture to run" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

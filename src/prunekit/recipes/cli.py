@@ -170,6 +170,12 @@ def run_compress(args: argparse.Namespace) -> int:
     from prunekit.recipes.schema import load_recipe
 
     recipe = load_recipe(args.recipe)  # a RecipeError (ValueError) lists every problem
+    if args.model.is_file() and args.model.suffix == ".safetensors":
+        raise ValueError(
+            f"{args.model}: a bare safetensors file has no architecture to run, so compress "
+            "cannot calibrate, fine-tune or measure it; give a Hugging Face folder (config.json "
+            "+ weights), or use `prunekit prune FILE` for data-free pruning of a file"
+        )
     hf_folder(str(args.model))  # a folder with config.json and safetensors weights
     _check_eval_spec(args.eval_spec)
     for flag, value in (("--calib", args.calib), ("--data", args.data)):
