@@ -23,7 +23,19 @@ without a target.
 
 Every run uses the same data order (a seeded ``DataLoader``, batch 64, 79 steps an epoch).
 
-    .venv/bin/python benchmarks/mnist_finetune_defaults.py            # ~4-6 minutes, 2 cores
+Measured 2026-12-03 (1 thread, a heavily shared 2-core machine: each 8-epoch run took 230-340 s
+wall but 30-41 s of CPU; accuracy on 5000 images has a standard error of about 0.13 points):
+
+=========  ==========================  ====================  =====================
+sparsity   default (lr found)          plain loop            tuned (Adam 1e-3, T=4)
+=========  ==========================  ====================  =====================
+98 %       99.18 (4.1e-3); seed 1 99.22  99.32; seed 1 99.14  99.16
+99 %       99.06 (1.0e-2); seed 1 99.14  98.94                98.58
+=========  ==========================  ====================  =====================
+
+The old defaults (AdamW 1e-4, T=2, no schedule) gave 98.60 % at 98 %.
+
+    .venv/bin/python benchmarks/mnist_finetune_defaults.py            # ~4-6 minutes, 2 idle cores
     .venv/bin/python benchmarks/mnist_finetune_defaults.py --json out.json --include-head
 
 Without the data the script says so and exits 0.
