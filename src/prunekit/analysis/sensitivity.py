@@ -777,10 +777,43 @@ def oneshot_allocation(
         device=device,
         progress=pruner.progress,
     )
-    curves = {n: list(zip(points, _monotone(d), strict=True)) for n, d in damage.items()}
     sizes = {t.name: t.weight().numel() for t in free}
     removed = sum(count_to_remove(pruner.sparsity, n) for n in sizes.values())
-    return allocate(curves, sizes=sizes, removed=removed).per_layer
+    # Relative errors of different kinds of layers (down_proj vs q_proj) are not on one scale,
+    # so the budget is spent between blocks: a block's damage is the sum of its layers' errors
+    # (the same kinds of layers in every block), and its layers share its sparsity.
+    found = find_blocks(model, blocks) if sequential else None
+    groups: dict[str, list[Target]] = {}
+    for t in free:
+        key = t.name
+        if found is not None:
+            prefix = f"{found[0]}." if found[0] else ""
+            head = t.module_name[len(prefix) :].partition(".")[0]
+            if t.module_name.startswith(prefix) and head.isdigit():
+                key = f"{prefix}{head}"
+        groups.setdefault(key, []).append(t)
+    curves = {
+        key: list(
+            zip(
+                points,
+                _monotone([sum(v) for v in zip(*(damage[t.name] for t in group), strict=True)]),
+                strict=True,
+            )
+        )
+        for key, group in groups.items()
+    }
+    group_sizes = {key: sum(sizes[t.name] for t in group) for key, group in groups.items()}
+    chosen = allocate(curves, sizes=group_sizes, removed=removed)
+    per_layer: dict[str, float] = {}
+    for key, group in groups.items():  # the group's count, split in proportion to the sizes
+        total = chosen.removed[key]
+        shares = [total * sizes[t.name] / group_sizes[key] for t in group]
+        counts = [int(x) for x in shares]
+        order = sorted(range(len(group)), key=lambda i: shares[i] - counts[i], reverse=True)
+        for i in order[: total - sum(counts)]:
+            counts[i] += 1
+        per_layer.update({t.name: k / sizes[t.name] for t, k in zip(group, counts, strict=True)})
+    return per_layer
 
 
 def prune_allocation(
