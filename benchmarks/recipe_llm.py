@@ -60,7 +60,7 @@ def run(args, recipe: str, model, calib, val_ids) -> dict:
         "recipe": recipe,
         "size": final["file_fraction"],
         "bytes": final["file_bytes"],
-        "fp32_bytes": rows[0].get("fp32_bytes") or report.dense["fp32_bytes"],
+        "fp32_bytes": report.dense["fp32_bytes"],
         "ppl": final["quality"],
         "dense": rows[0]["quality"],
         "latency": {
