@@ -217,3 +217,15 @@ def test_hostile_kept_zeros_are_refused(tmp_path, positions, says) -> None:
     (path / "prunekit.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=re.escape(says)):
         prunekit.load(path, nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)))
+
+
+def test_bits_rules_from_json_or_yaml_lists_equal_tuples(tmp_path) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4))
+    as_list = prunekit.save(net, tmp_path / "a", compressed=True, bits={"0.*": [4, "group:32"]})
+    as_tuple = prunekit.save(net, tmp_path / "b", compressed=True, bits={"0.*": (4, "group:32")})
+    a, b = load_state(as_list), load_state(as_tuple)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["0.weight"], net[0].weight)  # really quantized to 4 bits
+    with pytest.raises(ValueError, match="bits or \\(bits, granularity\\)"):
+        prunekit.save(net, tmp_path / "c", compressed=True, bits={"*": [4, "group:32", 1]})

@@ -64,6 +64,7 @@ BAD_RECIPES = [
     ("stages:\n  - finetune: {loss_fn: ce}", "key 'loss_fn'", "given to prunekit.compress"),
     ("stages:\n  - quantize: {bits: 7}", "stage 1, quantize, key 'bits'", "8"),
     ("stages:\n  - quantize: {mode: float}", "key 'mode'", "'int'"),
+    ("stages:\n  - save: {bits: {'*': [3, 'group:8']}}", "stage 1, save, key 'bits'", "bits=3"),
     (
         "stages:\n  - save: {}\n  - prune: {sparsity: 0.5}",
         "stage 2, prune, line 3",

@@ -691,7 +691,14 @@ def _bit_rules(bits: Any, granularity: str) -> list[tuple[str, int, str]]:
     for pattern, value in bits.items():
         if not isinstance(pattern, str):
             raise TypeError(f"bits patterns must be strings, got {pattern!r}")
-        b, g = value if isinstance(value, tuple) else (value, granularity)
+        if isinstance(value, (tuple, list)):  # a list where the rule came from JSON / YAML
+            if len(value) != 2:
+                raise ValueError(
+                    f"bits[{pattern!r}] must be bits or (bits, granularity), got {value!r}"
+                )
+            b, g = value
+        else:
+            b, g = value, granularity
         parse_granularity(g)
         rules.append((pattern, check_bits(b), g))
     return rules

@@ -79,7 +79,12 @@ def _pattern(value: Any) -> None:
 
 
 def _bits(value: Any) -> None:
-    if value is None or isinstance(value, dict):
+    if value is None:
+        return
+    if isinstance(value, dict):  # {pattern: bits or [bits, granularity]}, as save checks it
+        from prunekit.compress.io import _bit_rules
+
+        _bit_rules(value, "per_channel")
         return
     from prunekit.compress.quantize import check_bits
 
