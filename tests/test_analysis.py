@@ -57,13 +57,22 @@ HAND_MADE = {
 SIZES = {"a": 8, "b": 12, "c": 10}
 
 
-@pytest.mark.parametrize("removed", [3, 9, 14, 20, 25])
-def test_allocation_is_optimal_on_hand_made_curves(removed) -> None:
-    alloc = allocate(HAND_MADE, sizes=SIZES, removed=removed)
-    best, counts = _brute_force(HAND_MADE, SIZES, removed)
+# a cliff then a plateau against a straight line: the Lagrangian (convex hull) answer is wrong
+TRAP = {"a": [(0.5, 1.0), (1.0, 1.0)], "b": [(1.0, 1.5)], "c": [(0.3, 0.2), (0.6, 1.5)]}
+TRAP_SIZES = {"a": 10, "b": 10, "c": 10}
+
+
+@pytest.mark.parametrize(
+    "curves, sizes, removed",
+    [(HAND_MADE, SIZES, r) for r in (3, 9, 14, 20, 25)]
+    + [(TRAP, TRAP_SIZES, r) for r in (3, 7, 12, 18)],
+)
+def test_allocation_is_optimal_on_hand_made_curves(curves, sizes, removed) -> None:
+    alloc = allocate(curves, sizes=sizes, removed=removed)
+    best, counts = _brute_force(curves, sizes, removed)
     assert sum(alloc.removed.values()) == removed
     assert alloc.predicted_damage == pytest.approx(best, abs=1e-12)
-    assert [round(alloc.per_layer[n] * SIZES[n]) for n in SIZES] == list(alloc.removed.values())
+    assert [round(alloc.per_layer[n] * sizes[n]) for n in sizes] == list(alloc.removed.values())
 
 
 def test_allocation_with_weighted_costs_is_optimal() -> None:
