@@ -194,27 +194,16 @@ def _prune_hf(args: argparse.Namespace, source: Path, out: Path) -> SparsityRepo
 
 
 def _oneshot_hf(args: argparse.Namespace, source: Path, out: Path) -> SparsityReport:
-    from prunekit.calibrate.data import calibration
     from prunekit.calibrate.oneshot import oneshot
+    from prunekit.cli_hf import tokenizer_and_calibration
 
-    try:
-        import transformers
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise CliError("oneshot needs transformers: pip install 'prunekit[hf]'") from exc
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise CliError(
-            f"{source}: no tokenizer found to tokenize the calibration text ({exc})"
-        ) from exc
-    if args.calib and not Path(args.calib).is_file():
-        raise CliError(f"--calib {args.calib}: no such file")
-    calib = calibration(
-        args.calib or "pydoc",
-        tokenizer,
+    _, calib = tokenizer_and_calibration(
+        source,
+        args.calib,
         n_samples=args.n_samples,
         seq_len=args.seq_len,
         seed=args.seed,
+        command="oneshot",
     )
     model = _load_hf(source)  # once, after the cheap checks
     report = oneshot(

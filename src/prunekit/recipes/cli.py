@@ -164,7 +164,7 @@ def _metric(spec: str | None, tokenizer: Any, calib: Any, seq_len: int, causal: 
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    from prunekit.calibrate.data import calibration
+    from prunekit.cli_hf import tokenizer_and_calibration
     from prunekit.graph.cli import hf_folder, load_hf_folder
     from prunekit.recipes.runner import compress
     from prunekit.recipes.schema import load_recipe
@@ -193,27 +193,13 @@ def run_compress(args: argparse.Namespace) -> int:
     ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    try:
-        import transformers
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ValueError("compress needs transformers: pip install 'prunekit[hf]'") from exc
-    transformers.logging.set_verbosity_error()
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{args.model}: no tokenizer found ({exc})") from exc
-    config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos is not None and args.seq_len > max_pos:
-        raise ValueError(f"--seq-len {args.seq_len} is above the model's {max_pos} positions")
-    args.out.mkdir(parents=True, exist_ok=True)
-
-    calib = calibration(
-        args.calib or "pydoc",
-        tokenizer,
+    tokenizer, calib = tokenizer_and_calibration(
+        args.model,
+        args.calib,
         n_samples=args.n_samples,
         seq_len=args.seq_len,
         seed=args.seed,
+        command="compress",
     )
     model = load_hf_folder(args.model)  # structurally pruned folders too
     causal = _is_causal(model)

@@ -1,0 +1,46 @@
+"""Shared pieces of the commands that read a Hugging Face folder's tokenizer and calibration
+text (``oneshot``, ``analyze``, ``compress``), checked before any model is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prunekit.calibrate.data import CalibrationSet, calibration
+
+
+def tokenizer_and_calibration(
+    folder: Path,
+    calib: str | None,
+    *,
+    n_samples: int,
+    seq_len: int,
+    seed: int,
+    command: str,
+) -> tuple[Any, CalibrationSet]:
+    """The folder's tokenizer and the calibration samples (``calib`` text file, or pydoc prose).
+
+    Raises ``ValueError`` naming the flag or file: transformers missing, no tokenizer, a
+    ``--calib`` file that does not exist, ``--seq-len`` above the model's positions.
+    """
+    try:
+        import transformers
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ValueError(f"{command} needs transformers: pip install 'prunekit[hf]'") from exc
+    if calib is not None and not Path(calib).is_file():
+        raise ValueError(f"--calib {calib}: no such file")
+    transformers.logging.set_verbosity_error()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"{folder}: no tokenizer found to tokenize the calibration text ({exc})"
+        ) from exc
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise ValueError(f"--seq-len {seq_len} is above the model's {max_pos} positions")
+    samples = calibration(
+        calib or "pydoc", tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed
+    )
+    return tokenizer, samples
