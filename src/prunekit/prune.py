@@ -28,6 +28,11 @@ from prunekit.targets import Target, per_layer_overrides, resolve_targets
 
 DEFAULT_SPARSITY = 0.5
 
+# Per-layer allocators for prune(allocation=...), registered by the package that computes them
+# (prunekit.analysis registers "sensitivity" when prunekit is imported): prune needs no import
+# of analysis, which itself builds on prune.
+ALLOCATORS: dict[str, Callable[..., dict[str, float]]] = {}
+
 
 def _check_sparsity(value: Any, what: str = "sparsity") -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
@@ -298,10 +303,9 @@ def prune(
         )
     overrides = per_layer_overrides(chosen, overrides_in)
     if allocation is not None:  # per-layer sparsities from sensitivity curves
-        from prunekit.analysis.sensitivity import prune_allocation
-
+        allocator = ALLOCATORS["sensitivity"]  # registered by prunekit.analysis
         overrides.update(
-            prune_allocation(
+            allocator(
                 model, chosen, overrides, allocation, sparsity, pattern, method, data, progress
             )
         )

@@ -66,36 +66,27 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from prunekit.analysis.sensitivity import sensitivity
-    from prunekit.calibrate.data import calibration
-    from prunekit.cli import CliError, _load_hf
+    from prunekit.cli_hf import tokenizer_and_calibration
+    from prunekit.graph.cli import load_hf_folder
 
     source, out = Path(args.path), Path(args.out)
     if not (source.is_dir() and (source / "config.json").is_file()):
-        raise CliError(f"{source}: analyze needs a Hugging Face model folder (with config.json)")
+        raise ValueError(f"{source}: analyze needs a Hugging Face model folder (with config.json)")
     if args.calib and not Path(args.calib).is_file():
-        raise CliError(f"--calib {args.calib}: no such file")
+        raise ValueError(f"--calib {args.calib}: no such file")
     if args.keep is not None and args.sparsity is not None:
-        raise CliError("give --sparsity (params) or --keep (of --cost), not both")
+        raise ValueError("give --sparsity (params) or --keep (of --cost), not both")
     if args.cost != "params" and args.keep is None:
-        raise CliError(f"--cost {args.cost} needs --keep <fraction of the {args.cost} kept>")
-    try:
-        import transformers
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise CliError("analyze needs transformers: pip install 'prunekit[hf]'") from exc
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise CliError(
-            f"{source}: no tokenizer found to tokenize the calibration text ({exc})"
-        ) from exc
-    calib = calibration(
-        args.calib or "pydoc",
-        tokenizer,
+        raise ValueError(f"--cost {args.cost} needs --keep <fraction of the {args.cost} kept>")
+    _, calib = tokenizer_and_calibration(
+        source,
+        args.calib,
         n_samples=args.n_samples,
         seq_len=args.seq_len,
         seed=args.seed,
+        command="analyze",
     )
-    model = _load_hf(source).eval()
+    model = load_hf_folder(source)
     result = sensitivity(
         model,
         calib,

@@ -59,7 +59,7 @@ from prunekit.calibrate.stats import (
 )
 from prunekit.masks import raw_parameter
 from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
-from prunekit.prune import compute_masks
+from prunekit.prune import ALLOCATORS, compute_masks
 from prunekit.scores import Criterion, get_criterion
 from prunekit.targets import Target, per_layer_overrides, resolve_targets
 
@@ -975,3 +975,6 @@ def _apply_allocation(model, items, per_layer, result, options, input_fn) -> nn.
         for t in targets:
             raw_parameter(modules[t.module_name], t.param_name).copy_(pruned[t.name])
     return copied.eval()
+
+
+ALLOCATORS["sensitivity"] = prune_allocation
