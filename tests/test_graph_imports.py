@@ -1,5 +1,5 @@
-"""The modules of ``prunekit.graph`` import each other without cycles (function-level imports
-included): read from the source with ``ast``, nothing is imported."""
+"""The modules of ``prunekit.graph``, and of the whole package, import each other without cycles
+(function-level imports included): read from the source with ``ast``, nothing is imported."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def module_name(path: Path) -> str:
 def import_graph(package: str) -> dict[str, set[str]]:
     """``module -> modules it imports`` for every module of ``package`` (packages themselves
     left out: ``from prunekit.graph import latency`` is an import of the submodule)."""
-    files = {module_name(p): p for p in (SRC / package.split(".", 1)[1]).rglob("*.py")}
+    sub = package.split(".", 1)[1].replace(".", "/") if "." in package else ""
+    files = {module_name(p): p for p in (SRC / sub).rglob("*.py")}
     modules = {name for name, p in files.items() if p.name != "__init__.py"}
     edges: dict[str, set[str]] = {m: set() for m in modules}
     for name in modules:
@@ -79,4 +80,12 @@ def test_graph_modules_import_without_cycles() -> None:
     edges = import_graph("prunekit.graph")
     assert "prunekit.graph.tracer" in edges["prunekit.graph.ops"]  # the reader sees imports
     assert "prunekit.graph.latency" in edges["prunekit.graph.pruner"]
+    assert cycles(edges) == []
+
+
+def test_no_module_of_prunekit_imports_itself_back() -> None:
+    """The whole package, across its folders (recipes, analysis, calibrate, compress, ...)."""
+    edges = import_graph("prunekit")
+    assert "prunekit.analysis.sensitivity" in edges  # modules of every folder are read
+    assert "prunekit.prune" in edges["prunekit.analysis.sensitivity"]
     assert cycles(edges) == []
