@@ -312,9 +312,9 @@ def _damage(folder: Path, how: str) -> None:
         tensors[name] = tensors[name].half()
         save_file(tensors, str(path))
         meta = json.loads((folder / "oneshot.json").read_text())
-        from prunekit.calibrate.progress import _sha256
+        from prunekit.compress.durable import sha256_file
 
-        meta["done"]["block-0001"]["sha256"] = _sha256(path)
+        meta["done"]["block-0001"]["sha256"] = sha256_file(path)
         (folder / "oneshot.json").write_text(json.dumps(meta))
 
 

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from prunekit.compress.durable import write_text_atomic
+
 Curve = Sequence[tuple[float, float]]
 
 
@@ -79,7 +81,7 @@ class Allocation:
 
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write the allocation as JSON (``prunekit prune/oneshot --per-layer FILE`` read it)."""
-        return _atomic_write(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        return write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     def __str__(self) -> str:
         width = max([len(n) for n in self.per_layer] + [5])
@@ -108,17 +110,6 @@ def load_per_layer(path: str | os.PathLike) -> dict[str, float]:
             "JSON object mapping layer names to sparsities"
         )
     return {k: float(v) for k, v in table.items()}
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 class _Layer:

@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from prunekit.compress.durable import write_text_atomic
+
 
 def _fmt_int(n: int | None) -> str:
     if n is None:
@@ -292,22 +294,13 @@ def html_page(report: Any, images: dict[str, str]) -> str:
     return "\n".join(parts)
 
 
-def _atomic_file_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_report(report: Any, out: str | os.PathLike) -> dict[str, str]:
     """Write report.json, report.md and report.html into ``out``; return their paths."""
     out = Path(out)
     files = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
     data = report.to_dict()
     data["table"] = table_rows(report)
-    _atomic_file_write(files["json"], json.dumps(data, indent=1, default=str) + "\n")
-    _atomic_file_write(files["md"], markdown(report))
-    _atomic_file_write(files["html"], html_page(report, plots(report)))
+    write_text_atomic(files["json"], json.dumps(data, indent=1, default=str) + "\n")
+    write_text_atomic(files["md"], markdown(report))
+    write_text_atomic(files["html"], html_page(report, plots(report)))
     return {k: str(v) for k, v in files.items()}

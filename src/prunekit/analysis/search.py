@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from prunekit.analysis.allocate import _atomic_write
+from prunekit.compress.durable import write_text_atomic
 
 DEFAULT_LADDER = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 
@@ -68,7 +68,7 @@ class FloorSearchReport:
         }
 
     def to_json(self, path: str | os.PathLike) -> Path:
-        return _atomic_write(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        return write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     def __str__(self) -> str:
         kind = f"{self.floor:g} of dense" if self.relative else f"{self.floor:g}"

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunekit.analysis.allocate import Allocation, _atomic_write, allocate
+from prunekit.analysis.allocate import Allocation, allocate
 from prunekit.calibrate.data import calibration
 from prunekit.calibrate.sequential import find_blocks, run_sequential
 from prunekit.calibrate.sparsegpt import SparseGPTFailure, _lowest, inverse_hessian_factor
@@ -57,6 +57,7 @@ from prunekit.calibrate.stats import (
     input_rows,
     run_model,
 )
+from prunekit.compress.durable import write_text_atomic
 from prunekit.masks import raw_parameter
 from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from prunekit.prune import ALLOCATORS, compute_masks
@@ -166,7 +167,7 @@ class SensitivityResult:
 
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write the curves as JSON (written to a temporary name, then renamed)."""
-        return _atomic_write(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        return write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """One row per layer and sparsity: layer, size, sparsity, damage, raw_damage."""
@@ -176,7 +177,7 @@ class SensitivityResult:
         for n in self.layers:
             for s, d, r in zip(self.sparsities, self.damage[n], self.raw_damage[n], strict=True):
                 writer.writerow([n, self.sizes[n], s, repr(d), repr(r)])
-        return _atomic_write(Path(path), buffer.getvalue())
+        return write_text_atomic(Path(path), buffer.getvalue())
 
     def plot(self, path: str | os.PathLike, heatmap: bool | None = None) -> Path:
         """Damage vs sparsity, one line per layer (a heatmap when there are more than 16).

@@ -47,6 +47,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from prunekit.compress.durable import fsync_path, sha256_file
 from prunekit.compress.io import pack_mask, unpack_mask
 from prunekit.masks import MASK_SUFFIX, apply_mask, get_mask, raw_parameter, remove_mask
 from prunekit.targets import Target
@@ -128,31 +129,10 @@ def model_digest(model: nn.Module, targets: list[Target]) -> str:
     return digest.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - file systems that refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
 def _replace(tmp: Path, final: Path) -> None:
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
 
 
 def _plain(value: Any) -> Any:
@@ -305,7 +285,7 @@ class OneshotProgress:
             path = self.folder / entry["file"]
             if not path.is_file():
                 raise ValueError(f"{path}: missing (recorded as finished in {META})")
-            if _sha256(path) != entry["sha256"]:
+            if sha256_file(path) != entry["sha256"]:
                 raise ValueError(f"{path}: checksum differs from {META} (a damaged file)")
             try:
                 with safe_open(str(path), framework="pt") as f:
@@ -418,7 +398,7 @@ class OneshotProgress:
             path = self.folder / self.stages[key].file
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             save_file(tensors, str(tmp))
-            sha = _sha256(tmp)
+            sha = sha256_file(tmp)
             _replace(tmp, path)
             names = {t.name for t in targets}
             self.done[key] = {

@@ -55,6 +55,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from prunekit._version import __version__
+from prunekit.compress.durable import fsync_path
 from prunekit.compress.quantize import (
     ACCEPTED_BITS,
     QUANT_ATTR,
@@ -158,19 +159,6 @@ def write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - file systems that refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     """Flush every file and folder under ``root`` (and ``root``) to disk."""
     for folder, _, files in os.walk(root):
@@ -180,7 +168,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(folder))
+        fsync_path(Path(folder))
 
 
 def _umask() -> int:
@@ -268,7 +256,7 @@ def recover_interrupted(path: str | os.PathLike) -> bool:
         if pid is None or not _pid_alive(pid):
             shutil.rmtree(tmp, ignore_errors=True)
     if restored:
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     return restored
 
 
@@ -309,14 +297,14 @@ def _atomic_dir_write(path: Path, overwrite: bool, write: Callable[[Path], None]
             old = path.with_name(f".{path.name}.old-{tag}")
             os.replace(path, old)
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_path(path.parent)
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old)
             else:
                 old.unlink()
         else:
             os.replace(tmp, path)  # an empty folder is replaced atomically
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
