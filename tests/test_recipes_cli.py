@@ -107,6 +107,12 @@ def test_compress_llm_recipe_and_resume(llama_folder, text_file, tmp_path, capsy
         "03-save",
     ]
     assert report["table"][-1]["file_fraction"] < 0.5
+    model_files = [
+        p
+        for p in (out / "model").iterdir()
+        if p.suffix == ".safetensors" or p.name in ("config.json", "prunekit.json")
+    ]
+    assert report["table"][-1]["file_bytes"] == sum(p.stat().st_size for p in model_files)
     assert report["quality"] == {"name": "perplexity", "higher_is_better": False}
 
     assert main(args) == 0  # the same command again: every stage comes from its checkpoint

@@ -141,7 +141,8 @@ def text_table(report: Any) -> str:
     title = f"prunekit compress: {report.recipe.name or report.recipe.source}"
     rule = "  ".join("-" * w for w in widths)
     notes = [
-        f"file: bytes as saved (compressed) / the dense fp32 safetensors file "
+        f"file: bytes as saved (compressed weights + config.json / prunekit.json; tokenizer and "
+        f"other side files not counted) / the dense fp32 safetensors file "
         f"({_fmt_bytes(report.dense.get('fp32_bytes'))})",
     ]
     if any(k.startswith("lat") for k, _ in cols):

@@ -39,12 +39,21 @@ class MeasureSettings:
         return cls(**section)
 
 
+MODEL_FILES = ("config.json", "prunekit.json")
+
+
 def folder_bytes(path: Path) -> int:
-    """Bytes of every file under ``path`` (a folder) or of the file itself."""
+    """Bytes of a saved model: its weight files (``*.safetensors``) and the JSON it needs to
+    load (``config.json``, ``prunekit.json``). Side files copied from a source folder
+    (tokenizer, sentence-transformers modules) are not the model and are not counted."""
     path = Path(path)
     if path.is_file():
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return sum(
+        p.stat().st_size
+        for p in path.iterdir()
+        if p.is_file() and (p.suffix == ".safetensors" or p.name in MODEL_FILES)
+    )
 
 
 def _unique_parameters(model: nn.Module) -> list[torch.Tensor]:
