@@ -364,6 +364,24 @@ def _kill_at(step: int) -> Callable[[], None]:
     return lambda: calls["n"]
 
 
+def _private_progress_lock() -> None:
+    """Give a forked writer its own, thread-only tqdm lock: killed while a progress bar holds
+    tqdm's inter-process lock, it would otherwise leave that lock taken and hang the next bar
+    the test process draws (transformers' loading bar in from_pretrained)."""
+    import threading
+
+    import tqdm
+
+    classes, seen = [tqdm.tqdm], set()
+    while classes:
+        cls = classes.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        cls._lock = threading.RLock()
+        classes.extend(cls.__subclasses__())
+
+
 def _in_child(job: Callable[[], None], step: int | None, delay: float | None = None) -> str:
     """Run ``job`` in a forked process, killed at file-system step ``step`` or after ``delay``
     seconds; returns how it ended."""
@@ -371,6 +389,7 @@ def _in_child(job: Callable[[], None], step: int | None, delay: float | None = N
     if pid == 0:  # pragma: no cover - the child never returns into pytest
         code = 0
         try:
+            _private_progress_lock()
             if step is not None:
                 _kill_at(step)
             job()
@@ -412,6 +431,7 @@ def _steps(job: Callable[[], None]) -> int:
     pid = os.fork()
     if pid == 0:  # pragma: no cover
         try:
+            _private_progress_lock()
             count = _kill_at(-1)
             job()
             os.write(write, str(count()).encode())
