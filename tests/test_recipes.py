@@ -61,6 +61,7 @@ BAD_RECIPES = [
     ("stages:\n  - prune_structured: {unit: [head, fin]}", "key 'unit'", "'fin'"),
     ("stages:\n  - finetune: {epochs: 0}", "stage 1, finetune, key 'epochs'", ">= 1"),
     ("stages:\n  - finetune: {teacher: bert}", "key 'teacher'", "'dense'"),
+    ("stages:\n  - finetune: {lr: fast}", "stage 1, finetune, key 'lr'", "'auto'"),
     ("stages:\n  - finetune: {loss_fn: ce}", "key 'loss_fn'", "given to prunekit.compress"),
     ("stages:\n  - quantize: {bits: 7}", "stage 1, quantize, key 'bits'", "8"),
     ("stages:\n  - quantize: {mode: float}", "key 'mode'", "'int'"),
@@ -138,6 +139,7 @@ def test_the_same_recipe_from_every_source(tmp_path) -> None:
     sources = [GOOD, yaml_text, json.dumps(GOOD), tmp_path / "r.yaml", str(tmp_path / "r.json")]
     stages = [[(s.verb, s.kwargs) for s in load_recipe(src).stages] for src in sources]
     assert all(s == stages[0] for s in stages)
+    assert load_recipe("stages: [{finetune: {lr: auto}}]").stages[0].kwargs == {"lr": "auto"}
     assert [s.fingerprint() for s in load_recipe(GOOD).stages] == [
         s.fingerprint() for s in load_recipe(yaml_text).stages
     ]

@@ -51,6 +51,14 @@ def _positive(value: Any) -> None:
         raise ValueError(f"must be > 0, got {value}")
 
 
+def _lr(value: Any) -> None:
+    if value == "auto":  # finetune's learning-rate range test
+        return
+    if isinstance(value, str):
+        raise ValueError(f"must be a positive number or 'auto', got {value!r}")
+    _positive(value)
+
+
 def _non_negative(value: Any) -> None:
     if value is not None and value < 0:
         raise ValueError(f"must be >= 0, got {value}")
@@ -290,7 +298,7 @@ STAGES: dict[str, StageSpec] = {
                 "teacher": _teacher,
                 "epochs": _at_least_one,
                 "max_steps": _at_least_one,
-                "lr": _positive,
+                "lr": _lr,
                 "weight_decay": _non_negative,
                 "temperature": _positive,
                 "task_weight": _non_negative,
