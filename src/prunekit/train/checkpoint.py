@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,6 +30,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from prunekit.compress.durable import fsync_path, sha256_file
 
 FORMAT = "prunekit-train-checkpoint"
 VERSION = 1
@@ -84,24 +85,6 @@ def unflatten(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return data
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - directories cannot be fsynced on some systems
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_point(folder: str | os.PathLike, epoch: int, state: Mapping[str, Any]) -> Path:
     """Write ``state`` as point ``epoch`` of checkpoint ``folder`` (atomically); drop older ones."""
     folder = Path(folder)
@@ -116,17 +99,17 @@ def write_point(folder: str | os.PathLike, epoch: int, state: Mapping[str, Any])
             "format": FORMAT,
             "version": VERSION,
             "epoch": epoch,
-            "sha256": _sha256(tmp / TENSORS),
+            "sha256": sha256_file(tmp / TENSORS),
             "state": data,
         }
         (tmp / META).write_text(json.dumps(meta, indent=1, allow_nan=True) + "\n")
         for path in (tmp / TENSORS, tmp / META, tmp):
-            _fsync(path)
+            fsync_path(path)
         final = folder / name
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync(folder)
+        fsync_path(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -165,7 +148,7 @@ def latest_point(folder: str | os.PathLike) -> tuple[int, dict[str, Any]] | None
         )
     if meta.get("epoch") != epoch:
         raise ValueError(f"{path / META}: records epoch {meta.get('epoch')!r}, folder says {epoch}")
-    if _sha256(path / TENSORS) != meta.get("sha256"):
+    if sha256_file(path / TENSORS) != meta.get("sha256"):
         raise ValueError(f"{path / TENSORS}: checksum differs from {META} (a damaged file)")
     tensors = load_file(str(path / TENSORS))
     return epoch, unflatten(meta["state"], tensors)
