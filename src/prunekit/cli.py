@@ -53,22 +53,6 @@ class CliError(Exception):
 # ---------------------------------------------------------------- reading tensors
 
 
-def _safetensors_files(path: Path) -> list[Path]:
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise CliError(
-                f"{path}: not a .safetensors file. prunekit reads safetensors only (never pickle); "
-                "convert .bin/.pt checkpoints with transformers' save_pretrained(safe_serialization=True)"
-            )
-        return [path]
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if files:
-            return files
-        raise CliError(f"{path}: no *.safetensors file in this folder")
-    raise CliError(f"{path}: no such file or folder")
-
-
 def _file_stats(path: Path) -> SparsityReport:
     from prunekit.file_stats import file_stats
 
@@ -281,7 +265,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if source.is_dir() and (source / "config.json").is_file():
         report = _prune_hf(args, source, out)
     elif source.is_file():
-        _safetensors_files(source)
+        from prunekit.file_stats import safetensors_files
+
+        safetensors_files(source)  # a .safetensors file, or a clear error
         report = _prune_file(args, source, out)
     else:
         raise CliError(

@@ -55,7 +55,8 @@ def natural_key(name: str) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name))
 
 
-def _safetensors_files(path: Path) -> list[Path]:
+def safetensors_files(path: Path) -> list[Path]:
+    """The safetensors files of a file or folder argument; a clear error for anything else."""
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ValueError(
@@ -151,7 +152,7 @@ def file_stats(path: str | os.PathLike) -> SparsityReport:
         >>> print(report)  # doctest: +SKIP
     """
     path = Path(path)
-    files = _safetensors_files(path)
+    files = safetensors_files(path)
     meta = _read_meta(path)
     masks = meta.get("masks", {}) if isinstance(meta.get("masks"), dict) else {}
     reference = _reference(path) if path.is_dir() else None
