@@ -1,6 +1,6 @@
 """prunekit demo: one recipe turns a trained CNN into a smaller, faster, int8 model, measured.
 
-What it shows, on CPU and offline, in a couple of minutes:
+What it shows, on CPU and offline, in well under a minute:
 
 1. A tiny CNN is trained on scikit-learn's digits data set (1,797 real 8x8 scans of handwritten
    digits, shipped with scikit-learn, so nothing is downloaded). The data is split 75/25,
