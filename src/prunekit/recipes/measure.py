@@ -18,8 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from prunekit.compress.io import effective_state, save
-from prunekit.masks import masked_parameters
+from prunekit.compress.io import _dedupe_shared, effective_state, save
 
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
@@ -75,17 +74,10 @@ def count_nonzeros(model: nn.Module) -> tuple[int, int]:
 
 
 def fp32_bytes(model: nn.Module) -> int:
-    """Size of the model's state as one plain float32 safetensors file (the usual reference)."""
-    state, _ = effective_state(model)
-    plain = {}
-    seen = {}
-    for name, tensor in state.items():
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
-        if key in seen and tensor.numel():
-            continue  # tied weights are stored once
-        seen[key] = name
-        t = tensor.detach()
-        plain[name] = (t.float() if t.is_floating_point() else t).contiguous().clone()
+    """Size of the model's state as one plain float32 safetensors file (the usual reference);
+    tied weights are stored once, as ``prunekit.save`` stores them."""
+    kept, _ = _dedupe_shared(effective_state(model)[0])
+    plain = {n: t.float() if t.is_floating_point() else t for n, t in kept.items()}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.safetensors"
         save_file(plain, str(path))
@@ -116,10 +108,6 @@ def layer_rows(model: nn.Module) -> list[dict[str, Any]]:
                 }
             )
     return rows
-
-
-def masked_count(model: nn.Module) -> int:
-    return sum(1 for _ in masked_parameters(model))
 
 
 def latency(

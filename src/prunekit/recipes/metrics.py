@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.train.finetune import default_forward
+from prunekit.train.finetune import _model_device, default_forward
 
 
 @dataclass
@@ -58,11 +58,6 @@ def as_metric(evaluate: Any) -> Metric | None:
             f"got {type(evaluate).__name__}"
         )
     return Metric(evaluate, name=getattr(evaluate, "__name__", "quality"))
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def accuracy(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Metric:

@@ -39,7 +39,6 @@ MEASURE_KEYS = {
     "threads": int,
     "every_stage": bool,
 }
-DATA_KINDS = ("calib", "data", "loss_fn", "example_inputs")
 
 
 class RecipeError(ValueError):
