@@ -144,10 +144,13 @@ def _check_out(out: Path) -> None:
         probe.unlink(missing_ok=True)
 
 
-def _finished_stages(out: Path, recipe: Recipe, chains: list[str], progress: bool) -> int:
-    """How many leading stages have checkpoints that match; stale ones are removed."""
+def _finished_stages(
+    out: Path, recipe: Recipe, chains: list[str], progress: bool
+) -> list[dict[str, Any]]:
+    """The records (stage.json) of the leading stages whose checkpoints match; stale
+    checkpoints are removed."""
     root = out / STAGES_DIR
-    done = 0
+    records: list[dict[str, Any]] = []
     for stage, chain in zip(recipe.stages, chains, strict=True):
         record = root / stage.label / STAGE_FILE
         if not record.is_file():
@@ -163,13 +166,13 @@ def _finished_stages(out: Path, recipe: Recipe, chains: list[str], progress: boo
                 f"(recipe, seed or input model changed): stages {stage.index}.. run again",
             )
             break
-        done += 1
+        records.append(saved)
     if root.is_dir():
-        keep = {s.label for s in recipe.stages[:done]}
+        keep = {s.label for s in recipe.stages[: len(records)]}
         for item in root.iterdir():
             if item.name not in keep:
                 shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink()
-    return done
+    return records
 
 
 def compress(
@@ -260,11 +263,12 @@ def compress(
         previous = _chain(previous, stage)
         chains.append(previous)
 
-    done = 0
+    records: list[dict[str, Any]] = []
     if out_path is not None and resume:
-        done = _finished_stages(out_path, recipe, chains, progress)
+        records = _finished_stages(out_path, recipe, chains, progress)
     elif out_path is not None and (out_path / STAGES_DIR).is_dir():
         shutil.rmtree(out_path / STAGES_DIR)
+    done = len(records)
 
     _log(progress, f"measuring the dense model ({recipe.name or recipe.source})")
     dense_row = measure(
@@ -285,8 +289,7 @@ def compress(
         folder = out_path / STAGES_DIR / last.label
         _log(progress, f"resuming after stage {last.index} ({last.verb}) from {folder}")
         work = load(folder / "model", work)
-        for stage in recipe.stages[:done]:
-            saved = json.loads((out_path / STAGES_DIR / stage.label / STAGE_FILE).read_text())
+        for stage, saved in zip(recipe.stages, records, strict=False):
             report.stages.append(
                 StageResult(
                     label=stage.label,
