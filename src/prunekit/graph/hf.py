@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +35,6 @@ COMPRESSED_WEIGHTS_FILE = "prunekit-compressed.safetensors"
 COMPRESSED_ENCODING = "prunekit-sparse"  # the per-tensor encoding of prunekit.save(compressed=True)
 COMPRESSED_ENCODING_VERSION = 2  # the format_version prunekit.save(compressed=True) writes
 WEIGHTS_KEY = "compressed_weights"  # in prunekit.json: file, encoding, encoding_version
-# Weight files of a source folder that are never copied beside the saved weights.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
-_WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 # prunekit.json fields that decide what loads (covered by its integrity checksum), and the
 # files besides the weights whose checksums it records
 HF_LOAD_FIELDS = (
@@ -328,15 +324,10 @@ def _save_pretrained(
             save_file(tensors, str(folder / COMPRESSED_WEIGHTS_FILE), metadata={"format": "pt"})
         else:
             model.save_pretrained(folder, safe_serialization=True)
-        if source is not None:
-            for item in Path(source).iterdir():
-                if (
-                    item.is_file()
-                    and not (folder / item.name).exists()
-                    and item.suffix not in _WEIGHT_SUFFIXES
-                    and not item.name.endswith(_WEIGHT_INDEX_SUFFIXES)
-                ):
-                    shutil.copy2(item, folder / item.name)
+        if source is not None:  # tokenizer, README, sentence-transformers modules, ...
+            from prunekit.graph.side_files import copy_side_files
+
+            copy_side_files(source, folder)
         written = sorted(
             p.name
             for p in folder.iterdir()
