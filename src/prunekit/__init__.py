@@ -45,12 +45,14 @@ from prunekit.masks import finalize
 from prunekit.prune import prune
 from prunekit.recipes import CompressReport, RecipeError, list_recipes, load_recipe
 from prunekit.report import PruneReport, SparsityReport, stats
-from prunekit.runtime.accelerate import AccelerateReport, accelerate
+from prunekit.runtime.accelerate import AccelerateReport, accelerate, deaccelerate
+from prunekit.runtime.accelerated import AcceleratedModelError
 from prunekit.runtime.bench import BenchReport, bench
 from prunekit.train import GradualPruner, finetune, lottery_ticket, prune_at_init
 
 __all__ = [
     "AccelerateReport",
+    "AcceleratedModelError",
     "Allocation",
     "BenchReport",
     "CompressReport",
@@ -75,6 +77,7 @@ __all__ = [
     "calibration",
     "compress",
     "count",
+    "deaccelerate",
     "eval",
     "export_onnx",
     "finalize",

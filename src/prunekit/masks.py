@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from prunekit.runtime.accelerated import decode_accelerated
+
 MASK_SUFFIX = "_mask"
 
 _CLASS_CACHE: dict[tuple[type, tuple[str, ...]], type] = {}
@@ -163,8 +165,9 @@ def finalize(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Bake every mask into its weights and remove the mask machinery.
 
     The result is an instance of the plain architecture: its ``state_dict`` loads into a fresh,
-    never-pruned model of the same class, with the zeros in place. Returns a new model unless
-    ``inplace=True``.
+    never-pruned model of the same class, with the zeros in place. Layers swapped in by
+    :func:`prunekit.accelerate` are decoded back to their ``nn.Linear`` / ``nn.Conv2d`` too
+    (as :func:`prunekit.deaccelerate` does). Returns a new model unless ``inplace=True``.
 
     Example:
         >>> import torch, prunekit
@@ -175,6 +178,7 @@ def finalize(model: nn.Module, inplace: bool = False) -> nn.Module:
     """
     if not inplace:
         model = copy.deepcopy(model)
+    model = decode_accelerated(model)  # sparse-kernel layers back to their dense modules
     for _, module, name in list(masked_parameters(model)):
         remove_mask(module, name)
     return model

@@ -14,6 +14,7 @@ from torch import nn
 from prunekit.masks import apply_mask
 from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from prunekit.report import PruneReport, layer_stats, model_counts
+from prunekit.runtime.accelerated import refuse_accelerated
 from prunekit.scope import (
     NORMALIZATIONS,
     SCOPES,
@@ -260,6 +261,7 @@ def prune(
         >>> report.sparsity
         0.5
     """
+    refuse_accelerated(model, "prune")  # SparseLinear weights are buffers: deaccelerate first
     pattern = parse_pattern(pattern)
     sparsity = _resolve_sparsity(sparsity, pattern)
     criterion = get_criterion(method)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from prunekit.masks import is_masked, masked_parameters
+from prunekit.runtime.accelerated import accelerated_as_dense, accelerated_layers
 from prunekit.targets import Target, all_prunable
 
 
@@ -201,13 +202,17 @@ def model_counts(model: nn.Module) -> tuple[int, int]:
 def stats(model: nn.Module) -> SparsityReport:
     """Per-layer table (shape, params, non-zeros, sparsity) of every prunable or masked weight.
 
-    Works on any model, masked or finalized.
+    Works on any model, masked, finalized or accelerated (sparse-kernel layers are listed as
+    the dense weights they encode).
 
     Example:
         >>> import torch, prunekit
         >>> print(prunekit.stats(torch.nn.Linear(4, 2)).params)
         8
     """
+    if accelerated_layers(model):  # sparse-kernel layers: counted as the dense ones they encode
+        with accelerated_as_dense(model):
+            return stats(model)
     targets = all_prunable(model)
     listed = {t.name for t in targets}
     for module_name, module, name in masked_parameters(model):

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prunekit.runtime.accelerated import refuse_accelerated
+
 PRUNABLE_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -151,8 +153,10 @@ def resolve_targets(
 
     With ``embeddings=True``, ``nn.Embedding`` tables that a ``targets`` pattern matches are
     included too (never by default). Raises ValueError when a pattern matches nothing (listing
-    the prunable names) or when nothing is left to prune.
+    the prunable names) or when nothing is left to prune; raises
+    :class:`prunekit.AcceleratedModelError` for a model with accelerated layers.
     """
+    refuse_accelerated(model, "pruning")  # their weights are buffers: never "nothing to prune"
     candidates = all_prunable(model, embeddings=embeddings and bool(_as_patterns(targets)))
     if not candidates:
         raise ValueError(

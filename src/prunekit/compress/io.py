@@ -39,13 +39,12 @@ aside and moving the new one in is repaired by the next save or load of that pat
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +88,7 @@ from prunekit.compress.validate import (
 )
 from prunekit.masks import MASK_SUFFIX, apply_mask, get_mask, masked_parameters, remove_mask
 from prunekit.report import stats
+from prunekit.runtime.accelerated import accelerated_as_dense
 from prunekit.targets import matches
 
 FORMAT_VERSION = 2  # the newest version this prunekit reads; plain saves still write 1
@@ -308,42 +308,6 @@ def _atomic_dir_write(path: Path, overwrite: bool, write: Callable[[Path], None]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-@contextlib.contextmanager
-def accelerated_as_dense(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, every layer :func:`prunekit.runtime.accelerate.accelerate` swapped in
-    (``SparseLinear``, ``SparseConv2d``) is replaced by the dense ``nn.Linear`` / ``nn.Conv2d``
-    it encodes, so ``state_dict`` holds ordinary ``weight`` / ``bias`` tensors that load into
-    the original architecture; the accelerated layers are put back afterwards.
-
-    Example:
-        >>> with accelerated_as_dense(model):  # doctest: +SKIP
-        ...     model.save_pretrained(folder)
-    """
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    for name, module in list(model.named_modules()):
-        if type(module).__module__ != "prunekit.runtime.accelerate" or not name:
-            continue
-        if not hasattr(module, "to_dense"):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if parent._modules.get(child) is not module:
-            continue  # inside another accelerated module (SparseConv2d.linear)
-        dense = module.to_dense()
-        dense.train(module.training)
-        parent._modules[child] = dense
-        swapped.append((parent, child, module))
-    if not swapped and type(model).__module__ == "prunekit.runtime.accelerate":
-        raise TypeError(
-            f"{type(model).__name__} is itself an accelerated layer; save the model that holds it"
-        )
-    try:
-        yield model
-    finally:
-        for parent, child, module in reversed(swapped):
-            parent._modules[child] = module
 
 
 def effective_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

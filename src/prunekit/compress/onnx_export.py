@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from prunekit.masks import masked_parameters
+from prunekit.runtime.accelerated import refuse_accelerated
 
 __all__ = ["OnnxCheckError", "OnnxExport", "export_onnx"]
 
@@ -281,6 +282,7 @@ def export_onnx(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx: model must be an nn.Module, got {type(model).__name__}")
+    refuse_accelerated(model, "export_onnx")  # the C kernels do not export
     masked = [f"{m}.{p}" if m else p for m, _, p in masked_parameters(model)]
     if masked:
         shown = ", ".join(masked[:3]) + (", ..." if len(masked) > 3 else "")

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from prunekit.masks import MASK_SUFFIX, is_masked, raw_parameter
+from prunekit.runtime.accelerated import refuse_accelerated
 from prunekit.targets import Target, resolve_targets
 
 QUANT_ATTR = "_prunekit_quant"
@@ -349,7 +350,9 @@ def quantize(
     head). Returns a :class:`QuantizeReport` (relative Frobenius and max absolute error per
     layer) whose ``model`` is the quantized model (a copy unless ``inplace=True``). A targeted
     weight holding NaN or inf is refused with a ``ValueError`` naming the layer, before any
-    layer is changed.
+    layer is changed. A model sped up by ``prunekit.accelerate`` is refused
+    (:class:`prunekit.AcceleratedModelError`): quantize before accelerating (``accelerate`` then
+    runs ``mode="int"`` layers on their int8 codes), or ``prunekit.deaccelerate`` first.
 
     Example:
         >>> import torch, prunekit
@@ -359,6 +362,7 @@ def quantize(
         >>> report.max_rel_error < 0.01
         True
     """
+    refuse_accelerated(model, "quantize")  # quantize before accelerate, or deaccelerate first
     bits = check_bits(bits)
     parse_granularity(granularity)
     if mode not in ACCEPTED_MODES:

@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from prunekit.graph.leaves import GATES
 from prunekit.graph.trace import call_model, iter_tensors, op_name
+from prunekit.runtime.accelerated import accelerated_as_dense, accelerated_layers
 
 
 @dataclass
@@ -227,7 +228,12 @@ def count(model: nn.Module, example_inputs: Any) -> CountReport:
         >>> report = prunekit.count(net, torch.randn(3, 8))
         >>> report.params, report.macs  # 3 rows x (8x4 + 4x2)
         (46, 120)
+
+    Layers swapped in by ``prunekit.accelerate`` are counted as the dense layers they encode.
     """
+    if accelerated_layers(model):
+        with accelerated_as_dense(model):
+            return count(model, example_inputs)
     counter = _Counter(model)
     handles = []
     for module in model.modules():

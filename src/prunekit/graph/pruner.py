@@ -22,6 +22,7 @@ from prunekit.graph.plan import CostModel, Selection, resolve_target, restore, s
 from prunekit.graph.report import GroupRow, StructuredReport
 from prunekit.graph.surgery import StructuredPruningError, apply_removal, verify
 from prunekit.graph.trace import Graph, trace
+from prunekit.runtime.accelerated import refuse_accelerated
 from prunekit.targets import matches
 
 UNITS = ("channel", "neuron", "head", "layer")
@@ -194,6 +195,7 @@ def prune_structured(
         >>> pruned[0].out_features, report.params_after < report.params_before
         (32, True)
     """
+    refuse_accelerated(model, "prune_structured")  # sparse-kernel layers cannot be resized
     units = _units(unit)
     ratio = _check_ratio(ratio)
     _check_choice("scope", scope, SCOPES)

@@ -6,12 +6,15 @@ from prunekit.runtime.accelerate import (
     SparseConv2d,
     SparseLinear,
     accelerate,
+    deaccelerate,
 )
+from prunekit.runtime.accelerated import AcceleratedModelError
 from prunekit.runtime.bench import BenchReport, BenchRow, bench
 from prunekit.runtime.memory import PeakMemory
 
 __all__ = [
     "AccelerateReport",
+    "AcceleratedModelError",
     "AccelerateRow",
     "BenchReport",
     "BenchRow",
@@ -20,4 +23,5 @@ __all__ = [
     "SparseLinear",
     "accelerate",
     "bench",
+    "deaccelerate",
 ]

@@ -54,15 +54,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.runtime import kernels, sparse_formats
+from prunekit.runtime.accelerated import (
+    AcceleratedModelError,
+    decode_accelerated,
+)
 from prunekit.runtime.sparse_formats import FORMATS
 
 __all__ = [
     "FORMATS",
     "AccelerateReport",
+    "AcceleratedModelError",
     "AccelerateRow",
     "SparseConv2d",
     "SparseLinear",
     "accelerate",
+    "deaccelerate",
 ]
 
 
@@ -85,6 +91,8 @@ class SparseLinear(nn.Module):
         >>> torch.allclose(layer(torch.ones(2, 32)), torch.ones(2, 32) @ w.T, atol=1e-5)
         True
     """
+
+    _prunekit_accelerated = True  # see prunekit.runtime.accelerated
 
     def __init__(
         self,
@@ -288,6 +296,8 @@ class SparseConv2d(nn.Module):
         >>> torch.allclose(sparse(x), conv(x), atol=1e-5)
         True
     """
+
+    _prunekit_accelerated = True  # see prunekit.runtime.accelerated
 
     def __init__(
         self,
@@ -788,3 +798,41 @@ def accelerate(
         "note": "timings are of this machine and these input shapes",
     }
     return model, AccelerateReport(rows, settings)
+
+
+def deaccelerate(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Undo :func:`accelerate`: every :class:`SparseLinear` / :class:`SparseConv2d` becomes the
+    ``nn.Linear`` / ``nn.Conv2d`` it encodes (same weight, zeros included, same bias).
+
+    The result is a plain dense model again, which every verb accepts (``prune``, ``quantize``,
+    ``finetune``, ``prune_structured``, ...); those verbs refuse an accelerated model with an
+    :class:`AcceleratedModelError` that points here. Layers that ran on int8 codes come back
+    with their dequantized float32 weights (codes times per-row scale); a ``quantize`` record
+    on the model is kept, so ``save(compressed=True)`` still stores the codes. The masks the
+    layers may have had before :func:`accelerate` are not restored: their zeros are.
+    (``prunekit.finetune`` keeps zeros at zero by default.)
+
+    Args:
+        model: a model returned by :func:`accelerate` (a model with no accelerated layer is
+            returned as it is, copied unless ``inplace``), or a single accelerated layer.
+        inplace: swap the layers in ``model`` itself; otherwise a deep copy is changed and
+            returned.
+
+    Returns:
+        The dense model (``model`` itself when ``inplace``, except for a single accelerated
+        layer, whose dense module is returned).
+
+    Example:
+        >>> import torch, prunekit
+        >>> net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        >>> fast, _ = accelerate(prunekit.finalize(prunekit.prune(net, 0.9).model),
+        ...                      torch.randn(1, 64), min_speedup=0.0, progress=False)
+        >>> dense = deaccelerate(fast)
+        >>> type(dense[0]).__name__
+        'Linear'
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"deaccelerate: model must be an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    return decode_accelerated(model)

@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.masks import apply_mask, is_masked, reapply_masks, remove_mask
+from prunekit.runtime.accelerated import refuse_accelerated
 from prunekit.targets import all_prunable
 from prunekit.train.checkpoint import latest_point, write_point
 from prunekit.train.distill import (
@@ -405,6 +406,7 @@ def finetune(
         >>> int((result.model[0].weight == 0).sum())  # the 80 % zeros of the first layer stay
         102
     """
+    refuse_accelerated(model, "finetune")  # sparse-kernel weights are buffers: nothing trains
     epochs = _check_count("epochs", epochs, allow_none=False)
     max_steps = _check_count("max_steps", max_steps)
     eval_every = _check_count("eval_every", eval_every)
