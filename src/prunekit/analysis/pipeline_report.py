@@ -150,7 +150,22 @@ def text_table(report: Any) -> str:
             f"latency: median, dense timed in the same call, {report.settings.get('torch_threads')} "
             "threads"
         )
-    return "\n".join([title, line(header), rule, *(line(b) for b in body), rule, *notes])
+    return "\n".join(
+        [title, line(header), rule, *(line(b) for b in body), rule, *notes, *goal_lines(report)]
+    )
+
+
+def goal_lines(report: Any) -> list[str]:
+    """The goal's verdict and every search trial, as plain lines (empty without a goal)."""
+    lines: list[str] = []
+    search = getattr(report, "search", None)
+    if search is not None:
+        lines += search.lines()
+    checks = getattr(report, "goal", None)
+    if checks is not None:
+        status = "met" if report.goal_met else "NOT met"
+        lines.append(f"goal {status}: " + "; ".join(c.text for c in checks))
+    return lines
 
 
 def markdown(report: Any) -> str:
@@ -161,6 +176,9 @@ def markdown(report: Any) -> str:
         out += [report.recipe.description.strip(), ""]
     out += ["| " + " | ".join(t for _, t in cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(r.get(k, "-") for k, _ in cols) + " |" for r in rows]
+    goal = goal_lines(report)
+    if goal:
+        out += ["", "## Goal", "", "```", *goal, "```"]
     out += ["", "## Recipe", "", "```json", json.dumps(report.recipe.to_dict(), indent=2), "```"]
     out += ["", "## Stages", ""]
     for stage in report.stages:
@@ -276,6 +294,9 @@ def html_page(report: Any, images: dict[str, str]) -> str:
         "safetensors file; latency: median, the dense model timed in the same call; quality in "
         "brackets: retained fraction of dense.</p>"
     )
+    goal = goal_lines(report)
+    if goal:
+        parts.append("<h2>Goal</h2><pre>" + esc("\n".join(goal)) + "</pre>")
     if images:
         for key, title in (("layers", "Per-layer density"), ("tradeoff", "Size, latency, quality")):
             if key in images:

@@ -29,7 +29,9 @@ import torch
 from torch import nn
 
 from prunekit._version import __version__
+from prunekit.compress.durable import write_text_atomic
 from prunekit.compress.io import _atomic_dir_write, load, save
+from prunekit.recipes.goal import GoalCheck, SearchResult, Trial, check_goal, goal_met, search
 from prunekit.recipes.measure import MeasureSettings, measure
 from prunekit.recipes.metrics import Metric, as_metric
 from prunekit.recipes.schema import Recipe, RecipeError, Stage, check_inputs, load_recipe
@@ -68,6 +70,9 @@ class CompressReport:
     higher_is_better: bool = True
     settings: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    goal: list[GoalCheck] | None = None
+    goal_met: bool | None = None
+    search: SearchResult | None = None
 
     def rows(self) -> list[dict[str, Any]]:
         """The stage table as dicts: dense first, then one per stage."""
@@ -85,6 +90,10 @@ class CompressReport:
             "stages": [vars(s).copy() for s in self.stages],
             "out": str(self.out) if self.out else None,
             "files": self.files,
+            "goal": None
+            if self.goal is None
+            else {"met": self.goal_met, "checks": [vars(c) for c in self.goal]},
+            "search": self.search.to_dict() if self.search else None,
         }
 
     def __str__(self) -> str:
@@ -192,6 +201,11 @@ def compress(
 ) -> CompressReport:
     """Run a recipe end to end: prune, recover, quantize, save; measured after every stage.
 
+    A recipe may state a ``goal:`` (a quality floor, a file size, a latency, a MAC / parameter /
+    non-zero budget) and mark one stage's ratio ``search``: the pipeline is then run at the
+    values a bisection asks for, each trial measured after its last stage, and the value that
+    meets the goal is kept (see :mod:`prunekit.recipes.goal`). Every trial is in the report.
+
     Args:
         model: the dense model. Left untouched unless ``inplace=True``; either way one copy is
             kept as the dense reference (the ``teacher: dense`` of ``finetune`` stages, and the
@@ -211,11 +225,13 @@ def compress(
             Hugging Face folder (:func:`prunekit.save_pretrained`) with its side files
             (tokenizer, ...). Hugging Face models are saved that way even without it.
         resume: continue from the checkpoints in ``out`` (default); False starts over.
-        inplace: run the stages on ``model`` itself.
+        inplace: run the stages on ``model`` itself (not with a ``search`` value, whose trials
+            each start from a copy).
         progress: print stage progress and the verbs' progress bars.
 
     Returns:
-        A :class:`CompressReport`: ``.model`` is the result, ``print(report)`` the stage table.
+        A :class:`CompressReport`: ``.model`` is the result, ``print(report)`` the stage table,
+        ``.goal`` the goal's checks and ``.search`` the trials when the recipe has a goal.
 
     Example:
         >>> report = prunekit.compress(model, "cnn-small", data=loader, loss_fn=ce,  # doctest: +SKIP
@@ -233,19 +249,23 @@ def compress(
     }
     check_inputs(recipe, available)
     metric = as_metric(evaluate)
+    _check_goal_inputs(recipe, metric is not None, example_inputs is not None)
+    if recipe.knob is not None and inplace:
+        raise ValueError(
+            "inplace=True cannot be used with a 'search' value: every trial starts from a copy "
+            "of the input model; leave inplace=False"
+        )
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         _check_out(out_path)
     settings = MeasureSettings.from_recipe(recipe.measure)
 
     dense = copy.deepcopy(model) if inplace else model
-    work = model if inplace else copy.deepcopy(model)
     dense.eval()
     if metric is not None and metric.needs_reference:
         metric = metric.bind(dense)
-    calib_list = list(calib) if calib is not None else None
     ctx = _Context(
-        calib_list,
+        list(calib) if calib is not None else None,
         data,
         loss_fn,
         example_inputs,
@@ -254,93 +274,261 @@ def compress(
         progress,
         Path(source) if source is not None else None,
     )
-
-    base = hashlib.sha256(f"{model_fingerprint(dense)}|seed={recipe.seed}".encode()).hexdigest()[
-        :16
-    ]
-    chains, previous = [], base
-    for stage in recipe.stages:
-        previous = _chain(previous, stage)
-        chains.append(previous)
-
-    records: list[dict[str, Any]] = []
-    if out_path is not None and resume:
-        records = _finished_stages(out_path, recipe, chains, progress)
-    elif out_path is not None and (out_path / STAGES_DIR).is_dir():
-        shutil.rmtree(out_path / STAGES_DIR)
-    done = len(records)
+    if out_path is not None and not resume:  # start over; this run's checkpoints are reused
+        shutil.rmtree(out_path / STAGES_DIR, ignore_errors=True)
+        shutil.rmtree(out_path / SEARCH_DIR, ignore_errors=True)
+    run = _Run(ctx, metric, settings, model_fingerprint(dense))
 
     _log(progress, f"measuring the dense model ({recipe.name or recipe.source})")
-    dense_row = measure(
+    run.dense_row = measure(
         dense, dense=None, example_inputs=example_inputs, evaluate=metric, settings=settings
     )
     report = CompressReport(
-        model=work,
+        model=model,
         recipe=recipe,
-        dense=dense_row,
+        dense=run.dense_row,
         out=out_path,
         quality_name=metric.name if metric else "quality",
         higher_is_better=metric.higher_is_better if metric else True,
         settings={**vars(settings), "seed": recipe.seed, "torch_threads": torch.get_num_threads()},
     )
 
-    if done:
-        last = recipe.stages[done - 1]
-        folder = out_path / STAGES_DIR / last.label
-        _log(progress, f"resuming after stage {last.index} ({last.verb}) from {folder}")
-        work = load(folder / "model", work)
-        for stage, saved in zip(recipe.stages, records, strict=False):
-            report.stages.append(
-                StageResult(
-                    label=stage.label,
-                    verb=stage.verb,
-                    kwargs=stage.kwargs,
-                    seconds=saved["seconds"],
-                    metrics=saved["metrics"],
-                    resumed=True,
-                    summary=saved.get("summary", ""),
-                )
-            )
-
-    for stage, chain in list(zip(recipe.stages, chains, strict=True))[done:]:
-        _log(progress, f"stage {stage.index}/{len(recipe.stages)}: {stage.verb} {stage.kwargs}")
-        _seed_everything(recipe.seed + stage.index)
-        start = time.perf_counter()
-        work, verb_report = run_stage(STAGES[stage.verb], work, stage.kwargs, ctx)
-        seconds = time.perf_counter() - start
-        saved_path = verb_report if stage.verb == "save" else None
-        last = stage is recipe.stages[-1]
-        if settings.every_stage or last:
-            metrics = measure(
-                work,
-                dense=dense,
-                example_inputs=example_inputs,
-                evaluate=metric,
-                settings=settings,
-                saved=saved_path,
-            )
-        else:
-            metrics = {}
-        result = StageResult(
-            label=stage.label,
-            verb=stage.verb,
-            kwargs=stage.kwargs,
-            seconds=seconds,
-            metrics=metrics,
-            summary=_summary(verb_report),
+    concrete = recipe
+    if recipe.knob is not None:
+        report.search, concrete, kept = _search(run, recipe, report.higher_is_better)
+        if kept is not None:  # no out folder: the chosen trial's model and rows
+            report.model, report.stages = kept
+    if recipe.knob is None or out_path is not None:
+        start = model if inplace else copy.deepcopy(dense)
+        report.model, report.stages = run.execute(concrete, start)
+    if recipe.goal is not None and report.stages:
+        report.goal = check_goal(
+            recipe.goal, report.stages[-1].metrics, run.dense_row, report.higher_is_better
         )
-        report.stages.append(result)
-        _log(progress, _one_line(result, report))
-        if out_path is not None:
-            _write_checkpoint(out_path / STAGES_DIR / stage.label, work, result, chain)
-
-    report.model = work
+        report.goal_met = goal_met(report.goal)
+        status = "met" if report.goal_met else "NOT met"
+        _log(progress, f"goal {status}: " + "; ".join(c.text for c in report.goal))
     if out_path is not None:
         from prunekit.analysis.pipeline_report import write_report
 
         report.files = write_report(report, out_path)
         _log(progress, f"report written to {report.files.get('html') or report.files['md']}")
     return report
+
+
+def _check_goal_inputs(recipe: Recipe, has_metric: bool, has_example: bool) -> None:
+    goal = recipe.goal
+    if goal is None:
+        return
+    problems = []
+    if goal.has_quality and not has_metric:
+        problems.append("goal: quality needs evaluate= (a quality measure)")
+    if (goal.macs is not None or goal.latency is not None) and not has_example:
+        problems.append("goal: macs and latency need example_inputs= to count and time the model")
+    if problems:
+        raise RecipeError(recipe.source, problems)
+
+
+@dataclass
+class _Run:
+    """What every execution of a recipe (the final one and each search trial) shares."""
+
+    ctx: _Context
+    metric: Metric | None
+    settings: MeasureSettings
+    fingerprint: str
+    dense_row: dict[str, Any] = field(default_factory=dict)
+    # without an out folder: model copies after the stages before the searched one, by chain
+    memory: dict[str, tuple[nn.Module, StageResult]] = field(default_factory=dict)
+
+    def chains(self, recipe: Recipe) -> list[str]:
+        base = hashlib.sha256(f"{self.fingerprint}|seed={recipe.seed}".encode()).hexdigest()[:16]
+        chains, previous = [], base
+        for stage in recipe.stages:
+            previous = _chain(previous, stage)
+            chains.append(previous)
+        return chains
+
+    def execute(
+        self, recipe: Recipe, work: nn.Module, keep_before: int = 0
+    ) -> tuple[nn.Module, list[StageResult]]:
+        """Run ``recipe`` on ``work``, resuming from matching checkpoints (in ``out``, or in
+        memory for the first ``keep_before`` stages); return the model and the stage rows."""
+        ctx, out_path, progress = self.ctx, self.ctx.out, self.ctx.progress
+        chains = self.chains(recipe)
+        rows: list[StageResult] = []
+        done = 0
+        if out_path is not None:
+            records = _finished_stages(out_path, recipe, chains, progress)
+            done = len(records)
+            if done:
+                last = recipe.stages[done - 1]
+                folder = out_path / STAGES_DIR / last.label
+                _log(progress, f"resuming after stage {last.index} ({last.verb}) from {folder}")
+                work = load(folder / "model", work)
+                rows = [
+                    StageResult(
+                        label=stage.label,
+                        verb=stage.verb,
+                        kwargs=stage.kwargs,
+                        seconds=saved["seconds"],
+                        metrics=saved["metrics"],
+                        resumed=True,
+                        summary=saved.get("summary", ""),
+                    )
+                    for stage, saved in zip(recipe.stages, records, strict=False)
+                ]
+        elif out_path is None:
+            while done < keep_before and chains[done] in self.memory:
+                done += 1
+            if done:
+                work = copy.deepcopy(self.memory[chains[done - 1]][0])
+                rows = [copy.copy(self.memory[c][1]) for c in chains[:done]]
+                for row in rows:
+                    row.resumed = True
+
+        for stage, chain in list(zip(recipe.stages, chains, strict=True))[done:]:
+            _log(progress, f"stage {stage.index}/{len(recipe.stages)}: {stage.verb} {stage.kwargs}")
+            _seed_everything(recipe.seed + stage.index)
+            start = time.perf_counter()
+            work, verb_report = run_stage(STAGES[stage.verb], work, stage.kwargs, ctx)
+            seconds = time.perf_counter() - start
+            saved_path = verb_report if stage.verb == "save" else None
+            last = stage is recipe.stages[-1]
+            if self.settings.every_stage or last:
+                metrics = measure(
+                    work,
+                    dense=ctx.dense,
+                    example_inputs=ctx.example_inputs,
+                    evaluate=self.metric,
+                    settings=self.settings,
+                    saved=saved_path,
+                )
+            else:
+                metrics = {}
+            result = StageResult(
+                label=stage.label,
+                verb=stage.verb,
+                kwargs=stage.kwargs,
+                seconds=seconds,
+                metrics=metrics,
+                summary=_summary(verb_report),
+            )
+            rows.append(result)
+            if progress:
+                print(f"[prunekit compress] {_one_line(result, self.dense_row, self.metric)}")
+            if out_path is not None:
+                _write_checkpoint(out_path / STAGES_DIR / stage.label, work, result, chain)
+            elif stage.index <= keep_before:
+                self.memory[chain] = (copy.deepcopy(work), result)
+        return work, rows
+
+
+SEARCH_DIR = "search"
+TRIALS_FILE = "trials.json"
+
+
+def _search(
+    run: _Run, recipe: Recipe, higher_is_better: bool
+) -> tuple[SearchResult, Recipe, tuple[nn.Module, list[StageResult]] | None]:
+    """Bisect the recipe's ``search`` value for its goal.
+
+    With an ``out`` folder, trials share the checkpoints of the stages before the searched one;
+    the best trial so far keeps its later stages (and its saved model) in ``out/search/best``,
+    and they are moved back into place at the end, so the final run only reads checkpoints.
+    ``out/search/trials.json`` records every trial; a resumed search reuses them."""
+    knob, goal = recipe.knob, recipe.goal
+    assert knob is not None and goal is not None
+    out = run.ctx.out
+    records = _read_trials(out) if out is not None else {}
+    last: dict[str, Any] = {}  # the trial just run
+    kept: dict[str, Any] = {}  # what is kept of the best trial so far
+
+    def trial(value: float) -> tuple[list[GoalCheck], bool]:
+        concrete = recipe.with_value(value)
+        chain = run.chains(concrete)[-1]
+        last.clear()
+        last.update(chain=chain, concrete=concrete)
+        if chain in records:
+            return [GoalCheck(**c) for c in records[chain]["checks"]], True
+        model, rows = run.execute(concrete, copy.deepcopy(run.ctx.dense), keep_before=knob.index)
+        checks = check_goal(goal, rows[-1].metrics, run.dense_row, higher_is_better)
+        records[chain] = {"value": value, "checks": [vars(c) for c in checks]}
+        if out is not None:
+            write_text_atomic(out / SEARCH_DIR / TRIALS_FILE, json.dumps(records, indent=1) + "\n")
+        last.update(ran=True, result=(model, rows))
+        return checks, False
+
+    def on_best(_: Trial) -> None:
+        kept.clear()
+        if out is not None:
+            if last.get("ran"):
+                _stash_best(out, last["concrete"], knob.index, last["chain"])
+            if _best_chain(out) == last["chain"]:
+                kept["chain"] = last["chain"]
+        elif last.get("ran"):
+            kept.update(chain=last["chain"], result=last["result"])
+
+    result = search(knob, goal, trial, progress=run.ctx.progress, on_best=on_best)
+    assert result.chosen is not None
+    chosen = recipe.with_value(result.chosen.value)
+    chosen_chain = run.chains(chosen)[-1]
+    if out is not None:
+        if kept.get("chain") == chosen_chain:
+            _restore_best(out, chosen, knob.index)
+        return result, chosen, None
+    if kept.get("chain") == chosen_chain:
+        return result, chosen, kept["result"]
+    return result, chosen, run.execute(chosen, copy.deepcopy(run.ctx.dense), knob.index)
+
+
+def _read_trials(out: Path) -> dict[str, Any]:
+    path = out / SEARCH_DIR / TRIALS_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _best_chain(out: Path) -> str | None:
+    try:
+        return (out / SEARCH_DIR / "best" / "chain.txt").read_text().strip()
+    except OSError:
+        return None
+
+
+def _stash_best(out: Path, recipe: Recipe, knob_index: int, chain: str) -> None:
+    """Copy the stage checkpoints from the searched stage on (and out/model) aside as the best
+    trial so far, replacing the previous best."""
+    best = out / SEARCH_DIR / "best"
+    tmp = out / SEARCH_DIR / f".best-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / STAGES_DIR).mkdir(parents=True)
+    for stage in recipe.stages[knob_index:]:
+        src = out / STAGES_DIR / stage.label
+        if src.is_dir():
+            shutil.copytree(src, tmp / STAGES_DIR / stage.label)
+    if recipe.stages[-1].verb == "save" and (out / "model").is_dir():
+        shutil.copytree(out / "model", tmp / "model")
+    (tmp / "chain.txt").write_text(chain + "\n")
+    shutil.rmtree(best, ignore_errors=True)
+    os.replace(tmp, best)
+
+
+def _restore_best(out: Path, chosen: Recipe, knob_index: int) -> None:
+    """Put the chosen trial's later checkpoints and model back where the final run reads them."""
+    best = out / SEARCH_DIR / "best"
+    for stage in chosen.stages[knob_index:]:
+        kept = best / STAGES_DIR / stage.label
+        if kept.is_dir():
+            target = out / STAGES_DIR / stage.label
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(kept, target)
+    if (best / "model").is_dir():
+        shutil.rmtree(out / "model", ignore_errors=True)
+        os.replace(best / "model", out / "model")
+    shutil.rmtree(best, ignore_errors=True)
 
 
 def _summary(verb_report: Any) -> str:
@@ -350,15 +538,16 @@ def _summary(verb_report: Any) -> str:
     return text if len(text) < 20000 else text[:20000] + "\n..."
 
 
-def _one_line(result: StageResult, report: CompressReport) -> str:
-    m, d = result.metrics, report.dense
+def _one_line(result: StageResult, d: dict[str, Any], metric: Metric | None) -> str:
+    m = result.metrics
     parts = [f"{result.verb} done in {result.seconds:.1f} s"]
     if "nonzeros" in m:
         parts.append(f"non-zeros {m['nonzeros'] / max(d['nonzeros'], 1):.1%} of dense")
     if "file_bytes" in m:
         parts.append(f"file {m['file_bytes'] / d['fp32_bytes']:.1%} of fp32")
     if "quality" in m:
-        parts.append(f"{report.quality_name} {m['quality']:.4g} (dense {d.get('quality', 0):.4g})")
+        name = metric.name if metric else "quality"
+        parts.append(f"{name} {m['quality']:.4g} (dense {d.get('quality', 0):.4g})")
     return ", ".join(parts)
 
 

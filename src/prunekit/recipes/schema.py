@@ -29,9 +29,10 @@ from typing import Any
 
 import yaml
 
+from prunekit.recipes.goal import Goal, Knob, find_knob, is_search, parse_goal
 from prunekit.recipes.stages import STAGES, StageSpec
 
-TOP_LEVEL_KEYS = ("stages", "seed", "name", "description", "measure")
+TOP_LEVEL_KEYS = ("stages", "seed", "name", "description", "measure", "goal")
 MEASURE_KEYS = {
     "latency": bool,
     "batch_sizes": list,
@@ -79,6 +80,30 @@ class Recipe:
     description: str = ""
     measure: dict[str, Any] = field(default_factory=dict)
     source: str = "<dict>"
+    goal: Goal | None = None
+    goal_raw: dict[str, Any] | None = None
+    knob: Knob | None = None  # the stage value marked ``search``
+
+    def with_value(self, value: float) -> Recipe:
+        """This recipe with the searched value set (the goal is kept, to be checked)."""
+        if self.knob is None:
+            raise ValueError("the recipe has no 'search' value")
+        stages = []
+        for stage in self.stages:
+            kwargs = dict(stage.kwargs)
+            if stage.index == self.knob.index + 1:
+                kwargs[self.knob.key] = value
+            stages.append(Stage(stage.verb, kwargs, stage.index))
+        return Recipe(
+            stages=stages,
+            seed=self.seed,
+            name=self.name,
+            description=self.description,
+            measure=self.measure,
+            source=self.source,
+            goal=self.goal,
+            goal_raw=self.goal_raw,
+        )
 
     def needs(self) -> dict[str, list[str]]:
         """Which inputs (calib, data, loss_fn, example_inputs) each stage needs, by stage label."""
@@ -89,13 +114,16 @@ class Recipe:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "description": self.description,
             "seed": self.seed,
             "measure": self.measure,
             "stages": [{s.verb: s.kwargs} for s in self.stages],
         }
+        if self.goal_raw is not None:
+            out["goal"] = self.goal_raw
+        return out
 
 
 # ------------------------------------------------------------------------------ shipped recipes
@@ -208,7 +236,7 @@ class _Problems:
             if len(path) >= 4:
                 where.append(f"key {path[3]!r}")
         elif path:
-            where.append(f"key {path[0]!r}")
+            where.append(f"key {'.'.join(map(str, path))!r}")
         line = None
         for cut in range(len(path), -1, -1):
             line = self.lines.get(path[:cut])
@@ -246,6 +274,7 @@ def load_recipe(recipe: Any) -> Recipe:
     stages = _check_stages(data.get("stages"), problems)
     if stages:
         _check_order(stages, problems)
+    goal, knob = _check_goal(data.get("goal"), stages, measure, problems)
     if problems.items:
         raise RecipeError(source, problems.items)
     return Recipe(
@@ -255,7 +284,39 @@ def load_recipe(recipe: Any) -> Recipe:
         description=str(data.get("description", "") or ""),
         measure=measure,
         source=source,
+        goal=goal,
+        goal_raw=data.get("goal"),
+        knob=knob,
     )
+
+
+def _check_goal(
+    raw: Any, stages: list[Stage], measure: Any, problems: _Problems
+) -> tuple[Goal | None, Knob | None]:
+    goal, found = parse_goal(raw)
+    for key, message in found:
+        problems.add(("goal", *((key,) if key else ())), message)
+    knob, found = find_knob([(s.verb, s.kwargs) for s in stages])
+    for index, verb, key, message in found:
+        problems.add(("stages", index, verb, key), message)
+    if knob is not None and raw is None:
+        problems.add(
+            ("stages", knob.index, knob.verb, knob.key),
+            "a 'search' value needs a goal: section saying what to search for "
+            "(e.g. goal: {quality: 0.99} or goal: {file: 0.05})",
+        )
+    if goal is not None and goal.latency is not None and isinstance(measure, dict):
+        if measure.get("latency") is False:
+            problems.add(
+                ("goal", "latency"), "needs latency measured; remove measure.latency: false"
+            )
+        batches = measure.get("batch_sizes", [1, 32])
+        if isinstance(batches, list) and goal.latency_batch not in batches:
+            problems.add(
+                ("goal", "latency"),
+                f"batch {goal.latency_batch} is not among measure.batch_sizes {batches}",
+            )
+    return goal, knob
 
 
 def _check_measure(measure: Any, problems: _Problems) -> None:
@@ -303,10 +364,22 @@ def _check_stages(raw: Any, problems: _Problems) -> list[Stage]:
         if not isinstance(kwargs, dict):
             problems.add(("stages", i, verb), "the keywords must be a mapping")
             continue
-        for key, message in spec.validate(kwargs):
+        checked = {k: _stand_in(verb, k, v) for k, v in kwargs.items()}
+        for key, message in spec.validate(checked):
             problems.add(("stages", i, verb, *((key,) if key else ())), message)
         stages.append(Stage(verb=verb, kwargs=dict(kwargs), index=i + 1))
     return stages
+
+
+def _stand_in(verb: str, key: str, value: Any) -> Any:
+    """A searched value is checked as the middle of its range (the range itself is checked
+    with the goal)."""
+    if not is_search(value):
+        return value
+    from prunekit.recipes.goal import KNOBS
+
+    low, high, _ = KNOBS.get((verb, key), (0.5, 0.5, 1))
+    return (low + high) / 2
 
 
 def _check_order(stages: list[Stage], problems: _Problems) -> None:

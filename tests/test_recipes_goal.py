@@ -1,0 +1,238 @@
+"""Recipe goals: the bisection against a brute-force answer, the schema's checks, and end-to-end
+searches with and without an out folder (resumed without re-running a trial)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.compress.io import load
+from prunekit.prune import prune
+from prunekit.recipes import compress
+from prunekit.recipes.goal import Goal, GoalCheck, Knob, search
+from prunekit.recipes.schema import RecipeError, load_recipe
+
+# ------------------------------------------------------------------------------ pure search
+
+
+def _grid(knob: Knob, step: float = 1e-4) -> list[float]:
+    n = round((knob.high - knob.low) / step)
+    return [round(knob.low + i * step, 4) for i in range(n + 1)]
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_quality_floor_search_finds_the_most_compressed_passing_value(seed: int) -> None:
+    rng = random.Random(seed)
+    direction = rng.choice([1, -1])
+    knob = Knob(0, "prune", "sparsity", 0.2, 0.95, direction)
+    cut = rng.uniform(0.1, 1.1)  # quality passes while the compression coordinate is <= cut
+    span = knob.high - knob.low
+
+    def coordinate(v: float) -> float:
+        return (v - knob.low) / span if direction > 0 else (knob.high - v) / span
+
+    def trial(v: float) -> tuple[list[GoalCheck], bool]:
+        ok = coordinate(v) <= cut
+        return [GoalCheck("quality", 0.0, 1.0 if ok else 0.0, ok, "")], False
+
+    goal = Goal(quality=0.9, tolerance=0.01, max_trials=30)
+    result = search(knob, goal, trial, progress=False)
+    passing = [v for v in _grid(knob) if coordinate(v) <= cut]
+    if not passing:
+        assert not result.met and len(result.trials) == 1
+        return
+    best = max(passing, key=coordinate)  # brute force: the most compressed passing value
+    assert result.met
+    assert coordinate(result.chosen.value) <= cut
+    assert abs(coordinate(result.chosen.value) - coordinate(best)) * span <= goal.tolerance
+    assert len(result.trials) <= 2 + 7  # two ends, then bisection to 0.01 over 0.75
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_target_search_finds_the_least_compressed_value_meeting_the_targets(seed: int) -> None:
+    rng = random.Random(100 + seed)
+    knob = Knob(0, "prune_structured", "target_macs", 0.1, 0.9, -1)
+    need = rng.uniform(0.05, 0.95)  # targets met once target_macs <= need
+    floor_ok = rng.random() < 0.5
+
+    def trial(v: float) -> tuple[list[GoalCheck], bool]:
+        ok = v <= need
+        return [
+            GoalCheck("macs", need, v, ok, ""),
+            GoalCheck("quality", 0.0, 1.0, floor_ok, ""),
+        ], False
+
+    goal = Goal(macs=0.5, quality=0.9, tolerance=0.01, max_trials=30)
+    result = search(knob, goal, trial, progress=False)
+    meeting = [v for v in _grid(knob) if v <= need]
+    if not meeting:
+        assert not result.met and len(result.trials) == 1
+        return
+    best = max(meeting)  # least compression = largest target_macs that meets the target
+    assert result.chosen.value <= need
+    assert best - result.chosen.value <= goal.tolerance
+    assert result.met == floor_ok  # the floor is checked on the chosen point, not searched
+
+
+def test_search_stops_at_max_trials() -> None:
+    knob = Knob(0, "prune", "sparsity", 0.0001, 0.9999, 1)
+    calls = []
+
+    def trial(v: float) -> tuple[list[GoalCheck], bool]:
+        calls.append(v)
+        ok = v < 0.61803
+        return [GoalCheck("quality", 0, 0, ok, "")], False
+
+    result = search(knob, Goal(quality=0.9, tolerance=1e-6, max_trials=5), trial, progress=False)
+    assert len(calls) == 5 and result.chosen.value < 0.61803
+
+
+# ------------------------------------------------------------------------------ schema
+
+
+@pytest.mark.parametrize(
+    "recipe, expected",
+    [
+        ({"stages": [{"prune": {"sparsity": "search"}}]}, "needs a goal"),
+        (
+            {"goal": {"nonzeros": 0.5}, "stages": [{"prune": {"sparsity": "search"}}, "oneshot"]},
+            None,
+        ),
+        (
+            {
+                "goal": {"nonzeros": 0.5},
+                "stages": [{"prune": {"sparsity": "search"}}, {"oneshot": {"sparsity": "search"}}],
+            },
+            "one search at most",
+        ),
+        ({"goal": {"quality": 0.9}, "stages": [{"quantize": {"bits": "search"}}]}, "cannot be"),
+        (
+            {"goal": {"quality": 0.9}, "stages": [{"prune": {"sparsity": {"search": [0.9, 0.5]}}}]},
+            "0 < low < high < 1",
+        ),
+        ({"goal": {"quality": 1.5}, "stages": ["save"]}, "fraction of the dense quality"),
+        ({"goal": {"size": 0.5}, "stages": ["save"]}, "key 'goal.size': unknown key"),
+        ({"goal": {}, "stages": ["save"]}, "must be a mapping"),
+        ({"goal": {"tolerance": 0.1}, "stages": ["save"]}, "states nothing to meet"),
+        (
+            {"goal": {"latency": {"ratio": 0.5, "batch": 8}}, "stages": ["save"]},
+            "batch 8 is not among",
+        ),
+    ],
+)
+def test_schema_checks_goals_and_search_values(recipe: dict, expected: str | None) -> None:
+    if expected is None:
+        stages = recipe["stages"]
+        recipe = {**recipe, "stages": [stages[0]]}
+        loaded = load_recipe(recipe)
+        assert loaded.knob is not None and loaded.knob.key == "sparsity"
+        assert loaded.with_value(0.7).stages[0].kwargs["sparsity"] == 0.7
+        return
+    with pytest.raises(RecipeError, match=expected):
+        load_recipe(recipe)
+
+
+def test_searched_range_and_goal_survive_the_round_trip() -> None:
+    text = (
+        "goal: {quality: {min: 0.5}, file: 0.2}\n"
+        "stages:\n  - prune: {sparsity: {search: [0.5, 0.9]}}\n  - save: {}\n"
+    )
+    recipe = load_recipe(text)
+    assert (recipe.knob.low, recipe.knob.high) == (0.5, 0.9)
+    assert recipe.goal.quality_min == 0.5 and recipe.goal.file == 0.2
+    again = load_recipe(recipe)  # through to_dict
+    assert again.knob == recipe.knob and again.goal == recipe.goal
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def _density(model: nn.Module) -> float:
+    """A quality stand-in that falls as pruning grows: the fraction of non-zero weights."""
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    return sum(int(torch.count_nonzero(w)) for w in weights) / sum(w.numel() for w in weights)
+
+
+RECIPE = {
+    "measure": {"latency": False},
+    "goal": {"quality": {"min": 0.42}, "tolerance": 0.01},
+    "stages": [{"prune": {"sparsity": "search", "scope": "global"}}, {"save": {}}],
+}
+
+
+def test_quality_floor_search_end_to_end_and_resume(tmp_path) -> None:
+    model, x = _mlp(), torch.randn(2, 16)
+    out = tmp_path / "run"
+    report = compress(model, RECIPE, evaluate=_density, example_inputs=x, out=out, progress=False)
+    chosen = report.search.chosen.value
+    # the most pruning whose density stays >= 0.42, to the tolerance: a little more misses
+    assert report.goal_met and _density(report.model) >= 0.42
+    more = prune(_mlp(), sparsity=chosen + 0.01, scope="global", progress=False).model
+    assert _density(more) < 0.42
+    assert report.stages[0].kwargs["sparsity"] == chosen
+    # the saved model is the chosen one, not the last trial's
+    saved = load(out / "model", _mlp())
+    assert _density(saved) == pytest.approx(_density(report.model))
+    data = json.loads((out / "report.json").read_text())
+    assert data["goal"]["met"] is True and len(data["search"]["trials"]) == len(
+        report.search.trials
+    )
+    assert "goal met" in (out / "report.md").read_text()
+
+    again = compress(_mlp(), RECIPE, evaluate=_density, example_inputs=x, out=out, progress=False)
+    assert all(t.reused for t in again.search.trials)  # nothing ran twice
+    assert all(s.resumed for s in again.stages)
+    pairs = zip(report.model.state_dict().values(), again.model.state_dict().values(), strict=True)
+    for a, b in pairs:
+        assert torch.equal(a, b)
+
+
+def test_target_search_in_memory_matches_the_folder_run(tmp_path) -> None:
+    recipe = {
+        "measure": {"latency": False},
+        "goal": {"nonzeros": 0.4, "tolerance": 0.005},
+        "stages": [{"prune": {"sparsity": {"search": [0.5, 0.95]}}}],
+    }
+    x = torch.randn(2, 16)
+    in_memory = compress(_mlp(), recipe, example_inputs=x, progress=False)
+    on_disk = compress(_mlp(), recipe, example_inputs=x, out=tmp_path / "r", progress=False)
+    assert in_memory.search.chosen.value == on_disk.search.chosen.value
+    check = next(c for c in in_memory.goal if c.name == "nonzeros")
+    assert check.met and check.measured <= 0.4
+    # one tolerance step less pruning would miss the budget
+    looser = compress(
+        _mlp(),
+        {**recipe, "stages": [{"prune": {"sparsity": in_memory.search.chosen.value - 0.006}}]},
+        example_inputs=x,
+        progress=False,
+    )
+    assert looser.goal_met is False
+
+
+def test_goal_without_search_is_checked_and_reported() -> None:
+    recipe = {
+        "measure": {"latency": False},
+        "goal": {"nonzeros": 0.1},
+        "stages": [{"prune": {"sparsity": 0.5}}],
+    }
+    report = compress(_mlp(), recipe, example_inputs=torch.randn(2, 16), progress=False)
+    assert report.search is None and report.goal_met is False
+    assert "goal NOT met" in str(report)
+
+
+def test_goal_inputs_and_inplace_are_checked_before_work(tmp_path) -> None:
+    x, out = torch.randn(2, 16), tmp_path / "r"
+    with pytest.raises(RecipeError, match="quality needs evaluate"):
+        compress(_mlp(), RECIPE, example_inputs=x, out=out, progress=False)
+    with pytest.raises(ValueError, match="inplace=True cannot"):
+        compress(_mlp(), RECIPE, evaluate=_density, inplace=True, out=out, progress=False)
+    assert not (out / "stages").exists()
