@@ -89,7 +89,10 @@ def test_prune_refuses_to_overwrite(llama_dir, weights_file, tmp_path, capsys) -
     [
         (["prune", "missing", "--out", "o"], "no such file"),
         (["prune", "{w}", "--pattern", "5:4", "--out", "{t}/o.safetensors"], "1 <= N < M"),
-        (["prune", "{w}", "--sparsity", "1.2", "--out", "{t}/o.safetensors"], "sparsity must be"),
+        (
+            ["prune", "{w}", "--sparsity", "1.2", "--out", "{t}/o.safetensors"],
+            "--sparsity: must be in [0, 1)",
+        ),
         (["prune", "{w}", "--method", "taylor", "--out", "{t}/o.safetensors"], "not available"),
         (["stats", "{t}/model.bin"], "no such file"),
     ],

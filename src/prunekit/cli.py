@@ -22,11 +22,12 @@ into place at the end; the input is never overwritten.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
-import shutil
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,18 +37,34 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunekit._version import __version__
-from prunekit.compress.io import META_FILE, _atomic_dir_write
+from prunekit.cli_commands.common import (
+    CliError,
+    HelpFormatter,
+    Parser,
+    check_output,
+    examples,
+    fraction,
+    hf_source,
+    input_file,
+    load_hf,
+    loading_note,
+    positive_int,
+    quiet,
+    run_record,
+    write_hf,
+)
 from prunekit.graph import StructuredPruningError, UnsupportedOperationError
 from prunekit.masks import finalize
 from prunekit.prune import prune
 from prunekit.report import SparsityReport
 
 # Tensors of a bare safetensors file that are not pruned unless named in --targets.
-FILE_DEFAULT_IGNORE = r"(^|.*\.)(embed\w*|wte|wpe|lm_head|\w*norm\w*|ln_\w*|head|classifier)\..*"
+# Poolers are left whole in both modes (as in folder mode, where they count as output heads).
+FILE_DEFAULT_IGNORE = (
+    r"(^|.*\.)(embed\w*|wte|wpe|lm_head|\w*norm\w*|ln_\w*|head|classifier|\w*pooler\w*)\..*"
+)
 
-
-class CliError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
+__all__ = ["CliError", "build_parser", "main"]
 
 
 # ---------------------------------------------------------------- reading tensors
@@ -115,9 +132,9 @@ def _prune_file(args: argparse.Namespace, source: Path, out: Path) -> SparsityRe
     for name, module in tree.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             tensors[f"{name}.weight" if name != "weight_" else "weight"] = module.weight.detach()
-    meta = {
-        "prunekit": json.dumps({"prunekit_version": __version__, **report.to_dict()["settings"]})
-    }
+    settings = {"prunekit_version": __version__, **report.to_dict()["settings"]}
+    meta = {"prunekit": json.dumps({**settings, "run": run_record(args)})}
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=meta)
@@ -129,55 +146,38 @@ def _prune_file(args: argparse.Namespace, source: Path, out: Path) -> SparsityRe
 
 # ---------------------------------------------------------------- pruning a Hugging Face folder
 
-
-def _load_hf(path: Path) -> nn.Module:
-    try:
-        import transformers
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise CliError(
-            "pruning a Hugging Face folder needs transformers: pip install 'prunekit[hf]'"
-        ) from exc
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    architectures = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
-    cls = cls or transformers.AutoModel
-    if not any(path.glob("*.safetensors")):
-        raise CliError(
-            f"{path}: no *.safetensors weights. prunekit never loads pickle (.bin/.pt); convert "
-            "with transformers: Model.from_pretrained(path).save_pretrained(out, safe_serialization=True)"
-        )
-    return cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
+# Sentence-embedding poolers ([CLS] dense + tanh) are left whole like output heads, in folder
+# and file mode alike; name them in --targets to prune them.
+POOLER = r"re:(.*\.)?pooler(\..*)?"
 
 
-def _write_hf(
-    model: nn.Module, source: Path, out: Path, report: SparsityReport, overwrite: bool
-) -> None:
-    """Finalize the model and write it as a Hugging Face folder with the source's side files."""
+def _hf_ignore(model: nn.Module, args: argparse.Namespace) -> list[str] | None:
+    ignore = list(args.ignore or [])
+    if not args.targets and any(
+        re.fullmatch(POOLER[3:], n) and isinstance(m, nn.Linear) for n, m in model.named_modules()
+    ):
+        ignore.append(POOLER)
+    return ignore or None
+
+
+def _prune_hf(args: argparse.Namespace, source: Path, out: Path) -> tuple[SparsityReport, dict]:
+    model = load_hf(source)  # plain, structurally pruned or compressed folders
+    report = prune(
+        model,
+        **_prune_options(args),
+        ignore=_hf_ignore(model, args),
+        targets=args.targets or None,
+        inplace=True,
+    )
     finalize(model, inplace=True)
-
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
-        for item in source.iterdir():  # tokenizer and other side files
-            if (
-                item.is_file()
-                and not (folder / item.name).exists()
-                and item.suffix not in (".safetensors", ".bin")
-            ):
-                shutil.copy2(item, folder / item.name)
-        meta = {"format": "prunekit-hf", "prunekit_version": __version__, **report.to_dict()}
-        (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
-    _atomic_dir_write(out, overwrite, write)
+    return report, _write(model, source, out, report, args)
 
 
-def _prune_hf(args: argparse.Namespace, source: Path, out: Path) -> SparsityReport:
-    model = _load_hf(source)
-    report = prune(model, **_prune_options(args), targets=args.targets or None, inplace=True)
-    _write_hf(model, source, out, report, args.overwrite)
-    return report
+def _write(model, source: Path, out: Path, report: SparsityReport, args) -> dict:
+    return write_hf(model, out, source=source, args=args, metadata=report.to_dict())
 
 
-def _oneshot_hf(args: argparse.Namespace, source: Path, out: Path) -> SparsityReport:
+def _oneshot_hf(args: argparse.Namespace, source: Path, out: Path) -> tuple[SparsityReport, dict]:
     from prunekit.calibrate.oneshot import oneshot
     from prunekit.cli_hf import tokenizer_and_calibration
 
@@ -189,7 +189,7 @@ def _oneshot_hf(args: argparse.Namespace, source: Path, out: Path) -> SparsityRe
         seed=args.seed,
         command="oneshot",
     )
-    model = _load_hf(source)  # once, after the cheap checks
+    model = load_hf(source)  # once, after the cheap checks
     report = oneshot(
         model,
         calib,
@@ -199,13 +199,13 @@ def _oneshot_hf(args: argparse.Namespace, source: Path, out: Path) -> SparsityRe
         allocation=args.allocation,
         per_layer=_per_layer(args),
         targets=args.targets or None,
-        ignore=args.ignore or None,
+        ignore=_hf_ignore(model, args),
         seed=args.seed,
         inplace=True,
         progress=True,
     )
-    _write_hf(model, source, out, report, args.overwrite)
-    return report
+    finalize(model, inplace=True)
+    return report, _write(model, source, out, report, args)
 
 
 # ---------------------------------------------------------------- commands
@@ -217,7 +217,6 @@ def _prune_options(args: argparse.Namespace) -> dict:
         "method": args.method,
         "pattern": args.pattern,
         "scope": args.scope,
-        "ignore": args.ignore or None,
         "seed": args.seed,
         "per_layer": _per_layer(args),
     }
@@ -231,71 +230,123 @@ def _per_layer(args: argparse.Namespace) -> dict[str, float] | None:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    report = _file_stats(Path(args.path))
+    source = Path(args.path)
+    if not source.exists():
+        raise CliError(f"{source}: no such file or folder")
+    report = _file_stats(source)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return 0
 
 
-def _check_out(source: Path, out: Path, overwrite: bool) -> None:
-    if not source.exists():
-        raise CliError(f"{source}: no such file or folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
-        raise CliError(
-            f"--out {out} would overwrite or nest inside the input {source}; choose another path"
-        )
-    if out.exists() and not overwrite:
-        raise CliError(f"{out} already exists; pass --overwrite to replace it")
+def _check_pattern(args: argparse.Namespace) -> None:
+    """--pattern and --sparsity together, before any model is loaded."""
+    from prunekit.patterns import NM, parse_pattern
+
+    pattern = parse_pattern(args.pattern)  # ValueError naming what is accepted
+    if isinstance(pattern, NM) and args.sparsity is not None:
+        if abs(args.sparsity - pattern.sparsity) > 1e-9:
+            raise CliError(
+                f"--pattern {args.pattern} implies sparsity {pattern.sparsity:g}; drop --sparsity "
+                f"or give {pattern.sparsity:g}"
+            )
+    if getattr(args, "allocation", "uniform") == "owl" and isinstance(pattern, NM):
+        from prunekit.calibrate.oneshot import oneshot
+
+        lam = inspect.signature(oneshot).parameters["owl_lambda"].default
+        if 2 * lam < 1 / pattern.m:
+            print(
+                f"prunekit: warning: --allocation owl moves each layer's sparsity by at most "
+                f"+-{lam:g}, but with --pattern {args.pattern} a layer's sparsity moves in steps "
+                f"of 1/{pattern.m}: (nearly) every layer stays {args.pattern}. OWL needs "
+                "--pattern unstructured (or N:M with a larger M, e.g. 8:16)",
+                file=sys.stderr,
+            )
 
 
-def _print_written(report: SparsityReport, out: Path) -> None:
+def _print_written(args, report: SparsityReport, out: Path, meta: dict | None) -> None:
     for row in report.layers:
         row.masked = False  # the written model is finalized: zeros baked in, no masks
+    if args.json:
+        print(json.dumps({**report.to_dict(), "out": str(out), **(meta or {})}, indent=2))
+        return
     print(report)
-    print(f"wrote {out}")
+    print(loading_note(out, meta) if meta is not None else f"wrote {out}")
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    source, out = Path(args.path), Path(args.out)
-    _check_out(source, out, args.overwrite)
+    source = Path(args.path)
+    if not source.exists():
+        raise CliError(f"{source}: no such file or folder")
     if args.method not in ("magnitude", "random"):
         raise CliError(
-            f"--method {args.method!r} is not available from the command line; accepted: magnitude, random"
+            f"--method {args.method!r} is not available from the command line; accepted: "
+            "magnitude, random (calibrated methods: prunekit oneshot)"
         )
-    if source.is_dir() and (source / "config.json").is_file():
-        report = _prune_hf(args, source, out)
-    elif source.is_file():
+    _check_pattern(args)
+    if source.is_dir():
+        source = hf_source(source, "prune")
+        out = check_output(args.out, sources=[source], overwrite=args.overwrite)
+        report, meta = _prune_hf(args, source, out)
+    else:
         from prunekit.file_stats import safetensors_files
 
         safetensors_files(source)  # a .safetensors file, or a clear error
-        report = _prune_file(args, source, out)
-    else:
-        raise CliError(
-            f"{source}: expected a Hugging Face model folder (with config.json) or a .safetensors file"
-        )
-    _print_written(report, out)
+        out = check_output(args.out, sources=[source], overwrite=args.overwrite)
+        if out.is_dir():
+            raise CliError(f"--out {out} is a folder; a safetensors input writes a file")
+        report, meta = _prune_file(args, source, out), None
+    _print_written(args, report, out, meta)
     return 0
 
 
 def _cmd_oneshot(args: argparse.Namespace) -> int:
-    source, out = Path(args.path), Path(args.out)
-    _check_out(source, out, args.overwrite)
-    if not (source.is_dir() and (source / "config.json").is_file()):
-        raise CliError(f"{source}: oneshot needs a Hugging Face model folder (with config.json)")
-    _print_written(_oneshot_hf(args, source, out), out)
+    source = hf_source(args.path, "oneshot")
+    input_file(args.calib, "--calib")
+    _check_pattern(args)
+    out = check_output(args.out, sources=[source], overwrite=args.overwrite)
+    report, meta = _oneshot_hf(args, source, out)
+    _print_written(args, report, out, meta)
     return 0
 
 
+def _calib_default(kind: str) -> int:
+    """Calibration defaults sized for this machine: the papers' 128 x 512 on a GPU, 32 x 256
+    on CPU (Wanda on MiniLM with 128 x 512 took over 5 minutes on 2 cores)."""
+    gpu = torch.cuda.is_available()
+    return {"n_samples": 128 if gpu else 32, "seq_len": 512 if gpu else 256}[kind]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``prunekit`` argument parser with every command (usage errors: one line, exit 2)."""
+    parser = Parser(
         prog="prunekit",
-        description="Prune PyTorch and Hugging Face models; inspect their sparsity.",
+        description="Prune, quantize, fine-tune, export and measure PyTorch and Hugging Face "
+        "models. Every command's output folder is a valid input of every other command.",
+        formatter_class=HelpFormatter,
+        epilog=examples(
+            "prunekit prune-structured ./bert --out small --unit channel --ratio 0.3",
+            "prunekit oneshot small --out sparse --method wanda --sparsity 0.5",
+            "prunekit quantize sparse --out int8 --bits 8",
+            "prunekit eval int8 --reference ./bert",
+            "prunekit export int8 --out int8.onnx",
+        ),
     )
     parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    stats = commands.add_parser(
-        "stats", help="per-layer sparsity of a safetensors file or model folder"
+    def command(name: str, help: str, *example_lines: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=help,
+            description=help[0].upper() + help[1:] + ".",
+            formatter_class=HelpFormatter,
+            epilog=examples(*example_lines),
+        )
+
+    stats = command(
+        "stats",
+        "per-layer sparsity of a safetensors file or model folder (no model code needed)",
+        "prunekit stats pruned-folder --json",
     )
     stats.add_argument(
         "path", help="a .safetensors file, a Hugging Face folder or a prunekit save folder"
@@ -303,14 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats.set_defaults(func=_cmd_stats)
 
-    p = commands.add_parser("prune", help="prune a Hugging Face folder or a safetensors file")
+    p = command(
+        "prune",
+        "data-free pruning (magnitude, random) of a Hugging Face folder or a safetensors file",
+        "prunekit prune ./bert --sparsity 0.5 --out pruned",
+        "prunekit prune weights.safetensors --pattern 2:4 --out pruned.safetensors",
+    )
     p.add_argument("path", help="a Hugging Face model folder or a .safetensors file")
     p.add_argument("--out", required=True, help="output folder (HF input) or .safetensors file")
     p.add_argument(
         "--sparsity",
-        type=float,
+        type=fraction,
         default=None,
-        help="fraction of zeros, [0, 1) (default 0.5; implied by N:M)",
+        help="fraction of zeros, [0, 1); None: 0.5, or what an N:M pattern implies",
     )
     p.add_argument(
         "--pattern", default="unstructured", help="unstructured, N:M (e.g. 2:4) or block:RxC"
@@ -324,55 +380,93 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for --method random")
     p.add_argument("--per-layer", default=None, help="per-layer sparsities (prunekit analyze)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_prune)
 
-    o = commands.add_parser(
-        "oneshot", help="calibrated one-shot pruning of a Hugging Face model (Wanda, SparseGPT)"
+    o = command(
+        "oneshot",
+        "calibrated one-shot pruning of a Hugging Face model (Wanda, SparseGPT)",
+        "prunekit oneshot ./llama --out sparse --method sparsegpt --pattern 2:4 --calib text.txt",
     )
     o.add_argument("path", help="a Hugging Face model folder with its tokenizer")
     o.add_argument("--out", required=True, help="output folder")
     o.add_argument("--method", default="wanda", choices=["wanda", "sparsegpt", "magnitude"])
     o.add_argument(
         "--sparsity",
-        type=float,
+        type=fraction,
         default=None,
-        help="fraction of zeros per layer, [0, 1) (default 0.5; implied by N:M)",
+        help="fraction of zeros per layer, [0, 1); None: 0.5, or what an N:M pattern implies",
     )
     o.add_argument("--pattern", default="unstructured", help="unstructured or N:M (e.g. 2:4)")
-    o.add_argument("--allocation", default="uniform", choices=["uniform", "owl"])
     o.add_argument(
-        "--calib", default=None, help="calibration text file (default: CPython's pydoc prose)"
+        "--allocation",
+        default="uniform",
+        choices=["uniform", "owl"],
+        help="owl: outlier-weighted per-layer sparsities (unstructured patterns)",
     )
-    o.add_argument("--n-samples", type=int, default=128, help="calibration windows")
-    o.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    o.add_argument(
+        "--calib", default=None, help="calibration text file (None: CPython's pydoc prose)"
+    )
+    o.add_argument(
+        "--n-samples",
+        type=positive_int,
+        default=_calib_default("n_samples"),
+        help="calibration windows (default sized for this machine: 128 on a GPU, 32 on CPU)",
+    )
+    o.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=_calib_default("seq_len"),
+        help="tokens per calibration window (128 x 512 on a GPU, 32 x 256 on CPU; at most the "
+        "model's positions)",
+    )
     o.add_argument("--targets", nargs="*", default=[], help="name patterns of layers to prune")
     o.add_argument("--ignore", nargs="*", default=[], help="name patterns of layers to leave alone")
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     o.add_argument("--per-layer", default=None, help="per-layer sparsities (prunekit analyze)")
     o.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    o.add_argument("--json", action="store_true", help="print the report as JSON")
     o.set_defaults(func=_cmd_oneshot)
 
     from prunekit.analysis.cli import add_commands as add_analysis_commands
+    from prunekit.cli_commands import add_commands as add_more_commands
     from prunekit.graph.cli import add_commands as add_graph_commands
     from prunekit.recipes.cli import add_commands as add_recipe_commands
     from prunekit.runtime.cli import add_commands as add_runtime_commands
 
     add_graph_commands(commands)  # prune-structured, count
+    add_more_commands(commands)  # quantize, finetune, export, eval
     add_analysis_commands(commands)  # analyze
     add_runtime_commands(commands)  # bench
     add_recipe_commands(commands)  # compress, recipes
+    for sub in commands.choices.values():  # defaults and examples in every command's --help
+        if sub.formatter_class is argparse.HelpFormatter:
+            sub.formatter_class = HelpFormatter
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``prunekit`` console command."""
+    """Entry point of the ``prunekit`` console command.
+
+    Example:
+        >>> main(["stats", "pruned-folder"])  # doctest: +SKIP
+        0
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (one line, status 2)
+        return exc.code if isinstance(exc.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    args.argv = argv
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"transformers(\..*)?")
+            return args.func(args)
     except (
         CliError,
         ValueError,
@@ -382,7 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         UnsupportedOperationError,
         StructuredPruningError,
     ) as exc:
-        print(f"prunekit: error: {exc}", file=sys.stderr)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        message = "; ".join(lines) or type(exc).__name__
+        print(f"prunekit: error: {message}", file=sys.stderr)
         return 2
 
 

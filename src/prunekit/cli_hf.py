@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.calibrate.data import CalibrationSet, calibration
+from prunekit.cli_commands.common import quiet
 
 
 def tokenizer_and_calibration(
@@ -21,7 +22,8 @@ def tokenizer_and_calibration(
     """The folder's tokenizer and the calibration samples (``calib`` text file, or pydoc prose).
 
     Raises ``ValueError`` naming the flag or file: transformers missing, no tokenizer, a
-    ``--calib`` file that does not exist, ``--seq-len`` above the model's positions.
+    ``--calib`` file that does not exist, ``--seq-len`` above the model's positions, a text
+    shorter than ``n_samples x seq_len`` tokens (the windows would repeat it).
     """
     try:
         import transformers
@@ -29,7 +31,7 @@ def tokenizer_and_calibration(
         raise ValueError(f"{command} needs transformers: pip install 'prunekit[hf]'") from exc
     if calib is not None and not Path(calib).is_file():
         raise ValueError(f"--calib {calib}: no such file")
-    transformers.logging.set_verbosity_error()
+    quiet()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -40,7 +42,20 @@ def tokenizer_and_calibration(
     max_pos = getattr(config, "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
         raise ValueError(f"--seq-len {seq_len} is above the model's {max_pos} positions")
-    samples = calibration(
-        calib or "pydoc", tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed
-    )
+    from prunekit.calibrate.data import _encode, _read_text
+
+    text, origin = _read_text(calib or "pydoc")
+    ids = _encode(text, tokenizer)
+    need = n_samples * seq_len
+    if ids.numel() < need:
+        where = f"--calib {calib}" if calib else "the default calibration text (pydoc prose)"
+        raise ValueError(
+            f"{where} has {ids.numel():,} tokens, fewer than --n-samples x --seq-len = "
+            f"{n_samples} x {seq_len} = {need:,}: the windows would repeat the same text. "
+            f"Give a longer --calib file or lower --n-samples / --seq-len (e.g. --n-samples "
+            f"{max(1, ids.numel() // seq_len)})"
+        )
+    samples = calibration(ids, n_samples=n_samples, seq_len=seq_len, seed=seed)
+    samples.description = f"{n_samples} x {seq_len} tokens of {origin}"
+    samples.meta["source"] = origin
     return tokenizer, samples

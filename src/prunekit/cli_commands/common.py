@@ -1,0 +1,333 @@
+"""Shared pieces of every ``prunekit`` command: argument types, input and output checks made
+before any work, quiet transformers, loading and writing Hugging Face folders, the run record.
+
+Every command follows one order: check the arguments, the input paths and the output path (no
+model loaded, nothing written); load; work; write to a temporary name renamed into place; print.
+A bad input is one line on stderr and exit status 2 (see :class:`CliError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from torch import nn
+
+RUN_KEY = "run"  # in prunekit.json: the command line, seed, versions and time of the run
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line without a traceback, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are one line on stderr (exit status 2).
+
+    Example:
+        >>> Parser(prog="prunekit").prog
+        'prunekit'
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default, keeps the examples' line breaks."""
+
+
+def examples(*lines: str) -> str:
+    """An ``epilog`` listing example command lines.
+
+    Example:
+        >>> print(examples("prunekit stats out"))
+        example:
+          prunekit stats out
+    """
+    head = "example:" if len(lines) == 1 else "examples:"
+    return "\n".join([head, *(f"  {line}" for line in lines)])
+
+
+# ---------------------------------------------------------------- argument types
+
+
+def _number(kind: type, text: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        name = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1) (sparsities, ratios).
+
+    Example:
+        >>> fraction("0.5")
+        0.5
+    """
+    value = _number(float, text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (counts, lengths, sizes).
+
+    Example:
+        >>> positive_int("8")
+        8
+    """
+    value = _number(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    value = _number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A number > 0 (learning rates, tolerances, targets)."""
+    value = _number(float, text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+# ---------------------------------------------------------------- quiet transformers
+
+
+def quiet() -> None:
+    """Silence transformers' and tokenizers' progress bars, advisories and warnings (the
+    command prints its own progress). Environment variables set by the user win."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "transformers" in sys.modules:  # already imported: its logger read the variables then
+        transformers = sys.modules["transformers"]
+        try:
+            transformers.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
+        except AttributeError:  # pragma: no cover - an old or partial transformers
+            pass
+
+
+# ---------------------------------------------------------------- inputs and outputs
+
+
+def hf_source(path: str | os.PathLike, command: str) -> Path:
+    """A Hugging Face model folder with safetensors weights (plain or prunekit-written).
+
+    Example:
+        >>> hf_source("missing", "eval")  # doctest: +SKIP
+        CliError: missing: no such file or folder
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise CliError(f"{folder}: no such file or folder")
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise CliError(f"{folder}: {command} needs a Hugging Face model folder (with config.json)")
+    if not any(folder.glob("*.safetensors")):
+        raise CliError(
+            f"{folder}: no *.safetensors weights. prunekit never loads pickle (.bin/.pt); convert "
+            "with transformers: Model.from_pretrained(path).save_pretrained(out, "
+            "safe_serialization=True)"
+        )
+    return folder
+
+
+def input_file(path: str | None, flag: str) -> Path | None:
+    """An existing, non-empty file given with ``flag`` (None when the flag was not given)."""
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.exists():
+        raise CliError(f"{flag} {file}: no such file")
+    if not file.is_file():
+        raise CliError(f"{flag} {file}: expected a file, got a folder")
+    if file.stat().st_size == 0:
+        raise CliError(f"{flag} {file}: the file is empty")
+    return file
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not os.path.lexists(path):
+        path = path.parent
+    return path
+
+
+def check_output(
+    out: str | os.PathLike, *, sources: Sequence[Path] = (), overwrite: bool = False
+) -> Path:
+    """``--out``: not an input, not inside one, absent unless ``overwrite``, and writable (its
+    nearest existing parent is a folder we can create files in). Writes nothing.
+
+    Example:
+        >>> check_output("/proc/out")  # doctest: +SKIP
+        CliError: --out /proc/out: cannot write in /proc (...)
+    """
+    out = Path(out)
+    for source in sources:
+        resolved, src = out.resolve(), source.resolve()
+        if resolved == src or src in resolved.parents:
+            raise CliError(
+                f"--out {out} would overwrite or nest inside the input {source}; choose another path"
+            )
+    if os.path.lexists(out) and not overwrite:
+        if not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
+            raise CliError(f"--out {out} already exists; pass --overwrite to replace it")
+    parent = _nearest_existing(out.parent)
+    if not parent.is_dir():
+        raise CliError(f"--out {out}: {parent} is a file, not a folder")
+    try:  # a real probe: permissions, read-only file systems, quotas; removed at once
+        fd, probe = tempfile.mkstemp(prefix=".prunekit-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CliError(f"--out {out}: cannot write in {parent} ({exc.strerror})") from None
+    return out
+
+
+def run_record(args: argparse.Namespace) -> dict[str, Any]:
+    """What produced an output: the command line, the seed, versions and the time (UTC)."""
+    import torch
+
+    from prunekit._version import __version__
+
+    argv = getattr(args, "argv", None)
+    record: dict[str, Any] = {
+        "command": "prunekit " + shlex.join(argv) if argv is not None else None,
+        "seed": getattr(args, "seed", None),
+        "prunekit_version": __version__,
+        "torch_version": torch.__version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        import transformers
+
+        record["transformers_version"] = transformers.__version__
+    except ImportError:  # pragma: no cover - depends on the environment
+        pass
+    return record
+
+
+def load_hf(folder: Path) -> nn.Module:
+    """Load any Hugging Face folder the commands write or read: plain, structurally pruned
+    (per-layer widths rebuilt from ``prunekit.json`` before the weights load) or compressed."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise CliError(
+            "Hugging Face folders need transformers: pip install 'prunekit[hf]'"
+        ) from exc
+    quiet()
+    from prunekit.graph.hf import from_pretrained
+
+    return from_pretrained(folder).eval()
+
+
+def write_hf(
+    model: nn.Module,
+    out: Path,
+    *,
+    source: Path,
+    args: argparse.Namespace,
+    metadata: dict[str, Any] | None = None,
+    compressed: bool = False,
+    bits: int | None = None,
+    granularity: str = "per_channel",
+) -> dict[str, Any]:
+    """Write ``model`` as a Hugging Face folder with ``prunekit.save_pretrained`` (its surgery
+    record kept, so prunekit reloads it with its per-layer shapes), the source folder's other
+    files (tokenizer, sentence-transformers modules, README ...) and the run record; return
+    the written ``prunekit.json``."""
+    from prunekit.graph.hf import save_pretrained
+
+    meta = {**(metadata or {}), RUN_KEY: run_record(args)}
+    save_pretrained(
+        model,
+        out,
+        source=source,
+        overwrite=getattr(args, "overwrite", False),
+        metadata=meta,
+        compressed=compressed,
+        bits=bits,
+        granularity=granularity,
+    )
+    return json.loads((out / "prunekit.json").read_text())
+
+
+def loading_note(out: Path, meta: dict[str, Any]) -> str:
+    """One line: how to load the written folder (transformers, or only prunekit)."""
+    if meta.get("plain_loadable", True):
+        return (
+            f"wrote {out} (loads with transformers' from_pretrained and prunekit.from_pretrained)"
+        )
+    why = (
+        "compressed weights"
+        if meta.get("compressed_weights")
+        else "per-layer shapes that config.json cannot hold"
+    )
+    return (
+        f"wrote {out}; not loadable by transformers' AutoModel.from_pretrained ({why}): "
+        f"load it with prunekit.from_pretrained({str(out)!r}) or any prunekit command"
+    )
+
+
+def add_parser(
+    subparsers: argparse._SubParsersAction, name: str, help: str, *example_lines: str
+) -> argparse.ArgumentParser:
+    """A command's parser: its help as description, defaults shown, examples as epilog."""
+    return subparsers.add_parser(
+        name,
+        help=help,
+        description=help[0].upper() + help[1:] + ".",
+        formatter_class=HelpFormatter,
+        epilog=examples(*example_lines) if example_lines else None,
+    )
+
+
+def add_output_flags(parser: argparse.ArgumentParser, out_help: str = "output folder") -> None:
+    """``--out``, ``--overwrite`` and ``--json``, the same on every writing command."""
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def is_causal(model: nn.Module) -> bool:
+    """A causal language model (next-token logits), judged by its class name."""
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def tokenizer_of(folder: Path, command: str) -> Any:
+    """The folder's tokenizer, or a CliError saying the command needs one."""
+    quiet()
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise CliError(
+            f"{folder}: {command} needs the model's tokenizer in the folder ({exc})"
+        ) from exc
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
