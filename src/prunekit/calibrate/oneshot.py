@@ -29,7 +29,11 @@ from prunekit.calibrate.stats import (
     check_calibratable,
     check_targets_run,
     collect_input_stats,
+    run_model,
 )
+from prunekit.distributed import barrier, is_distributed, is_main, rank, shard_samples
+from prunekit.distributed.reduce import reduce_collected
+from prunekit.distributed.solve import share_result, sparsegpt_owners
 from prunekit.masks import apply_mask, raw_parameter
 from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from prunekit.prune import (
@@ -109,6 +113,8 @@ class _Pruner:
     allocated: dict[str, float] = field(default_factory=dict)
     fallbacks: dict[str, str] = field(default_factory=dict)
     per_layer: dict[str, float] = field(default_factory=dict)
+    owners: dict[str, int] = field(default_factory=dict)
+    """Under torch.distributed: the rank that solves each SparseGPT layer."""
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -139,6 +145,15 @@ class _Pruner:
         for t in targets:
             self.allocated[t.name] = pattern.sparsity if isinstance(pattern, NM) else sparsity
         if self.method == "sparsegpt":
+            if is_distributed():  # each layer solved by its owner, then broadcast
+                for t in targets:
+                    if self.owners[t.name] == rank():
+                        self._sparsegpt(t, stats[t.name]["hessian"], pattern, sparsity)
+                for t in targets:
+                    note = share_result(t, self.owners[t.name], self.fallbacks.get(t.name))
+                    if note is not None:
+                        self.fallbacks[t.name] = note
+                return
             for t in targets:
                 self._sparsegpt(t, stats[t.name]["hessian"], pattern, sparsity)
             return
@@ -282,6 +297,8 @@ def oneshot(
         calib = calibration(calib)
     if len(calib) == 0:
         raise ValueError("calib holds no sample")
+    local = shard_samples(calib)  # under torch.distributed: this rank's contiguous share
+    progress = progress and is_main()
     check_marker(model, checkpoint, propagate)
 
     chosen = resolve_targets(model, targets, ignore)
@@ -345,7 +362,9 @@ def oneshot(
             "model_sha256": model_digest(model, usable),
         }
     tracker = OneshotProgress(model, stages, checkpoint, fingerprint or {}, inplace)
+    tracker.writer = is_main()  # under torch.distributed only rank 0 writes the checkpoint
     tracker.open()  # validates an existing checkpoint against the model before any change
+    barrier()  # no rank may see a stage another rank has finished in this run
     started = time.perf_counter()
     with PeakMemory() as memory:
         try:
@@ -357,7 +376,7 @@ def oneshot(
                     model,
                     found,
                     usable,
-                    calib,
+                    (calib, local),
                     pruner,
                     propagate,
                     device,
@@ -401,7 +420,7 @@ def _run_stages(
     model: nn.Module,
     found: tuple[str, nn.ModuleList] | None,
     usable: list[Target],
-    calib: Any,
+    calibs: tuple[Any, list],
     pruner: _Pruner,
     propagate: str,
     device: str | torch.device | None,
@@ -409,7 +428,11 @@ def _run_stages(
     sensitivity_args: tuple,
 ) -> None:
     """The passes of one oneshot call that are not finished yet (all of them without a
-    checkpoint): the sensitivity measurement, then block by block, or everything at once."""
+    checkpoint): the sensitivity measurement, then block by block, or everything at once.
+
+    ``calibs`` is (all samples, this rank's share): the sensitivity pass runs whole on every
+    rank; the pruning passes run each rank's share and sum the statistics over ranks."""
+    calib, local = calibs
     grid, blocks, sequential, overrides = sensitivity_args
     if pruner.allocation == "sensitivity":  # one measuring pass (block by block if blocks exist)
         measured = tracker.allocation("per_layer")
@@ -429,10 +452,10 @@ def _run_stages(
                 stacklevel=4,
             )
         tracker.begin("all")
-        _prune_all_at_once(model, usable, calib, pruner, pruner.allocation)
+        _prune_all_at_once(model, usable, local, pruner, pruner.allocation)
         tracker.finish("all", pruner)
     else:
-        _prune_sequentially(model, found, usable, calib, pruner, propagate, device, tracker)
+        _prune_sequentially(model, found, usable, local, pruner, propagate, device, tracker)
 
 
 def _prune_all_at_once(
@@ -440,13 +463,35 @@ def _prune_all_at_once(
 ) -> None:
     wanted = pruner.need | ({"norm"} if allocation == "owl" else set())
     stats = {}
-    if wanted:
+    if wanted and is_distributed():
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), InputStats(targets, wanted, keep_parts=True) as collected:
+                for sample in calib:
+                    run_model(model, sample)
+        finally:
+            model.train(was_training)
+        stats = _reduced(collected, targets, pruner)
+    elif wanted:
         stats = collect_input_stats(model, targets, calib, wanted, progress=pruner.progress)
     per_layer = [pruner.sparsity] * len(targets)
     if allocation == "owl":
         per_layer = pruner.owl([[t] for t in targets], stats)
     for t, s in zip(targets, per_layer, strict=True):
         pruner.prune([t], stats, s)
+
+
+def _reduced(collected: InputStats, targets: list[Target], pruner: _Pruner | None) -> dict:
+    """Statistics over every rank's samples (this rank's alone without torch.distributed);
+    SparseGPT's Hessians go only to the rank that will solve the layer."""
+    if not is_distributed():
+        return collected.stats
+    owners = None
+    if pruner is not None and pruner.method == "sparsegpt" and "hessian" in collected.need:
+        owners = sparsegpt_owners(targets)
+        pruner.owners.update(owners)
+    return reduce_collected(collected, targets, owners)
 
 
 def _block_targets(blocks_name: str, n_blocks: int, targets: list[Target]) -> tuple[list, list]:
@@ -489,11 +534,12 @@ def _prune_sequentially(
 
         def measure(index: int, block: nn.Module, run) -> None:
             if groups[index]:
-                with InputStats(groups[index], {"norm"}) as collected:
+                with InputStats(groups[index], {"norm"}, keep_parts=is_distributed()) as collected:
                     run()
+                reduced = _reduced(collected, groups[index], None)
                 # blocks go back to their home device after their turn: keep the norms on the CPU
                 stats.update(
-                    {name: {"norm": entry["norm"].cpu()} for name, entry in collected.stats.items()}
+                    {name: {"norm": entry["norm"].cpu()} for name, entry in reduced.items()}
                 )
 
         run_sequential(
@@ -521,9 +567,11 @@ def _prune_sequentially(
         if groups[index]:
             stats = {}
             if pruner.need:
-                with InputStats(groups[index], pruner.need) as collected:
+                with InputStats(
+                    groups[index], pruner.need, keep_parts=is_distributed()
+                ) as collected:
                     run()
-                stats = collected.stats
+                stats = _reduced(collected, groups[index], pruner)
             pruner.prune(groups[index], stats, per_block[index])
         tracker.finish(key, pruner)
 

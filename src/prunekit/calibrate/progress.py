@@ -191,6 +191,8 @@ class OneshotProgress:
         self.done: dict[str, dict[str, Any]] = {}
         self.applied: set[str] = set()
         self.resumed = 0
+        self.writer = True
+        """False on torch.distributed ranks other than 0: they read the folder, never write it."""
         self._current: tuple[str, str | None, list | None] | None = None
 
     # -- the folder ---------------------------------------------------------------------------
@@ -209,7 +211,8 @@ class OneshotProgress:
             self._check_model()
             self.resumed = len(self.done)
         else:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            if self.writer:
+                self.folder.mkdir(parents=True, exist_ok=True)
             self.meta = {
                 "format": FORMAT,
                 "version": VERSION,
@@ -218,6 +221,8 @@ class OneshotProgress:
                 "done": {},
             }
             self._write_meta()
+        if not self.writer:
+            return
         for path in self.folder.iterdir():
             if path.name.startswith(".") and ".tmp-" in path.name and path.is_file():
                 path.unlink(missing_ok=True)
@@ -323,6 +328,8 @@ class OneshotProgress:
 
     def _write_meta(self) -> None:
         self.meta["done"] = self.done
+        if not self.writer:
+            return
         path = self.folder / META
         tmp = path.with_name(f".{META}.tmp-{os.getpid()}")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -388,7 +395,7 @@ class OneshotProgress:
         if self._current is None or self._current[0] != key:
             raise RuntimeError(f"stage {key} finished without begin()")
         targets = self.stages[key].targets
-        if self.folder is not None:
+        if self.folder is not None and self.writer:
             tensors: dict[str, torch.Tensor] = {}
             for t in targets:
                 tensors[t.name] = raw_parameter(t.module, t.param_name).detach().cpu().contiguous()

@@ -72,7 +72,7 @@ class InputStats:
         >>> collected.stats["fc1.weight"]["norm"]                  # doctest: +SKIP
     """
 
-    def __init__(self, targets: list[Target], need: set[str]) -> None:
+    def __init__(self, targets: list[Target], need: set[str], keep_parts: bool = False) -> None:
         unknown = set(need) - {"norm", "hessian"}
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}; accepted: norm, hessian")
@@ -82,6 +82,10 @@ class InputStats:
         self.need = set(need)
         self.stats: dict[str, dict[str, torch.Tensor]] = {t.name: {} for t in targets}
         self.rows: dict[str, int] = {t.name: 0 for t in targets}
+        # keep_parts: every call's "norm" vector, so that ranks can add them up in the order of
+        # one process (prunekit.distributed.reduce)
+        self.keep_parts = keep_parts
+        self.norm_parts: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
         self._handles: list[Any] = []
 
     def _hook(self, target: Target):
@@ -92,6 +96,8 @@ class InputStats:
             if "norm" in self.need:
                 sq = rows.pow(2).sum(0)
                 entry["norm"] = entry["norm"] + sq if "norm" in entry else sq
+                if self.keep_parts:
+                    self.norm_parts[target.name].append(sq)
             if "hessian" in self.need:
                 scaled = rows * (2.0 / (n_old + n_new)) ** 0.5
                 if "hessian" in entry:

@@ -38,6 +38,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunekit.distributed import barrier, is_distributed, is_main, world_size
+from prunekit.distributed.reduce import broadcast_object
+from prunekit.distributed.train import (
+    average_gradients_,
+    broadcast_module_,
+    broadcast_rng_,
+    check_same_batch,
+    per_rank_data,
+    split_batch,
+)
 from prunekit.masks import apply_mask, is_masked, reapply_masks, remove_mask
 from prunekit.runtime.accelerated import refuse_accelerated
 from prunekit.targets import all_prunable
@@ -544,7 +554,14 @@ def finetune(
     finished = False
     added_masks: list[tuple[nn.Module, str]] = []
     bar = None
+    parallel = is_distributed()  # data parallel: rank 0's start, the same steps everywhere
+    split = parallel and not per_rank_data(data)
     try:
+        if parallel:
+            broadcast_module_(model)
+            if teacher is not None:
+                broadcast_module_(teacher)
+            broadcast_rng_(_data_generators(data))
         added_masks = _mask_zeros(model) if keep_zeros else []
         if teacher is not None:
             teacher.eval()
@@ -566,7 +583,7 @@ def finetune(
             )
             del probe
             low, high = AUTO_LR_BOUNDS
-            peak = min(max(result.lr_test.lr, low), high)
+            peak = broadcast_object(min(max(result.lr_test.lr, low), high))
         result.lr = float(peak) if optimizer is None else None
         opt = _make_optimizer(optimizer, model, result.lr or 0.0, weight_decay)
         if pruner is not None and pruner.optimizer is None:
@@ -630,7 +647,9 @@ def finetune(
                 "finished": is_finished,
                 "rng": _rng_state(data),
             }
-            write_point(checkpoint, epoch_done, state)
+            if is_main():  # under torch.distributed: written once, by rank 0
+                write_point(checkpoint, epoch_done, state)
+            barrier()
 
         def run_evaluation() -> bool:
             """Evaluate, update the best state; True when early stopping should end the run."""
@@ -644,7 +663,7 @@ def finetune(
                 result.history.append(row)
                 return False
             was = model.training
-            metric = float(evaluate(model))
+            metric = float(broadcast_object(float(evaluate(model))))  # rank 0's decides
             model.train(was)
             row["metric"] = metric
             result.history.append(row)
@@ -664,20 +683,29 @@ def finetune(
             initial=result.steps,
             desc="finetune",
             unit="step",
-            disable=not progress,
+            disable=not progress or not is_main(),
         )
         if evaluate is not None and resume is None:
             run_evaluation()
         model.train()
         done = finished
+        trained = [p for p in model.parameters() if p.requires_grad]
+        checked = not split
         for epoch in range(start_epoch, epochs):
             if done:
                 break
             seen = 0
             for batch in data:
+                share = 1.0 / world_size()
+                if split:  # every rank holds the global batch and trains on its rows
+                    if not checked:
+                        check_same_batch(batch)
+                        checked = True
+                    batch, share = split_batch(batch)
                 loss = compute_loss(batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                step_loss = average_gradients_(trained, share, loss) if parallel else None
                 if grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 if warm is not None:
@@ -691,7 +719,7 @@ def finetune(
                     reapply_masks(model)
                 result.steps += 1
                 seen += 1
-                running += float(loss.detach())
+                running += float(loss.detach()) if step_loss is None else step_loss
                 counted += 1
                 epoch_float = epoch + seen / per_epoch if per_epoch else float(epoch)
                 bar.update(1)

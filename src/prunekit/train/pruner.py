@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.distributed.train import sync_masks_
 from prunekit.masks import (
     apply_mask,
     finalize,
@@ -570,6 +571,7 @@ class GradualPruner:
             self._structured.update(target, len(self.history))
             self.sparsity = target
             self.history.append((self.step_count, target))
+            sync_masks_(self.model)  # torch.distributed: rank 0's masks on every rank
             self._clear_optimizer_state()
             return
         pattern: Pattern | None = self.pattern
@@ -603,6 +605,7 @@ class GradualPruner:
         self.history.append((self.step_count, target))
         if self._online == "taylor":
             self._reset_scores()
+        sync_masks_(self.model)  # torch.distributed: rank 0's masks on every rank
         self._clear_optimizer_state()
 
     def _online_score(self, layer: LayerContext) -> torch.Tensor:

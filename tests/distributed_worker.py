@@ -1,0 +1,222 @@
+"""Worker of tests/test_distributed.py: two processes forked by the test (``worker``), or
+``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py
+OUT GROUP``.
+
+Every rank runs the same calls under a gloo process group and saves what it ends with to
+``OUT/GROUP-rank{r}.pt``; rank 0 also runs each call alone (``single_process()``, same thread
+count) and saves that reference to ``OUT/GROUP-ref.pt``. The tests compare the files.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import prunekit
+from prunekit.distributed import single_process
+from prunekit.distributed.reduce import traffic
+from prunekit.masks import get_mask, masked_parameters, raw_parameter
+
+
+def masked_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the state dict (weights as stored) and the keep-masks as ``name:mask``."""
+    out = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_mask")}
+    for mname, module, pname in masked_parameters(model):
+        out[f"{mname}.{pname}"] = raw_parameter(module, pname).detach().clone()
+        out[f"{mname}.{pname}:mask"] = get_mask(module, pname)
+    return out
+
+
+def tiny_llama() -> nn.Module:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+ONESHOT = {
+    "wanda": dict(method="wanda"),
+    "magnitude": dict(method="magnitude"),
+    "sparsegpt": dict(method="sparsegpt"),
+    "sparsegpt-2:4": dict(method="sparsegpt", pattern="2:4"),
+    "wanda-owl": dict(method="wanda", allocation="owl", owl_lambda=0.1),
+    "wanda-whole": dict(method="wanda", sequential=False),
+    "sparsegpt-whole": dict(method="sparsegpt", sequential=False),
+}
+
+
+def run_oneshot(out: Path, rank: int) -> tuple[dict, dict]:
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randint(0, 64, (1, 12), generator=gen) for _ in range(5)]  # shards of 2 and 3
+    mine, ref = {}, {}
+    for name, kwargs in ONESHOT.items():
+        traffic(reset=True)
+        report = prunekit.oneshot(model, calib, progress=False, **kwargs)
+        mine[name] = masked_state(report.model)
+        mine[name + "/traffic"] = traffic()
+        if rank == 0:
+            with single_process():
+                ref[name] = masked_state(
+                    prunekit.oneshot(model, calib, progress=False, **kwargs).model
+                )
+    # a checkpointed run: only rank 0 may write the folder
+    import prunekit.calibrate.progress as progress
+
+    writes = []
+    original = progress._replace
+    progress._replace = lambda tmp, final: (writes.append(str(final)), original(tmp, final))[1]
+    try:
+        report = prunekit.oneshot(
+            model, calib, method="wanda", progress=False, checkpoint=out / "oneshot-ck"
+        )
+    finally:
+        progress._replace = original
+    mine["checkpoint"] = masked_state(report.model)
+    mine["checkpoint/writes"] = writes
+    return mine, ref
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def batches() -> list:
+    gen = torch.Generator().manual_seed(4)
+    return [
+        (torch.randn(8, 16, generator=gen), torch.randint(0, 8, (8,), generator=gen))
+        for _ in range(4)
+    ]
+
+
+def loss_fn(model: nn.Module, batch) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def sgd(params) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.5)
+
+
+def finetune_cases(out: Path | None, data=None) -> dict:
+    from prunekit.train import GradualPruner, PolynomialSchedule, finetune
+
+    data = batches() if data is None else data
+    result = {}
+    pruned = prunekit.prune(mlp(), 0.5, scope="local").model
+    ft = finetune(
+        pruned,
+        data,
+        loss_fn,
+        epochs=2,
+        optimizer=sgd,  # not Adam: its steps hide a wrong gradient scale
+        progress=False,
+        checkpoint=None if out is None else out / "finetune-ck",
+    )
+    result["finetune"] = masked_state(ft.model)
+    result["finetune/history"] = ft.history
+    for method in ("magnitude", "movement"):
+        model = mlp()
+        pruner = GradualPruner(
+            model,
+            PolynomialSchedule(final_sparsity=0.75, begin_step=1, end_step=6, frequency=1),
+            method=method,
+        )
+        seen = []
+        original = pruner.step
+
+        def step(original=original, pruner=pruner, seen=seen) -> bool:
+            changed = original()
+            seen.append({k: v.clone() for k, v in pruner.masks().items()})
+            return changed
+
+        pruner.step = step
+        finetune(
+            model, data, loss_fn, pruner=pruner, inplace=True, epochs=2, lr=1e-2, progress=False
+        )
+        result[f"pruner-{method}"] = masked_state(model)
+        result[f"pruner-{method}/steps"] = seen
+    return result
+
+
+def run_train(out: Path, rank: int) -> tuple[dict, dict]:
+    import prunekit.train  # noqa: F401 - the module below, not the function it exports
+
+    ft_module = sys.modules["prunekit.train.finetune"]
+    writes = []
+    original = ft_module.write_point
+    ft_module.write_point = lambda *a, **k: (writes.append(str(a[1])), original(*a, **k))[1]
+    try:
+        mine = finetune_cases(out)
+    finally:
+        ft_module.write_point = original
+    mine["finetune/writes"] = writes
+    # per-rank data: a DataLoader with a DistributedSampler (no split, each rank its rows)
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    x = torch.cat([b[0] for b in batches()])
+    y = torch.cat([b[1] for b in batches()])
+    dataset = TensorDataset(x, y)
+    loader = DataLoader(dataset, batch_size=4, sampler=DistributedSampler(dataset, shuffle=False))
+    from prunekit.train import finetune
+
+    ft = finetune(
+        prunekit.prune(mlp(), 0.5, scope="local").model,
+        loader,
+        loss_fn,
+        epochs=2,
+        optimizer=sgd,
+        progress=False,
+    )
+    mine["sampler"] = masked_state(ft.model)
+    # sync_masks_: rank 0's masks win over different ones
+    from prunekit.distributed.train import sync_masks_
+
+    net = mlp()
+    keep = torch.rand(net[0].weight.shape, generator=torch.Generator().manual_seed(rank)) > 0.5
+    prunekit.masks.apply_mask(net[0], "weight", keep)
+    sync_masks_(net)
+    mine["sync"] = masked_state(net)
+    ref = {}
+    if rank == 0:
+        with single_process():
+            ref = finetune_cases(None)
+    return mine, ref
+
+
+def worker(rank: int | None, out: Path, group: str, init: str | None = None) -> None:
+    """Run ``group`` on this rank and save the results (``init``: a ``file://`` rendezvous for
+    2 processes; None: torchrun's environment)."""
+    torch.set_num_threads(1)
+    if init is None:
+        dist.init_process_group("gloo")
+    else:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    rank = dist.get_rank()
+    try:
+        mine, ref = {"oneshot": run_oneshot, "train": run_train}[group](out, rank)
+        torch.save(mine, out / f"{group}-rank{rank}.pt")
+        if rank == 0:
+            torch.save(ref, out / f"{group}-ref.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    worker(None, Path(sys.argv[1]), sys.argv[2])

@@ -1,0 +1,171 @@
+"""Two gloo processes against one: oneshot masks and weights, data-parallel finetune and the
+gradual pruner, rank-0-only checkpoint writes (prunekit.distributed).
+
+The two ranks are forked from the test process (``tests/distributed_worker.py``), so they start
+without re-importing torch; each group of calls runs once per module and the tests read its
+results. Skipped where gloo or ``fork`` is unavailable.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_worker as worker  # noqa: E402
+
+pytest.importorskip("transformers")
+
+
+def _gloo_reason() -> str | None:
+    if not dist.is_available() or not dist.is_gloo_available():
+        return "torch.distributed with gloo is not available in this build"
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return "the test forks its two ranks; fork is not available here"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_gloo_reason() is not None, reason=str(_gloo_reason()))
+
+
+def _launch(tmp: Path, group: str) -> tuple[dict, dict, dict]:
+    import torch.multiprocessing as mp
+
+    worker.tiny_llama()  # import the model code once, in the parent: the forks inherit it
+    try:
+        mp.start_processes(
+            worker.worker,
+            args=(tmp, group, f"file://{tmp}/rendezvous"),
+            nprocs=2,
+            start_method="fork",
+        )
+    except RuntimeError as exc:  # the group could not be formed at all
+        if "gloo" in str(exc).lower() and "connect" in str(exc).lower():
+            pytest.skip(f"gloo cannot initialise here: {exc}")
+        raise
+
+    def load(name: str) -> dict:
+        return torch.load(tmp / f"{group}-{name}.pt", weights_only=False)
+
+    return load("rank0"), load("rank1"), load("ref")
+
+
+@pytest.fixture(scope="module")
+def oneshot_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist-oneshot")
+    return (*_launch(tmp, "oneshot"), tmp)
+
+
+@pytest.fixture(scope="module")
+def train_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist-train")
+    return (*_launch(tmp, "train"), tmp)
+
+
+def _masks(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k.endswith(":mask")}
+
+
+def _assert_same(a: dict, b: dict, exact: bool, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if exact or key.endswith(":mask"):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
+
+
+@pytest.mark.parametrize("case", ["wanda", "magnitude", "wanda-owl", "wanda-whole"])
+def test_oneshot_bit_identical(oneshot_runs, case):
+    """Wanda (with and without OWL, sequential or whole) and magnitude: both ranks end with the
+    single-process masks and weights, bit for bit."""
+    rank0, rank1, ref, _ = oneshot_runs
+    assert _masks(ref[case]), "the reference pruned nothing"
+    assert any(not m.all() for m in _masks(ref[case]).values())
+    _assert_same(rank0[case], ref[case], exact=True)
+    _assert_same(rank1[case], ref[case], exact=True)
+
+
+@pytest.mark.parametrize("case", ["sparsegpt", "sparsegpt-2:4", "sparsegpt-whole"])
+def test_oneshot_sparsegpt(oneshot_runs, case):
+    """SparseGPT: identical on both ranks (solved by one, broadcast), the same masks as one
+    process and weights within float tolerance (the Hessians are summed in another order)."""
+    rank0, rank1, ref, _ = oneshot_runs
+    _assert_same(rank0[case], rank1[case], exact=True)
+    _assert_same(rank0[case], ref[case], exact=False, atol=1e-5)
+    # both ranks sent something: the Hessians were reduced to owners, the solves shared
+    assert rank0[case + "/traffic"]["bytes"] > 0 and rank1[case + "/traffic"]["bytes"] > 0
+
+
+def test_oneshot_statistics_traffic(oneshot_runs):
+    """Magnitude needs no statistics (no traffic); Wanda sends its norm vectors only."""
+    rank0, _, _, _ = oneshot_runs
+    assert rank0["magnitude/traffic"]["bytes"] == 0
+    assert 0 < rank0["wanda/traffic"]["bytes"] < rank0["sparsegpt/traffic"]["bytes"]
+
+
+def test_oneshot_checkpoint_written_by_rank0_only(oneshot_runs):
+    rank0, rank1, ref, folder = oneshot_runs
+    assert rank0["checkpoint/writes"], "rank 0 wrote no checkpoint"
+    assert rank1["checkpoint/writes"] == []
+    assert (folder / "oneshot-ck" / "oneshot.json").is_file()
+    _assert_same(rank1["checkpoint"], ref["wanda"], exact=True)
+
+
+@pytest.mark.parametrize("case", ["finetune", "pruner-magnitude", "pruner-movement"])
+def test_finetune_matches_single_process(train_runs, case):
+    """Data parallel finetune (each rank half of every batch, gradients averaged) ends as one
+    process on the whole batches, within float tolerance; the ranks agree bit for bit and the
+    pruned weights are exactly zero."""
+    rank0, rank1, ref, _ = train_runs
+    _assert_same(rank0[case], rank1[case], exact=True)
+    _assert_same(rank0[case], ref[case], exact=False, atol=1e-5)
+    for key, keep in _masks(rank0[case]).items():
+        weight = rank0[case][key[: -len(":mask")]]
+        assert not keep.all() and bool((weight[~keep] == 0).all()), key
+
+
+@pytest.mark.parametrize("method", ["magnitude", "movement"])
+def test_pruner_masks_agree_every_step(train_runs, method):
+    rank0, rank1, ref, _ = train_runs
+    steps = rank0[f"pruner-{method}/steps"]
+    assert len(steps) == 8 and len(rank1[f"pruner-{method}/steps"]) == 8
+    for mine, other, single in zip(
+        steps, rank1[f"pruner-{method}/steps"], ref[f"pruner-{method}/steps"], strict=True
+    ):
+        assert mine.keys() == other.keys() == single.keys()
+        for key in mine:
+            assert torch.equal(mine[key], other[key]) and torch.equal(mine[key], single[key])
+    final = next(iter(steps[-1].values()))
+    assert abs(1 - final.float().mean().item() - 0.75) < 0.05
+
+
+def test_finetune_history_and_checkpoint(train_runs):
+    """The logged loss is the global batch's, and checkpoints are written by rank 0 only."""
+    rank0, rank1, ref, folder = train_runs
+    for mine, single in zip(rank0["finetune/history"], ref["finetune/history"], strict=True):
+        assert mine["step"] == single["step"]
+        assert mine["train_loss"] == pytest.approx(single["train_loss"], abs=1e-6)
+    assert rank0["finetune/writes"] == ["1", "2"] and rank1["finetune/writes"] == []
+    assert sorted(p.name for p in (folder / "finetune-ck").iterdir()) == ["epoch-000002"]
+
+
+def test_finetune_with_distributed_sampler(train_runs):
+    """A DataLoader with a DistributedSampler is not split again: each rank trains on its own
+    rows, and the global batches equal the whole batches of one process."""
+    rank0, rank1, ref, _ = train_runs
+    _assert_same(rank0["sampler"], rank1["sampler"], exact=True)
+    _assert_same(rank0["sampler"], ref["finetune"], exact=False, atol=1e-5)
+
+
+def test_sync_masks_takes_rank0(train_runs):
+    rank0, rank1, _, _ = train_runs
+    assert torch.equal(rank1["sync"]["0.weight:mask"], rank0["sync"]["0.weight:mask"])
+    assert bool((rank1["sync"]["0.weight"][~rank0["sync"]["0.weight:mask"]] == 0).all())
+    keep = torch.rand(32, 16, generator=torch.Generator().manual_seed(0)) > 0.5
+    assert torch.equal(rank1["sync"]["0.weight:mask"], keep)
