@@ -24,7 +24,7 @@ from torch import nn
 RUN_KEY = "run"  # in prunekit.json: the command line, seed, versions and time of the run
 
 
-class CliError(Exception):
+class CliError(ValueError):
     """A user-facing error: printed as one line without a traceback, exit status 2."""
 
 
@@ -191,8 +191,7 @@ def check_output(
                 f"--out {out} would overwrite or nest inside the input {source}; choose another path"
             )
     if os.path.lexists(out) and not overwrite:
-        if not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
-            raise CliError(f"--out {out} already exists; pass --overwrite to replace it")
+        raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
     parent = _nearest_existing(out.parent)
     if not parent.is_dir():
         raise CliError(f"--out {out}: {parent} is a file, not a folder")
@@ -275,19 +274,33 @@ def write_hf(
 
 
 def loading_note(out: Path, meta: dict[str, Any]) -> str:
-    """One line: how to load the written folder (transformers, or only prunekit)."""
+    """One line: how to load the written folder (transformers, or only prunekit), and why.
+
+    Example:
+        >>> loading_note(Path("out"), {"plain_loadable": True})
+        "wrote out (loads with transformers' from_pretrained and prunekit.from_pretrained)"
+    """
     if meta.get("plain_loadable", True):
         return (
             f"wrote {out} (loads with transformers' from_pretrained and prunekit.from_pretrained)"
         )
-    why = (
-        "compressed weights"
-        if meta.get("compressed_weights")
-        else "per-layer shapes that config.json cannot hold"
-    )
+    if meta.get("compressed_weights"):
+        why = "its weights are stored compressed"
+    else:
+        from prunekit.graph.hf_config import plain_mismatch
+
+        try:
+            mismatch = plain_mismatch(out)
+        except Exception:  # the note is advice; never fail a finished write over it
+            mismatch = None
+        why = (
+            f"config.json cannot hold its pruned shapes: {mismatch}"
+            if mismatch
+            else "config.json cannot hold its pruned shapes"
+        )
     return (
-        f"wrote {out}; not loadable by transformers' AutoModel.from_pretrained ({why}): "
-        f"load it with prunekit.from_pretrained({str(out)!r}) or any prunekit command"
+        f"wrote {out}; transformers' from_pretrained cannot load it ({why}); load it with "
+        f"prunekit.from_pretrained({str(out)!r}) or any prunekit command"
     )
 
 

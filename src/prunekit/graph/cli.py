@@ -29,29 +29,47 @@ LAYER_IMPORTANCE = ("influence", "loss", "random")
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``prune-structured`` and ``count`` to the ``prunekit`` command's subparsers."""
-    p = subparsers.add_parser(
-        "prune-structured",
-        help="remove channels, heads or layers of a Hugging Face model folder (smaller dense model)",
+    from prunekit.cli_commands.common import (
+        add_parser,
+        fraction,
+        positive_float,
+        positive_int,
     )
-    p.add_argument("path", help="a Hugging Face model folder")
+
+    p = add_parser(
+        subparsers,
+        "prune-structured",
+        "remove channels, heads or layers of a Hugging Face model folder (smaller dense model)",
+        "prunekit prune-structured ./bert --out small --unit channel --ratio 0.3",
+        "prunekit prune-structured ./llama --out small --unit channel,head --target-macs 0.6",
+        "prunekit prune-structured ./llama --out shallow --unit layer --ratio 0.25",
+    )
+    p.add_argument("path", help="a Hugging Face model folder (any prunekit output too)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
-        "--ratio", type=float, default=0.3, help="fraction of units to remove, [0, 1) (default 0.3)"
+        "--ratio", type=fraction, default=0.3, help="fraction of units to remove, [0, 1)"
     )
-    p.add_argument(
-        "--unit", default="channel", help="channel, head, channel,head or layer (default channel)"
-    )
+    p.add_argument("--unit", default="channel", help="channel, head, channel,head or layer")
     p.add_argument(
         "--importance",
         default=None,
-        help=f"channels/heads: {', '.join(WIDTH_IMPORTANCE)}; layers: {', '.join(LAYER_IMPORTANCE)}",
+        help=f"channels/heads: {', '.join(WIDTH_IMPORTANCE)} (None: l2); layers: "
+        f"{', '.join(LAYER_IMPORTANCE)} (None: influence)",
     )
     p.add_argument("--scope", default="local", choices=["local", "global"])
     p.add_argument(
-        "--round-to",
-        type=int,
+        "--uniform",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="keep channel counts a multiple of this (default: what this machine's kernels run "
+        help="the same width in every layer, so config.json can hold it and transformers' "
+        "from_pretrained loads the folder (None: on with --scope local; --target-macs / "
+        "--target-params then reach the target with one ratio for all layers)",
+    )
+    p.add_argument(
+        "--round-to",
+        type=positive_int,
+        default=None,
+        help="keep channel counts a multiple of this (None: what this machine's kernels run "
         "fast, 16 with AVX-512, 8 otherwise; 1 = no rounding)",
     )
     p.add_argument(
@@ -59,53 +77,59 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--target-macs",
-        type=float,
+        type=positive_float,
         default=None,
         help="MACs to reach: fraction of dense (<= 1) or count",
     )
     p.add_argument(
         "--target-params",
-        type=float,
+        type=positive_float,
         default=None,
         help="params to reach: fraction of dense (<= 1) or count",
     )
     p.add_argument(
         "--target-latency",
-        type=float,
+        type=fraction,
         default=None,
         help="measured latency to reach, as a fraction of dense in (0, 1) (times the model on "
-        "--batch x --seq-len inputs)",
+        "--batch x --seq-len inputs; implies --no-uniform)",
     )
     p.add_argument(
         "--no-latency", action="store_true", help="do not time dense and pruned (faster)"
     )
-    p.add_argument("--threads", type=int, default=None, help="torch threads for timing")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads for timing")
     p.add_argument(
         "--gqa",
         default="kv",
         choices=["kv", "q"],
         help="GQA heads: whole kv groups, or q heads within groups",
     )
-    p.add_argument("--min-keep", type=int, default=1)
+    p.add_argument("--min-keep", type=positive_int, default=1, help="units every group keeps")
     p.add_argument(
-        "--seq-len", type=int, default=16, help="tokens of the tracing / calibration inputs"
+        "--seq-len",
+        type=positive_int,
+        default=16,
+        help="tokens of the tracing / calibration inputs",
     )
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=positive_int, default=1, help="batch of the tracing inputs")
     p.add_argument("--calib-text", default=None, help="a text file for data-driven criteria")
     p.add_argument(
-        "--n-calib", type=int, default=8, help="calibration windows taken from --calib-text"
+        "--n-calib", type=positive_int, default=8, help="calibration windows from --calib-text"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs and windows")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_prune_structured)
 
-    c = subparsers.add_parser(
-        "count", help="parameters and MACs per layer of a Hugging Face model folder"
+    c = add_parser(
+        subparsers,
+        "count",
+        "parameters and MACs per layer of a Hugging Face model folder",
+        "prunekit count small --seq-len 128 --json",
     )
     c.add_argument("path", help="a Hugging Face model folder (pruned or not)")
-    c.add_argument("--seq-len", type=int, default=16)
-    c.add_argument("--batch", type=int, default=1)
+    c.add_argument("--seq-len", type=positive_int, default=16, help="tokens of the input")
+    c.add_argument("--batch", type=positive_int, default=1, help="batch of the input")
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     c.set_defaults(func=cmd_count)
 
@@ -125,16 +149,10 @@ def hf_folder(path: str) -> Path:
 
 
 def load_hf_folder(folder: Path) -> torch.nn.Module:
-    """Load a (possibly structurally pruned) Hugging Face folder in eval mode."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ValueError(
-            "Hugging Face folders need transformers: pip install 'prunekit[hf]'"
-        ) from exc
-    from prunekit.graph.hf import from_pretrained
+    """Load a (possibly structurally pruned or compressed) Hugging Face folder in eval mode."""
+    from prunekit.cli_commands.common import load_hf
 
-    return from_pretrained(folder).eval()
+    return load_hf(folder)
 
 
 def example_inputs(
@@ -158,8 +176,13 @@ def _calibration(folder: Path, model, args: argparse.Namespace) -> list[dict[str
     text = Path(args.calib_text).read_text(encoding="utf-8", errors="replace")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    if len(ids) < args.seq_len + 1:
-        raise ValueError(f"--calib-text has {len(ids)} tokens; need at least {args.seq_len + 1}")
+    need = max(args.n_calib * args.seq_len, args.seq_len + 1)
+    if len(ids) < need:
+        raise ValueError(
+            f"--calib-text {args.calib_text} has {len(ids)} tokens, fewer than --n-calib x "
+            f"--seq-len = {args.n_calib} x {args.seq_len} = {need}: the windows would repeat "
+            "the same text; give more text or lower --n-calib / --seq-len"
+        )
     g = torch.Generator().manual_seed(args.seed)
     starts = torch.randint(0, len(ids) - args.seq_len, (args.n_calib,), generator=g)
     extra = (
@@ -178,51 +201,104 @@ def _calibration(folder: Path, model, args: argparse.Namespace) -> list[dict[str
     return batches
 
 
+def _uniform(args: argparse.Namespace) -> bool:
+    """Whether every layer keeps the same width (so config.json can hold it)."""
+    from prunekit.cli_commands.common import CliError
+
+    if args.uniform and args.scope == "global":
+        raise CliError(
+            "--uniform needs --scope local: a global ranking gives each layer its own width"
+        )
+    if args.uniform and args.target_latency is not None:
+        raise CliError(
+            "--uniform does not combine with --target-latency (its search sets widths per "
+            "layer); use --target-macs for a uniform model, or --no-uniform"
+        )
+    if args.uniform is None:
+        return args.scope == "local" and args.target_latency is None
+    return bool(args.uniform)
+
+
 def cmd_prune_structured(args: argparse.Namespace) -> int:
     """``prunekit prune-structured``: prune a Hugging Face folder and write the smaller model."""
-    from prunekit.graph.hf import save_pretrained
+    import copy
+
+    from prunekit.cli_commands.common import check_output, input_file, loading_note, write_hf
     from prunekit.graph.pruner import prune_structured
 
-    source, out = hf_folder(args.path), Path(args.out)
-    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
-        raise ValueError(
-            f"--out {out} would overwrite or nest inside the input {source}; choose another path"
-        )
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    source = hf_folder(args.path)
+    input_file(args.calib_text, "--calib-text")
+    uniform = _uniform(args)
+    out = check_output(args.out, sources=[source], overwrite=args.overwrite)
     units = [u.strip() for u in args.unit.split(",") if u.strip()]
     model = load_hf_folder(source)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and args.seq_len > max_pos:
+        raise ValueError(f"--seq-len {args.seq_len} is above the model's {max_pos} positions")
     inputs = example_inputs(model, args.batch, args.seq_len, args.seed)
     calib = _calibration(source, model, args)
-    report = prune_structured(
-        model,
-        inputs,
-        ratio=args.ratio,
+    options = dict(
         unit=units if len(units) > 1 else units[0],
         importance=args.importance,
         scope=args.scope,
         round_to=args.round_to,
         ignore=args.ignore or None,
-        target_macs=args.target_macs,
-        target_params=args.target_params,
-        target_latency=args.target_latency,
-        measure_latency=not args.no_latency,
         threads=args.threads,
         min_keep=args.min_keep,
         calib=calib,
         gqa=args.gqa,
         seed=args.seed,
+    )
+    ratio, targets = (
+        args.ratio,
+        {"target_macs": args.target_macs, "target_params": args.target_params},
+    )
+    if uniform and units != ["layer"] and any(v is not None for v in targets.values()):
+        # the target's search ends by giving units back where they cost least, layer by layer;
+        # a uniform model takes the ratio the search found before that step, for every layer
+        probe = prune_structured(
+            copy.deepcopy(model),
+            inputs,
+            **options,
+            **targets,
+            measure_latency=False,
+            progress=False,
+            inplace=True,
+        )
+        ratio, targets = min(0.999, probe.settings["ratio"] + 5e-5), {}
+    report = prune_structured(
+        model,
+        inputs,
+        ratio=ratio,
+        **options,
+        **targets,
+        target_latency=args.target_latency,
+        measure_latency=not args.no_latency,
         inplace=True,
     )
-    save_pretrained(
-        report.model,
-        out,
-        source=source,
-        overwrite=args.overwrite,
-        metadata={"report": report.to_dict()},
+    if uniform:
+        report.settings["uniform"] = True
+        for key, value in (
+            ("target_macs", args.target_macs),
+            ("target_params", args.target_params),
+        ):
+            if value is not None:
+                report.settings[key] = value
+    meta = write_hf(
+        report.model, out, source=source, args=args, metadata={"report": report.to_dict()}
     )
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
-    print(f"wrote {out}")
+    if args.json:
+        print(
+            json.dumps(
+                {**report.to_dict(), "out": str(out), "plain_loadable": meta["plain_loadable"]},
+                indent=2,
+            )
+        )
+        return 0
+    print(report)
+    print(loading_note(out, meta))
+    if not meta["plain_loadable"] and not uniform:
+        print("(prune-structured --uniform keeps one width for all layers)")
     return 0
 
 
@@ -232,6 +308,9 @@ def cmd_count(args: argparse.Namespace) -> int:
 
     folder = hf_folder(args.path)
     model = load_hf_folder(folder)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and args.seq_len > max_pos:
+        raise ValueError(f"--seq-len {args.seq_len} is above the model's {max_pos} positions")
     report = count(model, example_inputs(model, args.batch, args.seq_len))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return 0
