@@ -3,6 +3,7 @@ searches with and without an out folder (resumed without re-running a trial)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 
@@ -179,6 +180,7 @@ def test_quality_floor_search_end_to_end_and_resume(tmp_path) -> None:
     more = prune(_mlp(), sparsity=chosen + 0.01, scope="global", progress=False).model
     assert _density(more) < 0.42
     assert report.stages[0].kwargs["sparsity"] == chosen
+    assert not any(s.resumed for s in report.stages)  # all ran in this call, in a trial
     # the saved model is the chosen one, not the last trial's
     saved = load(out / "model", _mlp())
     assert _density(saved) == pytest.approx(_density(report.model))
@@ -187,6 +189,10 @@ def test_quality_floor_search_end_to_end_and_resume(tmp_path) -> None:
         report.search.trials
     )
     assert "goal met" in (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    assert "goal met" in page
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert "<h2>Search for the goal</h2>\n<img alt='Search for the goal'" in page
 
     again = compress(_mlp(), RECIPE, evaluate=_density, example_inputs=x, out=out, progress=False)
     assert all(t.reused for t in again.search.trials)  # nothing ran twice

@@ -257,7 +257,44 @@ def plots(report: Any) -> dict[str, str]:
             ax.grid(alpha=0.3)
         fig.suptitle("quality against size and latency, stage by stage", fontsize=10)
         out["tradeoff"] = _png(fig)
+    search = getattr(report, "search", None)
+    if search is not None and search.trials:
+        out["search"] = _search_plot(plt, search)
     return out
+
+
+def _search_plot(plt: Any, search: Any) -> str:
+    """Each goal figure measured at every trial against the searched value, with its bound."""
+    names = list(dict.fromkeys(c.name for t in search.trials for c in t.checks))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        pts = sorted(
+            (t.value, c.measured, c.met, t is search.chosen)
+            for t in search.trials
+            for c in t.checks
+            if c.name == name and c.measured is not None
+        )
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color="0.7", zorder=1)
+        for value, measured, met, chosen in pts:
+            ax.scatter(
+                value,
+                measured,
+                marker="*" if chosen else "o",
+                s=140 if chosen else 36,
+                color="tab:green" if met else "tab:red",
+                zorder=2,
+            )
+        target = next(c.target for t in search.trials for c in t.checks if c.name == name)
+        ax.axhline(target, color="0.3", linestyle="--", linewidth=1)
+        ax.set_xlabel(f"{search.knob.verb}.{search.knob.key}")
+        ax.set_ylabel(name if name == "quality" else f"{name} / dense")
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        "search: every trial (green met, red missed, star chosen; dashed: goal)", fontsize=10
+    )
+    return _png(fig)
 
 
 _STYLE = """
@@ -298,7 +335,11 @@ def html_page(report: Any, images: dict[str, str]) -> str:
     if goal:
         parts.append("<h2>Goal</h2><pre>" + esc("\n".join(goal)) + "</pre>")
     if images:
-        for key, title in (("layers", "Per-layer density"), ("tradeoff", "Size, latency, quality")):
+        for key, title in (
+            ("search", "Search for the goal"),
+            ("layers", "Per-layer density"),
+            ("tradeoff", "Size, latency, quality"),
+        ):
             if key in images:
                 parts.append(f"<h2>{title}</h2>")
                 parts.append(f"<img alt='{esc(title)}' src='data:image/png;base64,{images[key]}'>")

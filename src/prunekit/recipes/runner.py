@@ -340,6 +340,7 @@ class _Run:
     dense_row: dict[str, Any] = field(default_factory=dict)
     # without an out folder: model copies after the stages before the searched one, by chain
     memory: dict[str, tuple[nn.Module, StageResult]] = field(default_factory=dict)
+    produced: set[str] = field(default_factory=set)  # chains whose stage ran in this call
 
     def chains(self, recipe: Recipe) -> list[str]:
         base = hashlib.sha256(f"{self.fingerprint}|seed={recipe.seed}".encode()).hexdigest()[:16]
@@ -373,10 +374,10 @@ class _Run:
                         kwargs=stage.kwargs,
                         seconds=saved["seconds"],
                         metrics=saved["metrics"],
-                        resumed=True,
+                        resumed=chain not in self.produced,
                         summary=saved.get("summary", ""),
                     )
-                    for stage, saved in zip(recipe.stages, records, strict=False)
+                    for stage, saved, chain in zip(recipe.stages, records, chains, strict=False)
                 ]
         elif out_path is None:
             while done < keep_before and chains[done] in self.memory:
@@ -384,8 +385,6 @@ class _Run:
             if done:
                 work = copy.deepcopy(self.memory[chains[done - 1]][0])
                 rows = [copy.copy(self.memory[c][1]) for c in chains[:done]]
-                for row in rows:
-                    row.resumed = True
 
         for stage, chain in list(zip(recipe.stages, chains, strict=True))[done:]:
             _log(progress, f"stage {stage.index}/{len(recipe.stages)}: {stage.verb} {stage.kwargs}")
@@ -415,6 +414,7 @@ class _Run:
                 summary=_summary(verb_report),
             )
             rows.append(result)
+            self.produced.add(chain)
             if progress:
                 print(f"[prunekit compress] {_one_line(result, self.dense_row, self.metric)}")
             if out_path is not None:
