@@ -53,6 +53,7 @@ from prunekit.cli_commands.common import (
     run_record,
     write_hf,
 )
+from prunekit.distributed import launched
 from prunekit.graph import StructuredPruningError, UnsupportedOperationError
 from prunekit.masks import finalize
 from prunekit.prune import prune
@@ -411,14 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-samples",
         type=positive_int,
         default=_calib_default("n_samples"),
-        help="calibration windows (default sized for this machine: 128 on a GPU, 32 on CPU)",
+        help="calibration windows (sized for this machine: 128 on a GPU, 32 on CPU)",
     )
     o.add_argument(
         "--seq-len",
         type=positive_int,
         default=_calib_default("seq_len"),
-        help="tokens per calibration window (128 x 512 on a GPU, 32 x 256 on CPU; at most the "
-        "model's positions)",
+        help="tokens per calibration window (512 on a GPU, 256 on CPU; at most the model's "
+        "positions)",
     )
     o.add_argument("--targets", nargs="*", default=[], help="name patterns of layers to prune")
     o.add_argument("--ignore", nargs="*", default=[], help="name patterns of layers to leave alone")
@@ -439,10 +440,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_analysis_commands(commands)  # analyze
     add_runtime_commands(commands)  # bench
     add_recipe_commands(commands)  # compress, recipes
-    for sub in commands.choices.values():  # defaults and examples in every command's --help
+    for name, sub in commands.choices.items():  # defaults and examples in every --help
         if sub.formatter_class is argparse.HelpFormatter:
             sub.formatter_class = HelpFormatter
+        if sub.epilog is None and name in EXAMPLES:
+            sub.epilog = examples(*EXAMPLES[name])
     return parser
+
+
+# Examples for the commands whose modules do not set their own.
+EXAMPLES = {
+    "analyze": [
+        "prunekit analyze ./llama --out analysis --method wanda --sparsity 0.7",
+        "prunekit oneshot ./llama --out sparse --per-layer analysis/allocation.json",
+    ],
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -464,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args.argv = argv
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), launched():  # under torchrun: join its process group
             warnings.filterwarnings("ignore", module=r"transformers(\..*)?")
             return args.func(args)
     except (

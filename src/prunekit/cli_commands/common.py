@@ -40,8 +40,29 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every option's default, keeps the examples' line breaks."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default (not the empty ones: None, False, []), keeps the examples'
+    line breaks."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and action.default not in (None, False):
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or action.required
+            or default is None
+            or default is False
+            or default == []
+            or default is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)".strip()
 
 
 def examples(*lines: str) -> str:
@@ -192,15 +213,29 @@ def check_output(
             )
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
+    return check_writable(out)
+
+
+def check_writable(out: str | os.PathLike, flag: str = "--out") -> Path:
+    """``out`` can be created: its nearest existing parent is a folder we can write in (probed
+    with a temporary file, removed at once). Writes nothing that stays.
+
+    Example:
+        >>> check_writable("/proc/out")  # doctest: +SKIP
+        CliError: --out /proc/out: cannot write in /proc (Permission denied)
+    """
+    out = Path(out)
+    if out.is_dir() and not os.access(out, os.W_OK):
+        raise CliError(f"{flag} {out}: the folder is not writable")
     parent = _nearest_existing(out.parent)
     if not parent.is_dir():
-        raise CliError(f"--out {out}: {parent} is a file, not a folder")
+        raise CliError(f"{flag} {out}: {parent} is a file, not a folder")
     try:  # a real probe: permissions, read-only file systems, quotas; removed at once
         fd, probe = tempfile.mkstemp(prefix=".prunekit-probe-", dir=parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise CliError(f"--out {out}: cannot write in {parent} ({exc.strerror})") from None
+        raise CliError(f"{flag} {out}: cannot write in {parent} ({exc.strerror})") from None
     return out
 
 

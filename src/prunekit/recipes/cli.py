@@ -29,6 +29,9 @@ EVAL_HELP = (
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``compress`` and ``recipes`` to the ``prunekit`` command's subparsers."""
+    from prunekit.cli_commands.common import HelpFormatter, examples, positive_int
+
     c = subparsers.add_parser(
         "compress",
         help="run a recipe (prune, recover, quantize, save) on a Hugging Face folder, measured",
@@ -36,9 +39,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "checkpointed under --out and measured (parameters, MACs, non-zeros, file size, "
         "latency, quality); report.json/.md/.html are written there. Run the same command again "
         "to resume after an interruption.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="example: prunekit compress ./llama --recipe llm-2of4-int8 --out runs/llm "
-        "--calib text.txt --eval perplexity:valid.txt",
+        formatter_class=HelpFormatter,
+        epilog=examples(
+            "prunekit compress ./llama --recipe llm-2of4-int8 --out runs/llm --calib text.txt "
+            "--eval perplexity:valid.txt"
+        ),
     )
     c.add_argument(
         "model", type=Path, help="a Hugging Face model folder (config.json + safetensors)"
@@ -54,16 +59,24 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--calib", default=None, help="calibration text file (default: pydoc prose)")
     c.add_argument("--data", default=None, help="training text file for finetune stages")
     c.add_argument("--eval", dest="eval_spec", default=None, help=EVAL_HELP)
-    c.add_argument("--n-samples", type=int, default=64, help="calibration samples")
-    c.add_argument("--seq-len", type=int, default=128, help="tokens per sample / window")
-    c.add_argument("--batch-size", type=int, default=8, help="training batch size")
-    c.add_argument("--max-train-windows", type=int, default=512, help="cap on training windows")
+    c.add_argument("--n-samples", type=positive_int, default=64, help="calibration samples")
+    c.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sample / window")
+    c.add_argument("--batch-size", type=positive_int, default=8, help="training batch size")
+    c.add_argument(
+        "--max-train-windows", type=positive_int, default=512, help="cap on training windows"
+    )
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     c.add_argument("--restart", action="store_true", help="ignore existing checkpoints")
     c.add_argument("--json", action="store_true", help="print report.json's table instead of text")
     c.set_defaults(func=run_compress)
 
-    r = subparsers.add_parser("recipes", help="list the shipped recipes, or print one")
+    r = subparsers.add_parser(
+        "recipes",
+        help="list the shipped recipes, or print one",
+        description="List the shipped recipes, or print one's YAML (a start for your own).",
+        formatter_class=HelpFormatter,
+        epilog=examples("prunekit recipes", "prunekit recipes llm-2of4-int8 > my.yaml"),
+    )
     r.add_argument("name", nargs="?", help="a shipped recipe to print")
     r.set_defaults(func=run_recipes)
 
@@ -177,6 +190,17 @@ def run_compress(args: argparse.Namespace) -> int:
             "+ weights), or use `prunekit prune FILE` for data-free pruning of a file"
         )
     hf_folder(str(args.model))  # a folder with config.json and safetensors weights
+    from prunekit.cli_commands.common import check_writable
+
+    if (
+        args.out.resolve() == args.model.resolve()
+        or args.model.resolve() in args.out.resolve().parents
+    ):
+        raise ValueError(
+            f"--out {args.out} would overwrite or nest inside the input {args.model}; choose "
+            "another path"
+        )
+    check_writable(args.out)  # an existing run folder is resumed; it must be writable
     _check_eval_spec(args.eval_spec)
     for flag, value in (("--calib", args.calib), ("--data", args.data)):
         if value is not None and not Path(value).is_file():

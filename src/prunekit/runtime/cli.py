@@ -27,6 +27,8 @@ from prunekit.graph.cli import hf_folder, load_hf_folder
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``bench`` to the ``prunekit`` command's subparsers."""
+    from prunekit.cli_commands.common import HelpFormatter, examples, positive_int
+
     b = subparsers.add_parser(
         "bench",
         help="time Hugging Face model folders side by side (latency, throughput, memory)",
@@ -35,21 +37,40 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             "rounds. The first PATH is the reference for the ratio column. Timings are of this "
             "machine, thread count and input shape."
         ),
+        formatter_class=HelpFormatter,
+        epilog=examples(
+            "prunekit bench ./bert small sparse --batch 1 32 --seq-len 128 --threads 2",
+            "prunekit bench ./llama sparse --accelerate",
+        ),
     )
     b.add_argument("paths", nargs="+", metavar="PATH", help="Hugging Face model folders")
     b.add_argument(
-        "--batch", type=int, nargs="+", default=[1], help="batch size(s) to time (default 1)"
-    )
-    b.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
-    b.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's current)"
-    )
-    b.add_argument("--warmup", type=int, default=10, help="untimed calls per model (default 10)")
-    b.add_argument(
-        "--repeats", type=int, default=50, help="timed calls per model and batch (default 50)"
+        "--batch",
+        type=positive_int,
+        nargs="+",
+        default=[1],
+        help="batch size(s) to time (default 1)",
     )
     b.add_argument(
-        "--rounds", type=int, default=5, help="rotating rounds the repeats are split over"
+        "--seq-len", type=positive_int, default=128, help="tokens per sequence (default 128)"
+    )
+    b.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch threads (default: torch's current)",
+    )
+    b.add_argument(
+        "--warmup", type=positive_int, default=10, help="untimed calls per model (default 10)"
+    )
+    b.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=50,
+        help="timed calls per model and batch (default 50)",
+    )
+    b.add_argument(
+        "--rounds", type=positive_int, default=5, help="rotating rounds the repeats are split over"
     )
     b.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     b.add_argument(
@@ -96,6 +117,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch sizes must be >= 1, got {args.batch}")
     folders = [hf_folder(p) for p in args.paths]
     models = [load_hf_folder(f) for f in folders]
+    for folder, model in zip(folders, models, strict=True):
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        if max_pos is not None and args.seq_len > max_pos:
+            raise ValueError(
+                f"--seq-len {args.seq_len} is above the {max_pos} positions of {folder}"
+            )
     inputs = _inputs(models, max(args.batch), args.seq_len, args.seed)
     named = dict(zip(_names(args.paths), models, strict=True))
     accelerated = _accelerated(named, models, args) if args.accelerate else {}
@@ -117,10 +144,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     for name, (_, r) in accelerated.items():
-        swapped = len(r.swapped)
-        print(
-            f"{name}: accelerate swapped {swapped}/{len(r.rows)} layer(s) ({r.settings['kernels']})"
-        )
+        print(f"{name}: {_swap_summary(r)}")
+    for name in named:
+        if args.accelerate and name not in accelerated:
+            print(f"{name}: not accelerated (no zero weights in any Linear or Conv2d: dense)")
     print(report)
     return 0
 
@@ -137,3 +164,18 @@ def _accelerated(named: dict, models: list, args: argparse.Namespace) -> dict[st
             continue  # dense: nothing to accelerate
         out[name] = accelerate(model, example, threads=args.threads)
     return out
+
+
+def _swap_summary(report: Any) -> str:
+    """``accelerate swapped 3/37 layer(s) (kernels); kept dense: 30 not faster, 4 ...``."""
+    from collections import Counter
+
+    line = (
+        f"accelerate swapped {len(report.swapped)}/{len(report.rows)} layer(s) "
+        f"({report.settings.get('kernels')})"
+    )
+    kept = Counter(r.reason or "unknown" for r in report.rows if not r.swapped)
+    if kept:
+        line += "; kept dense: " + ", ".join(f"{n} {why}" for why, n in kept.most_common())
+    why = report.settings.get("why")
+    return line + (f" (kernels unavailable: {why})" if why else "")
