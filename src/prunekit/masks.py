@@ -138,7 +138,7 @@ def apply_mask(module: nn.Module, name: str, keep: torch.Tensor) -> None:
         base = getattr(module, "_prunekit_base", type(module))
         module.__class__ = _masked_class(base, names)
     with torch.no_grad():
-        param.mul_(keep)
+        param.masked_fill_(keep == 0, 0)  # not mul_: NaN * 0 is NaN, a pruned NaN must be 0
 
 
 def remove_mask(module: nn.Module, name: str) -> None:
@@ -147,7 +147,7 @@ def remove_mask(module: nn.Module, name: str) -> None:
         return
     keep = module._buffers.pop(name + MASK_SUFFIX)
     with torch.no_grad():
-        module._parameters[name].mul_(keep)
+        module._parameters[name].masked_fill_(keep == 0, 0)
     remaining = tuple(n for n in module._prunekit_masked if n != name)
     base = module._prunekit_base
     module.__class__ = _masked_class(base, remaining) if remaining else base
@@ -192,4 +192,4 @@ def reapply_masks(model: nn.Module) -> None:
     """
     with torch.no_grad():
         for _, module, name in masked_parameters(model):
-            module._parameters[name].mul_(module._buffers[name + MASK_SUFFIX])
+            module._parameters[name].masked_fill_(module._buffers[name + MASK_SUFFIX] == 0, 0)

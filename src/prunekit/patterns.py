@@ -29,7 +29,13 @@ class Pattern:
     """Weights per unit, for counting."""
 
     def skip_reason(self, matrix_shape: tuple[int, int]) -> str | None:
-        """Why a layer of this (out, in) shape cannot take the pattern, or None."""
+        """Why a layer of this (out, in) shape cannot take the pattern, or None.
+
+        An empty weight (a dimension of size 0) has nothing to prune under any pattern;
+        subclasses call this first.
+        """
+        if 0 in matrix_shape:
+            return f"the weight is empty (shape {matrix_shape[0]}x{matrix_shape[1]})"
         return None
 
     def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
@@ -74,6 +80,9 @@ class NM(Pattern):
         return f"{self.n}:{self.m}"
 
     def skip_reason(self, matrix_shape: tuple[int, int]) -> str | None:
+        empty = super().skip_reason(matrix_shape)
+        if empty:
+            return empty
         if matrix_shape[1] % self.m:
             return f"input size {matrix_shape[1]} is not a multiple of M={self.m}"
         return None
@@ -111,6 +120,9 @@ class Block(Pattern):
         return f"block:{self.r}x{self.c}"
 
     def skip_reason(self, matrix_shape: tuple[int, int]) -> str | None:
+        empty = super().skip_reason(matrix_shape)
+        if empty:
+            return empty
         out, inp = matrix_shape
         if out % self.r or inp % self.c:
             return f"shape {out}x{inp} is not divisible into {self.r}x{self.c} blocks"

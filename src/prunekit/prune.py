@@ -92,6 +92,29 @@ def _refuse_nonfinite(target: Target) -> None:
         )
 
 
+def refuse_nonfinite_parameters(model: nn.Module, verb: str) -> None:
+    """Raise ValueError naming every parameter of ``model`` that holds NaN or inf.
+
+    For verbs that rank or train the whole model (``prune_structured``, ``finetune``): a NaN
+    ranks arbitrarily and spreads to every weight at the first optimizer step.
+
+    Example:
+        >>> refuse_nonfinite_parameters(torch.nn.Linear(2, 2), "finetune")  # finite: no error
+    """
+    bad = []
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
+            nan, inf = int(p.isnan().sum()), int(p.isinf().sum())
+            bad.append(f"{name} ({nan} NaN, {inf} inf of {p.numel()} values)")
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(
+            f"{verb}: the model holds non-finite parameters: {shown}. NaN / inf cannot be "
+            "ranked and spread through training; fix the weights (reload the checkpoint, check "
+            "the training run) first. Nothing was changed."
+        )
+
+
 def _warn_if_already_sparser(what: str, unit_scores: list[torch.Tensor], sparsity: float) -> None:
     """Zeros are never revived: say so when more units are already zero than the call removes."""
     units = sum(s.numel() for s in unit_scores)
@@ -113,11 +136,19 @@ def _plan_masks(
     scope: str,
     normalize: str,
 ) -> dict[str, torch.Tensor]:
-    """Keep-masks (weight-shaped, bool) for every target; touches no weight."""
+    """Keep-masks (weight-shaped, bool) for every target; touches no weight.
+
+    Units that are already zero (score -inf: a zero weight, a tile of zeros) are never kept,
+    even when there are more of them than the sparsity removes: the mask then holds every
+    zero, so training after the call cannot revive one.
+    """
     matrices = {t.name: t.as_matrix(scores[t.name]) for t in targets}
     if isinstance(pattern, NM):
         return {
-            t.name: t.from_matrix(pattern.keep_mask(matrices[t.name]), scores[t.name].shape)
+            t.name: t.from_matrix(
+                pattern.keep_mask(matrices[t.name]) & ~torch.isneginf(matrices[t.name]),
+                scores[t.name].shape,
+            )
             for t in targets
         }
     if scope == "row":
@@ -125,7 +156,8 @@ def _plan_masks(
         for t in targets:
             wanted = overrides.get(t.name, sparsity)
             _warn_if_already_sparser(t.name, [matrices[t.name]], wanted)
-            out[t.name] = t.from_matrix(select_rows(matrices[t.name], wanted), scores[t.name].shape)
+            keep = select_rows(matrices[t.name], wanted) & ~torch.isneginf(matrices[t.name])
+            out[t.name] = t.from_matrix(keep, scores[t.name].shape)
         return out
     unit_scores = {t.name: pattern.unit_scores(matrices[t.name]) for t in targets}
     unit_keep: dict[str, torch.Tensor] = {}
@@ -140,6 +172,8 @@ def _plan_masks(
         _warn_if_already_sparser("the global pool", pooled, sparsity)
     for t, keep in zip(pool, select_global(pooled, sparsity), strict=True):
         unit_keep[t.name] = keep
+    for t in targets:  # a unit already zero stays out of the mask's kept set
+        unit_keep[t.name] = unit_keep[t.name] & ~torch.isneginf(unit_scores[t.name])
     return {
         t.name: t.from_matrix(
             pattern.expand(unit_keep[t.name], tuple(matrices[t.name].shape)), scores[t.name].shape

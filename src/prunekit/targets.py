@@ -19,6 +19,7 @@ token (``scope="row"`` keeps the same share of every token's vector).
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ class Target:
         """View a weight-shaped tensor as (out, in): conv kernels as out x (in*kh*kw)."""
         if self.transposed:
             return tensor.t()
-        return tensor.reshape(tensor.shape[0], -1)
+        return tensor.reshape(tensor.shape[0], math.prod(tensor.shape[1:]))  # -1 fails on 0 rows
 
     def from_matrix(self, matrix: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """Inverse of :meth:`as_matrix`."""

@@ -473,7 +473,11 @@ def encode_state(
             q = None  # changed since quantize(): quantize again below if asked
             if not rules:
                 q = quantize_tensor(
-                    tensor, record["bits"], record["granularity"], record.get("symmetric", True)
+                    tensor,
+                    record["bits"],
+                    record["granularity"],
+                    record.get("symmetric", True),
+                    name=name,
                 )
         if q is None and record.get("bits") in ACCEPTED_BITS:
             # quantized without its codes kept (mode="fake"): values still on the grid are
@@ -483,7 +487,7 @@ def encode_state(
             )
         rule = next((r for r in rules if matches(r[0], name)), None)
         if q is None and rule is not None:
-            q = quantize_tensor(tensor, rule[1], rule[2], symmetric=True)
+            q = quantize_tensor(tensor, rule[1], rule[2], symmetric=True, name=name)
         arrays, entry = encode(tensor, index, q)
         for key, value in arrays.items():
             out[f"{SPARSE_PREFIX}{name}.{key}"] = value

@@ -31,6 +31,7 @@ Quantization happens on the effective weight (mask applied), never on the raw pa
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,7 +130,7 @@ def _as_matrix(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
         return tensor.reshape(1, 1)
     if tensor.dim() == 1:
         return tensor.reshape(1, -1)
-    return tensor.reshape(tensor.shape[0], -1)
+    return tensor.reshape(tensor.shape[0], math.prod(tensor.shape[1:]))  # -1 fails on 0 rows
 
 
 def _expand(per_group: torch.Tensor, group: int | None, cols: int) -> torch.Tensor:
@@ -181,8 +182,8 @@ def quantize_tensor(
         )
     w = _as_matrix(weight.detach(), transposed).float()
     rows, cols = w.shape
-    size = cols if group is None else group
-    ngroups = -(-cols // size)
+    size = max(cols, 1) if group is None else group  # an empty weight: no group at all
+    ngroups = max(-(-cols // size), 1 if group is None else 0)  # per channel: one scale a row
     padded = torch.zeros(rows, ngroups * size, dtype=torch.float32, device=w.device)
     padded[:, :cols] = w
     blocks = padded.reshape(rows, ngroups, size)

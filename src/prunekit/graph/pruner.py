@@ -22,6 +22,7 @@ from prunekit.graph.plan import CostModel, Selection, resolve_target, restore, s
 from prunekit.graph.report import GroupRow, StructuredReport
 from prunekit.graph.surgery import StructuredPruningError, apply_removal, verify
 from prunekit.graph.trace import Graph, trace
+from prunekit.prune import refuse_nonfinite_parameters
 from prunekit.runtime.accelerated import refuse_accelerated
 from prunekit.targets import matches
 
@@ -196,6 +197,7 @@ def prune_structured(
         (32, True)
     """
     refuse_accelerated(model, "prune_structured")  # sparse-kernel layers cannot be resized
+    refuse_nonfinite_parameters(model, "prune_structured")  # NaN importance ranks arbitrarily
     units = _units(unit)
     ratio = _check_ratio(ratio)
     _check_choice("scope", scope, SCOPES)

@@ -688,6 +688,11 @@ def _skip_reason(
 ) -> str:
     if name not in shapes:
         return "not called on example_inputs"
+    if weight.numel() == 0:
+        return f"empty weight {tuple(weight.shape)}"
+    if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
+        nan, inf = int(weight.isnan().sum()), int(weight.isinf().sum())
+        return f"weight holds {nan} NaN and {inf} inf"
     if isinstance(module, nn.Conv2d) and SparseConv2d.unsupported(module):
         return SparseConv2d.unsupported(module)
     if isinstance(module, nn.Conv2d) and len(shapes[name]) not in (3, 4):

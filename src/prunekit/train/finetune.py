@@ -49,6 +49,7 @@ from prunekit.distributed.train import (
     split_batch,
 )
 from prunekit.masks import apply_mask, is_masked, reapply_masks, remove_mask
+from prunekit.prune import refuse_nonfinite_parameters
 from prunekit.runtime.accelerated import refuse_accelerated
 from prunekit.targets import all_prunable
 from prunekit.train.checkpoint import latest_point, write_point
@@ -417,6 +418,7 @@ def finetune(
         102
     """
     refuse_accelerated(model, "finetune")  # sparse-kernel weights are buffers: nothing trains
+    refuse_nonfinite_parameters(model, "finetune")  # one NaN spreads to every weight in a step
     epochs = _check_count("epochs", epochs, allow_none=False)
     max_steps = _check_count("max_steps", max_steps)
     eval_every = _check_count("eval_every", eval_every)

@@ -54,7 +54,7 @@ from prunekit.masks import (
     remove_mask,
 )
 from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
-from prunekit.prune import prune
+from prunekit.prune import prune, split_by_pattern
 from prunekit.report import PruneReport
 from prunekit.scope import NORMALIZATIONS, SCOPES
 from prunekit.scores import Criterion, LayerContext, get_criterion
@@ -130,6 +130,10 @@ class GradualPruner:
         sparsity: the scheduled sparsity currently applied.
         history: ``(step, sparsity)`` of every mask update.
         report: the :class:`~prunekit.PruneReport` of the last update (None before the first).
+        skipped: ``{weight name: reason}`` of the targeted layers that cannot take the pattern
+            (N:M with an input size not a multiple of M, blocks that do not tile the weight):
+            left dense with one warning, as ``prunekit.prune`` does; when no targeted layer can
+            take it, the constructor raises ``ValueError`` with each layer's reason.
 
     Example:
         >>> import torch, prunekit
@@ -235,18 +239,14 @@ class GradualPruner:
         self.criterion = criterion
 
         self.targets: list[Target] = resolve_targets(model, targets, ignore)
-        usable = [
-            t
-            for t in self.targets
-            if self.pattern.skip_reason(tuple(t.as_matrix(t.weight()).shape)) is None
-        ]
-        if not usable:
-            raise ValueError(f"no targeted layer can take pattern {self.pattern}")
+        # as prune: a layer that cannot take the pattern is skipped with one warning (listed in
+        # .skipped); no layer that can is an error that gives each layer's reason
+        usable, self.skipped = split_by_pattern(self.targets, self.pattern)
         self._scored = usable
         self._scores: dict[str, torch.Tensor] = {}
         self._previous: dict[str, torch.Tensor] = {}
         self._optimizer: torch.optim.Optimizer | None = None
-        self._warned_skip = False
+        self._warned_skip = bool(self.skipped)  # warned just now: the steps do not repeat it
         self._warned_decrease = False
         self._finalized = False
         self.step_count = 0
@@ -304,6 +304,7 @@ class GradualPruner:
         self.seed, self.progress = kw["seed"], kw["progress"]
         self._online = "taylor" if engine.online else None
         self.targets = []
+        self.skipped: dict[str, str] = {}
         self._scored = []
         self._scores, self._previous = {}, {}
         self._optimizer = None
