@@ -54,11 +54,11 @@ from prunekit.masks import (
     remove_mask,
 )
 from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
-from prunekit.prune import prune, split_by_pattern
+from prunekit.prune import ALLOCATORS, prune, split_by_pattern
 from prunekit.report import PruneReport
 from prunekit.scope import NORMALIZATIONS, SCOPES
 from prunekit.scores import Criterion, LayerContext, get_criterion
-from prunekit.targets import Target, resolve_targets
+from prunekit.targets import Target, per_layer_overrides, resolve_targets
 from prunekit.train.schedules import SupportsSparsityAt, as_schedule
 from prunekit.train.structured import StructuredMasks, structured_units
 
@@ -124,6 +124,15 @@ class GradualPruner:
         progress: show progress bars of data-driven scoring.
         example_inputs, min_keep, reduce, pin_outputs: structured patterns only; as in
             ``prunekit.prune_structured`` (``normalize="auto"`` means ``"mean"`` there).
+        per_layer: ``{pattern: sparsity}`` each matching layer reaches at the end of the
+            schedule (e.g. ``Allocation.per_layer``); along the way it is pruned to ``its
+            sparsity * scheduled / final_sparsity``. Needs a schedule with ``final_sparsity``;
+            unstructured and block patterns.
+        allocation: ``"sensitivity"`` (measured once, at construction, on ``data``, as
+            ``prunekit.prune(allocation="sensitivity")`` does for the schedule's
+            ``final_sparsity``) or a :class:`prunekit.analysis.SensitivityResult`: per-layer
+            final sparsities removing exactly ``round(final_sparsity * n)`` weights of the
+            layers together; then as ``per_layer``.
 
     Attributes:
         step_count: optimizer steps seen so far.
@@ -169,6 +178,8 @@ class GradualPruner:
         min_keep: int = 1,
         reduce: str = "sum",
         pin_outputs: bool = True,
+        per_layer: dict[str, float] | None = None,
+        allocation: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -176,6 +187,12 @@ class GradualPruner:
         self.schedule = as_schedule(schedule)
         self._structured: StructuredMasks | None = None
         units = structured_units(pattern)
+        if units is not None and (per_layer or allocation is not None):
+            raise ValueError(
+                "per_layer= and allocation= work with unstructured and block patterns, not "
+                f"structured {pattern!r}"
+            )
+        self._final_per_layer: dict[str, float] = {}
         if units is not None:
             self._init_structured(
                 units,
@@ -264,9 +281,56 @@ class GradualPruner:
         if self._online:
             self._reset_scores()
             self._remember_weights()
+        self._final_per_layer = self._allocate(per_layer, allocation, criterion)
         self.optimizer = optimizer
         if first > 0:
             self._update(first)
+
+    def _allocate(
+        self, per_layer: dict[str, float] | None, allocation: Any, criterion: Criterion
+    ) -> dict[str, float]:
+        """``{target name: sparsity at the end of the schedule}`` from per_layer / allocation."""
+        if not per_layer and allocation is None:
+            return {}
+        if isinstance(self.pattern, NM):
+            raise ValueError(
+                "per_layer= and allocation= do not apply to N:M patterns (their sparsity is fixed)"
+            )
+        final = getattr(self.schedule, "final_sparsity", None)
+        if not isinstance(final, (int, float)) or not 0 < final < 1:
+            raise ValueError(
+                "per_layer= and allocation= give the sparsities at the end of the schedule, so "
+                "the schedule needs a final_sparsity in (0, 1) (PolynomialSchedule, ...); got "
+                f"{type(self.schedule).__name__}"
+            )
+        for key, value in (per_layer or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"per_layer[{key!r}] must be a sparsity in [0, 1), got {value!r}")
+        chosen = per_layer_overrides(self._scored, per_layer)
+        if allocation is not None:
+            chosen.update(  # the allocator is registered by prunekit.analysis (no import cycle)
+                ALLOCATORS["sensitivity"](
+                    self.model,
+                    self._scored,
+                    chosen,
+                    allocation,
+                    float(final),
+                    self.pattern,
+                    criterion if self._online is None else criterion.name,
+                    self.data,
+                    self.progress,
+                )
+            )
+        return chosen
+
+    @property
+    def per_layer(self) -> dict[str, float]:
+        """``{layer: sparsity}`` reached at the end of the schedule (empty: the scope decides).
+
+        Along the schedule every such layer is pruned to ``its sparsity * scheduled /
+        final_sparsity``, so the ratios between layers hold at every step.
+        """
+        return dict(self._final_per_layer)
 
     def _init_structured(
         self, units: set[str], method: Any, scope: str, targets: Any, ignore: Any, **kw: Any
@@ -463,6 +527,7 @@ class GradualPruner:
             }
         return {
             **state,
+            "per_layer": dict(self._final_per_layer),
             "targets": [t.name for t in self.targets],
             "scores": {k: v.clone() for k, v in self._scores.items()},
             "previous": {k: v.clone() for k, v in self._previous.items()},
@@ -489,6 +554,8 @@ class GradualPruner:
                 f"{list(state['targets'])}, this pruner's targets {names}"
             )
         self._warn_on_other_settings(state)
+        if "per_layer" in state:  # the allocation the run was started with
+            self._final_per_layer = {k: float(v) for k, v in state["per_layer"].items()}
         masks = state["masks"]
         for t in self.targets:
             keep = masks.get(t.name)
@@ -579,6 +646,10 @@ class GradualPruner:
         sparsity: float | None = target
         if isinstance(self.pattern, NM):
             pattern, sparsity = self._nm_at(target), None
+        overrides = None
+        if self._final_per_layer and sparsity is not None:
+            scale = sparsity / float(self.schedule.final_sparsity)
+            overrides = {n: min(s * scale, 1.0 - 1e-9) for n, s in self._final_per_layer.items()}
         if pattern is not None:
             with warnings.catch_warnings():
                 if self._warned_skip:
@@ -596,6 +667,7 @@ class GradualPruner:
                     loss_fn=self.loss_fn,
                     max_batches=self.max_batches,
                     seed=self.seed + len(self.history),
+                    per_layer=overrides,
                     inplace=True,
                     progress=self.progress,
                 )
