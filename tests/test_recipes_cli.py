@@ -185,3 +185,34 @@ def test_compress_bad_input_is_one_line_and_writes_nothing(
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_compress_goal_search_exit_status(llama_folder, text_file, tmp_path, capsys) -> None:
+    """A goal recipe runs its search from the CLI; an unreachable goal exits 3 with the
+    closest model written."""
+    recipe = tmp_path / "goal.yaml"
+    base = [
+        "compress",
+        str(llama_folder),
+        "--recipe",
+        str(recipe),
+        "--calib",
+        str(text_file),
+        "--n-samples",
+        "2",
+        "--seq-len",
+        "16",
+    ]
+    stages = (
+        "measure: {latency: false}\n"
+        "stages:\n  - oneshot: {method: magnitude, sparsity: search}\n  - save: {}\n"
+    )
+    recipe.write_text("goal: {nonzeros: 0.6, tolerance: 0.1}\n" + stages)
+    assert main([*base, "--out", str(tmp_path / "met")]) == 0
+    printed = capsys.readouterr().out
+    assert "goal met" in printed and "<- chosen" in printed
+    recipe.write_text("goal: {nonzeros: 0.01}\n" + stages)  # beyond the searched range
+    assert main([*base, "--out", str(tmp_path / "missed")]) == 3
+    captured = capsys.readouterr()
+    assert "goal NOT met" in captured.out and "goal was not met" in captured.err
+    assert (tmp_path / "missed" / "model" / "config.json").is_file()

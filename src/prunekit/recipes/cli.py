@@ -16,10 +16,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+GOAL_NOT_MET = 3  # exit status when a recipe's goal: was not met (the model is still written)
 
 EVAL_HELP = (
     "quality measure: perplexity:FILE (causal LM, text file), sts:FILE (sentence encoder, "
@@ -38,7 +41,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description="Run a recipe stage by stage on a Hugging Face model folder; every stage is "
         "checkpointed under --out and measured (parameters, MACs, non-zeros, file size, "
         "latency, quality); report.json/.md/.html are written there. Run the same command again "
-        "to resume after an interruption.",
+        "to resume after an interruption. A recipe with a goal: exits with status 3 when the "
+        "goal was not met (the closest model is still written).",
         formatter_class=HelpFormatter,
         epilog=examples(
             "prunekit compress ./llama --recipe llm-2of4-int8 --out runs/llm --calib text.txt "
@@ -259,4 +263,11 @@ def run_compress(args: argparse.Namespace) -> int:
     else:
         print(report)
         print(f"model: {args.out / 'model'}   report: {report.files.get('html')}")
+    if report.goal_met is False:
+        print(
+            "prunekit compress: the recipe's goal was not met (see the goal line above); the "
+            "closest model found was written",
+            file=sys.stderr,
+        )
+        return GOAL_NOT_MET
     return 0
