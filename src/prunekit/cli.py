@@ -476,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args.argv = argv
     try:
-        with warnings.catch_warnings(), launched():  # under torchrun: join its process group
+        with warnings.catch_warnings(), launched(args):  # torchrun: join its process group
             warnings.filterwarnings("ignore", module=r"transformers(\..*)?")
             return args.func(args)
     except (

@@ -9,9 +9,13 @@ returns the one-process answer) when ``torch.distributed`` is unavailable or not
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -91,14 +95,29 @@ def _torchrun_world() -> int:
         return 1
 
 
+def _mirror(out: str | os.PathLike, rank_: int) -> tuple[Path, Path]:
+    """A private scratch folder holding a copy of ``out`` as it is now (if it exists)."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"prunekit-rank{rank_}-"))
+    real = Path(out)
+    mirror = scratch / (real.name or "out")
+    if real.is_dir():
+        shutil.copytree(real, mirror, symlinks=True)
+    elif real.exists():
+        shutil.copy2(real, mirror)
+    return scratch, mirror
+
+
 @contextmanager
-def launched(backend: str | None = None) -> Iterator[bool]:
+def launched(args: Any = None, backend: str | None = None) -> Iterator[bool]:
     """Join the process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1,
-    ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` / ``MASTER_PORT``), and leave it on exit.
+    ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` / ``MASTER_PORT``), and leave it on exit: what
+    the ``prunekit`` command does, so that every command runs unchanged under ``torchrun``.
 
     Backend: ``nccl`` when CUDA is available (each rank on ``cuda:LOCAL_RANK``), else ``gloo``.
-    On ranks other than 0 the standard output is silenced for the block, so a command prints
-    once. Yields True when a group was joined here; does nothing (yields False) when started
+    On ranks other than 0 the standard output is silenced, and an ``args.out`` (the command's
+    ``--out``) is replaced by a private temporary copy of it, deleted on exit: those ranks run
+    the same code (and resume from the same checkpoints) while only rank 0 writes the real
+    output. Yields True when a group was joined here; does nothing (yields False) when started
     without ``torchrun`` or when a group is already initialised.
 
     Example:
@@ -115,15 +134,22 @@ def launched(backend: str | None = None) -> Iterator[bool]:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
-    quiet = dist.get_rank() != 0
-    saved = sys.stdout
-    devnull = open(os.devnull, "w") if quiet else None  # noqa: SIM115 - closed below
-    if devnull is not None:
-        sys.stdout = devnull
+    me = dist.get_rank()
+    saved, devnull, scratch = sys.stdout, None, None
     try:
+        out = getattr(args, "out", None)
+        if me != 0 and isinstance(out, (str, os.PathLike)):
+            scratch, mirror = _mirror(out, me)
+            args.out = mirror if isinstance(out, Path) else str(mirror)
+        barrier()  # every copy is taken before rank 0 touches --out
+        if me != 0:
+            devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
+            sys.stdout = devnull
         yield True
     finally:
         if devnull is not None:
             sys.stdout = saved
             devnull.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         dist.destroy_process_group()
