@@ -41,7 +41,9 @@ from prunekit.cli_commands.common import (
     CliError,
     HelpFormatter,
     Parser,
+    check_not_inside,
     check_output,
+    check_writable,
     examples,
     fraction,
     hf_source,
@@ -476,6 +478,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args.argv = argv
     try:
+        if isinstance(getattr(args, "out", None), (str, Path)):  # before any work, every command
+            inputs = [getattr(args, k, None) for k in ("path", "model")] + getattr(
+                args, "paths", []
+            )
+            check_not_inside(args.out, [p for p in inputs if p is not None])
+            check_writable(args.out)
         with warnings.catch_warnings(), launched(args):  # torchrun: join its process group
             warnings.filterwarnings("ignore", module=r"transformers(\..*)?")
             return args.func(args)

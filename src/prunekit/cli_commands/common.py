@@ -205,15 +205,45 @@ def check_output(
         CliError: --out /proc/out: cannot write in /proc (...)
     """
     out = Path(out)
-    for source in sources:
+    check_not_inside(out, sources)
+    if os.path.lexists(out) and not overwrite:
+        raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
+    return check_writable(out)
+
+
+def check_not_inside(out: str | os.PathLike, sources: Sequence[str | os.PathLike]) -> None:
+    """``--out`` is none of the inputs and not inside one of them."""
+    out = Path(out)
+    for source in map(Path, sources):
         resolved, src = out.resolve(), source.resolve()
         if resolved == src or src in resolved.parents:
             raise CliError(
                 f"--out {out} would overwrite or nest inside the input {source}; choose another path"
             )
-    if os.path.lexists(out) and not overwrite:
-        raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
-    return check_writable(out)
+
+
+def max_positions(folder: Path) -> int | None:
+    """The positions a Hugging Face folder's model takes (``config.json``), None if unsaid."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def seq_len_for(args: Any, folder: Path, default: int = 128) -> int:
+    """``--seq-len``, checked against the model's positions (read from ``config.json``, before
+    any model is loaded); when not given, ``default`` capped at those positions."""
+    max_pos = max_positions(folder)
+    if args.seq_len is None:
+        return min(default, max_pos) if max_pos else default
+    if max_pos is not None and args.seq_len > max_pos:
+        raise CliError(f"--seq-len {args.seq_len} is above the model's {max_pos} positions")
+    return args.seq_len
 
 
 def check_writable(out: str | os.PathLike, flag: str = "--out") -> Path:

@@ -27,6 +27,7 @@ from prunekit.cli_commands.common import (
     load_hf,
     positive_int,
     print_json,
+    seq_len_for,
     tokenizer_of,
 )
 
@@ -43,7 +44,12 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--reference", default=None, help="the dense model folder to compare with")
     e.add_argument("--text", default=None, help="text file (None: CPython's pydoc prose)")
     e.add_argument("--sts", default=None, help="STS-B style tab-separated sentence pairs")
-    e.add_argument("--seq-len", type=positive_int, default=128, help="tokens per window")
+    e.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=None,
+        help="tokens per window (None: 128, at most the model's positions)",
+    )
     e.add_argument(
         "--max-tokens", type=positive_int, default=16384, help="perplexity: tokens of text used"
     )
@@ -76,11 +82,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     reference_dir = hf_source(args.reference, "eval --reference") if args.reference else None
     input_file(args.text, "--text")
     sts_file = input_file(args.sts, "--sts")
+    args.seq_len = seq_len_for(args, source)
     tokenizer = tokenizer_of(source, "eval")
     model = load_hf(source)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and args.seq_len > max_pos:
-        raise CliError(f"--seq-len {args.seq_len} is above the model's {max_pos} positions")
     causal = is_causal(model)
     if not causal and sts_file is None and reference_dir is None:
         raise CliError(

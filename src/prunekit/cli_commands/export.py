@@ -26,6 +26,7 @@ from prunekit.cli_commands.common import (
     positive_float,
     positive_int,
     print_json,
+    seq_len_for,
 )
 
 
@@ -79,10 +80,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise CliError(f"--out {out} is a folder; give a file name like model.onnx")
     check_output(out, sources=[source], overwrite=args.overwrite)
+    seq_len_for(args, source)
     model = load_hf(source)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and args.seq_len > max_pos:
-        raise CliError(f"--seq-len {args.seq_len} is above the model's {max_pos} positions")
     with warnings.catch_warnings():  # the exporter's advisories about traced operators
         warnings.simplefilter("ignore")
         result = export_onnx(

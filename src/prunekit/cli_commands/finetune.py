@@ -31,6 +31,7 @@ from prunekit.cli_commands.common import (
     loading_note,
     positive_int,
     print_json,
+    seq_len_for,
     tokenizer_of,
     write_hf,
 )
@@ -68,7 +69,12 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument(
         "--lr", type=learning_rate, default="auto", help="peak learning rate, or auto (range test)"
     )
-    f.add_argument("--seq-len", type=positive_int, default=128, help="tokens per window")
+    f.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=None,
+        help="tokens per window (None: 128, at most the model's positions)",
+    )
     f.add_argument("--batch-size", type=positive_int, default=8, help="windows per step")
     f.add_argument("--max-windows", type=positive_int, default=512, help="cap on windows")
     f.add_argument("--checkpoint", default=None, help="folder for per-epoch resumable state")
@@ -103,6 +109,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     data_file = input_file(args.data, "--data")
     teacher_dir = hf_source(args.teacher, "finetune --teacher") if args.teacher else None
     out = check_output(args.out, sources=[source], overwrite=args.overwrite)
+    args.seq_len = seq_len_for(args, source)
     tokenizer = tokenizer_of(source, "finetune")
     text = data_file.read_text(encoding="utf-8", errors="replace")
     try:
@@ -110,9 +117,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(f"--data {data_file}: {exc}; lower --seq-len or give more text") from exc
     model = load_hf(source)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and args.seq_len > max_pos:
-        raise CliError(f"--seq-len {args.seq_len} is above the model's {max_pos} positions")
     causal = is_causal(model)
     teacher = load_hf(teacher_dir) if teacher_dir else None
     if not causal and teacher is None:

@@ -223,7 +223,13 @@ def cmd_prune_structured(args: argparse.Namespace) -> int:
     """``prunekit prune-structured``: prune a Hugging Face folder and write the smaller model."""
     import copy
 
-    from prunekit.cli_commands.common import check_output, input_file, loading_note, write_hf
+    from prunekit.cli_commands.common import (
+        check_output,
+        input_file,
+        loading_note,
+        seq_len_for,
+        write_hf,
+    )
     from prunekit.graph.pruner import prune_structured
 
     source = hf_folder(args.path)
@@ -231,10 +237,8 @@ def cmd_prune_structured(args: argparse.Namespace) -> int:
     uniform = _uniform(args)
     out = check_output(args.out, sources=[source], overwrite=args.overwrite)
     units = [u.strip() for u in args.unit.split(",") if u.strip()]
+    seq_len_for(args, source)
     model = load_hf_folder(source)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and args.seq_len > max_pos:
-        raise ValueError(f"--seq-len {args.seq_len} is above the model's {max_pos} positions")
     inputs = example_inputs(model, args.batch, args.seq_len, args.seed)
     calib = _calibration(source, model, args)
     options = dict(
@@ -304,13 +308,12 @@ def cmd_prune_structured(args: argparse.Namespace) -> int:
 
 def cmd_count(args: argparse.Namespace) -> int:
     """``prunekit count``: parameters and MACs per layer of a Hugging Face folder."""
+    from prunekit.cli_commands.common import seq_len_for
     from prunekit.graph.count import count
 
     folder = hf_folder(args.path)
+    seq_len_for(args, folder)
     model = load_hf_folder(folder)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and args.seq_len > max_pos:
-        raise ValueError(f"--seq-len {args.seq_len} is above the model's {max_pos} positions")
     report = count(model, example_inputs(model, args.batch, args.seq_len))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return 0
