@@ -19,6 +19,8 @@ from prunekit.graph.importance import NORMALIZATIONS, REDUCTIONS, get_importance
 from prunekit.graph.importance import normalize as normalize_scores
 from prunekit.graph.latency import Latency, default_round_to
 from prunekit.graph.plan import CostModel, Selection, resolve_target, restore, select
+from prunekit.graph.reconstruct import ReconstructConfig, copy_changed, reconstruct_
+from prunekit.graph.reconstruct import resolve as resolve_reconstruct
 from prunekit.graph.report import GroupRow, StructuredReport
 from prunekit.graph.surgery import StructuredPruningError, apply_removal, verify
 from prunekit.graph.trace import Graph, trace
@@ -27,6 +29,9 @@ from prunekit.runtime.accelerated import refuse_accelerated
 from prunekit.targets import matches
 
 UNITS = ("channel", "neuron", "head", "layer")
+ALLOCATIONS = ("sensitivity",)
+# allocation name -> allocator; "sensitivity" is registered by prunekit.analysis (no import cycle)
+STRUCTURED_ALLOCATORS: dict[str, Callable[..., tuple[dict[int, float], dict[str, Any]]]] = {}
 SCOPES = ("local", "global")
 GQA_MODES = ("kv", "q")
 
@@ -130,6 +135,8 @@ def prune_structured(
     target_latency: float | None = None,
     measure_latency: bool = True,
     threads: int | None = None,
+    reconstruct: str | ReconstructConfig | None = None,
+    allocation: str | None = None,
 ) -> StructuredReport:
     """Remove whole channels, neurons, attention heads or layers; the result is a smaller dense model.
 
@@ -185,6 +192,21 @@ def prune_structured(
             put the result in ``report.latency``; False skips it.
         threads: torch intra-op threads for every latency measurement (None: the current
             count).
+        reconstruct: repair without training (channel / head units): the layers that read
+            removed units are refit on calibration data (``calib``) before surgery, layer by
+            layer in forward order. ``"lstsq"``: least-squares refit of their kept columns and
+            bias to their unpruned output (ridge-damped); ``"bias"``: the removed inputs' mean
+            contribution goes into the bias (FLAP); a
+            :class:`prunekit.graph.reconstruct.ReconstructConfig` for the damping, the
+            calibration batches and one-pass mode; None (default): no repair. Give it enough
+            calibration tokens (a few times the widest refit layer's input width, e.g. 4,000+
+            tokens for a 1,536-wide BERT FFN).
+        allocation: ``"sensitivity"`` (channel / head units, with ``target_macs`` and
+            ``calib``): every group is pruned alone at a few ratios and the damage measured
+            on ``calib`` (1 - cosine to the dense outputs; after the ``reconstruct`` repair
+            when one is given), then per-group widths that meet ``target_macs`` with the least
+            predicted damage are chosen (:mod:`prunekit.analysis.structured_sensitivity`);
+            ``per_layer`` entries still win. None (default): ``scope`` decides.
 
     Returns:
         A :class:`StructuredReport` (``report.model`` is the pruned model).
@@ -237,6 +259,25 @@ def prune_structured(
     _check_patterns("ignore", ignore_patterns, module_names)
     _check_patterns("per_layer", list(per_layer), module_names)
     calib_list = list(calib) if calib is not None else [example_inputs]
+    repair = resolve_reconstruct(reconstruct)
+    if allocation is not None:
+        _check_choice("allocation", allocation, ALLOCATIONS)
+        if units == {"layer"} or target_macs is None or calib is None:
+            raise ValueError(
+                "allocation='sensitivity' chooses channel / head widths under target_macs from "
+                "damage measured on data: give unit='channel' / 'head', target_macs= and calib="
+            )
+        if target_params is not None or target_latency is not None:
+            raise ValueError(
+                "allocation='sensitivity' meets target_macs; it does not take target_params or "
+                "target_latency"
+            )
+    if repair is not None and calib is None and repair.calib is None:
+        raise ValueError(
+            f"reconstruct={repair.method!r} refits layers on calibration data: pass calib= "
+            "(batches of model inputs, a few thousand tokens or samples) or "
+            "ReconstructConfig(calib=...)"
+        )
     settings: dict[str, Any] = {"unit": "+".join(sorted(units)), "scope": scope}
 
     if units == {"layer"}:
@@ -247,6 +288,7 @@ def prune_structured(
             "reduce": reduce != "sum",
             "normalize": normalize != "mean",
             "gqa": gqa != "kv",
+            "reconstruct": repair is not None,
         }
         given = [name for name, set_ in unused.items() if set_]
         if given:
@@ -349,6 +391,30 @@ def prune_structured(
         settings["target_latency"] = target_latency
         if target_params is not None:
             settings["target_params"] = target_params
+    elif allocation is not None:
+        allocated, summary = STRUCTURED_ALLOCATORS[allocation](
+            model,
+            graph,
+            groups,
+            scores,
+            cost,
+            calib_list,
+            target_macs,
+            reconstruct=repair,
+            round_to=round_to,
+            min_keep=min_keep,
+            progress=progress,
+        )
+        overrides = {**allocated, **overrides}
+        selection = choose(ratio)
+        settings.update(
+            {
+                "allocation": allocation,
+                "target_macs": target_macs,
+                "predicted_damage": summary["predicted_damage"],
+            }
+        )
+        notes.append(f"allocation='sensitivity': damage measured as {summary['metric']}")
     elif target_macs is not None or target_params is not None:
         selection, reached = plan(target_macs, target_params)
         settings.update(
@@ -368,7 +434,27 @@ def prune_structured(
     dense_ms = None
     if measure_latency and latency is None and inplace:
         dense_ms = _latency.measure({"dense": model}, example_inputs, threads=threads)
-    pruned = _surgery_verified(model, graph, removed_roots, example_inputs, inplace, pin_outputs)
+    prepare = None
+    if repair is not None:
+        settings["reconstruct"] = repair.method
+        repair_calib = list(repair.calib) if repair.calib is not None else calib_list
+
+        def prepare(candidate: nn.Module) -> dict[str, torch.Tensor]:
+            changed, repair_notes = reconstruct_(
+                candidate,
+                graph,
+                groups,
+                selection.removed,
+                repair_calib,
+                repair,
+                progress=progress,
+            )
+            notes.extend(repair_notes)
+            return changed
+
+    pruned = _surgery_verified(
+        model, graph, removed_roots, example_inputs, inplace, pin_outputs, prepare=prepare
+    )
     after = count(pruned, example_inputs)
     if measure_latency and latency is None:
         latency = _measure_pair(model, pruned, example_inputs, threads, dense_ms)
@@ -576,11 +662,15 @@ def _surgery_verified(
     example_inputs: Any,
     inplace: bool,
     same_shapes: bool = True,
+    prepare: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
 ) -> nn.Module:
-    """Cut the units out of a copy, run it, and only then hand it back (or repeat on ``model``)."""
+    """Cut the units out of a copy, run it, and only then hand it back (or repeat on ``model``).
+    ``prepare(copy)`` may change the copy's weights first (reconstruction) and returns the
+    changed tensors by name, which are written into ``model`` too when ``inplace``."""
     from prunekit.graph.hf import note_structure, remember_original_config
 
     candidate = copy.deepcopy(model)
+    changed = prepare(candidate) if prepare is not None else {}
     remember_original_config(candidate)
     record = apply_removal(candidate, graph, removed_roots)
     verify(
@@ -593,6 +683,7 @@ def _surgery_verified(
     )
     if inplace:
         remember_original_config(model)
+        copy_changed(model, changed)
         apply_removal(model, graph, removed_roots)
         note_structure(model, {"kind": "width", "changes": record})
         return model
