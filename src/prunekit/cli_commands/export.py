@@ -3,7 +3,8 @@
     prunekit export int8 --out int8.onnx
     prunekit export small --out small.onnx --seq-len 32 --atol 1e-3
 
-The graph takes ``input_ids`` and ``attention_mask`` (batch dimension symbolic); the file is
+The graph takes ``input_ids`` and ``attention_mask`` of ``--seq-len`` tokens (the batch
+dimension is symbolic); the file is
 compared with PyTorch on seeded random token ids and written only when the largest difference
 is within ``--atol`` (``--no-check`` skips the comparison).
 """
@@ -42,7 +43,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--out", required=True, help="the .onnx file to write")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
-    e.add_argument("--seq-len", type=positive_int, default=16, help="tokens of the example input")
+    e.add_argument("--seq-len", type=positive_int, default=16, help="tokens of the example input (fixed in the graph)")
     e.add_argument("--batch", type=positive_int, default=2, help="batch of the example input")
     e.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (None: torch's)")
     e.add_argument("--atol", type=positive_float, default=1e-4, help="largest difference accepted")
