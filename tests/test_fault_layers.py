@@ -431,3 +431,24 @@ def test_a_masked_nan_becomes_zero() -> None:
     assert layer.weight[0, 0] == 0 and layer.weight[1, 1] == 0
     plain = prunekit.finalize(nn.Sequential(layer))
     assert bool(torch.isfinite(plain[0].weight).all())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("magnitude", [1e-44, 1e-40, 3e38])
+def test_quantize_keeps_tiny_and_huge_weights(magnitude: float, symmetric: bool) -> None:
+    """Subnormal weights (whose scale underflows to 0) are not rounded to zero, weights near
+    float32's max do not overflow the asymmetric range into NaN, and the reported error is the
+    real one (its norm taken in float64, where a subnormal norm is not 0)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.randn(8, 8).sign() * magnitude)
+        net[0].weight[0, 0] = 0.0
+    w0 = net[0].weight.detach().clone()
+    report = prunekit.quantize(net, bits=8, symmetric=symmetric)
+    w = report.model[0].weight.detach()
+    assert bool(torch.isfinite(w).all())
+    assert torch.equal(w == 0, w0 == 0)  # zeros stay zero, nothing else becomes zero
+    actual = float((w.double() - w0.double()).norm() / w0.double().norm())
+    assert actual < 0.01
+    assert report.layer("0.weight").rel_error == pytest.approx(actual, rel=1e-3, abs=1e-12)

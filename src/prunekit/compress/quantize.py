@@ -188,6 +188,10 @@ def quantize_tensor(
     padded[:, :cols] = w
     blocks = padded.reshape(rows, ngroups, size)
     qmin, qmax = qrange(bits, symmetric)
+    # A group of tiny (subnormal) values whose scale underflows to 0 gets the smallest positive
+    # scale instead of 1, which would round every value to zero; an all-zero group gets 1.
+    nonzero = blocks.abs().amax(-1) > 0
+    smallest = torch.tensor(torch.finfo(torch.float32).tiny * 2.0**-23, device=w.device)
     if symmetric:
         scale = blocks.abs().amax(-1) / qmax
         zero = torch.zeros_like(scale)
@@ -195,9 +199,12 @@ def quantize_tensor(
         lo = blocks.amin(-1).clamp(max=0)
         hi = blocks.amax(-1).clamp(min=0)
         scale = (hi - lo) / (qmax - qmin)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        if bool(torch.isinf(scale).any()):  # hi - lo beyond float32 (values near its max)
+            wide = ((hi.double() - lo.double()) / (qmax - qmin)).float()
+            scale = torch.where(torch.isinf(scale), wide, scale)
+        scale = torch.where(scale > 0, scale, torch.where(nonzero, smallest, 1.0))
         zero = (qmin - lo / scale).round().clamp(qmin, qmax)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero groups
+    scale = torch.where(scale > 0, scale, torch.where(nonzero, smallest, 1.0))
     scale_full = _expand(scale, group, cols)
     zero_full = _expand(zero, group, cols)
     codes = (w / scale_full).round() + zero_full
@@ -408,8 +415,8 @@ def _quantize_target(
     zero = weight == 0
     kept = bool((deq[zero] == 0).all())
     diff = (deq.float() - weight.float()).abs()
-    norm = weight.float().norm()
-    rel = float(diff.norm() / norm) if norm > 0 else 0.0
+    norm = weight.double().norm()  # float64: the norm of subnormal weights is not 0
+    rel = float(diff.double().norm() / norm) if norm > 0 else 0.0
     with torch.no_grad():
         raw_parameter(t.module, t.param_name).copy_(deq)  # masked entries: deq is already 0
     if mode == "int":
