@@ -57,6 +57,7 @@ ONESHOT = {
     "wanda-owl": dict(method="wanda", allocation="owl", owl_lambda=0.1),
     "wanda-whole": dict(method="wanda", sequential=False),
     "sparsegpt-whole": dict(method="sparsegpt", sequential=False),
+    "sparsegpt-sensitivity": dict(method="sparsegpt", allocation="sensitivity"),
 }
 
 
@@ -200,10 +201,34 @@ def run_train(out: Path, rank: int) -> tuple[dict, dict]:
     return mine, ref
 
 
-def worker(rank: int | None, out: Path, group: str, init: str | None = None) -> None:
+def run_cli(out: Path, rank: int, port: int, argv: list[str]) -> None:
+    """``prunekit`` in torchrun's environment: the command joins the group itself."""
+    import contextlib
+    import io
+    import os
+
+    from prunekit.cli import main
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(argv)
+    torch.save({"rc": code, "stdout": printed.getvalue()}, out / f"cli-rank{rank}.pt")
+
+
+def worker(rank: int | None, out: Path, group: str, init: str | None = None, *args) -> None:
     """Run ``group`` on this rank and save the results (``init``: a ``file://`` rendezvous for
     2 processes; None: torchrun's environment)."""
     torch.set_num_threads(1)
+    if group == "cli":
+        run_cli(out, rank, *args)
+        return
     if init is None:
         dist.init_process_group("gloo")
     else:

@@ -91,7 +91,9 @@ def test_oneshot_bit_identical(oneshot_runs, case):
     _assert_same(rank1[case], ref[case], exact=True)
 
 
-@pytest.mark.parametrize("case", ["sparsegpt", "sparsegpt-2:4", "sparsegpt-whole"])
+@pytest.mark.parametrize(
+    "case", ["sparsegpt", "sparsegpt-2:4", "sparsegpt-whole", "sparsegpt-sensitivity"]
+)
 def test_oneshot_sparsegpt(oneshot_runs, case):
     """SparseGPT: identical on both ranks (solved by one, broadcast), the same masks as one
     process and weights within float tolerance (the Hessians are summed in another order)."""
@@ -169,3 +171,59 @@ def test_sync_masks_takes_rank0(train_runs):
     assert bool((rank1["sync"]["0.weight"][~rank0["sync"]["0.weight:mask"]] == 0).all())
     keep = torch.rand(32, 16, generator=torch.Generator().manual_seed(0)) > 0.5
     assert torch.equal(rank1["sync"]["0.weight:mask"], keep)
+
+
+def _hf_folder_with_tokenizer(folder: Path) -> Path:
+    tokenizers = pytest.importorskip("tokenizers")
+    import transformers
+
+    worker.tiny_llama().save_pretrained(folder)
+    words = [f"w{i}" for i in range(60)]
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
+    fast.save_pretrained(folder)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 60, (2000,), generator=gen)
+    (folder.parent / "calib.txt").write_text(" ".join(words[i] for i in ids))
+    return folder
+
+
+def test_cli_oneshot_under_torchrun_environment(tmp_path):
+    """``prunekit oneshot`` started in torchrun's environment (RANK, WORLD_SIZE, MASTER_*):
+    it joins the group, rank 0 alone prints and writes --out, and the written model equals the
+    single-process command's bit for bit (Wanda)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from prunekit.cli import main
+
+    source = _hf_folder_with_tokenizer(tmp_path / "llama")
+    calib = str(tmp_path / "calib.txt")
+    common = ["oneshot", str(source), "--method", "wanda", "--calib", calib]
+    common += ["--n-samples", "6", "--seq-len", "16", "--out"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' thread count: the same forward bits
+    try:
+        assert main([*common, str(tmp_path / "single")]) == 0
+    finally:
+        torch.set_num_threads(before)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [*common, str(tmp_path / "two")]
+    mp.start_processes(
+        worker.worker, args=(tmp_path, "cli", None, port, argv), nprocs=2, start_method="fork"
+    )
+    rank0 = torch.load(tmp_path / "cli-rank0.pt")
+    rank1 = torch.load(tmp_path / "cli-rank1.pt")
+    assert rank0["rc"] == 0 and rank1["rc"] == 0
+    assert "wrote" in rank0["stdout"] and rank1["stdout"] == ""
+    single = load_file(tmp_path / "single" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "model.safetensors")
+    assert single.keys() == two.keys()
+    assert all(torch.equal(single[k], two[k]) for k in single)
+    assert float((two["model.layers.0.mlp.up_proj.weight"] == 0).float().mean()) == 0.5

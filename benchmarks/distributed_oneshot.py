@@ -1,0 +1,211 @@
+"""Data-parallel ``oneshot`` with 1 and 2 processes: wall time, perplexity, masks, traffic.
+
+For each model and method, ``oneshot`` runs twice in fresh processes started by ``torchrun``
+(``--nproc_per_node 1``, then ``2``; one torch thread per process): the same script and the
+same full calibration list, prunekit takes each rank's contiguous share. Printed per run:
+
+* wall time of the ``oneshot`` call (rank 0's ``wall_time_s``) and the machine load
+  (``os.getloadavg``) before the runs: on a shared machine the speed-up is only indicative;
+* perplexity of the pruned model (measured by rank 0 on the same windows in both runs; it must
+  match), and whether the keep-masks are bit-identical to the one-process run, with the largest
+  weight difference (SparseGPT's Hessians are summed in another order: ~1e-6);
+* bytes each rank put into collectives per block (norm vectors for Wanda; partial Hessians and
+  the broadcast results for SparseGPT).
+
+Models: the character-level Llama of ``benchmarks/llm_oneshot.py`` (trained on
+tiny-shakespeare; calibration 32 x 128 characters of the training split, perplexity on 64
+validation windows of 128 characters), and a generated random Llama (hidden 1024,
+intermediate 2816, 8 blocks, 16 heads / 8 kv heads; calibration 8 x 128 random tokens,
+"perplexity" on 8 other random windows: meaningless as quality, used only to check equality).
+
+    .venv/bin/python benchmarks/distributed_oneshot.py [--models char,random] [--methods wanda,sparsegpt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def char_model_and_data():
+    import llm_oneshot as llm
+
+    train_ids, val_ids, chars = llm.load_text()
+    model = llm.trained_model(train_ids, len(chars), 600)
+    gen = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, train_ids.numel() - 129, (32,), generator=gen)
+    calib = [train_ids[s : s + 128].unsqueeze(0) for s in starts]
+    windows = [val_ids[i * 128 : (i + 1) * 128].unsqueeze(0) for i in range(64)]
+    return model, calib, windows
+
+
+def random_model_and_data():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=256,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randint(0, 512, (1, 128), generator=gen) for _ in range(8)]
+    windows = [torch.randint(0, 512, (1, 128), generator=gen) for _ in range(8)]
+    return model, calib, windows
+
+
+@torch.no_grad()
+def perplexity(model, windows) -> float:
+    total, count = 0.0, 0
+    for ids in windows:
+        loss = model(input_ids=ids, labels=ids).loss
+        total += float(loss) * (ids.numel() - 1)
+        count += ids.numel() - 1
+    return float(torch.tensor(total / count).exp())
+
+
+def worker(model_name: str, method: str, out: Path) -> None:
+    """One oneshot run in this (torchrun) process; rank 0 saves what it ends with."""
+    import torch.distributed as dist
+
+    import prunekit
+    from prunekit.distributed import is_main, single_process
+    from prunekit.distributed.reduce import traffic
+    from prunekit.masks import get_mask, masked_parameters, raw_parameter
+
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    model, calib, windows = {"char": char_model_and_data, "random": random_model_and_data}[
+        model_name
+    ]()
+    traffic(reset=True)
+    report = prunekit.oneshot(model, calib, method=method, inplace=True, progress=False)
+    sent = traffic()["bytes"]
+    if world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, sent)
+        sent = sum(every)
+    if is_main():
+        with single_process():
+            ppl = perplexity(model, windows)
+        state = {}
+        for mname, module, pname in masked_parameters(model):
+            state[f"{mname}.{pname}"] = raw_parameter(module, pname).detach().clone()
+            state[f"{mname}.{pname}:mask"] = get_mask(module, pname)
+        torch.save(
+            {
+                "wall_s": report.settings["wall_time_s"],
+                "ppl": ppl,
+                "bytes_per_block": sent / model.config.num_hidden_layers,
+                "state": state,
+            },
+            out,
+        )
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def launch(model_name: str, method: str, nproc: int, folder: Path) -> dict:
+    out = folder / f"{model_name}-{method}-{nproc}.pt"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        __file__,
+        "--worker",
+        model_name,
+        method,
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+    result = torch.load(out, weights_only=False)
+    result["process_s"] = time.perf_counter() - started
+    return result
+
+
+def compare(one: dict, two: dict) -> tuple[bool, float, int]:
+    masks_equal, differ, diff = True, 0, 0.0
+    for key, value in one["state"].items():
+        other = two["state"][key]
+        if key.endswith(":mask"):
+            differ += int((value != other).sum())
+            masks_equal &= torch.equal(value, other)
+        else:
+            diff = max(diff, float((value.float() - other.float()).abs().max()))
+    return masks_equal, diff, differ
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="char,random")
+    parser.add_argument("--methods", default="wanda,sparsegpt")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker[0], args.worker[1], Path(args.worker[2]))
+        return 0
+    print(f"load average before the runs (1, 5, 15 min): {os.getloadavg()}; cpus {os.cpu_count()}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model_name in args.models.split(","):
+            for method in args.methods.split(","):
+                one = launch(model_name, method, 1, Path(tmp))
+                two = launch(model_name, method, 2, Path(tmp))
+                same_masks, weight_diff, differ = compare(one, two)
+                row = {
+                    "model": model_name,
+                    "method": method,
+                    "wall_1p_s": one["wall_s"],
+                    "wall_2p_s": two["wall_s"],
+                    "speedup": one["wall_s"] / two["wall_s"],
+                    "ppl_1p": one["ppl"],
+                    "ppl_2p": two["ppl"],
+                    "masks_identical": same_masks,
+                    "mask_entries_differing": differ,
+                    "max_weight_diff": weight_diff,
+                    "bytes_per_block_2p": two["bytes_per_block"],
+                    "load_after": os.getloadavg()[0],
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print()
+    header = "model   method     1 proc s  2 procs s  speed-up  ppl 1p     ppl 2p     masks      max |dW|  MB/block"
+    print(header)
+    for r in rows:
+        print(
+            f"{r['model']:<7} {r['method']:<10} {r['wall_1p_s']:>8.2f}  {r['wall_2p_s']:>9.2f}  "
+            f"{r['speedup']:>7.2f}x  {r['ppl_1p']:<10.5g} {r['ppl_2p']:<10.5g} "
+            f"{'identical' if r['masks_identical'] else str(r['mask_entries_differing']) + ' differ':<10} "
+            f"{r['max_weight_diff']:.1e}  {r['bytes_per_block_2p'] / 2**20:>8.2f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
