@@ -10,6 +10,7 @@ The accelerated layers are built directly (``SparseLinear.from_linear``,
 from __future__ import annotations
 
 import copy
+import tempfile
 
 import pytest
 import torch
@@ -121,6 +122,7 @@ REFUSING_VERBS = {
     "prune_at_init": lambda m: prunekit.prune_at_init(m, 0.5, "snip", data=DATA, loss_fn=_loss),
     "lottery_ticket": lambda m: prunekit.lottery_ticket(m, lambda net, ticket: None, rounds=1),
     "export_onnx": lambda m: prunekit.export_onnx(m, X, "unused.onnx"),
+    "load": lambda m: prunekit.load(prunekit.save(make_net(), tempfile.mkdtemp() + "/n"), m),
 }
 
 

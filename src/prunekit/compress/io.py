@@ -88,7 +88,7 @@ from prunekit.compress.validate import (
 )
 from prunekit.masks import MASK_SUFFIX, apply_mask, get_mask, masked_parameters, remove_mask
 from prunekit.report import stats
-from prunekit.runtime.accelerated import accelerated_as_dense
+from prunekit.runtime.accelerated import accelerated_as_dense, refuse_accelerated
 from prunekit.targets import matches
 
 FORMAT_VERSION = 2  # the newest version this prunekit reads; plain saves still write 1
@@ -969,6 +969,7 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module]) ->
         model, fresh = built, True
     else:
         fresh = False
+    refuse_accelerated(model, "load")  # its layers hold packed buffers, not weight / bias
     structure = saved.meta.get("structure")
     if (
         structure and not fresh
