@@ -17,6 +17,11 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Tiny models: one torch thread (many threads thrash on a busy machine)."""
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("inputs")

@@ -18,6 +18,12 @@ from prunekit.cli import main
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Tiny models: one torch thread (many threads thrash on a busy machine)."""
+
+
 ST_FILES = ("modules.json", "1_Pooling/config.json", "config_sentence_transformers.json")
 
 

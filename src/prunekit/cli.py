@@ -270,7 +270,8 @@ def _print_written(args, report: SparsityReport, out: Path, meta: dict | None) -
     for row in report.layers:
         row.masked = False  # the written model is finalized: zeros baked in, no masks
     if args.json:
-        print(json.dumps({**report.to_dict(), "out": str(out), **(meta or {})}, indent=2))
+        extra = {k: meta[k] for k in ("plain_loadable", "run") if k in meta} if meta else {}
+        print(json.dumps({**report.to_dict(), "out": str(out), **extra}, indent=2))
         return
     print(report)
     print(loading_note(out, meta) if meta is not None else f"wrote {out}")
