@@ -452,3 +452,21 @@ def test_quantize_keeps_tiny_and_huge_weights(magnitude: float, symmetric: bool)
     actual = float((w.double() - w0.double()).norm() / w0.double().norm())
     assert actual < 0.01
     assert report.layer("0.weight").rel_error == pytest.approx(actual, rel=1e-3, abs=1e-12)
+
+
+def test_finetune_stops_when_the_loss_diverges() -> None:
+    """A loss that turns NaN / inf stops finetune with an error (it used to return a model full
+    of NaN): the caller's model is unchanged, and with inplace=True its zero masks are gone."""
+    torch.manual_seed(0)
+    net = prunekit.finalize(
+        prunekit.prune(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)), 0.5).model
+    )
+    before = state(net)
+    data = [torch.randn(4, 8) * 1e20 for _ in range(4)]
+    with pytest.raises(ValueError, match=r"training loss is (nan|inf) at step \d"):
+        prunekit.finetune(net, data, loss_fn, max_steps=4, lr=1e30, progress=False)
+    assert all(same(before[k], v) for k, v in state(net).items())
+    with pytest.raises(ValueError, match="keeps the weights of the steps before"):
+        prunekit.finetune(net, data, loss_fn, max_steps=4, lr=1e30, progress=False, inplace=True)
+    assert not any(is_masked(m) for m in net.modules())  # the run's zero masks are removed
+    assert net.training

@@ -708,6 +708,18 @@ def finetune(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 step_loss = average_gradients_(trained, share, loss) if parallel else None
+                value = float(loss.detach()) if step_loss is None else step_loss
+                if not math.isfinite(value):  # every rank sees the same averaged loss
+                    for module, name in added_masks:
+                        remove_mask(module, name)
+                    model.train(was_training)
+                    raise ValueError(
+                        f"finetune: the training loss is {value} at step {result.steps + 1}, so "
+                        "the run stopped before that step changed any weight ("
+                        + ("the model keeps the weights of the steps before; " if inplace else "")
+                        + f"lr={result.lr}). Lower lr, set grad_clip=, or check the data and "
+                        "loss_fn for NaN / inf."
+                    )
                 if grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 if warm is not None:
