@@ -144,7 +144,8 @@ def test_sequential_uses_the_repaired_upstream_and_helps() -> None:
     assert errors["bias"] < errors["none"]
 
 
-def test_heads_and_neurons_of_a_hugging_face_bert() -> None:
+def _bert_case():
+    """Tiny BERT pruned 50 % (heads and neurons) with and without lstsq; both checked."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = transformers.BertModel(
@@ -181,6 +182,28 @@ def test_heads_and_neurons_of_a_hugging_face_bert() -> None:
     assert attn.self.num_attention_heads == 2 and attn.output.dense.in_features == 16
     assert fixed.settings["reconstruct"] == "lstsq"
     assert err(fixed.model) < 0.7 * err(plain.model)
+    return model, calib, kw, fixed.model
+
+
+def test_heads_and_neurons_of_a_hugging_face_bert() -> None:
+    _bert_case()
+
+
+def test_block_by_block_equals_whole_model_passes(monkeypatch) -> None:
+    import prunekit.graph.reconstruct as rec
+
+    model, calib, kw, blockwise = _bert_case()
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise rec._NotBlockwise
+
+    monkeypatch.setattr(rec, "_by_blocks", refuse)
+    whole = pg.prune_structured(model, calib[0], calib=calib, reconstruct="lstsq", **kw).model
+    assert calls  # the block runner was tried first (and here refused, so whole passes ran)
+    for (name, p), q in zip(blockwise.named_parameters(), whole.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_conv_channels_bias_is_exact_for_constant_channels(cnn, cnn_input) -> None:

@@ -16,7 +16,11 @@ layer's inputs on calibration data:
 
 Layers are refit one after another in forward order (``sequential=True``, the default): each
 layer's statistics are collected on the model whose earlier layers were already pruned and
-refit, so that later layers correct for earlier changes. Removed units are emulated by zeroing
+refit, so that later layers correct for earlier changes. When every such layer sits in the
+model's repeated blocks (a transformer's layers), this runs block by block like the one-shot
+runner (:mod:`prunekit.calibrate.sequential`): the inputs of the first block are captured once,
+each block runs on its cached inputs, and its outputs (after the refit) feed the next block;
+otherwise each layer gets a forward pass of the whole model, stopped at that layer. Removed units are emulated by zeroing
 the consumer's removed columns, so everything happens before surgery and surgery then cuts out
 columns that are zero. Padding tokens are left out of the statistics when a batch is a dict with
 a 2-D ``attention_mask`` that matches the layer input's leading dims.
@@ -40,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunekit.calibrate.sequential import call_block, capture_block_inputs, find_blocks
 from prunekit.graph.groups import Group
 from prunekit.graph.importance import batch_input
 from prunekit.graph.trace import Graph, call_model
@@ -414,6 +419,13 @@ def reconstruct_(
         return changed, notes
     modules = dict(model.named_modules())
     gram = config.method == "lstsq"
+    plan = _block_plan(model, consumers) if config.sequential else None
+    if plan is not None:
+        try:
+            _by_blocks(model, plan, calib, config, changed, notes, progress)
+            return changed, notes
+        except _NotBlockwise:
+            pass  # the model does not call its first block as expected: whole-model passes
     stages = [[c] for c in consumers] if config.sequential else [consumers]
     was = model.training
     model.eval()
@@ -452,6 +464,104 @@ def zero_columns(module: nn.Module, consumer: Consumer) -> None:
         w = _matrix(module, consumer.kind)
         w[:, _columns(module, consumer.kind, consumer.removed)] = 0.0
         _set_matrix(module, consumer.kind, w)
+
+
+class _NotBlockwise(Exception):
+    pass
+
+
+def _block_plan(
+    model: nn.Module, consumers: list[Consumer]
+) -> tuple[nn.ModuleList, list[list[Consumer]]] | None:
+    """The model's repeated blocks and the consumers in each (None if some lie outside)."""
+    found = find_blocks(model)
+    if found is None:
+        return None
+    name, blocks = found
+    per: list[list[Consumer]] = [[] for _ in blocks]
+    for c in consumers:
+        for i, local in enumerate(blocks._modules):
+            if c.module.startswith(f"{name}.{local}." if name else f"{local}."):
+                per[i].append(c)
+                break
+        else:
+            return None
+    return blocks, per
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _by_blocks(
+    model: nn.Module,
+    plan: tuple[nn.ModuleList, list[list[Consumer]]],
+    calib: list[Any],
+    config: ReconstructConfig,
+    changed: dict[str, torch.Tensor],
+    notes: list[str],
+    progress: bool,
+) -> None:
+    """Sequential refit block by block on cached block inputs (the one-shot runner's way)."""
+    blocks, per = plan
+    modules = dict(model.named_modules())
+    samples = [batch_input(b) for b in calib]
+    masks = [_mask_of(s) for s in samples]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                inputs = capture_block_inputs(model, blocks, samples)
+            except ValueError as exc:
+                raise _NotBlockwise from exc
+            last = max(i for i, cs in enumerate(per) if cs)
+            bar = tqdm(
+                total=sum(len(cs) for cs in per),
+                desc=f"reconstruct ({config.method})",
+                disable=not progress,
+                leave=False,
+            )
+            for i in range(last + 1):
+                block = blocks[i]
+                for c in per[i]:
+                    stats = _Stats(config.method == "lstsq")
+                    state: dict[str, Any] = {"mask": None}
+
+                    def hook(module, args, kwargs, c=c, stats=stats, state=state):
+                        x = args[0] if args else next(iter(kwargs.values()))
+                        stats.add(_rows(module, c.kind, x, state["mask"]))
+                        raise _Stop
+
+                    handle = modules[c.module].register_forward_pre_hook(hook, with_kwargs=True)
+                    try:
+                        for (args, kwargs), mask in zip(inputs, masks, strict=True):
+                            state["mask"] = mask
+                            try:
+                                call_block(block, args, kwargs)
+                            except _Stop:
+                                pass
+                    finally:
+                        handle.remove()
+                    note = refit_consumer(modules[c.module], c, stats, config)
+                    bar.update(1)
+                    if note:
+                        notes.append(note)
+                        if "left as pruned" in note:
+                            continue
+                    changed[c.module + ".weight"] = modules[c.module].weight.detach().clone()
+                    if modules[c.module].bias is not None:
+                        changed[c.module + ".bias"] = modules[c.module].bias.detach().clone()
+                if i < last:
+                    inputs = [
+                        _with_hidden(args, kwargs, call_block(block, args, kwargs))
+                        for args, kwargs in inputs
+                    ]
+            bar.close()
+    finally:
+        model.train(was)
 
 
 def refit_consumer(
