@@ -301,3 +301,20 @@ def test_allocation_sensitivity_beats_uniform_at_the_same_macs() -> None:
     assert _err(chosen.model, model, test) < _err(uniform.model, model, test)
     with pytest.raises(ValueError, match="target_macs= and calib="):
         pg.prune_structured(model, calib[0][:1], allocation="sensitivity", progress=False)
+
+
+def test_match_dense_targets_the_dense_model() -> None:
+    """match='dense': the first block's refit equals match='layer' (its inputs are still dense);
+    later blocks differ (they also correct the drift of the earlier ones), and the bias-only
+    repair then restores the dense model's mean output of the refit layer."""
+    model, calib, kw, layer_match = _bert_case()
+    config = ReconstructConfig("lstsq", match="dense")
+    dense_match = pg.prune_structured(model, calib[0], calib=calib, reconstruct=config, **kw).model
+    first = "encoder.layer.0.attention.output.dense.weight"
+    later = "encoder.layer.1.output.dense.weight"
+    got = dict(dense_match.named_parameters())
+    want = dict(layer_match.named_parameters())
+    torch.testing.assert_close(got[first], want[first], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got[later], want[later], rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown match"):
+        ReconstructConfig("lstsq", match="output")

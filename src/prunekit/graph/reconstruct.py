@@ -33,6 +33,7 @@ channel dim or an embedding (a residual stream) are left as they are, with a not
 
 from __future__ import annotations
 
+import copy
 import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from prunekit.graph.importance import batch_input
 from prunekit.graph.trace import Graph, call_model
 
 METHODS = ("bias", "lstsq")
+MATCHES = ("layer", "dense")
 
 _CROSS_CHANNEL = (nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.EmbeddingBag) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
@@ -69,6 +71,10 @@ class ReconstructConfig:
             (one calibration pass per layer, stopped at that layer); False: one pass for all.
         calib: calibration batches for the statistics (tensor, dict of model kwargs or a tuple
             whose first item is the model input); None: ``prune_structured``'s ``calib``.
+        match: what a refit layer's output should match: ``"layer"`` (default) the unpruned
+            layer on the inputs it gets now (after the earlier refits); ``"dense"`` the dense
+            model's layer on the dense model's inputs, which also corrects the drift of the
+            earlier layers (block by block only; twice the forward passes).
 
     Example:
         >>> from prunekit.graph.reconstruct import ReconstructConfig
@@ -80,8 +86,13 @@ class ReconstructConfig:
     damp: float = 0.01
     sequential: bool = True
     calib: Iterable[Any] | None = None
+    match: str = "layer"
 
     def __post_init__(self) -> None:
+        if self.match not in MATCHES:
+            raise ValueError(
+                f"unknown match {self.match!r}; accepted: {', '.join(map(repr, MATCHES))}"
+            )
         if self.method not in METHODS:
             raise ValueError(
                 f"unknown reconstruct method {self.method!r}; accepted: "
@@ -255,8 +266,10 @@ class _Stats:
         self.n = 0
         self.s: torch.Tensor | None = None
         self.a: torch.Tensor | None = None
+        self.s_ref: torch.Tensor | None = None  # with reference rows (match="dense")
+        self.c: torch.Tensor | None = None
 
-    def add(self, rows: torch.Tensor) -> None:
+    def add(self, rows: torch.Tensor, ref: torch.Tensor | None = None) -> None:
         if self.s is None:
             self.s = torch.zeros(rows.shape[1], dtype=torch.float64)
             if self.gram:
@@ -265,6 +278,23 @@ class _Stats:
         self.s += rows.sum(0)
         if self.gram:
             self.a += rows.t() @ rows
+        if ref is not None:
+            if self.s_ref is None:
+                self.s_ref = torch.zeros_like(self.s)
+                if self.gram:
+                    self.c = torch.zeros_like(self.a)
+            self.s_ref += ref.sum(0)
+            if self.gram:
+                self.c += ref.t() @ rows
+
+    def ref_mean(self) -> torch.Tensor | None:
+        return None if self.s_ref is None else self.s_ref / max(self.n, 1)
+
+    def cross(self) -> torch.Tensor | None:
+        """Covariance of reference rows (dim 0) with these rows (dim 1)."""
+        if self.c is None:
+            return None
+        return self.c / max(self.n, 1) - torch.outer(self.ref_mean(), self.mean())
 
     def mean(self) -> torch.Tensor:
         return self.s / max(self.n, 1)
@@ -337,6 +367,8 @@ def refit(
     *,
     method: str = "lstsq",
     damp: float = 0.01,
+    target_mean: torch.Tensor | None = None,
+    cross: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """New (out, in) weight (removed columns zero) and bias of a layer that loses ``removed``
     input columns, from its inputs' mean and covariance (float64 in, float64 out).
@@ -346,6 +378,10 @@ def refit(
     ``b' = b + W mean - W' mean[kept]``: the least-squares fit (with an unpenalised intercept)
     of the layer's dense output from its kept inputs. Without a bias, ``"bias"`` changes
     nothing and ``"lstsq"`` fits the kept columns alone (on uncentred second moments).
+
+    With ``target_mean`` / ``cross`` (the mean of other inputs ``x_ref`` and their covariance
+    with these, ``ref x inputs``) the target is ``W x_ref + b`` instead of ``W x + b``: the
+    ``"dense"`` match, where ``x_ref`` are the dense model's inputs of this layer.
 
     Example:
         >>> import numpy as np, torch
@@ -358,24 +394,27 @@ def refit(
     keep_mask = np.ones(n, dtype=bool)
     keep_mask[removed] = False
     kept = torch.as_tensor(np.nonzero(keep_mask)[0])
-    gone = torch.as_tensor(np.asarray(removed, dtype=np.int64))
     new_w = torch.zeros_like(weight)
+    ref_mean = mean if target_mean is None else target_mean
     if method == "bias":
         new_w[:, kept] = weight[:, kept]
         if bias is None:
             return new_w, None
-        return new_w, bias + weight[:, gone] @ mean[gone]
+        return new_w, bias + weight @ ref_mean - weight[:, kept] @ mean[kept]
     if cov is None:
         raise ValueError("lstsq needs the input covariance")
-    if bias is None:  # no intercept: fit on the uncentred second moment
+    if cross is None:
+        cross = cov
+    if bias is None:  # no intercept: fit on the uncentred second moments
         cov = cov + torch.outer(mean, mean)
+        cross = cross + torch.outer(ref_mean, mean)
     h = cov[kept][:, kept].clone()
     diag = torch.diagonal(h)
     lam = damp * float(diag.mean()) if len(diag) else 0.0
     dead = diag <= 1e-12 * max(float(diag.max()) if len(diag) else 0.0, 1e-300)
     diag += lam
     diag[dead] += 1.0  # constant inputs: their column is set by the intercept, keep it finite
-    rhs = weight @ cov[:, kept]  # (out, k)
+    rhs = weight @ cross[:, kept]  # (out, k)
     try:
         chol = torch.linalg.cholesky(h)
         w_k = torch.cholesky_solve(rhs.t(), chol).t()
@@ -384,7 +423,7 @@ def refit(
     new_w[:, kept] = w_k
     if bias is None:
         return new_w, None
-    return new_w, bias + weight @ mean - w_k @ mean[kept]
+    return new_w, bias + weight @ ref_mean - w_k @ mean[kept]
 
 
 def reconstruct_(
@@ -426,6 +465,11 @@ def reconstruct_(
             return changed, notes
         except _NotBlockwise:
             pass  # the model does not call its first block as expected: whole-model passes
+    if config.match == "dense":
+        notes.append(
+            "reconstruct: match='dense' needs the refit layers inside the model's repeated "
+            "blocks, run block by block; matched each layer's unpruned output instead"
+        )
     stages = [[c] for c in consumers] if config.sequential else [consumers]
     was = model.training
     model.eval()
@@ -472,21 +516,23 @@ class _NotBlockwise(Exception):
 
 def _block_plan(
     model: nn.Module, consumers: list[Consumer]
-) -> tuple[nn.ModuleList, list[list[Consumer]]] | None:
-    """The model's repeated blocks and the consumers in each (None if some lie outside)."""
+) -> tuple[nn.ModuleList, list[list[Consumer]], list[str]] | None:
+    """The model's repeated blocks, the consumers in each and each block's name prefix (None
+    if some consumer lies outside the blocks)."""
     found = find_blocks(model)
     if found is None:
         return None
     name, blocks = found
+    prefixes = [f"{name}.{local}." if name else f"{local}." for local in blocks._modules]
     per: list[list[Consumer]] = [[] for _ in blocks]
     for c in consumers:
-        for i, local in enumerate(blocks._modules):
-            if c.module.startswith(f"{name}.{local}." if name else f"{local}."):
+        for i, prefix in enumerate(prefixes):
+            if c.module.startswith(prefix):
                 per[i].append(c)
                 break
         else:
             return None
-    return blocks, per
+    return blocks, per, prefixes
 
 
 def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
@@ -497,7 +543,7 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
 
 def _by_blocks(
     model: nn.Module,
-    plan: tuple[nn.ModuleList, list[list[Consumer]]],
+    plan: tuple[nn.ModuleList, list[list[Consumer]], list[str]],
     calib: list[Any],
     config: ReconstructConfig,
     changed: dict[str, torch.Tensor],
@@ -505,7 +551,7 @@ def _by_blocks(
     progress: bool,
 ) -> None:
     """Sequential refit block by block on cached block inputs (the one-shot runner's way)."""
-    blocks, per = plan
+    blocks, per, prefixes = plan
     modules = dict(model.named_modules())
     samples = [batch_input(b) for b in calib]
     masks = [_mask_of(s) for s in samples]
@@ -524,27 +570,47 @@ def _by_blocks(
                 disable=not progress,
                 leave=False,
             )
+            dense_inputs = inputs if config.match == "dense" else None
             for i in range(last + 1):
                 block = blocks[i]
+                # match="dense": the block as it is now (dense weights) runs on the dense inputs
+                ref = copy.deepcopy(block) if dense_inputs is not None else None
+                ref_modules = dict(ref.named_modules()) if ref is not None else {}
                 for c in per[i]:
                     stats = _Stats(config.method == "lstsq")
-                    state: dict[str, Any] = {"mask": None}
+                    state: dict[str, Any] = {"mask": None, "ref": None}
 
                     def hook(module, args, kwargs, c=c, stats=stats, state=state):
                         x = args[0] if args else next(iter(kwargs.values()))
-                        stats.add(_rows(module, c.kind, x, state["mask"]))
+                        stats.add(_rows(module, c.kind, x, state["mask"]), state["ref"])
                         raise _Stop
 
-                    handle = modules[c.module].register_forward_pre_hook(hook, with_kwargs=True)
+                    def ref_hook(module, args, kwargs, c=c, state=state):
+                        x = args[0] if args else next(iter(kwargs.values()))
+                        state["ref"] = _rows(module, c.kind, x, state["mask"])
+                        raise _Stop
+
+                    handles = [modules[c.module].register_forward_pre_hook(hook, with_kwargs=True)]
+                    if ref is not None:
+                        local = c.module[len(prefixes[i]) :]
+                        handles.append(
+                            ref_modules[local].register_forward_pre_hook(ref_hook, with_kwargs=True)
+                        )
                     try:
-                        for (args, kwargs), mask in zip(inputs, masks, strict=True):
+                        for j, ((args, kwargs), mask) in enumerate(zip(inputs, masks, strict=True)):
                             state["mask"] = mask
+                            if ref is not None:
+                                try:
+                                    call_block(ref, *dense_inputs[j])
+                                except _Stop:
+                                    pass
                             try:
                                 call_block(block, args, kwargs)
                             except _Stop:
                                 pass
                     finally:
-                        handle.remove()
+                        for h in handles:
+                            h.remove()
                     note = refit_consumer(modules[c.module], c, stats, config)
                     bar.update(1)
                     if note:
@@ -559,6 +625,12 @@ def _by_blocks(
                         _with_hidden(args, kwargs, call_block(block, args, kwargs))
                         for args, kwargs in inputs
                     ]
+                    if ref is not None:
+                        dense_inputs = [
+                            _with_hidden(args, kwargs, call_block(ref, args, kwargs))
+                            for args, kwargs in dense_inputs
+                        ]
+                del ref
             bar.close()
     finally:
         model.train(was)
@@ -585,6 +657,8 @@ def refit_consumer(
         _columns(module, consumer.kind, consumer.removed),
         method=config.method,
         damp=config.damp,
+        target_mean=stats.ref_mean(),
+        cross=stats.cross() if config.method == "lstsq" else None,
     )
     if not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all()):
         zero_columns(module, consumer)
