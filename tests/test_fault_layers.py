@@ -470,3 +470,19 @@ def test_finetune_stops_when_the_loss_diverges() -> None:
         prunekit.finetune(net, data, loss_fn, max_steps=4, lr=1e30, progress=False, inplace=True)
     assert not any(is_masked(m) for m in net.modules())  # the run's zero masks are removed
     assert net.training
+
+
+def test_sensitivity_skips_unpatternable_and_empty_layers_as_prune_does() -> None:
+    """sensitivity left such layers out silently and returned an empty result when no layer
+    fitted; now it warns per layer and raises like prune."""
+    with pytest.warns(UserWarning, match=r"skipping 0\.weight for pattern block:4x4"):
+        result = prunekit.sensitivity(
+            mixed_model(), [torch.randn(4, 6)], sparsities=(0.5,), pattern="block:4x4",
+            progress=False,
+        )  # fmt: skip
+    assert list(result.layers) == ["2.weight"]
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=EMPTY):
+        prunekit.sensitivity(
+            make("linear_in0"), [inputs("linear_in0")], sparsities=(0.5,), targets=T,
+            progress=False,
+        )  # fmt: skip

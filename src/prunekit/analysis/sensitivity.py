@@ -60,7 +60,7 @@ from prunekit.calibrate.stats import (
 from prunekit.compress.durable import write_text_atomic
 from prunekit.masks import raw_parameter
 from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
-from prunekit.prune import ALLOCATORS, compute_masks
+from prunekit.prune import ALLOCATORS, compute_masks, split_by_pattern
 from prunekit.scores import Criterion, get_criterion
 from prunekit.targets import Target, per_layer_overrides, resolve_targets
 
@@ -628,8 +628,7 @@ def sensitivity(
     if name != "magnitude" or mode == "proxy":
         for t in chosen:
             check_calibratable(t)
-    skipped = [t for t in chosen if pattern.skip_reason(tuple(t.as_matrix(t.weight()).shape))]
-    usable = [t for t in chosen if t not in skipped]
+    usable, _ = split_by_pattern(chosen, pattern)  # as prune: warns per layer, raises if none
     pruner = _LayerPruner(name, criterion, pattern, scope, block_size, damp, seed)
     was_training = model.training
     model.eval()
