@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -66,6 +67,7 @@ from prunekit.targets import Target, per_layer_overrides, resolve_targets
 
 DEFAULT_SPARSITIES = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 MODES = ("auto", "output", "proxy")
+SUBSAMPLE = 8  # calibration items run through the whole model per measured point (sequential)
 DIVERGENCES = ("auto", "kl", "cosine")
 
 
@@ -524,6 +526,185 @@ def proxy_damage(
     return {t.name: damage[t.name] for t in targets}
 
 
+class _Replay:
+    """Skip the blocks before ``index`` while a block is measured: the first use (the reference
+    run) records what block ``index - 1`` returns for every sample; with ``replaying`` set, the
+    earlier blocks are replaced by stand-ins that return those recorded outputs in turn, so each
+    measured point runs the model from block ``index`` on (embeddings and head included)."""
+
+    def __init__(self, blocks: nn.ModuleList, index: int) -> None:
+        self.blocks, self.index = blocks, index
+        self.outputs: list[Any] = []
+        self.replaying = False
+        self._saved: list[nn.Module] = []
+        self._handle: Any = None
+
+    def __enter__(self) -> _Replay:
+        if not self.replaying:
+            self._handle = self.blocks[self.index - 1].register_forward_hook(
+                lambda module, args, out: self.outputs.append(out)
+            )
+            return self
+        self._saved = [self.blocks[j] for j in range(self.index)]
+        counter = [0]
+        for j in range(self.index):
+            self.blocks[j] = _StandIn(self.outputs, counter, last=j == self.index - 1)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        for j, block in enumerate(self._saved):
+            self.blocks[j] = block
+        self._saved = []
+
+
+class _StandIn(nn.Module):
+    """Returns the recorded output of the block it replaces (the next one each call)."""
+
+    def __init__(self, outputs: list, counter: list[int], last: bool) -> None:
+        super().__init__()
+        self.outputs, self.counter, self.last = outputs, counter, last
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.outputs[self.counter[0] % len(self.outputs)]
+        if self.last:
+            self.counter[0] += 1
+        return out
+
+
+def sequential_damage(
+    model: nn.Module,
+    targets: list[Target],
+    data: Sequence[Any],
+    pruner: _LayerPruner,
+    grid: Sequence[float],
+    *,
+    operating: float,
+    subsample: int | None = None,
+    per_layer: bool = True,
+    per_block: bool = True,
+    blocks: str | None = None,
+    sequential: bool = True,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Damage to the final outputs of pruning each layer (and each block), block by block.
+
+    One pass over the blocks in order, as the one-shot runner does: block ``i``'s statistics
+    (Wanda norms, SparseGPT Hessians) come from the calibration inputs with blocks ``0..i-1``
+    already pruned at ``operating`` sparsity by the same method; every layer of block ``i`` (and
+    the whole block at once, with ``per_block``) is pruned at every sparsity of ``grid`` and the
+    model runs on the first ``subsample`` calibration items; the damage is the divergence of its
+    outputs from the dense model's (KL of the logits, 1 - cosine of hidden states) minus the
+    divergence with block ``i`` dense (the earlier blocks' share). All damages are on one scale
+    (the model's outputs), so layers of different kinds compare. Block ``i`` is then left at
+    ``operating`` for the next blocks. Targets outside the blocks are measured last, with every
+    block at ``operating``. The model's weights are restored at the end.
+
+    Returns ``({layer: damages}, {block key: damages})`` (the second empty without per_block).
+    """
+    items = list(data)
+    sample = items[: subsample or len(items)]
+    need = {"sparsegpt": {"hessian"}, "wanda": {"norm"}}.get(pruner.method, set())
+    params = {t.name: raw_parameter(t.module, t.param_name) for t in targets}
+    originals = {n: p.detach().clone() for n, p in params.items()}
+    layer_damage: dict[str, list[float]] = {}
+    block_damage: dict[str, list[float]] = {}
+    points = sorted(set(grid) | {operating})
+
+    def set_weights(group: list[Target], weights: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for t in group:
+                params[t.name].copy_(weights[t.name].to(params[t.name].dtype))
+
+    def measure(key: str, group: list[Target], stats: dict, index: int | None = None) -> None:
+        if not group:
+            return
+        layer_stats = {}
+        for t in group:
+            entry = dict(stats.get(t.name, {}))
+            if "hessian" in entry and "norm" not in entry:
+                entry["norm"] = torch.diagonal(entry["hessian"]).clone()
+            layer_stats[t.name] = entry
+        pruned = {t.name: pruner.matrices(t, layer_stats, points) for t in group}
+        dense = {t.name: params[t.name].detach().clone() for t in group}
+        at = {s: {t.name: pruned[t.name][j] for t in group} for j, s in enumerate(points)}
+        # the reference: this block dense, the earlier ones as they are now (pruned); it also
+        # records what reaches this block, so the runs below start there (_Replay)
+        replay = _Replay(module_list, index) if index else contextlib.nullcontext()
+        with replay:
+            scorer = _OutputDamage(model, sample, "auto", lambda x: x)
+        if index:
+            replay.replaying = True
+        with replay:
+            _score_grid(key, group, scorer, at, dense)
+        set_weights(group, at[operating])
+
+    def _score_grid(key, group, scorer, at, dense) -> None:
+        if per_layer:
+            for t in group:
+                values = []
+                for s in grid:
+                    set_weights([t], at[s])
+                    values.append(scorer())
+                set_weights([t], dense)
+                layer_damage[t.name] = values
+        if per_block:
+            values = []
+            for s in grid:
+                set_weights(group, at[s])
+                values.append(scorer())
+            block_damage[key] = values
+
+    module_list: Any = None
+    try:
+        found = find_blocks(model, blocks) if sequential else None
+        rest = targets
+        if found is not None:
+            blocks_name, module_list = found
+            groups, rest = _block_groups(blocks_name, len(module_list), targets)
+            prefix = f"{blocks_name}." if blocks_name else ""
+            home = next(module_list.parameters()).device
+
+            def on_block(index: int, block: nn.Module, run) -> None:
+                group = groups[index]
+                stats: dict = {}
+                if group and need:
+                    with InputStats(group, need) as collected:
+                        run()
+                    stats = collected.stats
+                if device is not None:  # the whole model runs below: bring the block home
+                    block.to(home)
+                measure(f"{prefix}{index}", group, stats, index)
+                if device is not None:
+                    block.to(device)
+
+            bar = (
+                (lambda it: tqdm(it, desc="sensitivity", unit="block", leave=False))
+                if progress
+                else None
+            )
+            run_sequential(
+                model,
+                module_list,
+                items,
+                on_block,
+                propagate="pruned",
+                device=device,
+                progress=bar,
+            )
+        for t in rest:
+            stats = collect_input_stats(model, [t], items, need, progress=False) if need else {}
+            measure(t.name, [t], stats)
+    finally:
+        with torch.no_grad():
+            for n, original in originals.items():
+                params[n].copy_(original)
+    return layer_damage, block_damage
+
+
 def sensitivity(
     model: nn.Module,
     data: Any,
@@ -734,6 +915,39 @@ def _output_mode(
     return raw, metric, dense_value
 
 
+def oneshot_grid(sparsity: float) -> list[float]:
+    """The default grid of ``oneshot(allocation="sensitivity")``: dense around the target.
+
+    Example:
+        >>> oneshot_grid(0.7)
+        [0.6, 0.65, 0.7, 0.75, 0.8, 0.9]
+    """
+    points = {round(sparsity + d, 4) for d in (-0.1, -0.05, 0.0, 0.05, 0.1, 0.2)}
+    return sorted(p for p in points if 0.0 < p < 1.0)
+
+
+def split_count(total: int, sizes: Sequence[int]) -> list[int]:
+    """``total`` removed weights split between layers in proportion to their sizes, exactly
+    (largest remainders get the leftover units).
+
+    Example:
+        >>> split_count(10, [3, 3, 4])
+        [3, 3, 4]
+    """
+    whole = sum(sizes)
+    shares = [total * n / whole for n in sizes]
+    counts = [min(n, int(x)) for x, n in zip(shares, sizes, strict=True)]
+    order = sorted(range(len(sizes)), key=lambda i: shares[i] - counts[i], reverse=True)
+    left = total - sum(counts)
+    for i in order:
+        if left <= 0:
+            break
+        if counts[i] < sizes[i]:
+            counts[i] += 1
+            left -= 1
+    return counts
+
+
 def oneshot_allocation(
     model: nn.Module,
     targets: list[Target],
@@ -746,14 +960,24 @@ def oneshot_allocation(
     device: str | torch.device | None,
 ) -> dict[str, float]:
     """``oneshot(allocation="sensitivity")``: per-layer sparsities for the targets not in
-    ``fixed``, from one proxy pass with the one-shot method, with exactly as many weights
-    removed as the uniform allocation (``round(sparsity * n)`` in every layer) would."""
+    ``fixed``, with exactly as many weights removed as the uniform allocation
+    (``round(sparsity * n)`` in every layer) would.
+
+    The damage is measured by :func:`sequential_damage` with the one-shot method itself: block
+    by block, with the earlier blocks already pruned at the target sparsity, every block is
+    pruned whole at every sparsity of the grid and the divergence of the model's outputs (KL of
+    the logits) on a subsample of the calibration set is recorded. The budget is then spent
+    between blocks (:func:`prunekit.allocate`, exact), and a block's layers share its sparsity
+    (its count split in proportion to their sizes). Per block rather than per layer: the
+    per-layer output damages do not add up inside a block (on the character Llama a per-layer
+    allocation from them loses to uniform), while whole blocks compare well.
+    """
     from prunekit.scope import count_to_remove
 
     free = [t for t in targets if t.name not in fixed]
     if not free:
         return {}
-    points = _check_grid(grid or DEFAULT_SPARSITIES)
+    points = _check_grid(grid if grid is not None else oneshot_grid(pruner.sparsity))
     if pruner.sparsity >= points[-1]:
         points = _check_grid([*points, pruner.sparsity, (1.0 + pruner.sparsity) / 2])
     criterion = None if pruner.method == "sparsegpt" else get_criterion(pruner.method)
@@ -766,54 +990,46 @@ def oneshot_allocation(
         pruner.damp,
         pruner.seed,
     )
-    damage = proxy_damage(
+    found = find_blocks(model, blocks) if sequential else None
+    _, damage = sequential_damage(
         model,
         free,
         list(calib),
         layer_pruner,
         points,
-        blocks=blocks,
-        sequential=sequential,
+        operating=pruner.sparsity,
+        subsample=SUBSAMPLE,
+        per_layer=False,
+        per_block=True,
+        blocks=None if found is None else found[0],
+        sequential=found is not None,
         device=device,
         progress=pruner.progress,
     )
+    groups = _unit_groups(model if found else None, found, free)
     sizes = {t.name: t.weight().numel() for t in free}
     removed = sum(count_to_remove(pruner.sparsity, n) for n in sizes.values())
-    # Relative errors of different kinds of layers (down_proj vs q_proj) are not on one scale,
-    # so the budget is spent between blocks: a block's damage is the sum of its layers' errors
-    # (the same kinds of layers in every block), and its layers share its sparsity.
-    found = find_blocks(model, blocks) if sequential else None
-    groups: dict[str, list[Target]] = {}
-    for t in free:
-        key = t.name
-        if found is not None:
-            prefix = f"{found[0]}." if found[0] else ""
-            head = t.module_name[len(prefix) :].partition(".")[0]
-            if t.module_name.startswith(prefix) and head.isdigit():
-                key = f"{prefix}{head}"
-        groups.setdefault(key, []).append(t)
-    curves = {
-        key: list(
-            zip(
-                points,
-                _monotone([sum(v) for v in zip(*(damage[t.name] for t in group), strict=True)]),
-                strict=True,
-            )
-        )
-        for key, group in groups.items()
-    }
+    curves = {key: list(zip(points, _monotone(damage[key]), strict=True)) for key in groups}
     group_sizes = {key: sum(sizes[t.name] for t in group) for key, group in groups.items()}
     chosen = allocate(curves, sizes=group_sizes, removed=removed)
     per_layer: dict[str, float] = {}
-    for key, group in groups.items():  # the group's count, split in proportion to the sizes
-        total = chosen.removed[key]
-        shares = [total * sizes[t.name] / group_sizes[key] for t in group]
-        counts = [int(x) for x in shares]
-        order = sorted(range(len(group)), key=lambda i: shares[i] - counts[i], reverse=True)
-        for i in order[: total - sum(counts)]:
-            counts[i] += 1
+    for key, group in groups.items():
+        counts = split_count(chosen.removed[key], [sizes[t.name] for t in group])
         per_layer.update({t.name: k / sizes[t.name] for t, k in zip(group, counts, strict=True)})
     return per_layer
+
+
+def _unit_groups(model, found, targets: list[Target]) -> dict[str, list[Target]]:
+    """Targets grouped as :func:`sequential_damage` measures them: one group per block (key
+    ``"<blocks>.<index>"``), each target outside the blocks alone (key: its name)."""
+    if found is None:
+        return {t.name: [t] for t in targets}
+    blocks_name, module_list = found
+    block_groups, rest = _block_groups(blocks_name, len(module_list), targets)
+    prefix = f"{blocks_name}." if blocks_name else ""
+    out = {f"{prefix}{i}": g for i, g in enumerate(block_groups) if g}
+    out.update({t.name: [t] for t in rest})
+    return out
 
 
 def prune_allocation(
