@@ -173,7 +173,11 @@ def test_llama_chain_heads_2of4_compressed_and_onnx(work, capsys) -> None:
     with pytest.raises(OSError):
         transformers.LlamaForCausalLM.from_pretrained(packed)
 
+    import onnx
     import onnxruntime as ort
+
+    props = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
+    assert json.loads(props["prunekit_run"])["command"].startswith("prunekit export ")
 
     x = ids(seq=16)  # the graph's sequence length is export's --seq-len (16)
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])

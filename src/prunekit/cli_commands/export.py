@@ -27,6 +27,7 @@ from prunekit.cli_commands.common import (
     positive_float,
     positive_int,
     print_json,
+    run_record,
     seq_len_for,
 )
 
@@ -43,7 +44,12 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--out", required=True, help="the .onnx file to write")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
-    e.add_argument("--seq-len", type=positive_int, default=16, help="tokens of the example input (fixed in the graph)")
+    e.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=16,
+        help="tokens of the example input (fixed in the graph)",
+    )
     e.add_argument("--batch", type=positive_int, default=2, help="batch of the example input")
     e.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (None: torch's)")
     e.add_argument("--atol", type=positive_float, default=1e-4, help="largest difference accepted")
@@ -94,8 +100,28 @@ def cmd_export(args: argparse.Namespace) -> int:
             atol=args.atol,
             exporter=args.exporter,
         )
+    _record_run(out, args)
     if args.json:
-        print_json({k: v for k, v in vars(result).items()})
+        print_json({**vars(result), "run": run_record(args)})
         return 0
     print(result)
     return 0
+
+
+def _record_run(path: Path, args: argparse.Namespace) -> None:
+    """Write the run record (command line, seed, versions) into the ONNX file's
+    ``metadata_props`` as ``prunekit_run`` (JSON); the weights are not touched."""
+    import json
+    import os
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "prunekit_run", json.dumps(run_record(args))
+    tmp = path.with_name(f".{path.name}.run-{os.getpid()}")
+    try:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
