@@ -240,15 +240,16 @@ def oneshot(
             layerwise sparsity: blocks with more activation outliers keep more weights, within
             ``sparsity +- owl_lambda``, averaging exactly ``sparsity``; with N:M each block gets
             an N:M level, rounded so the average stays the pattern's sparsity, so 2:4 mostly
-            stays uniform while 4:8 mixes 3:8, 4:8 and 5:8), or ``"sensitivity"`` (a first pass
-            measures every layer's reconstruction error at the sparsities of
-            ``sensitivity_grid`` with this method, then :func:`prunekit.allocate` chooses
-            per-layer sparsities with exactly as many non-zeros as uniform; unstructured only).
+            stays uniform while 4:8 mixes 3:8, 4:8 and 5:8), or ``"sensitivity"`` (a first pass,
+            block by block with the earlier blocks pruned, prunes each block with this method at
+            the sparsities of ``sensitivity_grid`` and measures the divergence of the model's
+            outputs; :func:`prunekit.allocate` then chooses per-block sparsities with exactly as
+            many non-zeros as uniform; unstructured only).
         targets, ignore: name patterns, as in :func:`prunekit.prune` (the head is excluded).
         per_layer: ``{pattern: sparsity}`` overrides (e.g. ``Allocation.per_layer``), as in
             :func:`prunekit.prune`; unstructured only.
-        sensitivity_grid: sparsities measured by ``allocation="sensitivity"`` (default: 0.2
-            to 0.95, see :mod:`prunekit.analysis.sensitivity`).
+        sensitivity_grid: sparsities measured by ``allocation="sensitivity"`` (default:
+            ``sparsity`` -0.1 to +0.2, see :mod:`prunekit.analysis.sensitivity`).
         blocks: module path of the repeated blocks (default: the largest ``ModuleList``).
         sequential: prune block by block (bounded memory); False runs the whole model at once.
         propagate: ``"pruned"`` (next block sees the pruned block's outputs) or ``"dense"``.
