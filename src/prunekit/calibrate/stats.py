@@ -3,6 +3,12 @@
 * ``"norm"``: the sum of squares of every input feature over all calibration tokens (Wanda's
   ||X_j||^2, OWL's outlier scores).
 * ``"hessian"``: H = 2/n * sum(x x^T) over the n calibration tokens (SparseGPT's layer Hessian).
+  Each call's ``x^T x`` is computed in float32 and added into a float64 sum, and H is cast to
+  float32 when the context closes: the float32 products have at most 48 significant bits, so
+  the float64 sum is (nearly always) exact and H does not depend on how the samples were split
+  or in which order they were added; under ``torch.distributed`` the ranks' sums give the same H
+  as one process (:mod:`prunekit.distributed.reduce`). The sum costs float64 memory (twice the
+  float32 Hessian) while the statistics are gathered.
 
 Linear and Hugging Face ``Conv1D`` inputs are read as (tokens, in_features); Conv1d / Conv2d
 (``groups=1``) inputs are unfolded into (positions, in_channels * kernel) so that the features
@@ -86,6 +92,7 @@ class InputStats:
         # one process (prunekit.distributed.reduce)
         self.keep_parts = keep_parts
         self.norm_parts: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
+        self.hessian_sums: dict[str, torch.Tensor] = {}  # float64 sum of x^T x (see module doc)
         self._handles: list[Any] = []
 
     def _hook(self, target: Target):
@@ -99,11 +106,9 @@ class InputStats:
                 if self.keep_parts:
                     self.norm_parts[target.name].append(sq)
             if "hessian" in self.need:
-                scaled = rows * (2.0 / (n_old + n_new)) ** 0.5
-                if "hessian" in entry:
-                    entry["hessian"].mul_(n_old / (n_old + n_new)).add_(scaled.t() @ scaled)
-                else:
-                    entry["hessian"] = scaled.t() @ scaled
+                product = (rows.t() @ rows).double()
+                total = self.hessian_sums.get(target.name)
+                self.hessian_sums[target.name] = product if total is None else total.add_(product)
             self.rows[target.name] = n_old + n_new
 
         return record
@@ -117,6 +122,13 @@ class InputStats:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for name, total in self.hessian_sums.items():
+            self.stats[name]["hessian"] = hessian_from_sum(total, self.rows[name])
+
+
+def hessian_from_sum(total: torch.Tensor, rows: int) -> torch.Tensor:
+    """SparseGPT's float32 H = 2/n * sum(x x^T) from the float64 sum of ``rows`` rows."""
+    return (total * (2.0 / rows)).float()
 
 
 def run_model(model: nn.Module, sample: Any) -> Any:

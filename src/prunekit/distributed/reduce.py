@@ -7,9 +7,12 @@ statistics of :class:`prunekit.calibrate.stats.InputStats`. Then:
   sum-of-squares vectors; they are all-gathered and folded in rank order, which is the order of
   the samples in one process, so the sum has the same bits as one process computes (two
   collectives a block: the counts, then all the vectors of the block in one flat tensor).
-* ``"hessian"`` (SparseGPT): ``rows_r * H_r`` is summed over ranks (``reduce`` to the rank that
-  solves the layer, or ``all_reduce`` when every rank needs it) and divided by the total rows;
-  equal to one process's running average up to floating-point rounding.
+* ``"hessian"`` (SparseGPT): the float64 sums of ``x^T x`` are summed over ranks (``reduce`` to
+  the rank that solves the layer, or ``all_reduce`` when every rank needs it), then scaled by
+  2 / rows and cast to float32 as one process does. The float32 products carry at most 48
+  significant bits, so these float64 sums are exact unless the products span an extreme range
+  of magnitudes: the Hessian, hence SparseGPT's weights and masks, then has the same bits as in
+  one process (tests and ``benchmarks/distributed_oneshot.py`` check it).
 
 ``traffic()`` counts the bytes this rank contributed to collectives (for benchmarks).
 """
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from prunekit.calibrate.stats import hessian_from_sum
 from prunekit.distributed.env import comm_device, is_distributed, rank, world_size
 
 _TRAFFIC = {"bytes": 0, "calls": 0}
@@ -101,6 +105,7 @@ def reduce_input_stats(
     norm_parts: Mapping[str, Sequence[torch.Tensor]],
     need: set[str],
     owners: Mapping[str, int] | None = None,
+    hessian_sums: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]:
     """The statistics of ``names`` over every rank's samples, and their total row counts.
 
@@ -109,13 +114,16 @@ def reduce_input_stats(
         in_features: each layer's input width (a rank that never ran a layer has no tensor).
         stats, rows, norm_parts: this rank's ``InputStats.stats``, ``.rows`` and ``.norm_parts``
             (the per-call sum-of-squares vectors; needed for ``"norm"``).
+        hessian_sums: this rank's ``InputStats.hessian_sums`` (float64 sums of x^T x; needed
+            for ``"hessian"``).
         need: ``{"norm", "hessian"}`` or a part of it.
         owners: layer -> the rank that needs its Hessian (others get none); default: every rank
             gets every Hessian.
 
     Returns:
         ``(stats, rows)`` as one process would have computed them on all the samples (norms
-        bit-identical; Hessians to floating-point rounding).
+        bit-identical; Hessians from float64 sums, which are exact for all but extreme inputs,
+        so they too come out bit-identical).
     """
     names = list(names)
     device = comm_device()
@@ -151,11 +159,11 @@ def reduce_input_stats(
     if "hessian" in need:
         for n in names:
             width = in_features[n]
-            local_h = stats.get(n, {}).get("hessian")
-            if local_h is None:
-                summed = torch.zeros(width, width, device=device)
+            local_sum = (hessian_sums or {}).get(n)
+            if local_sum is None:
+                summed = torch.zeros(width, width, dtype=torch.float64, device=device)
             else:
-                summed = (local_h.float() * rows.get(n, 0)).to(device)
+                summed = local_sum.to(device, torch.float64)
             _count(summed)
             if owners is None:
                 dist.all_reduce(summed)
@@ -164,8 +172,7 @@ def reduce_input_stats(
                 if rank() != owners[n]:
                     continue
             if total_rows[n]:
-                summed /= total_rows[n]
-            out[n]["hessian"] = summed.to(home[n])
+                out[n]["hessian"] = hessian_from_sum(summed, total_rows[n]).to(home[n])
     return out, total_rows
 
 
@@ -183,7 +190,14 @@ def reduce_collected(
     names = [t.name for t in targets]
     widths = {t.name: int(t.as_matrix(t.weight()).shape[1]) for t in targets}
     stats, rows = reduce_input_stats(
-        names, widths, collected.stats, collected.rows, collected.norm_parts, collected.need, owners
+        names,
+        widths,
+        collected.stats,
+        collected.rows,
+        collected.norm_parts,
+        collected.need,
+        owners,
+        collected.hessian_sums,
     )
     missing = [n for n in names if rows[n] == 0]
     if missing:
