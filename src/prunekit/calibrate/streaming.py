@@ -1,0 +1,337 @@
+"""One-shot pruning of a Hugging Face checkpoint larger than memory, block by block from its
+safetensors shards.
+
+:func:`oneshot_from_pretrained` never builds the whole model. It
+
+1. builds the model's skeleton on the ``meta`` device (no memory) and, for real, only what runs
+   before the first block and is not a block (embeddings, rotary tables, final norm, head:
+   ``from_config`` with zero blocks, then the checkpoint's tensors for them);
+2. runs the calibration samples up to the first block and keeps the block inputs (the
+   activations); above ``max_activation_mb`` they spill to files in a temporary folder and are
+   read back memory-mapped;
+3. for each block: loads its tensors from the shards, gathers the statistics (Wanda's norms,
+   SparseGPT's Hessians) over the samples, prunes it exactly as :func:`prunekit.oneshot` does,
+   runs it again for the next block's inputs, writes its pruned tensors (zeros baked in) to
+   its own output shard at once, and returns it to ``meta``;
+4. copies the tensors outside the blocks unchanged into a last shard and writes
+   ``model.safetensors.index.json``, ``config.json`` and the source folder's other files, so the
+   output is a sharded folder that ``from_pretrained`` loads.
+
+Peak memory, roughly: ``non-block weights + 2 x one block (its tensors, and the largest
+tensor read from a shard) + SparseGPT's per-layer work (about 4 x in^2 float32 and a float64
+in^2 Hessian sum per layer of the block) + activations (2 x samples x seq_len x hidden x 4
+bytes, or one sample's when spilled) + the Python / torch runtime``; see docs/distributed.md
+for measured figures.
+
+The result equals ``prunekit.oneshot(model, calib, ...)`` followed by ``finalize`` on the same
+model loaded whole (same operations in the same order; the tests check it bit for bit).
+Supported: uniform allocation, unstructured and N:M, methods ``magnitude``, ``wanda`` and
+``sparsegpt``, models whose targeted layers all sit in the repeated blocks (the default for
+causal LMs, whose head is not targeted). One process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.calibrate.data import CalibrationSet, calibration
+from prunekit.calibrate.oneshot import METHODS, _block_targets, _Pruner
+from prunekit.calibrate.sequential import (
+    _hidden,
+    _with_hidden,
+    call_block,
+    capture_block_inputs,
+    find_blocks,
+)
+from prunekit.calibrate.stats import InputStats
+from prunekit.compress.durable import fsync_path
+from prunekit.masks import remove_mask
+from prunekit.patterns import NM, Unstructured, parse_pattern
+from prunekit.prune import _check_choice, _resolve_sparsity
+from prunekit.targets import resolve_targets
+
+INDEX = "model.safetensors.index.json"
+
+
+def _shard_map(source: Path) -> dict[str, str]:
+    """Tensor name -> shard file of a Hugging Face folder (sharded or a single file)."""
+    index = source / INDEX
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    single = source / "model.safetensors"
+    if not single.is_file():
+        raise ValueError(f"{source}: neither {INDEX} nor model.safetensors found")
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single.name for name in f.keys()}
+
+
+class _Reader:
+    """Reads tensors from the shards, keeping one shard open at a time."""
+
+    def __init__(self, source: Path, shard_map: dict[str, str]) -> None:
+        self.source, self.map = source, shard_map
+        self._file: str | None = None
+        self._handle: Any = None
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.map:
+            raise ValueError(f"{self.source}: the checkpoint has no tensor {name!r}")
+        file = self.map[name]
+        if file != self._file:
+            self._handle = safe_open(str(self.source / file), framework="pt")
+            self._file = file
+        return self._handle.get_tensor(name)
+
+
+class _Activations:
+    """The hidden states of every sample; in files (read back memory-mapped) once they pass
+    ``limit`` bytes."""
+
+    def __init__(self, limit: int | None, folder: Path) -> None:
+        self.limit, self.folder = limit, folder
+        self.items: list[Any] = []
+        self.bytes = 0
+        self.spilled = 0
+
+    def put(self, index: int, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if self.limit is not None and self.bytes + size > self.limit:
+            path = self.folder / f"act-{index:06d}-{self.spilled:08d}.pt"
+            torch.save(tensor, path)
+            self.spilled += 1
+            item: Any = path
+        else:
+            self.bytes += size
+            item = tensor
+        if index < len(self.items):
+            old = self.items[index]
+            if isinstance(old, Path):
+                old.unlink(missing_ok=True)
+            else:
+                self.bytes -= old.numel() * old.element_size()
+            self.items[index] = item
+        else:
+            self.items.append(item)
+
+    def get(self, index: int) -> torch.Tensor:
+        item = self.items[index]
+        return torch.load(item, mmap=True, weights_only=True) if isinstance(item, Path) else item
+
+
+def _skeleton(source: Path, reader: _Reader) -> tuple[nn.Module, str, nn.ModuleList]:
+    """The model with real non-block modules (loaded) and ``meta`` blocks."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    with torch.device("meta"):
+        full = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
+    found = find_blocks(full)
+    if found is None:
+        raise ValueError(f"{type(full).__name__} has no repeated blocks (nn.ModuleList)")
+    blocks_name, meta_blocks = found
+    n_layers = len(meta_blocks)
+    shell_config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
+    shell_config.num_hidden_layers = 0
+    shell = transformers.AutoModelForCausalLM.from_config(shell_config).to(dtype)
+    parent_name, _, child = blocks_name.rpartition(".")
+    parent = shell.get_submodule(parent_name) if parent_name else shell
+    setattr(parent, child, meta_blocks)
+    for module in shell.modules():  # forward reads the layer count from the config
+        if getattr(module, "config", None) is shell_config:
+            module.config = config
+    if hasattr(config, "num_hidden_layers"):
+        config.num_hidden_layers = n_layers
+    prefix = f"{blocks_name}."
+    state = shell.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if not name.startswith(prefix) and name in reader.map:
+                tensor.copy_(reader.get(name))
+    tied = getattr(config, "tie_word_embeddings", False)
+    if tied and hasattr(shell, "tie_weights"):
+        shell.tie_weights()
+    return shell.eval(), blocks_name, meta_blocks
+
+
+def _load_block(block: nn.Module, key_prefix: str, reader: _Reader) -> None:
+    block.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, tensor in block.state_dict(keep_vars=True).items():
+            tensor.copy_(reader.get(key_prefix + name))
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> int:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    return sum(v.numel() * v.element_size() for v in tensors.values())
+
+
+@torch.no_grad()
+def oneshot_from_pretrained(
+    source: str | os.PathLike,
+    calib: Any,
+    out: str | os.PathLike,
+    method: str = "wanda",
+    sparsity: float | None = None,
+    pattern: str = "unstructured",
+    targets: Any = None,
+    ignore: Any = None,
+    *,
+    scope: str | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    seed: int = 0,
+    max_activation_mb: float | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Prune the Hugging Face checkpoint in ``source`` block by block and write it to ``out``.
+
+    Args:
+        source: a Hugging Face causal LM folder (config.json, safetensors shards or one file).
+        calib: calibration samples (as :func:`prunekit.oneshot` takes them: token id tensors,
+            dicts of model inputs, or a :class:`prunekit.calibrate.CalibrationSet`).
+        out: the output folder (sharded safetensors + index, config, the source's other files);
+            written under a temporary name and renamed when complete.
+        method, sparsity, pattern, targets, ignore, scope, block_size, damp, seed: as in
+            :func:`prunekit.oneshot` (uniform allocation).
+        max_activation_mb: keep at most this many MB of activations in memory; the rest spill
+            to a temporary folder beside ``out`` (None: all in memory).
+        overwrite: replace an existing ``out``.
+
+    Returns:
+        A summary: ``{"blocks", "targets", "sparsity", "activations_spilled", "shards",
+        "bytes_written"}``.
+
+    Example:
+        >>> oneshot_from_pretrained("llama-70b", calib, "llama-70b-2of4", method="sparsegpt",
+        ...                         pattern="2:4")  # doctest: +SKIP
+    """
+    source, out = Path(source), Path(out)
+    _check_choice("method", method, METHODS)
+    parsed = parse_pattern(pattern)
+    if not isinstance(parsed, (Unstructured, NM)):
+        raise ValueError(f"oneshot_from_pretrained supports unstructured and N:M, not {pattern}")
+    sparsity = _resolve_sparsity(sparsity, parsed)
+    scope = scope or ("row" if method == "wanda" else "local")
+    if os.path.lexists(out) and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+    if not isinstance(calib, CalibrationSet):
+        calib = calibration(calib)
+    if len(calib) == 0:
+        raise ValueError("calib holds no sample")
+    # token tensors as keyword inputs, so the model runs without a KV cache (use_cache=False)
+    samples = [{"input_ids": s} if isinstance(s, torch.Tensor) else s for s in calib]
+
+    shard_map = _shard_map(source)
+    reader = _Reader(source, shard_map)
+    model, blocks_name, blocks = _skeleton(source, reader)
+    chosen = resolve_targets(model, targets, ignore)
+    groups, rest = _block_targets(blocks_name, len(blocks), chosen)
+    if rest:
+        names = ", ".join(t.name for t in rest)
+        raise ValueError(
+            f"oneshot_from_pretrained prunes the layers inside {blocks_name} only; these targets "
+            f"are outside: {names}; ignore them (ignore=[...]) or use prunekit.oneshot"
+        )
+    pruner = _Pruner(
+        method, parsed, scope, sparsity, "uniform", 5.0, 0.08, block_size, damp, seed, False
+    )
+    n = len(blocks)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    spill = Path(tempfile.mkdtemp(prefix=".prunekit-activations-", dir=out.parent))
+    weight_map: dict[str, str] = {}
+    written = 0
+    try:
+        # 1. block inputs of every sample (the model stops at its first, meta, block)
+        captured = capture_block_inputs(model, blocks, samples)
+        acts = _Activations(
+            None if max_activation_mb is None else int(max_activation_mb * 2**20), spill
+        )
+        frames = []
+        for i, (args, kwargs) in enumerate(captured):
+            acts.put(i, _hidden(args, kwargs))
+            frames.append(_with_hidden(args, kwargs, torch.empty(0)))  # the rest, shared
+        del captured
+        total_shards = n + 1
+        desc = f"oneshot {method} (streamed)"
+        bar = tqdm(range(n), desc=desc, unit="block", disable=not progress)
+        for index in bar:
+            block = blocks[index]
+            key_prefix = f"{blocks_name}.{index}."
+            _load_block(block, key_prefix, reader)
+
+            def run(block: nn.Module = block) -> list[torch.Tensor]:
+                outs = []
+                for i, (args, kwargs) in enumerate(frames):
+                    a, k = _with_hidden(args, kwargs, acts.get(i))
+                    outs.append(call_block(block, a, k))
+                return outs
+
+            group = groups[index]
+            if group:
+                stats: dict = {}
+                if pruner.need:
+                    with InputStats(group, pruner.need) as collected:
+                        run()
+                    stats = collected.stats
+                pruner.prune(group, stats, sparsity)
+                for t in group:
+                    remove_mask(t.module, t.param_name)  # zeros baked in
+            for i, hidden in enumerate(run()):
+                acts.put(i, hidden)
+            file = f"model-{index + 1:05d}-of-{total_shards:05d}.safetensors"
+            tensors = {key_prefix + k: v for k, v in block.state_dict().items()}
+            written += _write_shard(tmp / file, tensors)
+            weight_map.update(dict.fromkeys(tensors, file))
+            block.to("meta")
+        # 2. everything else, unchanged, straight from the source shards
+        file = f"model-{total_shards:05d}-of-{total_shards:05d}.safetensors"
+        others = {k: reader.get(k) for k in shard_map if not k.startswith(f"{blocks_name}.")}
+        written += _write_shard(tmp / file, others)
+        weight_map.update(dict.fromkeys(others, file))
+        index_json = {"metadata": {"total_size": written}, "weight_map": weight_map}
+        (tmp / INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
+        for item in source.iterdir():  # config, tokenizer, generation config, ...
+            if item.is_file() and not item.name.endswith(".safetensors") and item.name != INDEX:
+                shutil.copy2(item, tmp / item.name)
+        fsync_path(tmp)
+        if os.path.lexists(out):
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+        fsync_path(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        spill_count = acts.spilled if "acts" in locals() else 0
+        shutil.rmtree(spill, ignore_errors=True)
+    return {
+        "blocks": n,
+        "targets": len(chosen),
+        "sparsity": sparsity,
+        "allocated": dict(pruner.allocated),
+        "fallbacks": dict(pruner.fallbacks),
+        "activations_spilled": spill_count,
+        "shards": n + 1,
+        "bytes_written": written,
+    }
