@@ -318,3 +318,17 @@ def test_match_dense_targets_the_dense_model() -> None:
     assert not torch.allclose(got[later], want[later], rtol=1e-3, atol=1e-4)
     with pytest.raises(ValueError, match="unknown match"):
         ReconstructConfig("lstsq", match="output")
+
+
+def test_fluctuation_removes_constant_units_first_and_bias_makes_it_lossless() -> None:
+    model = _mlp()
+    with torch.no_grad():  # hidden units 0..3 are constant (0.5 after ReLU), and weigh the most
+        model[0].weight[:4] = 0.0
+        model[0].bias[:4] = 0.5
+        model[2].weight[:, :4] *= 100.0
+    calib = _data()
+    fixed = _prune(model, calib, "bias", importance="fluctuation").model
+    assert fixed[0].out_features == 12
+    assert torch.all(fixed[0].bias != 0.5)  # the constant units went (l2 would keep them)
+    for x in _data(seed=7):
+        torch.testing.assert_close(fixed(x), model(x), rtol=1e-5, atol=1e-4)

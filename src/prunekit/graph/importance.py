@@ -281,6 +281,81 @@ class Activation(GroupImportance):
         return np.array([np.mean(per_root[int(r)]) for r in group.roots])
 
 
+class Fluctuation(GroupImportance):
+    """How much a unit's contribution to the next layers *varies* on calibration data (FLAP's
+    fluctuation metric, An et al. 2024): the sum over the consumers' input columns j it feeds
+    of ``Var(x_j) * ||W[:, j]||^2``. This is the output error left after the removed unit's mean
+    contribution is moved into the bias (``reconstruct="bias"``): a unit that is nearly
+    constant costs nothing. Padding tokens are left out when a batch is a dict with a 2-D
+    ``attention_mask``. Groups no Linear / conv layer reads get None."""
+
+    name = "fluctuation"
+    needs_data = True
+
+    def collect(self, model, graph, groups, calib, loss_fn, progress) -> dict[str, Any]:
+        modules = dict(model.named_modules())
+        wanted: dict[str, set[int]] = {}
+        for g in groups:
+            for key, dim in g.members:
+                mname, _, pname = key.rpartition(".")
+                m = modules.get(mname)
+                if pname == "weight" and dim == 1 and isinstance(m, (nn.Linear, nn.Conv2d)):
+                    wanted.setdefault(mname, set())
+        moments: dict[str, list] = {}
+        state: dict[str, Any] = {"mask": None}
+        handles = []
+        for mname in wanted:
+
+            def hook(module, args, kwargs, mname=mname):
+                x = args[0] if args else next(iter(kwargs.values()), None)
+                if not isinstance(x, torch.Tensor):
+                    return
+                x = x.detach().float()
+                if isinstance(module, nn.Conv2d):
+                    x = x.movedim(1, -1) if x.ndim == 4 else x
+                else:
+                    mask = state["mask"]
+                    if mask is not None and x.ndim >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                        x = x[mask.bool()]
+                x = x.reshape(-1, x.shape[-1]).double()
+                entry = moments.setdefault(mname, [0, 0.0, 0.0])
+                entry[0] += x.shape[0]
+                entry[1] = entry[1] + x.sum(0)
+                entry[2] = entry[2] + (x * x).sum(0)
+
+            handles.append(modules[mname].register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                for batch in tqdm(list(calib), desc=self.name, disable=not progress, leave=False):
+                    inputs = batch_input(batch)
+                    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+                    state["mask"] = (
+                        mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+                    )
+                    call_model(model, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        var = {}
+        for mname, (n, s1, s2) in moments.items():
+            mean = s1 / max(n, 1)
+            var[mname] = (s2 / max(n, 1) - mean * mean).clamp(min=0).numpy()
+        return {self.name: var}
+
+    def score(self, group: Group, ctx: Context) -> np.ndarray | None:
+        var = ctx.stats[self.name]
+        values = []
+        for member in group.members:
+            key, dim = member
+            mname, _, pname = key.rpartition(".")
+            if pname != "weight" or dim != 1 or mname not in var:
+                continue
+            w = ctx.tensors[key].detach().float()
+            col = (w * w).sum(dim=[d for d in range(w.ndim) if d != 1]).double().numpy()
+            values.append(unit_sums(group, member, col * var[mname]))
+        return _reduce(values, ctx.reduce) if values else None
+
+
 for _criterion in (
     Magnitude(1),
     Magnitude(2),
@@ -289,6 +364,7 @@ for _criterion in (
     Taylor(),
     Activation("activation"),
     Activation("apoz"),
+    Fluctuation(),
 ):
     register(_criterion)
 
