@@ -119,6 +119,9 @@ REFUSING_VERBS = {
     "finetune": lambda m: prunekit.finetune(m, DATA, _loss, max_steps=1, lr=1e-3, progress=False),
     "sensitivity": lambda m: prunekit.sensitivity(m, _calib(), progress=False),
     "GradualPruner": lambda m: prunekit.GradualPruner(m, 0.9),
+    "GradualPruner channel": lambda m: prunekit.GradualPruner(
+        m, 0.5, pattern="channel", example_inputs=X
+    ),
     "prune_at_init": lambda m: prunekit.prune_at_init(m, 0.5, "snip", data=DATA, loss_fn=_loss),
     "lottery_ticket": lambda m: prunekit.lottery_ticket(m, lambda net, ticket: None, rounds=1),
     "export_onnx": lambda m: prunekit.export_onnx(m, X, "unused.onnx"),

@@ -56,6 +56,7 @@ from prunekit.masks import (
 from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from prunekit.prune import ALLOCATORS, prune, split_by_pattern
 from prunekit.report import PruneReport
+from prunekit.runtime.accelerated import refuse_accelerated
 from prunekit.scope import NORMALIZATIONS, SCOPES
 from prunekit.scores import Criterion, LayerContext, get_criterion
 from prunekit.targets import Target, per_layer_overrides, resolve_targets
@@ -183,6 +184,7 @@ class GradualPruner:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        refuse_accelerated(model, "GradualPruner")  # structured patterns skip resolve_targets
         self.model = model
         self.schedule = as_schedule(schedule)
         self._structured: StructuredMasks | None = None
