@@ -67,6 +67,11 @@ CASES = [
     (["prune", L, "--out", TAKEN], "already exists"),
     (["prune", L, "--out", UNWRITABLE], "is a file, not a folder"),
     (["prune", L, "--out", L + "/inner"], "nest inside the input"),
+    pytest.param(
+        ["prune", L, "--out", "/proc/prunekit-out"],
+        "cannot write in /proc",
+        marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc"),
+    ),
     (["prune", L, "--per-layer", MISSING, "--out", OUT], "missing"),
     (["prune", "{i}/w.safetensors", "--out", TAKEN], "already exists"),
     # oneshot
@@ -178,7 +183,12 @@ def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
     return seen
 
 
-@pytest.mark.parametrize("argv,message", CASES, ids=[" ".join(a[:1] + a[-2:]) for a, _ in CASES])
+def _id(case) -> str:
+    argv = case.values[0] if hasattr(case, "values") else case[0]
+    return " ".join(argv[:1] + argv[-2:])
+
+
+@pytest.mark.parametrize("argv,message", CASES, ids=[_id(c) for c in CASES])
 def test_bad_input_is_one_line_exit_2_nothing_written(inputs, tmp_path, capsys, argv, message):
     argv = [a.format(i=inputs, o=tmp_path) for a in argv]
     before = snapshot(inputs, tmp_path)
@@ -197,5 +207,5 @@ def test_the_matrix_covers_every_command() -> None:
 
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
-    covered = {argv[0] for argv, _ in CASES}
+    covered = {(c.values[0] if hasattr(c, "values") else c[0])[0] for c in CASES}
     assert set(commands) == covered, set(commands) ^ covered
