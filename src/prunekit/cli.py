@@ -6,17 +6,29 @@
     prunekit oneshot MODEL_DIR --method sparsegpt --pattern 2:4 --calib FILE --out OUT
     prunekit prune-structured MODEL_DIR --out OUT --ratio 0.3 --unit channel
     prunekit count MODEL_DIR
+    prunekit quantize MODEL_DIR --out OUT --bits 8
+    prunekit finetune MODEL_DIR --out OUT --data FILE [--teacher DENSE_DIR]
+    prunekit export MODEL_DIR --out model.onnx
+    prunekit eval MODEL_DIR --reference DENSE_DIR
     prunekit bench MODEL_DIR [MODEL_DIR2 ...] --batch 1 32 --seq-len 128
+
+Every command's output folder is a valid input of every other command: folders are loaded with
+:func:`prunekit.from_pretrained` (pruned per-layer shapes rebuilt, compressed weights decoded)
+and written with :func:`prunekit.save_pretrained` (surgery record, the source folder's side
+files, the run record: command line and seed). Arguments, inputs and ``--out`` are checked
+before any model is loaded; a bad input is one line on stderr and exit status 2. This module
+holds ``stats``, ``prune`` and ``oneshot``; the others live in :mod:`prunekit.cli_commands`,
+:mod:`prunekit.graph.cli`, :mod:`prunekit.analysis.cli`, :mod:`prunekit.runtime.cli` and
+:mod:`prunekit.recipes.cli`. See docs/cli.md.
 
 For ``stats``, PATH is a Hugging Face model folder (``config.json`` + ``*.safetensors``), a
 folder written by ``prunekit.save``, or a single ``.safetensors`` file; it reads the tensors
 directly (compressed ones decoded) and needs no model code. Layers are listed in model order;
 "whole model" counts each parameter once and no buffers, as ``count`` does (see
-:mod:`prunekit.file_stats`). ``prune`` takes a Hugging Face folder or a safetensors file. ``prune`` on a Hugging Face folder loads the model with ``transformers``
-(``pip install prunekit[hf]``) and writes a folder that ``from_pretrained`` loads; on a bare
-safetensors file it prunes every weight matrix or conv kernel in PyTorch's (out, in, ...) layout
-and writes a safetensors file with the same keys. Output goes to a temporary name and is renamed
-into place at the end; the input is never overwritten.
+:mod:`prunekit.file_stats`). ``prune`` on a bare safetensors file prunes every weight matrix or
+conv kernel in PyTorch's (out, in, ...) layout (not embeddings, norms, heads or poolers unless
+named in ``--targets``) and writes a safetensors file with the same keys. Output goes to a
+temporary name and is renamed into place at the end; the input is never overwritten.
 """
 
 from __future__ import annotations
