@@ -443,11 +443,37 @@ def _steps(job: Callable[[], None]) -> int:
         return int(f.read())
 
 
-WRITERS = ["save", "save_compressed", "save_pretrained"]
+WRITERS = ["save", "save_compressed", "save_pretrained", "recipe_checkpoint"]
+
+
+def _checkpoint_writer():
+    """A recipe stage checkpoint (model + stage.json in one folder): the record read back must
+    belong to the weights read back."""
+    from prunekit.recipes.runner import STAGE_FILE, StageResult, _write_checkpoint
+
+    a, b = _masked_cnn(0), _masked_cnn(1)
+
+    def write(model, path):
+        tag = "a" if model is a else "b"
+        result = StageResult("01-prune", "prune", {"sparsity": 0.5}, 0.0, {"version": tag})
+        _write_checkpoint(path, model, result, chain=tag)
+
+    def read(path):
+        if not path.exists():
+            prunekit.compress.io.recover_interrupted(path)
+        record = json.loads((path / STAGE_FILE).read_text())
+        assert record["chain"] == record["metrics"]["version"]
+        state = _state(prunekit.load(path / "model", SmallCNN()))
+        state["_record"] = torch.tensor(ord(record["chain"]))
+        return state
+
+    return a, b, write, read
 
 
 def _writer(kind: str, tmp_path: Path):
     """(version A, version B, write(model, path), read(path) -> state)."""
+    if kind == "recipe_checkpoint":
+        return _checkpoint_writer()
     if kind == "save_pretrained":
         pytest.importorskip("transformers")
         a = prunekit.finalize(prunekit.prune(tiny_llama(0), 0.5).model)
