@@ -113,6 +113,6 @@ def owl_allocation(
     weights = torch.tensor(sizes, dtype=torch.float64)
     deviation = ratios - (ratios * weights).sum() / weights.sum()
     largest = deviation.abs().max()
-    if largest == 0:
+    if largest <= 1e-12 * ratios.abs().max():  # equal ratios (the mean rounds: not exactly 0)
         return [sparsity] * len(sizes)
     return (sparsity - deviation * (lam / largest)).tolist()
