@@ -169,11 +169,23 @@ def _skeleton(source: Path, reader: _Reader) -> tuple[nn.Module, str, nn.ModuleL
     return shell.eval(), blocks_name, meta_blocks
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``): without it a block's freed
+    tensors stay in the process's heap and the resident size creeps up block after block
+    (measured: +170 MB over 8 blocks of 25 MB). No-op where glibc is not the allocator."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _load_block(block: nn.Module, key_prefix: str, reader: _Reader) -> None:
-    block.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, tensor in block.state_dict(keep_vars=True).items():
-            tensor.copy_(reader.get(key_prefix + name))
+    """Put the block's tensors from the shards into its ``meta`` parameters (no extra copy)."""
+    names = list(block.state_dict(keep_vars=True))
+    tensors = {name: reader.get(key_prefix + name) for name in names}
+    block.load_state_dict(tensors, strict=True, assign=True)
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> int:
@@ -305,7 +317,9 @@ def oneshot_from_pretrained(
             tensors = {key_prefix + k: v for k, v in block.state_dict().items()}
             written += _write_shard(tmp / file, tensors)
             weight_map.update(dict.fromkeys(tensors, file))
+            del tensors
             block.to("meta")
+            _release_freed_memory()
         # 2. everything else, unchanged, straight from the source shards
         file = f"model-{total_shards:05d}-of-{total_shards:05d}.safetensors"
         others = {k: reader.get(k) for k in shard_map if not k.startswith(f"{blocks_name}.")}
