@@ -111,3 +111,23 @@ def test_starting_each_run_at_the_measured_block_changes_nothing(monkeypatch) ->
         assert blocks[key] == pytest.approx(blocks_full[key], rel=1e-4, abs=1e-7)
     for key in layers:
         assert layers[key] == pytest.approx(layers_full[key], rel=1e-4, abs=1e-7)
+
+
+def test_row_scope_grid_gives_the_masks_of_compute_masks() -> None:
+    """Wanda's grid is cut from one sort of the scores: the same masks as one call per sparsity
+    (existing zeros stay zeros)."""
+    from prunekit.prune import compute_masks
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8))
+    with torch.no_grad():
+        net[0].weight[:3, :5] = 0
+    targets = resolve_targets(net, ["0", "2"], None)
+    stats = {t.name: {"norm": torch.rand(t.weight().shape[1])} for t in targets}
+    wanda = get_criterion("wanda")
+    pruner = _LayerPruner("wanda", wanda, parse_pattern("unstructured"), "row")
+    grid = [0.1, 0.5, 0.7, 0.93]
+    for t in targets:
+        for s, fast in zip(grid, pruner.matrices(t, stats, grid), strict=True):
+            keep = compute_masks([t], wanda, stats, parse_pattern("unstructured"), s, {}, "row")
+            assert torch.equal(fast, t.weight() * keep[t.name]), (t.name, s)

@@ -13,6 +13,13 @@ Two ways to measure, chosen by ``mode``:
   of the layer's output, ``||(W - W') X||^2 / ||W X||^2 = tr(D H D^T) / tr(W H W^T)``, computed
   from H without running the model again. The cost stays near one one-shot pass.
 
+``oneshot(allocation="sensitivity")`` uses a third measurement, :func:`sequential_damage`: block
+by block as the one-shot runner goes (the earlier blocks already pruned in place), every block
+is pruned with the one-shot method at every sparsity of a grid around the target, and the damage
+is the divergence of the model's outputs (KL of the logits) on a small calibration subsample,
+from the block's own dense reference; the runs start at the measured block (the earlier blocks'
+outputs are replayed). The budget is then spent between blocks, exactly.
+
 The per-layer pruning is the one-shot methods' own: ``"magnitude"``, ``"wanda"`` or
 ``"sparsegpt"`` (whose reconstruction is included in the damage), or any registered criterion
 in output mode. The result is a :class:`SensitivityResult`: a table (``print`` it), CSV, JSON,
@@ -67,7 +74,7 @@ from prunekit.targets import Target, per_layer_overrides, resolve_targets
 
 DEFAULT_SPARSITIES = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 MODES = ("auto", "output", "proxy")
-SUBSAMPLE = 8  # calibration items run through the whole model per measured point (sequential)
+SUBSAMPLE = 16  # calibration items run through the whole model per measured point (sequential)
 DIVERGENCES = ("auto", "kl", "cosine")
 
 
@@ -343,6 +350,8 @@ class _LayerPruner:
                 criterion = get_criterion("magnitude")
         else:
             criterion = self.criterion
+            if self.scope == "row" and isinstance(self.pattern, Unstructured) and len(grid) > 1:
+                return self._row_grid(t, weight, stats, grid)
         out = []
         for s in grid:
             generator = torch.Generator().manual_seed(self.seed)
@@ -350,6 +359,30 @@ class _LayerPruner:
                 [t], criterion, stats, self.pattern, s, {}, self.scope, generator=generator
             )
             out.append(weight * keep[t.name].to(weight.dtype))
+        return out
+
+    def _row_grid(
+        self, t: Target, weight: torch.Tensor, stats: dict, grid: Sequence[float]
+    ) -> list[torch.Tensor]:
+        """Row scope at every sparsity from one sort of the scores (the masks of
+        ``select_rows``: the same per-row counts, the same stable order)."""
+        from prunekit.prune import _element_scores
+        from prunekit.scope import count_to_remove
+
+        generator = torch.Generator().manual_seed(self.seed)
+        scores = t.as_matrix(_element_scores(self.criterion, t, stats, generator))
+        rows, cols = scores.shape
+        order = torch.argsort(scores, dim=1, stable=True)
+        ranks = torch.empty_like(order)
+        ranks.scatter_(1, order, torch.arange(cols, device=scores.device).expand(rows, cols))
+        alive = ~torch.isneginf(scores)
+        out = []
+        for s in grid:
+            total = count_to_remove(s, rows * cols)
+            per_row = torch.full((rows,), total // rows, dtype=torch.long, device=scores.device)
+            per_row[: total - int(per_row.sum())] += 1
+            keep = (ranks >= per_row[:, None]) & alive
+            out.append(weight * t.from_matrix(keep, weight.shape).to(weight.dtype))
         return out
 
 
