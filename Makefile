@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.prunekit-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench mutation mutation-report clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,25 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# The benchmarks behind the figures in README.md and docs/ (slow; not CI), written with the CPU
+# they ran on to benchmarks/results/latest.md. BENCH=quick: the quick ones only (about a minute);
+# BENCH="name ...": those (tools/run_benchmarks.py --help lists them).
+BENCH ?= all
 bench: $(STAMP)
-	$(PY) benchmarks/mnist_magnitude.py
+	$(PY) tools/run_benchmarks.py --only $(BENCH)
+
+# Mutation testing (not CI): mutmut changes the code of the modules in [tool.mutmut] of
+# pyproject.toml one mutant at a time and runs their fast tests; then the kill rate per module.
+# MUTANTS: which mutants (mutmut name globs); MUTATION_JOBS: parallel test processes.
+MUTANTS ?= prunekit.patterns* prunekit.scope*
+MUTATION_JOBS ?= 2
+mutation: $(STAMP)
+	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install --quiet "mutmut>=3.8,<4"
+	$(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS) $(foreach m,$(MUTANTS),'$(m)'); \
+	status=$$?; $(PY) tools/mutation_report.py --survivors; exit $$status
+
+mutation-report:
+	$(PY) tools/mutation_report.py --survivors
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis mutants

@@ -1,0 +1,167 @@
+"""Run the benchmarks whose figures README.md and docs/*.md quote; write what they print.
+
+``make bench`` runs every entry of :data:`BENCHMARKS` (slow: tens of minutes to hours on two
+cores; they need ``../shared/data`` or ``$PRUNEKIT_DATA`` and ``pip install -e ".[bench]"``);
+``make bench BENCH=quick`` runs only the entries marked quick (about a minute). The output file
+(default ``benchmarks/results/latest.md``) starts with the machine: CPU model, the vector
+extensions that decide which kernel path runs (avx2, avx512f, avx512_vbmi2), cores, torch and
+thread settings, load average, the git commit; then each benchmark's command, the figure it
+backs, its exit status, wall time and full output. A benchmark that fails is recorded and the
+run goes on; the exit status is 1 when any failed.
+
+Example:
+    .venv/bin/python tools/run_benchmarks.py --only quick
+    .venv/bin/python tools/run_benchmarks.py --only sparse_linear mnist_magnitude
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Bench:
+    name: str
+    args: tuple[str, ...]
+    backs: str
+    quick: bool = False
+
+
+BENCHMARKS = [
+    Bench("kernel_paths", ("-m", "pytest", "-q", "-s", "-rs", "-p", "no:cacheprovider",
+          "tests/test_kernel_paths.py"), "which kernel code paths this CPU runs (docs/serving.md)",
+          quick=True),
+    Bench("sparse_linear_quick", ("benchmarks/sparse_linear.py", "--quick", "--dtypes", "fp32",
+          "--threads", "1", "--sizes", "1024"), "a one-size smoke run of the kernel table",
+          quick=True),
+    Bench("mnist_magnitude", ("benchmarks/mnist_magnitude.py",),
+          "README benchmarks table: magnitude vs torch.nn.utils.prune"),
+    Bench("sparse_linear", ("benchmarks/sparse_linear.py",), "docs/serving.md kernel latency table"),
+    Bench("accelerate_models", ("benchmarks/accelerate_models.py",),
+          "docs/serving.md whole-model latency"),
+    Bench("pipeline_size", ("benchmarks/pipeline_size.py",), "docs/compression.md file sizes"),
+    Bench("recipe_mnist", ("benchmarks/recipe_mnist.py",), "README / docs/recipes.md cnn recipes"),
+    Bench("recipe_llm", ("benchmarks/recipe_llm.py",), "docs/recipes.md llm recipes"),
+    Bench("recipe_minilm", ("benchmarks/recipe_minilm.py",), "docs/recipes.md minilm recipes"),
+    Bench("llm_oneshot", ("benchmarks/llm_oneshot.py",), "README one-shot perplexities"),
+    Bench("minilm_oneshot", ("benchmarks/minilm_oneshot.py",), "README one-shot STS-B"),
+    Bench("structured_mnist", ("benchmarks/structured_mnist.py",), "docs/structured.md"),
+    Bench("structured_minilm", ("benchmarks/structured_minilm.py",), "docs/structured.md"),
+    Bench("structured_speed", ("benchmarks/structured_speed.py",), "docs/structured.md speedups"),
+    Bench("structured_widths", ("benchmarks/structured_widths.py",), "docs/structured.md round_to"),
+    Bench("sensitivity_allocation", ("benchmarks/sensitivity_allocation.py",), "docs/analysis.md"),
+    Bench("mnist_finetune_defaults", ("benchmarks/mnist_finetune_defaults.py",),
+          "docs/training.md finetune defaults"),
+    Bench("mnist_train_time", ("benchmarks/mnist_train_time.py",), "docs/training.md"),
+    Bench("digits_train_time", ("benchmarks/digits_train_time.py",), "docs/training.md"),
+    Bench("minilm_distill_train", ("benchmarks/minilm_distill_train.py",), "docs/training.md"),
+    Bench("distributed_oneshot", ("benchmarks/distributed_oneshot.py",), "docs/distributed.md"),
+]  # fmt: skip
+
+
+def cpu_summary() -> list[str]:
+    """Lines describing the CPU: model, the flags that pick kernel paths, cores."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.machine()):
+                model = line.partition(":")[2].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vbmi2", "avx512_vnni")
+    shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted)
+    return [f"- CPU: {model} ({os.cpu_count()} logical cores)", f"- CPU flags: {shown}"]
+
+
+def header() -> str:
+    import torch
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True, text=True, cwd=ROOT,
+    ).stdout.strip()  # fmt: skip
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
+    try:
+        from prunekit.runtime import kernels
+
+        lib = kernels.load()
+        kernel = lib.describe() if lib else f"none ({kernels.why_unavailable()})"
+    except Exception as exc:  # the header must not stop the run
+        kernel = f"unknown ({exc})"
+    lines = [
+        "# prunekit benchmark results",
+        "",
+        f"- date (UTC): {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}",
+        f"- commit: {commit}{' (with uncommitted changes)' if dirty else ''}",
+        *cpu_summary(),
+        f"- kernels: {kernel}",
+        f"- python {platform.python_version()}, torch {torch.__version__}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        f"- load average at start: {' '.join(f'{x:.2f}' for x in load)}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", default=["all"],
+                        help="'all', 'quick', or benchmark names: " + ", ".join(b.name for b in BENCHMARKS))  # fmt: skip
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/latest.md")
+    parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per benchmark")
+    args = parser.parse_args(argv)
+    names = {b.name for b in BENCHMARKS}
+    unknown = [n for n in args.only if n not in names | {"all", "quick"}]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; accepted: all, quick, {', '.join(names)}")
+    chosen = [
+        b
+        for b in BENCHMARKS
+        if "all" in args.only or b.name in args.only or ("quick" in args.only and b.quick)
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.out.with_suffix(".partial.md")
+    failed = []
+    with partial.open("w") as out:
+        out.write(header())
+        out.flush()
+        for bench in chosen:
+            cmd = [sys.executable, *bench.args]
+            print(f"== {bench.name}: {' '.join(bench.args)}", flush=True)
+            start = time.perf_counter()
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                                      timeout=args.timeout)  # fmt: skip
+                status, text = proc.returncode, proc.stdout + proc.stderr
+            except subprocess.TimeoutExpired as exc:
+                status, text = "timeout", f"{exc.stdout or ''}\nstopped after {args.timeout} s"
+            wall = time.perf_counter() - start
+            if status != 0:
+                failed.append(bench.name)
+            out.write(f"\n## {bench.name}\n\n- command: `python {' '.join(bench.args)}`\n"
+                      f"- backs: {bench.backs}\n- exit status: {status}, wall {wall:.0f} s\n\n"
+                      f"```\n{text.rstrip()}\n```\n")  # fmt: skip
+            out.flush()
+            print(f"   exit {status}, {wall:.0f} s", flush=True)
+    os.replace(partial, args.out)  # a stopped run leaves the .partial.md, never a half latest.md
+    print(f"wrote {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
