@@ -137,3 +137,18 @@ def test_owl_with_2of4_warns_and_commands_are_quiet(work, tmp_path, capfd) -> No
     assert "warning: --allocation owl" in err and "--pattern unstructured" in err
     for noise in ("Writing model shards", "Loading weights", "huggingface/tokenizers"):
         assert noise not in err, err
+
+
+def test_bench_says_why_accelerate_kept_layers_dense() -> None:
+    from types import SimpleNamespace
+
+    from prunekit.runtime.cli import _swap_summary
+
+    rows = [SimpleNamespace(swapped=False, reason="not faster")] * 3 + [
+        SimpleNamespace(swapped=False, reason="density 0.90 above 0.60"),
+        SimpleNamespace(swapped=True, reason="faster"),
+    ]
+    report = SimpleNamespace(rows=rows, swapped=["x"], settings={"kernels": "avx2"})
+    line = _swap_summary(report)
+    assert line.startswith("accelerate swapped 1/5 layer(s) (avx2)")
+    assert "kept dense: 3 not faster, 1 density 0.90 above 0.60" in line
