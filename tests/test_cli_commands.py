@@ -152,3 +152,20 @@ def test_bench_says_why_accelerate_kept_layers_dense() -> None:
     line = _swap_summary(report)
     assert line.startswith("accelerate swapped 1/5 layer(s) (avx2)")
     assert "kept dense: 3 not faster, 1 density 0.90 above 0.60" in line
+
+
+def test_no_uniform_target_says_why_transformers_cannot_load(work, tmp_path, capsys) -> None:
+    from prunekit.graph.hf_config import plain_mismatch
+
+    out = tmp_path / "per-layer"
+    argv = ["prune-structured", str(work / "llama"), "--out", str(out), "--unit", "channel,head"]
+    argv += ["--target-macs", "0.6", "--round-to", "1", "--no-latency", "--no-uniform"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "transformers' from_pretrained cannot load it" in printed
+    assert "--uniform keeps one width for all layers" in printed
+    assert json.loads((out / "prunekit.json").read_text())["plain_loadable"] is False
+    mismatch = plain_mismatch(out)
+    assert mismatch and "config.json builds" in mismatch and mismatch in printed
+    assert plain_mismatch(work / "llama") is None
+    assert prunekit.from_pretrained(out) is not None  # prunekit rebuilds the shapes
