@@ -114,6 +114,8 @@ def test_compress_llm_recipe_and_resume(llama_folder, text_file, tmp_path, capsy
     ]
     assert report["table"][-1]["file_bytes"] == sum(p.stat().st_size for p in model_files)
     assert report["quality"] == {"name": "perplexity", "higher_is_better": False}
+    assert report["run"]["command"].startswith("prunekit compress ")
+    assert "llm-2of4-int8" in report["run"]["command"] and report["run"]["seed"] == 0
 
     assert main(args) == 0  # the same command again: every stage comes from its checkpoint
     assert "resuming after stage 3" in capsys.readouterr().out

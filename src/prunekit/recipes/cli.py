@@ -180,6 +180,17 @@ def _metric(spec: str | None, tokenizer: Any, calib: Any, seq_len: int, causal: 
     return _user_callable(spec)
 
 
+def _record_run(args: argparse.Namespace, report: Any) -> None:
+    """Add what produced the run (command line, seed, versions, time) to report.json."""
+    from prunekit.cli_commands.common import run_record
+    from prunekit.compress.durable import write_text_atomic
+
+    path = Path(report.files.get("json", args.out / "report.json"))
+    data = json.loads(path.read_text())
+    data["run"] = run_record(args)
+    write_text_atomic(path, json.dumps(data, indent=1, default=str) + "\n")
+
+
 def run_compress(args: argparse.Namespace) -> int:
     from prunekit.cli_hf import tokenizer_and_calibration
     from prunekit.graph.cli import hf_folder, load_hf_folder
@@ -258,6 +269,7 @@ def run_compress(args: argparse.Namespace) -> int:
         resume=not args.restart,
         source=args.model,
     )
+    _record_run(args, report)
     if args.json:
         print(json.dumps(report.rows(), indent=1, default=str))
     else:
