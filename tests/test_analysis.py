@@ -18,6 +18,7 @@ from prunekit.analysis import allocate, allocate_by_sensitivity, load_per_layer,
 from prunekit.analysis.sensitivity import (
     SUBSAMPLE,
     SensitivityResult,
+    _merge,
     oneshot_grid,
     sparsegpt_grid,
 )
@@ -262,7 +263,8 @@ def test_oneshot_sensitivity_keeps_uniform_nonzeros_in_one_extra_pass(method) ->
     # the measurement is one block-by-block pass over the calibration set, plus per block one
     # reference and one run per sparsity of the grid on a subsample: not one pass per layer
     n_blocks = len(model.model.layers)
-    runs = n_blocks * (len(oneshot_grid(0.7)) + 1) * min(SUBSAMPLE, len(calib))
+    batches = len(_merge(list(calib)[:SUBSAMPLE]))  # the subsample, joined into batches
+    runs = n_blocks * (len(oneshot_grid(0.7)) + 1) * batches
     assert len(calls) == n_uniform + len(calib) + runs
     assert _nonzeros(report.model) == _nonzeros(uniform.model)
     allocated = report.details["allocated"]

@@ -559,6 +559,37 @@ def proxy_damage(
     return {t.name: damage[t.name] for t in targets}
 
 
+def _merge(items: list[Any], max_tokens: int = 4096) -> list[Any]:
+    """Calibration items joined into batches of at most ``max_tokens`` positions (one forward
+    per batch instead of per item) when they can be: tensors, or dicts of tensors, with the
+    same shapes and a batch dimension of 1. Otherwise the items as they are."""
+
+    def parts(item: Any) -> dict[str, torch.Tensor] | None:
+        if isinstance(item, torch.Tensor):
+            return {"": item}
+        if isinstance(item, dict) and all(isinstance(v, torch.Tensor) for v in item.values()):
+            return dict(item)
+        return None
+
+    split = [parts(item) for item in items]
+    if not items or any(p is None for p in split):
+        return items
+    first = split[0]
+    same = all(
+        p.keys() == first.keys() and all(p[k].shape == first[k].shape for k in first) for p in split
+    )
+    if not same or any(v.dim() < 2 or v.shape[0] != 1 for v in first.values()):
+        return items
+    per_item = max(v.numel() for v in first.values())
+    size = max(1, max_tokens // max(1, per_item))
+    out = []
+    for start in range(0, len(split), size):
+        chunk = split[start : start + size]
+        joined = {k: torch.cat([p[k] for p in chunk]) for k in first}
+        out.append(joined[""] if "" in joined else joined)
+    return out
+
+
 class _Replay:
     """Skip the blocks before ``index`` while a block is measured: the first use (the reference
     run) records what block ``index - 1`` returns for every sample; with ``replaying`` set, the
@@ -639,7 +670,7 @@ def sequential_damage(
     Returns ``({layer: damages}, {block key: damages})`` (the second empty without per_block).
     """
     items = list(data)
-    sample = items[: subsample or len(items)]
+    sample = _merge(items[: subsample or len(items)])
     need = {"sparsegpt": {"hessian"}, "wanda": {"norm"}}.get(pruner.method, set())
     params = {t.name: raw_parameter(t.module, t.param_name) for t in targets}
     originals = {n: p.detach().clone() for n, p in params.items()}
