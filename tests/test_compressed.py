@@ -229,3 +229,23 @@ def test_bits_rules_from_json_or_yaml_lists_equal_tuples(tmp_path) -> None:
     assert not torch.equal(a["0.weight"], net[0].weight)  # really quantized to 4 bits
     with pytest.raises(ValueError, match="bits or \\(bits, granularity\\)"):
         prunekit.save(net, tmp_path / "c", compressed=True, bits={"*": [4, "group:32", 1]})
+
+
+def test_size_report_without_gzip_and_with_progress(monkeypatch, capsys) -> None:
+    from prunekit.compress import size as size_module
+
+    net = prunekit.prune(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)), 0.9).model
+    full = size_report(net)
+    quick = size_report(net, gzip=False)
+    assert (quick.dense_fp32_bytes, quick.compressed_bytes) == (
+        full.dense_fp32_bytes,
+        full.compressed_bytes,
+    )
+    assert quick.gzip_ratio is None and full.gzip_ratio is not None
+    assert "-" in str(quick).splitlines()[-1]
+    monkeypatch.setattr(size_module, "PROGRESS_BYTES", 1)
+    size_report(net)
+    err = capsys.readouterr().err
+    assert "gzip -9 of the dense fp32 file" in err and "gzip -9 of the compressed folder" in err
+    size_report(net, progress=False)
+    assert capsys.readouterr().err == ""
