@@ -249,7 +249,7 @@ def oneshot(
         per_layer: ``{pattern: sparsity}`` overrides (e.g. ``Allocation.per_layer``), as in
             :func:`prunekit.prune`; unstructured only.
         sensitivity_grid: sparsities measured by ``allocation="sensitivity"`` (default:
-            ``sparsity`` -0.1 to +0.2, see :mod:`prunekit.analysis.sensitivity`).
+            ``sparsity`` +- 0.1 in steps of 0.05, see :mod:`prunekit.analysis.sensitivity`).
         blocks: module path of the repeated blocks (default: the largest ``ModuleList``).
         sequential: prune block by block (bounded memory); False runs the whole model at once.
         propagate: ``"pruned"`` (next block sees the pruned block's outputs) or ``"dense"``.
