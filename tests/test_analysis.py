@@ -260,11 +260,12 @@ def test_oneshot_sensitivity_keeps_uniform_nonzeros_in_one_extra_pass(method) ->
         model, calib, method=method, sparsity=0.7, allocation="sensitivity", progress=False
     )
     handle.remove()
-    # the measurement is one block-by-block pass over the calibration set, plus per block one
-    # reference and one run per sparsity of the grid on a subsample: not one pass per layer
+    # the measurement is one block-by-block pass over the calibration set, plus one run per
+    # block and sparsity of the grid on a subsample and the dense reference (each later block's
+    # reference is the previous block's run at the target): not one pass per layer
     n_blocks = len(model.model.layers)
     batches = len(_merge(list(calib)[:SUBSAMPLE]))  # the subsample, joined into batches
-    runs = n_blocks * (len(oneshot_grid(0.7)) + 1) * batches
+    runs = (1 + n_blocks * len(oneshot_grid(0.7))) * batches
     assert len(calls) == n_uniform + len(calib) + runs
     assert _nonzeros(report.model) == _nonzeros(uniform.model)
     allocated = report.details["allocated"]
