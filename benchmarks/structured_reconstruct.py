@@ -12,9 +12,11 @@ Calibration (all from the STS-B *train* split, never dev):
 * Taylor importance: 256 train pairs (seed 0), loss = squared error between the pair's cosine
   and its gold score / 5 (the loss of benchmarks/structured_minilm.py).
 
-Rows: the default repair call first (``reconstruct="lstsq"``, default L2 importance), then
-importance x repair (none / ``"bias"`` / ``"lstsq"``), damping and one-pass variants, and
-``allocation="sensitivity"`` against uniform widths (issue 11 items 1-2, structured side).
+Rows: the default repair call first (``reconstruct="lstsq"``; with a repair the importance
+defaults to ``"fluctuation"`` and the scope to ``"global"``), then importance x repair (none / ``"bias"`` /
+``"lstsq"``) for fluctuation (FLAP's score), L2 and Taylor, ``match="dense"``, optionally damping
+and one-pass variants (``--only damp``), and ``allocation="sensitivity"`` against uniform widths
+at the same MAC target (issue 11 items 1-2, structured side; curves on 256 train sentences).
 PASS / FAIL lines at the end. Threads: 1 unless ``--threads``.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/structured_reconstruct.py
@@ -63,8 +65,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sentences", type=int, default=512, help="train pairs for the repair")
     parser.add_argument(
         "--only",
-        default="default,l2,taylor,damp,alloc",
-        help="comma list of row sets: default, l2, taylor, damp, alloc",
+        default="default,fluct,match,l2,taylor,alloc",
+        help="comma list of row sets: default, fluct, match, l2, taylor, damp, alloc",
     )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -133,20 +135,47 @@ def main(argv=None) -> int:
         return ReconstructConfig("bias", calib=sentences)
 
     taylor = {"importance": Once(get_importance("taylor")), "loss_fn": sts_loss, "calib": pairs}
+    fluct = {"importance": Once(get_importance("fluctuation")), "calib": sentences}
+    small = sentences[:4]  # 256 sentences: the sensitivity curves (48 damage measurements)
     runs: list[tuple[str, str, dict]] = []
     if "default" in sets:
         runs.append(
             (
                 "default",
-                'prune_structured(..., target_macs=0.5, calib=sentences, reconstruct="lstsq")',
+                'defaults + reconstruct="lstsq" (fluctuation global + lstsq)',
                 {"calib": sentences, "reconstruct": "lstsq"},
+            )
+        )
+    if "fluct" in sets:
+        runs += [
+            ("fluct", "fluctuation global, no repair", {**fluct, "scope": "global"}),
+            (
+                "fluct",
+                "fluctuation global + bias (FLAP)",
+                {**fluct, "scope": "global", "reconstruct": bias()},
+            ),
+            (
+                "fluct",
+                "fluctuation global + lstsq",
+                {**fluct, "scope": "global", "reconstruct": lstsq()},
+            ),
+        ]
+    if "match" in sets:
+        runs.append(
+            (
+                "match",
+                "fluctuation global + lstsq match=dense",
+                {**fluct, "scope": "global", "reconstruct": lstsq(match="dense")},
             )
         )
     if "l2" in sets:
         runs += [
             ("l2", "l2 local, no repair", {}),
-            ("l2", "l2 local + bias", {"reconstruct": bias(), "calib": sentences}),
-            ("l2", "l2 local + lstsq", {"reconstruct": lstsq(), "calib": sentences}),
+            (
+                "l2",
+                "l2 local + lstsq",
+                {"reconstruct": lstsq(), "calib": sentences, "importance": "l2"},
+            ),
         ]
     if "taylor" in sets:
         runs += [
@@ -161,42 +190,45 @@ def main(argv=None) -> int:
                 "taylor global + lstsq",
                 {**taylor, "scope": "global", "reconstruct": lstsq()},
             ),
-            ("taylor", "taylor local + lstsq", {**taylor, "reconstruct": lstsq()}),
         ]
     if "damp" in sets:
         runs += [
             (
                 "damp",
-                f"taylor global + lstsq damp={d}",
-                {**taylor, "scope": "global", "reconstruct": lstsq(damp=d)},
+                f"fluctuation global + lstsq damp={d}",
+                {**fluct, "scope": "global", "reconstruct": lstsq(damp=d)},
             )
             for d in (0.001, 0.1)
         ]
         runs.append(
             (
                 "damp",
-                "taylor global + lstsq one pass (not sequential)",
-                {**taylor, "scope": "global", "reconstruct": lstsq(sequential=False)},
+                "fluctuation global + lstsq one pass (not sequential)",
+                {**fluct, "scope": "global", "reconstruct": lstsq(sequential=False)},
             )
         )
     if "alloc" in sets:
         runs += [
-            ("alloc", "l2 uniform (local), no repair", {}),
+            ("alloc", "l2 local, no repair", {}),
             (
                 "alloc",
                 "l2 allocation=sensitivity, no repair",
-                {"allocation": "sensitivity", "calib": sentences},
-            ),
-            ("alloc", "taylor uniform (local), no repair", dict(taylor)),
-            (
-                "alloc",
-                "taylor allocation=sensitivity, no repair",
-                {**taylor, "allocation": "sensitivity"},
+                {"allocation": "sensitivity", "calib": small},
             ),
             (
                 "alloc",
-                "taylor allocation=sensitivity + lstsq",
-                {**taylor, "allocation": "sensitivity", "reconstruct": lstsq()},
+                "fluctuation local (uniform) + lstsq",
+                {**fluct, "scope": "local", "reconstruct": lstsq()},
+            ),
+            (
+                "alloc",
+                "fluctuation allocation=sensitivity + lstsq",
+                {
+                    "importance": "fluctuation",
+                    "calib": small,
+                    "allocation": "sensitivity",
+                    "reconstruct": lstsq(),
+                },
             ),
         ]
 
@@ -265,8 +297,9 @@ def main(argv=None) -> int:
             f"MACs: {verdict(best['spearman'] >= GOAL and best['macs'] <= 0.5 * dense_macs)}"
         )
     for plain, fixed in (
+        ("fluctuation global, no repair", "fluctuation global + lstsq"),
+        ("fluctuation global, no repair", "fluctuation global + bias (FLAP)"),
         ("l2 local, no repair", "l2 local + lstsq"),
-        ("l2 local, no repair", "l2 local + bias"),
         ("taylor global, no repair", "taylor global + lstsq"),
         ("taylor global, no repair", "taylor global + bias"),
     ):
@@ -277,8 +310,8 @@ def main(argv=None) -> int:
                 f"{verdict(f['spearman'] > p['spearman'])}"
             )
     for uniform, chosen in (
-        ("l2 uniform (local), no repair", "l2 allocation=sensitivity, no repair"),
-        ("taylor uniform (local), no repair", "taylor allocation=sensitivity, no repair"),
+        ("l2 local, no repair", "l2 allocation=sensitivity, no repair"),
+        ("fluctuation local (uniform) + lstsq", "fluctuation allocation=sensitivity + lstsq"),
     ):
         if uniform in by and chosen in by:
             u, c = by[uniform], by[chosen]

@@ -114,6 +114,16 @@ def test_nothing_removed_leaves_the_model_unchanged(method: str) -> None:
         assert torch.equal(p, q), name
 
 
+def test_a_repair_defaults_to_global_fluctuation_and_plain_calls_do_not() -> None:
+    model = _mlp()
+    calib = _data()
+    assert _prune(model, calib, "bias").settings["scope"] == "global"
+    assert _prune(model, calib, "bias").settings["importance"] == "fluctuation"
+    plain = _prune(model, calib, None).settings
+    assert (plain["scope"], plain["importance"]) == ("local", "l2")
+    assert _prune(model, calib, "bias", scope="local").settings["scope"] == "local"
+
+
 def test_inplace_gets_the_same_repair() -> None:
     model = _mlp()
     calib = _data()
@@ -175,12 +185,14 @@ def _bert_case():
             )
 
     kw = {"ratio": 0.5, "unit": ["head", "channel"], "round_to": 1, "progress": False}
+    kw["scope"] = "local"
     kw["measure_latency"] = False
     plain = pg.prune_structured(model, calib[0], calib=calib, **kw)
     fixed = pg.prune_structured(model, calib[0], calib=calib, reconstruct="lstsq", **kw)
     attn = fixed.model.encoder.layer[0].attention
     assert attn.self.num_attention_heads == 2 and attn.output.dense.in_features == 16
     assert fixed.settings["reconstruct"] == "lstsq"
+    assert fixed.settings["importance"] == "fluctuation"  # the default with a repair
     assert err(fixed.model) < 0.7 * err(plain.model)
     return model, calib, kw, fixed.model
 

@@ -114,7 +114,7 @@ def prune_structured(
     ratio: float = 0.3,
     unit: str | Iterable[str] = "channel",
     importance: str | Any | None = None,
-    scope: str = "local",
+    scope: str | None = None,
     round_to: int | None = None,
     ignore: str | Iterable[str] | None = None,
     per_layer: dict[str, float] | None = None,
@@ -158,6 +158,9 @@ def prune_structured(
             1 - cosine of a block's input and output on data), ``"loss"`` (loss increase when
             the block is skipped) or ``"random"``.
         scope: ``"local"`` or ``"global"`` (scores normalised per group with ``normalize``).
+            None (default): ``"local"``, or ``"global"`` with ``reconstruct`` (the repair
+            lets some layers lose far more than others: measured on MiniLM at 2x fewer MACs,
+            fluctuation + lstsq scores 85.63 global against 83.69 local, docs/structured.md).
         round_to: keep channel counts a multiple of this; heads are not rounded. None (default):
             the multiple this device's kernels run fast (:func:`prunekit.graph.latency.
             default_round_to`: 8 on CPU and CUDA). A group is never rounded below ``min_keep``
@@ -226,7 +229,8 @@ def prune_structured(
     refuse_nonfinite_parameters(model, "prune_structured")  # NaN importance ranks arbitrarily
     units = _units(unit)
     ratio = _check_ratio(ratio)
-    _check_choice("scope", scope, SCOPES)
+    if scope is not None:
+        _check_choice("scope", scope, SCOPES)
     _check_choice("reduce", reduce, REDUCTIONS)
     _check_choice("normalize", normalize, NORMALIZATIONS)
     _check_choice("gqa", gqa, GQA_MODES)
@@ -284,13 +288,16 @@ def prune_structured(
             "(batches of model inputs, a few thousand tokens or samples) or "
             "ReconstructConfig(calib=...)"
         )
+    scope_given = scope is not None
+    if scope is None:
+        scope = "global" if repair is not None else "local"
     settings: dict[str, Any] = {"unit": "+".join(sorted(units)), "scope": scope}
 
     if units == {"layer"}:
         unused = {
             "per_layer": bool(per_layer),
             "round_to": round_to is not None,
-            "scope": scope != "local",
+            "scope": scope_given and scope != "local",
             "reduce": reduce != "sum",
             "normalize": normalize != "mean",
             "gqa": gqa != "kv",
