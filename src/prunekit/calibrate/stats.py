@@ -88,8 +88,8 @@ class InputStats:
         self.need = set(need)
         self.stats: dict[str, dict[str, torch.Tensor]] = {t.name: {} for t in targets}
         self.rows: dict[str, int] = {t.name: 0 for t in targets}
-        # keep_parts: every call's "norm" vector, so that ranks can add them up in the order of
-        # one process (prunekit.distributed.reduce)
+        # keep_parts: every call's "norm" vector and the float64 Hessian sums after the block,
+        # so that ranks can add them up as one process does (prunekit.distributed.reduce)
         self.keep_parts = keep_parts
         self.norm_parts: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
         self.hessian_sums: dict[str, torch.Tensor] = {}  # float64 sum of x^T x (see module doc)
@@ -124,6 +124,8 @@ class InputStats:
         self._handles.clear()
         for name, total in self.hessian_sums.items():
             self.stats[name]["hessian"] = hessian_from_sum(total, self.rows[name])
+        if not self.keep_parts:  # nobody sums them over ranks: free the float64 copies
+            self.hessian_sums = {}
 
 
 def hessian_from_sum(total: torch.Tensor, rows: int) -> torch.Tensor:
