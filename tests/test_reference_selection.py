@@ -197,6 +197,12 @@ def test_row_scope_gives_every_row_its_share(sparsity: float) -> None:
 def test_row_scope_ties_break_by_column() -> None:
     keep = scope.select_rows(torch.zeros(2, 4), 0.5)
     assert keep.tolist() == [[False, False, True, True]] * 2
+    # wide rows of many ties (an unstable sort reorders ties from 64 columns on)
+    scores = torch.randint(0, 3, (3, 200), generator=torch.Generator().manual_seed(0)).float()
+    keep = scope.select_rows(scores, 0.4)
+    for r in range(3):
+        by_score_then_column = sorted(range(200), key=lambda c: (float(scores[r, c]), c))
+        assert {c for c in range(200) if not keep[r, c]} == set(by_score_then_column[:80])
 
 
 @pytest.mark.parametrize("how", ["none", "mean", "l2", "max"])
@@ -217,6 +223,9 @@ def test_normalize_divides_by_what_it_says(how: str) -> None:
 def test_normalize_edge_cases() -> None:
     dead = torch.full((3,), float("-inf"))
     assert torch.equal(scope.normalize_scores(dead, "mean"), dead)
+    one = torch.tensor([float("-inf"), -4.0, float("-inf")])  # a single finite score
+    for how in ("mean", "l2", "max"):
+        assert scope.normalize_scores(one, how).tolist() == [float("-inf"), -1.0, float("-inf")]
     zeros = torch.zeros(3)
     assert torch.equal(scope.normalize_scores(zeros, "l2"), zeros)  # no division by zero
     with pytest.raises(ValueError, match="unknown normalize 'sum'; accepted: auto, none"):
@@ -230,18 +239,24 @@ def test_owl_allocation_follows_the_centred_outlier_ratios() -> None:
     deviations = [r - mean for r in ratios]
     largest = max(abs(d) for d in deviations)
     assert got == pytest.approx([target - d * lam / largest for d in deviations])
-    assert sum(g * s for g, s in zip(got, sizes, strict=True)) / sum(sizes) == pytest.approx(target)
+    # computed in float64: the weighted average is the target to 1e-12, not float32's 1e-7
+    average = sum(g * s for g, s in zip(got, sizes, strict=True)) / sum(sizes)
+    assert average == pytest.approx(target, rel=0, abs=1e-12)
     assert max(abs(g - target) for g in got) == pytest.approx(lam)
     # equal ratios: uniform (their weighted mean is not exactly 0.2 in floating point)
     assert scope.owl_allocation([0.2, 0.2], [5, 7], 0.5, 0.1) == [0.5, 0.5]
     assert scope.owl_allocation([0.0, 0.0], [5, 7], 0.5, 0.1) == [0.5, 0.5]
+    # tiny ratios that differ still move the layers (the tolerance is relative)
+    assert scope.owl_allocation([1e-13, 3e-13], [1, 1], 0.5, 0.1) == pytest.approx([0.6, 0.4])
+    # lambda defaults to 0.08
+    assert scope.owl_allocation([0.01, 0.03], [1, 1], 0.5) == pytest.approx([0.58, 0.42])
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (([0.1], [1, 2], 0.5, 0.1), "one outlier ratio per size"),
-        (([], [], 0.5, 0.1), "one outlier ratio per size"),
+        (([0.1], [1, 2], 0.5, 0.1), "^owl_allocation needs one outlier ratio per size"),
+        (([], [], 0.5, 0.1), "^owl_allocation needs one outlier ratio per size, and at least one$"),
         (([0.1, 0.2], [1, 2], 0.5, 0.0), r"owl lambda must be in \(0, min"),
         (([0.1, 0.2], [1, 2], 0.9, 0.2), r"\(0, 0.1\]"),
         (([0.1, 0.2], [1, 2], 0.2, 0.25), r"\(0, 0.2\]"),
