@@ -33,12 +33,14 @@ bench: $(STAMP)
 
 # Mutation testing (not CI): mutmut changes the code of the modules in [tool.mutmut] of
 # pyproject.toml one mutant at a time and runs their fast tests; then the kill rate per module.
-# MUTANTS: which mutants (mutmut name globs); MUTATION_JOBS: parallel test processes.
+# MUTANTS: which mutants (mutmut name globs); MUTATION_JOBS: parallel test processes. One torch
+# thread each: mutmut forks its test processes, and a fork of a process whose OpenMP pool is up
+# can hang (a failing mutant then shows as a timeout).
 MUTANTS ?= prunekit.patterns* prunekit.scope*
 MUTATION_JOBS ?= 2
 mutation: $(STAMP)
 	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install --quiet "mutmut>=3.8,<4"
-	$(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS) $(foreach m,$(MUTANTS),'$(m)'); \
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS) $(foreach m,$(MUTANTS),'$(m)'); \
 	status=$$?; $(PY) tools/mutation_report.py --survivors; exit $$status
 
 mutation-report:
