@@ -14,10 +14,13 @@ Three parts, each on real trained models and data (same process, same calibratio
    and the best model's accuracy on the untouched images 7500-9999.
 3. **Character Llama at 70 % unstructured** (the model of ``llm_oneshot.py``, same training and
    cache): ``prunekit.oneshot`` with Wanda and SparseGPT, allocation uniform, OWL and
-   sensitivity (block-by-block proxy: relative reconstruction error of every layer at 8
-   sparsities, then the exact-budget allocator; as many non-zeros as uniform). Validation
-   perplexity (last 10 % of tiny-shakespeare), non-zeros, wall time; the cost of the
-   sensitivity pass + allocation against one SparseGPT pass (target <= 3x).
+   sensitivity (block by block with the earlier blocks pruned, each block pruned by the method
+   at 5 sparsities around the target, KL of the logits on 16 calibration windows, then the
+   exact-budget allocator between blocks; as many non-zeros as uniform). Validation perplexity
+   (last 10 % of tiny-shakespeare), non-zeros, wall and CPU time; the cost of the sensitivity
+   pass + allocation against one SparseGPT pass (target <= 3x), from the CPU time of the
+   process (1 thread; wall times on a shared machine stretch unevenly) with the wall-time
+   ratio printed too.
 
 Prints PASS / MISS for the acceptance checks.
 
@@ -153,6 +156,7 @@ def llama_part(args: argparse.Namespace) -> dict:
     rows = []
     for method in ("wanda", "sparsegpt"):
         for allocation in ("uniform", "owl", "sensitivity"):
+            cpu = time.process_time()
             report = prunekit.oneshot(
                 copy.deepcopy(model),
                 calib,
@@ -162,6 +166,7 @@ def llama_part(args: argparse.Namespace) -> dict:
                 inplace=True,
                 progress=False,
             )
+            cpu = time.process_time() - cpu
             names = [r.name.rsplit(".", 1)[0] for r in report.layers]
             row = {
                 "method": method,
@@ -169,6 +174,8 @@ def llama_part(args: argparse.Namespace) -> dict:
                 "ppl": perplexity(report.model, val_ids, L.SEQ_LEN, batch_size=32),
                 "nonzeros": nonzeros(report.model, names),
                 "wall_time_s": report.settings["wall_time_s"],
+                "cpu_time_s": cpu,
+                "allocated": report.details["allocated"],
                 "layer_range": [
                     min(report.details["allocated"].values()),
                     max(report.details["allocated"].values()),
@@ -178,7 +185,8 @@ def llama_part(args: argparse.Namespace) -> dict:
             print(
                 f"  {method:>9} {allocation:>11}: ppl {row['ppl']:8.3f}  non-zeros "
                 f"{row['nonzeros']:,}  layers {row['layer_range'][0]:.3f}-"
-                f"{row['layer_range'][1]:.3f}  {row['wall_time_s']:.1f} s",
+                f"{row['layer_range'][1]:.3f}  {row['wall_time_s']:.1f} s wall, "
+                f"{cpu:.1f} s CPU",
                 flush=True,
             )
     return {"dense_ppl": dense, "rows": rows}
@@ -213,16 +221,26 @@ def checks(out: dict) -> list[tuple[str, bool]]:
                     and sens["nonzeros"] == uni["nonzeros"],
                 )
             )
-        one_pass = ppl[("sparsegpt", "uniform")]["wall_time_s"]
-        extra = ppl[("sparsegpt", "sensitivity")]["wall_time_s"] - one_pass
-        llama["cost_ratio"] = extra / one_pass
-        print(
-            f"\ncost: SparseGPT uniform {one_pass:.1f} s; with sensitivity "
-            f"{ppl[('sparsegpt', 'sensitivity')]['wall_time_s']:.1f} s: the sensitivity pass + "
-            f"allocation cost {extra:.1f} s = {extra / one_pass:.2f}x one SparseGPT pass"
-        )
+        # CPU time of the process (1 thread): other processes on a shared machine stretch the
+        # wall times unevenly, not the work done; both are printed
+        ratios = {}
+        for clock in ("cpu_time_s", "wall_time_s"):
+            one_pass = ppl[("sparsegpt", "uniform")][clock]
+            with_sens = ppl[("sparsegpt", "sensitivity")][clock]
+            extra = with_sens - one_pass
+            ratios[clock] = extra / one_pass
+            print(
+                f"\ncost ({clock[:-7]} time): SparseGPT uniform {one_pass:.1f} s; with sensitivity "
+                f"{with_sens:.1f} s: the sensitivity pass + allocation cost {extra:.1f} s = "
+                f"{extra / one_pass:.2f}x one SparseGPT pass"
+            )
+        llama["cost_ratio"] = ratios["cpu_time_s"]
+        llama["cost_ratio_wall"] = ratios["wall_time_s"]
         result.append(
-            ("cost of sensitivity + allocation <= 3x one SparseGPT pass", extra <= 3 * one_pass)
+            (
+                "cost of sensitivity + allocation <= 3x one SparseGPT pass (CPU time, 1 thread)",
+                ratios["cpu_time_s"] <= 3,
+            )
         )
     print("\nacceptance")
     for name, ok in result:
