@@ -141,6 +141,26 @@ def test_storage_index_uses_wide_dtypes_when_needed() -> None:
     assert same_bits(reference_decode(arrays, meta), y)
 
 
+@pytest.mark.parametrize(
+    "index, name, width, at, dtype",
+    [
+        ("rle", "gaps", 300, 255, "uint8"),  # the largest gap uint8 holds
+        ("rle", "gaps", 300, 256, "uint16"),
+        ("csr", "col", 256, 255, "uint8"),  # columns 0..255: uint8
+        ("csr", "col", 257, 256, "uint16"),
+        ("csr", "col", 65536, 65535, "uint16"),
+        ("csr", "col", 65537, 65536, "uint32"),
+    ],
+)
+def test_index_dtypes_at_their_limits(index, name, width, at, dtype) -> None:
+    x = torch.zeros(1, width)
+    x[0, at] = 1.5
+    arrays, meta = sf.encode(x, index)
+    assert meta["index_dtypes"][name] == dtype  # the smallest that holds the largest entry
+    assert same_bits(sf.decode(arrays, meta)[0], x)
+    assert same_bits(reference_decode(arrays, meta), x)
+
+
 def test_negative_zeros_come_back_positive_as_documented() -> None:
     x = torch.tensor([[-0.0, 1.0], [2.0, -0.0]])
     for index in ("bitmask", "rle", "csr"):
