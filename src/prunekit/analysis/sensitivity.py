@@ -676,12 +676,20 @@ def sequential_damage(
     (Wanda norms, SparseGPT Hessians) come from the calibration inputs with blocks ``0..i-1``
     already pruned at ``operating`` sparsity by the same method; every layer of block ``i`` (and
     the whole block at once, with ``per_block``) is pruned at every sparsity of ``grid`` and the
-    model runs on the first ``subsample`` calibration items; the damage is the divergence of its
-    outputs from the dense model's (KL of the logits, 1 - cosine of hidden states) minus the
-    divergence with block ``i`` dense (the earlier blocks' share). All damages are on one scale
-    (the model's outputs), so layers of different kinds compare. Block ``i`` is then left at
-    ``operating`` for the next blocks. Targets outside the blocks are measured last, with every
-    block at ``operating``. The model's weights are restored at the end.
+    model runs on the first ``subsample`` calibration items (joined into batches when their
+    shapes match); the damage is the divergence of its outputs (KL of the logits, 1 - cosine of
+    hidden states) from the reference: the same model with block ``i`` dense and the earlier
+    blocks as they are (measured from the dense model, the divergence would mix in the earlier
+    blocks' damage, and the differences are not additive). All damages are on one scale (the
+    model's outputs), so blocks compare. Block ``i`` is then left at ``operating`` for the next
+    blocks; its run at ``operating`` is the next block's reference, and the runs start at the
+    measured block (what the block before returned is replayed). Targets outside the blocks are
+    measured last, with every block at ``operating``. The model's weights are restored at the
+    end.
+
+    Example:
+        >>> layers, blocks = sequential_damage(model, targets, calib, pruner, [0.6, 0.7, 0.8],
+        ...                                    operating=0.7)  # doctest: +SKIP
 
     Returns ``({layer: damages}, {block key: damages})`` (the second empty without per_block).
     """
