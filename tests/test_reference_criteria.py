@@ -167,6 +167,22 @@ def test_gradient_criteria_match_hand_written_gradients(method: str) -> None:
     assert pruned_zeros(report) == expected
 
 
+@pytest.mark.parametrize("method", ["taylor", "snip", "movement", "wanda"])
+def test_max_batches_limits_the_data_used(method: str) -> None:
+    # scored on the first batch only: the same mask as being given that batch alone
+    net, data = mlp(), batches(3)
+    kw = {"targets": ["0", "2"], "scope": "local", "progress": False}
+    if method == "wanda":
+        data = [x for x, _ in data]
+    else:
+        kw["loss_fn"] = mse
+    limited = prunekit.prune(net, 0.5, method, data=data, max_batches=1, **kw)
+    first = prunekit.prune(net, 0.5, method, data=data[:1], **kw)
+    every = prunekit.prune(net, 0.5, method, data=data, **kw)
+    assert pruned_zeros(limited) == pruned_zeros(first)
+    assert pruned_zeros(limited) != pruned_zeros(every)  # the other batches would change it
+
+
 def test_taylor_and_snip_differ_where_batches_disagree() -> None:
     # the reference above tells them apart only if some gradient changes sign between batches
     net = mlp()
