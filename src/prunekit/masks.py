@@ -31,7 +31,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 
 import torch
@@ -39,6 +38,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunekit.runtime.accelerated import decode_accelerated
+from prunekit.runtime.copies import copy_model
 
 MASK_SUFFIX = "_mask"
 
@@ -177,7 +177,7 @@ def finalize(model: nn.Module, inplace: bool = False) -> nn.Module:
         'Linear'
     """
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model, "finalize")
     model = decode_accelerated(model)  # sparse-kernel layers back to their dense modules
     for _, module, name in list(masked_parameters(model)):
         remove_mask(module, name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import numbers
 import warnings
 from collections.abc import Callable, Iterable
@@ -15,6 +14,7 @@ from prunekit.masks import apply_mask
 from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from prunekit.report import PruneReport, layer_stats, model_counts
 from prunekit.runtime.accelerated import refuse_accelerated
+from prunekit.runtime.copies import copy_model
 from prunekit.scope import (
     NORMALIZATIONS,
     SCOPES,
@@ -347,7 +347,7 @@ def prune(
         )
     if not inplace:
         names = [t.module_name for t in chosen]
-        model = copy.deepcopy(model)
+        model = copy_model(model, "prune")
         modules = dict(model.named_modules())
         chosen = [Target(n, modules[n]) for n in names]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 import warnings
@@ -44,6 +43,7 @@ from prunekit.prune import (
     split_by_pattern,
 )
 from prunekit.report import PruneReport, layer_stats, model_counts
+from prunekit.runtime.copies import copy_model
 from prunekit.runtime.memory import PeakMemory
 from prunekit.scope import owl_allocation
 from prunekit.scores import get_criterion
@@ -314,7 +314,7 @@ def oneshot(
         check_targets_run(model, chosen, calib[0])
     if not inplace:
         names = [t.module_name for t in chosen]
-        model = copy.deepcopy(model)
+        model = copy_model(model, "oneshot")
         modules = dict(model.named_modules())
         chosen = [Target(n, modules[n]) for n in names]
     usable = [t for t in chosen if t.name not in skipped]

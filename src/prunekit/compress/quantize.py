@@ -30,7 +30,6 @@ Quantization happens on the effective weight (mask applied), never on the raw pa
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from torch import nn
 
 from prunekit.masks import MASK_SUFFIX, is_masked, raw_parameter
 from prunekit.runtime.accelerated import refuse_accelerated
+from prunekit.runtime.copies import copy_model
 from prunekit.targets import Target, resolve_targets
 
 QUANT_ATTR = "_prunekit_quant"
@@ -387,7 +387,7 @@ def quantize(
                 f"the layer out with ignore=[{t.module_name!r}]; nothing was changed"
             )
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model, "quantize")
         chosen = resolve_targets(model, targets, ignore)
     record = dict(getattr(model, QUANT_ATTR, None) or {})
     layers: dict[str, QuantizedTensor] = dict(record.get("layers", {}))

@@ -39,7 +39,6 @@ Timings, and so the swap decisions, hold for this machine, thread count and inpu
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import operator
 import statistics
@@ -58,6 +57,7 @@ from prunekit.runtime.accelerated import (
     AcceleratedModelError,
     decode_accelerated,
 )
+from prunekit.runtime.copies import copy_model
 from prunekit.runtime.sparse_formats import FORMATS
 
 __all__ = [
@@ -749,7 +749,7 @@ def accelerate(
     """
     _check_arguments(model, threads, min_speedup)
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model, "accelerate")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     lib = kernels.load()
     usable = _usable_formats(formats, lib)
@@ -839,5 +839,5 @@ def deaccelerate(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"deaccelerate: model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model, "deaccelerate")
     return decode_accelerated(model)

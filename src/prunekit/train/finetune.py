@@ -51,6 +51,7 @@ from prunekit.distributed.train import (
 from prunekit.masks import apply_mask, is_masked, reapply_masks, remove_mask
 from prunekit.prune import refuse_nonfinite_parameters
 from prunekit.runtime.accelerated import refuse_accelerated
+from prunekit.runtime.copies import copy_model
 from prunekit.targets import all_prunable
 from prunekit.train.checkpoint import latest_point, write_point
 from prunekit.train.distill import (
@@ -459,7 +460,7 @@ def finetune(
         raise TypeError(f"checkpoint must be a folder path, got {type(checkpoint).__name__}")
 
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model, "finetune")
     use_kd = teacher is not None and kd_weight > 0
     hidden_names: list[str] = []
     teacher_was_training = False

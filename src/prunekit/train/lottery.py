@@ -33,7 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import numbers
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -47,6 +46,7 @@ from tqdm.auto import tqdm
 from prunekit.masks import MASK_SUFFIX, get_mask, masked_parameters, reapply_masks
 from prunekit.patterns import NM, Pattern, parse_pattern
 from prunekit.prune import prune
+from prunekit.runtime.copies import copy_model
 from prunekit.targets import Target, resolve_targets
 
 
@@ -214,7 +214,7 @@ def lottery_ticket(
         raise TypeError(f"train_fn must be a callable (model, ticket) -> metrics, got {train_fn!r}")
     resolve_targets(model, targets, ignore)  # validate names before copying
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model, "lottery_ticket")
     chosen = resolve_targets(model, targets, ignore)
     runner = _Runner(model, int(rewind_to))
     if runner.rewind_to == 0:

@@ -1,0 +1,88 @@
+"""No silent copies of large models: the verbs that leave the caller's model untouched
+(``inplace=False``) copy it through :func:`copy_model`, which refuses, with a message that says
+what to do, when the copy would not fit in the memory this process can still use.
+
+The memory available is the smaller of the system's ``MemAvailable`` (``/proc/meminfo``) and
+the room left under a cgroup limit (``memory.max`` minus ``memory.current``, cgroup v2), so a
+container's cap counts. A copy may take at most :data:`COPY_FRACTION` of it. Where neither can
+be read (not Linux) nothing is refused. ``PRUNEKIT_ALLOW_COPY=1`` copies anyway.
+
+Example:
+    >>> import torch
+    >>> net = torch.nn.Linear(4, 4)
+    >>> copy_model(net, "prune") is not net
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+from torch import nn
+
+COPY_FRACTION = 0.8
+ALLOW_ENV = "PRUNEKIT_ALLOW_COPY"
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (shared tensors once, meta tensors none)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_meta:
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_room() -> int | None:
+    root = Path("/sys/fs/cgroup")
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((root / "memory.current").read_text().strip()))
+    except (OSError, ValueError):
+        return None
+
+
+def available_bytes() -> int | None:
+    """Memory this process can still take (None where it cannot be read)."""
+    known = [b for b in (_meminfo_available(), _cgroup_room()) if b is not None]
+    return min(known) if known else None
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def copy_model(model: nn.Module, verb: str) -> nn.Module:
+    """A deep copy of ``model`` for ``verb(..., inplace=False)``, or a ``MemoryError`` saying
+    what to do when the copy would not fit."""
+    if os.environ.get(ALLOW_ENV) != "1":
+        need, room = model_bytes(model), available_bytes()
+        on_cpu = all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+        if room is not None and on_cpu and need > COPY_FRACTION * room:
+            raise MemoryError(
+                f"{verb}(inplace=False) would copy the model ({_gb(need)}) to leave yours "
+                f"untouched, but only {_gb(room)} of memory is available; pass inplace=True to "
+                f"change the model itself (save it first with prunekit.save if you need the "
+                f"original), free memory, or set {ALLOW_ENV}=1 to copy anyway"
+            )
+    return copy.deepcopy(model)
