@@ -368,6 +368,8 @@ def test_analyze_command_writes_curves_plot_and_allocation(llama_dir, tmp_path) 
     assert main(args) == 0
     for name in ("sensitivity.csv", "sensitivity.json", "allocation.json"):
         assert (out / name).is_file()
+    run = json.loads((out / "run.json").read_text())
+    assert run["command"].startswith("prunekit analyze ") and "seed" in run
     per_layer = load_per_layer(out / "allocation.json")
     assert len(per_layer) == 14
     pruned = tmp_path / "pruned"

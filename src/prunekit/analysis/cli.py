@@ -64,6 +64,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     a.set_defaults(func=_cmd_analyze)
 
 
+def _write_run(args: argparse.Namespace, path: Path) -> Path:
+    """What produced the analysis: command line, seed, versions, time."""
+    import json
+
+    from prunekit.cli_commands.common import run_record
+    from prunekit.compress.durable import write_text_atomic
+
+    return write_text_atomic(path, json.dumps(run_record(args), indent=2) + "\n")
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from prunekit.analysis.sensitivity import sensitivity
     from prunekit.cli_hf import tokenizer_and_calibration
@@ -110,6 +120,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     else:
         allocation = result.allocate(0.5 if args.sparsity is None else args.sparsity)
     written.append(allocation.to_json(out / "allocation.json"))
+    written.append(_write_run(args, out / "run.json"))
     print(result)
     print()
     print(allocation)
