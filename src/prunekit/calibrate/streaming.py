@@ -7,8 +7,8 @@ safetensors shards.
    before the first block and is not a block (embeddings, rotary tables, final norm, head:
    ``from_config`` with zero blocks, then the checkpoint's tensors for them);
 2. runs the calibration samples up to the first block and keeps the block inputs (the
-   activations); above ``max_activation_mb`` they spill to files in a temporary folder and are
-   read back memory-mapped;
+   activations); above ``max_activation_mb`` they spill to safetensors files in a temporary
+   folder and are read back one sample at a time;
 3. for each block: loads its tensors from the shards, gathers the statistics (Wanda's norms,
    SparseGPT's Hessians) over the samples, prunes it exactly as :func:`prunekit.oneshot` does,
    runs it again for the next block's inputs, writes its pruned tensors (zeros baked in) to
@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -95,8 +95,8 @@ class _Reader:
 
 
 class _Activations:
-    """The hidden states of every sample; in files (read back memory-mapped) once they pass
-    ``limit`` bytes."""
+    """The hidden states of every sample; in safetensors files (read back one at a time) once
+    they pass ``limit`` bytes."""
 
     def __init__(self, limit: int | None, folder: Path) -> None:
         self.limit, self.folder = limit, folder
@@ -108,8 +108,8 @@ class _Activations:
         tensor = tensor.detach().contiguous()
         size = tensor.numel() * tensor.element_size()
         if self.limit is not None and self.bytes + size > self.limit:
-            path = self.folder / f"act-{index:06d}-{self.spilled:08d}.pt"
-            torch.save(tensor, path)
+            path = self.folder / f"act-{index:06d}-{self.spilled:08d}.safetensors"
+            save_file({"x": tensor}, str(path))
             self.spilled += 1
             item: Any = path
         else:
@@ -127,7 +127,7 @@ class _Activations:
 
     def get(self, index: int) -> torch.Tensor:
         item = self.items[index]
-        return torch.load(item, mmap=True, weights_only=True) if isinstance(item, Path) else item
+        return load_file(str(item))["x"] if isinstance(item, Path) else item
 
 
 def _skeleton(source: Path, reader: _Reader) -> tuple[nn.Module, str, nn.ModuleList]:
