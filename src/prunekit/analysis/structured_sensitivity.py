@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.analysis.allocate import allocate
+from prunekit.analysis.latency_table import LatencyTable, measure_table
 from prunekit.compress.durable import write_text_atomic
 from prunekit.graph.groups import Group, build_groups
 from prunekit.graph.importance import batch_input, get_importance, score_groups
@@ -377,6 +378,7 @@ def allocate_widths(
     target_macs: float,
     *,
     macs_of: Callable[[dict[str, int]], float] | None = None,
+    cost: LatencyTable | None = None,
 ) -> dict[str, float]:
     """Per-group ratios (``{group name: ratio}``) that meet ``target_macs`` (a fraction of the
     dense MACs in (0, 1], or an absolute count) with the least predicted damage.
@@ -385,6 +387,11 @@ def allocate_widths(
     per-unit costs); one step of the group whose next step adds the least predicted damage per
     MAC is removed while the count is above the target.
 
+    ``cost``: a :class:`prunekit.analysis.latency_table.LatencyTable` measured on this machine;
+    then ``target_macs`` is a fraction of the dense *latency* in (0, 1], every unit costs the
+    milliseconds its group's slope says, and the predicted latency (dense minus the units' saved
+    ms) is brought to at or below the target (``macs_of`` is not used).
+
     Example:
         >>> r = StructuredSensitivity({"a": [(0.5, 1.0)], "b": [(0.5, 0.1)]}, {"a": 10, "b": 10},
         ...     {"a": 1.0, "b": 1.0}, {"a": 1, "b": 1}, {"a": "a", "b": "b"}, 20.0, "")
@@ -392,13 +399,30 @@ def allocate_widths(
         {'a': 0.0, 'b': 0.5}
     """
     names = list(result.curves)
-    want = resolve_target(target_macs, result.dense_macs)
-    prunable = sum(result.sizes[n] * result.unit_macs[n] for n in names)
-    fixed = result.dense_macs - prunable
+    if cost is None:
+        unit_cost, dense, what = result.unit_macs, result.dense_macs, "MACs"
+        want = resolve_target(target_macs, dense)
+    else:
+        missing = [n for n in names if n not in cost.ms_per_unit]
+        if missing:
+            raise ValueError(
+                f"the latency table has no entry for groups {missing}: measure it on the same "
+                f"model and units as the sensitivity (it has {sorted(cost.ms_per_unit)})"
+            )
+        if isinstance(target_macs, bool) or not 0.0 < float(target_macs) <= 1.0:
+            raise ValueError(
+                f"with a latency table the target is a fraction of the dense latency in (0, 1], "
+                f"got {target_macs!r}"
+            )
+        unit_cost = {n: cost.ms_per_unit[n] for n in names}
+        dense, what, macs_of = cost.dense_ms, "ms", None
+        want = float(target_macs) * dense
+    prunable = sum(result.sizes[n] * unit_cost[n] for n in names)
+    fixed = dense - prunable
     if want is None or want < fixed + 1e-9:
         raise ValueError(
-            f"target_macs={target_macs!r} is below what the groups can reach: the MACs outside "
-            f"them alone are {fixed:,.0f} of {result.dense_macs:,.0f}"
+            f"target {target_macs!r} is below what the groups can reach: the {what} outside "
+            f"them alone are {fixed:,.6g} of {dense:,.6g}"
         )
     keep = min(1.0, (want - fixed) / prunable) if prunable else 1.0
     blocks = {n: result.sizes[n] // result.steps[n] for n in names}
@@ -406,7 +430,7 @@ def allocate_widths(
     alloc = allocate(
         {n: result.curves[n] for n in names},
         sizes=blocks,
-        cost={n: result.unit_macs[n] * result.steps[n] for n in names},
+        cost={n: unit_cost[n] * result.steps[n] for n in names},
         keep=keep,
     )
     removed = {
@@ -420,7 +444,7 @@ def allocate_widths(
     def total(rem: dict[str, int]) -> float:
         if macs_of is not None:
             return macs_of(rem)
-        return result.dense_macs - sum(rem[n] * result.unit_macs[n] for n in names)
+        return dense - sum(rem[n] * unit_cost[n] for n in names)
 
     for _ in range(sum(blocks.values())):
         if total(removed) <= want + 1e-6:
@@ -433,7 +457,7 @@ def allocate_widths(
             extra = _interp(result.curves[n], nxt / result.sizes[n]) - _interp(
                 result.curves[n], removed[n] / result.sizes[n]
             )
-            per = extra / max(result.unit_macs[n] * result.steps[n], 1e-12)
+            per = extra / max(unit_cost[n] * result.steps[n], 1e-12)
             if per < best_cost:
                 best, best_cost = n, per
         if best is None:
@@ -455,8 +479,14 @@ def _allocator(
     round_to: int,
     min_keep: int,
     progress: bool,
+    target_latency: float | None = None,
+    example_inputs: Any = None,
+    threads: int | None = None,
 ) -> tuple[dict[int, float], dict[str, Any]]:
-    """``prune_structured(allocation="sensitivity")``: group ratios by index, and a summary."""
+    """``prune_structured(allocation="sensitivity")``: group ratios by index, and a summary.
+
+    With ``target_latency`` (a fraction of the dense latency) a per-group latency table is
+    measured on ``example_inputs`` and the widths are allocated with its per-unit costs."""
     repair = (
         ReconstructConfig(reconstruct.method, reconstruct.damp, False, None)
         if reconstruct is not None
@@ -495,12 +525,32 @@ def _allocator(
         ]
         return cost.evaluate(np.concatenate(roots) if roots else np.zeros(0, dtype=np.int64))[0]
 
-    ratios = allocate_widths(result, target_macs, macs_of=macs_of)
+    table = None
+    if target_latency is not None:
+        table = measure_table(
+            model,
+            graph,
+            scored,
+            example_inputs,
+            order={g.index: np.argsort(scores[g.index], kind="stable") for g in scored},
+            round_to=round_to,
+            min_keep=min_keep,
+            threads=threads,
+        )
+        ratios = allocate_widths(result, target_latency, cost=table)
+    else:
+        ratios = allocate_widths(result, target_macs, macs_of=macs_of)
     summary = {
         "metric": metric,
         "curves": {n: [list(p) for p in c] for n, c in result.curves.items()},
         "predicted_damage": sum(_interp(result.curves[n], r) for n, r in ratios.items()),
     }
+    if table is not None:
+        saved = sum(
+            round(r * result.sizes[n]) * table.ms_per_unit.get(n, 0.0) for n, r in ratios.items()
+        )
+        summary["predicted_latency_ratio"] = (table.dense_ms - saved) / table.dense_ms
+        summary["latency_table"] = table.to_dict()
     return {by_name[n].index: r for n, r in ratios.items()}, summary
 
 

@@ -213,7 +213,10 @@ def prune_structured(
             on ``calib`` (1 - cosine to the dense outputs; after the ``reconstruct`` repair
             when one is given), then per-group widths that meet ``target_macs`` with the least
             predicted damage are chosen (:mod:`prunekit.analysis.structured_sensitivity`);
-            ``per_layer`` entries still win. None (default): ``scope`` decides.
+            ``per_layer`` entries still win. With ``target_latency`` instead of ``target_macs``
+            a per-group latency table is measured on ``example_inputs``
+            (:mod:`prunekit.analysis.latency_table`) and the widths meet the predicted latency.
+            None (default): ``scope`` decides.
 
     Returns:
         A :class:`StructuredReport` (``report.model`` is the pruned model).
@@ -272,15 +275,17 @@ def prune_structured(
     calib_list = list(calib) if calib is not None else [example_inputs]
     if allocation is not None:
         _check_choice("allocation", allocation, ALLOCATIONS)
-        if units == {"layer"} or target_macs is None or calib is None:
+        if units == {"layer"} or (target_macs is None and target_latency is None) or calib is None:
             raise ValueError(
-                "allocation='sensitivity' chooses channel / head widths under target_macs from "
-                "damage measured on data: give unit='channel' / 'head', target_macs= and calib="
+                "allocation='sensitivity' chooses channel / head widths under target_macs (or "
+                "target_latency, with a measured per-group latency table) from damage measured "
+                "on data: give unit='channel' / 'head', target_macs= and calib= (or "
+                "target_latency= instead of target_macs=)"
             )
-        if target_params is not None or target_latency is not None:
+        if target_params is not None:
             raise ValueError(
-                "allocation='sensitivity' meets target_macs; it does not take target_params or "
-                "target_latency"
+                "allocation='sensitivity' meets target_macs or target_latency; it does not take "
+                "target_params"
             )
     if repair is not None and calib is None:
         raise ValueError(
@@ -389,7 +394,7 @@ def prune_structured(
         )
 
     latency = None
-    if target_latency is not None:
+    if target_latency is not None and allocation is None:
         selection, latency, note = _search_latency(
             model,
             graph,
@@ -420,6 +425,9 @@ def prune_structured(
             round_to=round_to,
             min_keep=min_keep,
             progress=progress,
+            target_latency=target_latency,
+            example_inputs=example_inputs,
+            threads=threads,
         )
         overrides = {**allocated, **overrides}
         selection = choose(ratio)
@@ -430,6 +438,9 @@ def prune_structured(
                 "predicted_damage": summary["predicted_damage"],
             }
         )
+        if target_latency is not None:
+            settings["target_latency"] = target_latency
+            settings["predicted_latency_ratio"] = summary["predicted_latency_ratio"]
         notes.append(f"allocation='sensitivity': damage measured as {summary['metric']}")
     elif target_macs is not None or target_params is not None:
         selection, reached = plan(target_macs, target_params)
