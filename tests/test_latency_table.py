@@ -141,3 +141,30 @@ def test_prune_structured_allocates_under_target_latency(fake_measure):
             mlp(), x, unit="channel", allocation="sensitivity", target_latency=0.8,
             target_params=0.5, calib=calib, progress=False,
         )  # fmt: skip
+
+
+def test_cnn_table_and_allocation_meet_the_latency_budget(monkeypatch):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    ).eval()  # fmt: skip
+
+    def conv_ms(m: nn.Module) -> float:
+        return 1.0 + 0.2 * m[0].out_channels + 0.02 * m[2].out_channels
+
+    def fake(models, example_inputs, *, threads=None, **_):
+        return {"ms": {n: conv_ms(m) for n, m in models.items()}, "batch": 1, "threads": 1,
+                "repeats": 3, "device": "cpu"}  # fmt: skip
+
+    monkeypatch.setattr(prunekit.graph.latency, "measure", fake)
+    x = torch.randn(1, 3, 8, 8)
+    table = latency_table(net, x)
+    assert table.ranked() == ["0", "2"]
+    assert table.ms_per_unit["0"] == pytest.approx(0.2)
+    report = prune_structured(
+        net, x, unit="channel", allocation="sensitivity", target_latency=0.75,
+        calib=[torch.randn(8, 3, 8, 8)], round_to=1, progress=False,
+    )  # fmt: skip
+    assert report.latency.ratio <= 0.75 + 1e-9
+    assert report.model[0].out_channels < 8
