@@ -83,7 +83,11 @@ BAD_RECIPES = [
     ),
     ("stages:\n  - prune: [0.5]", "stage 1, prune", "must be a mapping"),
     ("stages:\n  - {prune: {}, save: {}}", "stage 1", "one mapping"),
-    ("stages:\n  - save: {}\nmeasure: {batch_sizes: [0]}", "key 'measure.batch_sizes'", "positive integers"),
+    (
+        "stages:\n  - save: {}\nmeasure: {batch_sizes: [0]}",
+        "key 'measure.batch_sizes'",
+        "positive integers",
+    ),
     ("stages: [save]\ncolour: 3", "key 'colour'", "unknown key"),
     ("stages:\n  - prune: {sparsity: 0.5\n", "line", "not valid YAML"),
     ("{not json", "line", "not valid YAML"),
