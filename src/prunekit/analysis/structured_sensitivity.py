@@ -482,28 +482,34 @@ def _allocator(
     target_latency: float | None = None,
     example_inputs: Any = None,
     threads: int | None = None,
+    cache: dict[str, Any] | None = None,
 ) -> tuple[dict[int, float], dict[str, Any]]:
     """``prune_structured(allocation="sensitivity")``: group ratios by index, and a summary.
 
     With ``target_latency`` (a fraction of the dense latency) a per-group latency table is
-    measured on ``example_inputs`` and the widths are allocated with its per-unit costs."""
+    measured on ``example_inputs`` and the widths are allocated with its per-unit costs.
+    ``cache`` (a dict, filled on the first call) keeps the damage curves and the latency table,
+    so a second call with a corrected budget measures nothing again."""
+    cache = {} if cache is None else cache
     repair = (
         ReconstructConfig(reconstruct.method, reconstruct.damp, False, None)
         if reconstruct is not None
         else None
     )
     scored = [g for g in groups if g.index in scores]
-    curves, metric = measure_curves(
-        model,
-        graph,
-        scored,
-        scores,
-        calib,
-        reconstruct=repair,
-        round_to=round_to,
-        min_keep=min_keep,
-        progress=progress,
-    )
+    if "curves" not in cache:
+        cache["curves"] = measure_curves(
+            model,
+            graph,
+            scored,
+            scores,
+            calib,
+            reconstruct=repair,
+            round_to=round_to,
+            min_keep=min_keep,
+            progress=progress,
+        )
+    curves, metric = cache["curves"]
     scored = [g for g in scored if g.index in curves]
     dense, unit_macs = _unit_costs(cost, scored)
     by_name = {g.name: g for g in scored}
@@ -527,16 +533,18 @@ def _allocator(
 
     table = None
     if target_latency is not None:
-        table = measure_table(
-            model,
-            graph,
-            scored,
-            example_inputs,
-            order={g.index: np.argsort(scores[g.index], kind="stable") for g in scored},
-            round_to=round_to,
-            min_keep=min_keep,
-            threads=threads,
-        )
+        if "table" not in cache:
+            cache["table"] = measure_table(
+                model,
+                graph,
+                scored,
+                example_inputs,
+                order={g.index: np.argsort(scores[g.index], kind="stable") for g in scored},
+                round_to=round_to,
+                min_keep=min_keep,
+                threads=threads,
+            )
+        table = cache["table"]
         ratios = allocate_widths(result, target_latency, cost=table)
     else:
         ratios = allocate_widths(result, target_macs, macs_of=macs_of)

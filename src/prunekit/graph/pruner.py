@@ -413,24 +413,46 @@ def prune_structured(
         if target_params is not None:
             settings["target_params"] = target_params
     elif allocation is not None:
-        allocated, summary = STRUCTURED_ALLOCATORS[allocation](
-            model,
-            graph,
-            groups,
-            scores,
-            cost,
-            calib_list,
-            target_macs,
-            reconstruct=repair,
-            round_to=round_to,
-            min_keep=min_keep,
-            progress=progress,
-            target_latency=target_latency,
-            example_inputs=example_inputs,
-            threads=threads,
-        )
-        overrides = {**allocated, **overrides}
-        selection = choose(ratio)
+        user_overrides, cache, budget = dict(overrides), {}, target_latency
+        for attempt in range(1 + (LATENCY_CORRECTIONS if target_latency is not None else 0)):
+            allocated, summary = STRUCTURED_ALLOCATORS[allocation](
+                model,
+                graph,
+                groups,
+                scores,
+                cost,
+                calib_list,
+                target_macs,
+                reconstruct=repair,
+                round_to=round_to,
+                min_keep=min_keep,
+                progress=progress,
+                target_latency=budget,
+                example_inputs=example_inputs,
+                threads=threads,
+                cache=cache,
+            )
+            overrides = {**allocated, **user_overrides}
+            selection = choose(ratio)
+            if target_latency is None:
+                break
+            # the table's costs are straight lines; the backend's are steps: measure what the
+            # allocation gives and correct the budget the allocator aims at
+            candidate = _surgery_verified(
+                model, graph, selection.roots(groups), example_inputs, False, pin_outputs
+            )
+            measured = _measure_pair(
+                model, candidate, example_inputs, threads, budget_s=3.0, min_repeats=5
+            )
+            del candidate
+            if measured.ratio <= target_latency * (1 + LATENCY_TOLERANCE / 2):
+                break
+            if attempt < LATENCY_CORRECTIONS:
+                notes.append(
+                    f"allocation aimed at latency {budget:.3f} measured {measured.ratio:.3f}; "
+                    "aiming lower"
+                )
+                budget = max(1e-3, budget * target_latency / measured.ratio)
         settings.update(
             {
                 "allocation": allocation,
@@ -440,6 +462,7 @@ def prune_structured(
         )
         if target_latency is not None:
             settings["target_latency"] = target_latency
+            settings["allocated_latency_budget"] = budget
             settings["predicted_latency_ratio"] = summary["predicted_latency_ratio"]
         notes.append(f"allocation='sensitivity': damage measured as {summary['metric']}")
     elif target_macs is not None or target_params is not None:
@@ -610,6 +633,7 @@ def _measure_pair(
 
 
 LATENCY_TOLERANCE = 0.05  # relative distance to the asked latency ratio that ends the search
+LATENCY_CORRECTIONS = 2  # re-allocations under a corrected budget when the measurement is over
 LATENCY_TRIES = 8
 
 
