@@ -120,3 +120,33 @@ def test_cli_errors(llama_dir, tmp_path, capsys) -> None:
         "prune-structured", str(llama_dir), "--out", str(tmp_path / "y"), "--ratio", "2"
     )
     assert not (tmp_path / "y").exists()
+
+
+def test_prune_structured_reconstruct_and_allocation_flags(llama_dir, tmp_path, capsys) -> None:
+    """--reconstruct and --allocation reach prune_structured (global fluctuation ranking with
+    the repair, per-group widths under the MAC target) and need --calib-text."""
+    import cli_models
+    import prunekit
+
+    folder = cli_models.llama_folder(transformers, tmp_path / "llama")
+    text = tmp_path / "calib.txt"
+    text.write_text(cli_models.text())
+    base = ["prune-structured", str(folder), "--unit", "channel", "--calib-text", str(text)]
+    out = tmp_path / "repaired"
+    assert run(*base, "--out", str(out), "--ratio", "0.5", "--reconstruct", "lstsq", "--json") == 0
+    meta = json.loads((out / "prunekit.json").read_text())["report"]
+    assert meta["settings"]["scope"] == "global"
+    assert meta["settings"]["importance"] == "fluctuation"
+    assert "reconstruct" in json.dumps(meta["settings"])
+    assert prunekit.from_pretrained(out) is not None
+    out = tmp_path / "allocated"
+    args = ["--out", str(out), "--target-macs", "0.7", "--allocation", "sensitivity"]
+    assert run(*base, *args, "--no-latency") == 0
+    meta = json.loads((out / "prunekit.json").read_text())["report"]
+    assert meta["settings"]["allocation"] == "sensitivity"
+    assert meta["macs_after"] <= 0.7 * meta["macs_before"] + 1
+    capsys.readouterr()
+    assert run("prune-structured", str(folder), "--out", str(tmp_path / "x"),
+               "--reconstruct", "bias") == 2  # fmt: skip
+    assert "--calib-text" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -124,10 +124,15 @@ def _mask_of(inputs: Any) -> torch.Tensor | None:
 
 
 def _first(out: Any) -> torch.Tensor:
+    """The first floating-point output with a feature dimension (logits, hidden states); a
+    scalar loss, returned first when the batch holds labels, is skipped."""
     for t in iter_tensors(getattr(out, "to_tuple", lambda: out)()):
-        if t.is_floating_point():
+        if t.is_floating_point() and t.ndim >= 1:
             return t
-    raise ValueError("the model returns no floating-point tensor to compare with the dense one")
+    raise ValueError(
+        "the model returns no floating-point tensor with a feature dimension to compare with "
+        "the dense one"
+    )
 
 
 class _CosineDamage:

@@ -56,7 +56,27 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help=f"channels/heads: {', '.join(WIDTH_IMPORTANCE)} (None: l2); layers: "
         f"{', '.join(LAYER_IMPORTANCE)} (None: influence)",
     )
-    p.add_argument("--scope", default="local", choices=["local", "global"])
+    p.add_argument(
+        "--scope",
+        default=None,
+        choices=["local", "global"],
+        help="rank units per group or over all groups (None: local; global with --reconstruct)",
+    )
+    p.add_argument(
+        "--reconstruct",
+        choices=["lstsq", "bias"],
+        default=None,
+        help="repair without training on the --calib-text windows: refit the layers that read "
+        "removed units by least squares (lstsq), or move the removed units' mean into their "
+        "bias (bias); importance then defaults to fluctuation and --scope to global",
+    )
+    p.add_argument(
+        "--allocation",
+        choices=["sensitivity"],
+        default=None,
+        help="per-group widths from damage measured on --calib-text, under --target-macs or "
+        "--target-latency (implies --no-uniform)",
+    )
     p.add_argument(
         "--uniform",
         action=argparse.BooleanOptionalAction,
@@ -205,6 +225,10 @@ def _uniform(args: argparse.Namespace) -> bool:
     """Whether every layer keeps the same width (so config.json can hold it)."""
     from prunekit.cli_commands.common import CliError
 
+    if args.scope is None:
+        args.scope = "global" if args.reconstruct else "local"
+    if args.uniform and args.allocation:
+        raise CliError("--uniform does not combine with --allocation (it sets widths per group)")
     if args.uniform and args.scope == "global":
         raise CliError(
             "--uniform needs --scope local: a global ranking gives each layer its own width"
@@ -215,7 +239,7 @@ def _uniform(args: argparse.Namespace) -> bool:
             "layer); use --target-macs for a uniform model, or --no-uniform"
         )
     if args.uniform is None:
-        return args.scope == "local" and args.target_latency is None
+        return args.scope == "local" and args.target_latency is None and not args.allocation
     return bool(args.uniform)
 
 
@@ -224,6 +248,7 @@ def cmd_prune_structured(args: argparse.Namespace) -> int:
     import copy
 
     from prunekit.cli_commands.common import (
+        CliError,
         check_output,
         input_file,
         loading_note,
@@ -234,6 +259,9 @@ def cmd_prune_structured(args: argparse.Namespace) -> int:
 
     source = hf_folder(args.path)
     input_file(args.calib_text, "--calib-text")
+    for flag, value in (("--reconstruct", args.reconstruct), ("--allocation", args.allocation)):
+        if value and not args.calib_text:
+            raise CliError(f"{flag} {value} measures on calibration text: give --calib-text FILE")
     uniform = _uniform(args)
     out = check_output(args.out, sources=[source], overwrite=args.overwrite)
     units = [u.strip() for u in args.unit.split(",") if u.strip()]
@@ -252,6 +280,8 @@ def cmd_prune_structured(args: argparse.Namespace) -> int:
         calib=calib,
         gqa=args.gqa,
         seed=args.seed,
+        reconstruct=args.reconstruct,
+        allocation=args.allocation,
     )
     ratio, targets = (
         args.ratio,
