@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from prunekit.recipes.goal import Goal, Knob, find_knob, is_search, parse_goal
+from prunekit.recipes.goal import KNOBS, Goal, Knob, find_knob, is_search, parse_goal
 from prunekit.recipes.stages import STAGES, StageSpec
 
 TOP_LEVEL_KEYS = ("stages", "seed", "name", "description", "measure", "goal")
@@ -376,8 +376,6 @@ def _stand_in(verb: str, key: str, value: Any) -> Any:
     with the goal)."""
     if not is_search(value):
         return value
-    from prunekit.recipes.goal import KNOBS
-
     low, high, _ = KNOBS.get((verb, key), (0.5, 0.5, 1))
     return (low + high) / 2
 
