@@ -67,17 +67,9 @@ def bert_folder(transformers, folder: Path) -> Path:
 
 
 def llama_folder(transformers, folder: Path) -> Path:
-    """A 2-layer Llama with grouped-query attention (4 q heads, 2 kv heads)."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    transformers.LlamaForCausalLM(config).eval().save_pretrained(folder)
+    """conftest's 2-layer Llama with grouped-query attention (4 q heads, 2 kv heads)."""
+    from conftest import tiny_llama
+
+    tiny_llama().save_pretrained(folder)
     word_tokenizer(transformers, bert=False).save_pretrained(folder)
     return folder

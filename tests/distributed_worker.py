@@ -33,20 +33,13 @@ def masked_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def tiny_llama() -> nn.Module:
+    """conftest's tiny Llama, with transformers' warnings silenced in the ranks."""
     import transformers
 
+    from conftest import tiny_llama as build
+
     transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return build()
 
 
 ONESHOT = {
