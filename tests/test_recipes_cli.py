@@ -8,23 +8,14 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_llama
+import cli_models
 from prunekit.cli import main
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-WORDS = [f"w{i}" for i in range(60)]
-
-
-def _tokenizer_into(folder) -> None:
-    vocab = {"[UNK]": 0, "[PAD]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]"
-    ).save_pretrained(folder)
+WORDS = cli_models.WORDS
 
 
 @pytest.fixture(scope="module")
@@ -37,27 +28,12 @@ def text_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf") / "llama"
-    tiny_llama(vocab_size=64).save_pretrained(folder)
-    _tokenizer_into(folder)
-    return folder
+    return cli_models.llama_folder(transformers, tmp_path_factory.mktemp("hf") / "llama")
 
 
 @pytest.fixture(scope="module")
 def bert_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf") / "bert"
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    transformers.BertModel(config).eval().save_pretrained(folder)
-    _tokenizer_into(folder)
-    return folder
+    return cli_models.bert_folder(transformers, tmp_path_factory.mktemp("hf") / "bert")
 
 
 def test_recipes_command_lists_and_prints(capsys) -> None:
