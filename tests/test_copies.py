@@ -60,3 +60,69 @@ def test_a_copy_that_does_not_fit_is_refused_before_any_change(verb, monkeypatch
 def test_unknown_memory_never_refuses(monkeypatch) -> None:
     monkeypatch.setattr(copies, "available_bytes", lambda: None)
     assert copies.copy_model(_net(), "prune") is not None
+
+
+def _snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def _unchanged(net: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    after = net.state_dict()
+    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    "inplace, says",
+    [
+        (False, "compress keeps your model as the dense reference and runs the stages on a copy"),
+        (True, "compress keeps the dense model as the reference every stage is measured against"),
+    ],
+)
+def test_compress_refuses_its_own_copies_before_any_work(inplace, says, monkeypatch) -> None:
+    """compress copies the model whatever inplace says (the dense reference, or the working
+    model): a copy that does not fit is refused up front, with the reason, and the model is
+    untouched; PRUNEKIT_ALLOW_COPY=1 runs it."""
+    recipe = {"measure": {"latency": False}, "stages": [{"prune": {"sparsity": 0.5}}]}
+    net = _net()
+    before = _snapshot(net)
+    need = copies.model_bytes(net)
+    monkeypatch.setattr(copies, "available_bytes", lambda: need)
+    with pytest.raises(MemoryError, match=rf"{says}.*\({need / 2**20:.1f} MiB\).*ALLOW_COPY=1"):
+        prunekit.compress(net, recipe, inplace=inplace, progress=False)
+    assert _unchanged(net, before)
+    monkeypatch.setenv(copies.ALLOW_ENV, "1")
+    report = prunekit.compress(net, recipe, inplace=inplace, progress=False)
+    assert (report.model is net) == inplace
+    assert float((report.model[0].weight == 0).float().mean()) == 0.5
+
+
+def test_compress_search_trials_copy_through_the_guard(monkeypatch) -> None:
+    """Every model copy of a search (each trial's start, the stages kept before the searched
+    one) goes through the guard: with memory for two copies only, the search is refused at the
+    third, saying why."""
+    from prunekit.recipes import runner
+
+    reasons = []
+    original = runner.copy_model
+
+    def counted(model, verb, reason=None):
+        reasons.append(reason)
+        return original(model, verb, reason)
+
+    monkeypatch.setattr(runner, "copy_model", counted)
+    recipe = {
+        "measure": {"latency": False},
+        "goal": {"nonzeros": 0.4, "tolerance": 0.05},
+        "stages": [{"prune": {"sparsity": {"search": [0.5, 0.95]}}}],
+    }
+    x = torch.randn(2, 32)
+    report = prunekit.compress(_net(), recipe, example_inputs=x, progress=False)
+    assert report.search is not None and len(report.search.trials) >= 2
+    assert reasons.count(runner._TRIAL) >= len(report.search.trials)
+    assert set(reasons) <= {runner._TRIAL, runner._WORKING}
+
+    need = copies.model_bytes(_net())
+    left = iter([10 * need, 10 * need])  # two copies fit, then the memory is gone
+    monkeypatch.setattr(copies, "available_bytes", lambda: next(left, need))
+    with pytest.raises(MemoryError, match="compress starts every search trial"):
+        prunekit.compress(_net(), recipe, example_inputs=x, progress=False)

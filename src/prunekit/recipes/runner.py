@@ -36,9 +36,21 @@ from prunekit.recipes.measure import MeasureSettings, measure
 from prunekit.recipes.metrics import Metric, as_metric
 from prunekit.recipes.schema import Recipe, RecipeError, Stage, check_inputs, load_recipe
 from prunekit.recipes.stages import STAGES, run_stage
+from prunekit.runtime.copies import check_copy, copy_model
 
 STAGES_DIR = "stages"
 STAGE_FILE = "stage.json"
+# why compress copies the model whatever inplace says (runtime.copies refuses copies that
+# would not fit in memory and says why they are made)
+_REFERENCE = (
+    "keeps the dense model as the reference every stage is measured against (inplace=True "
+    "prunes yours, so the reference is a copy)"
+)
+_WORKING = (
+    "keeps your model as the dense reference and runs the stages on a copy (inplace=True "
+    "copies the reference instead: the same memory)"
+)
+_TRIAL = "starts every search trial (and keeps the stages before the searched one) from a copy"
 
 
 @dataclass
@@ -260,7 +272,9 @@ def compress(
         _check_out(out_path)
     settings = MeasureSettings.from_recipe(recipe.measure)
 
-    dense = copy.deepcopy(model) if inplace else model
+    if not inplace:  # the working copy is made after the dense measurement: refuse it now
+        check_copy(model, "compress", _WORKING)
+    dense = copy_model(model, "compress", _REFERENCE) if inplace else model
     dense.eval()
     if metric is not None and metric.needs_reference:
         metric = metric.bind(dense)
@@ -299,7 +313,7 @@ def compress(
         if kept is not None:  # no out folder: the chosen trial's model and rows
             report.model, report.stages = kept
     if recipe.knob is None or out_path is not None:
-        start = model if inplace else copy.deepcopy(dense)
+        start = model if inplace else copy_model(dense, "compress", _WORKING)
         report.model, report.stages = run.execute(concrete, start)
     if recipe.goal is not None and report.stages:
         report.goal = check_goal(
@@ -383,7 +397,7 @@ class _Run:
             while done < keep_before and chains[done] in self.memory:
                 done += 1
             if done:
-                work = copy.deepcopy(self.memory[chains[done - 1]][0])
+                work = copy_model(self.memory[chains[done - 1]][0], "compress", _TRIAL)
                 rows = [copy.copy(self.memory[c][1]) for c in chains[:done]]
 
         for stage, chain in list(zip(recipe.stages, chains, strict=True))[done:]:
@@ -420,7 +434,7 @@ class _Run:
             if out_path is not None:
                 _write_checkpoint(out_path / STAGES_DIR / stage.label, work, result, chain)
             elif stage.index <= keep_before:
-                self.memory[chain] = (copy.deepcopy(work), result)
+                self.memory[chain] = (copy_model(work, "compress", _TRIAL), result)
         return work, rows
 
 
@@ -451,7 +465,8 @@ def _search(
         last.update(chain=chain, concrete=concrete)
         if chain in records:
             return [GoalCheck(**c) for c in records[chain]["checks"]], True
-        model, rows = run.execute(concrete, copy.deepcopy(run.ctx.dense), keep_before=knob.index)
+        start = copy_model(run.ctx.dense, "compress", _TRIAL)
+        model, rows = run.execute(concrete, start, keep_before=knob.index)
         checks = check_goal(goal, rows[-1].metrics, run.dense_row, higher_is_better)
         records[chain] = {"value": value, "checks": [vars(c) for c in checks]}
         if out is not None:
@@ -479,7 +494,8 @@ def _search(
         return result, chosen, None
     if kept.get("chain") == chosen_chain:
         return result, chosen, kept["result"]
-    return result, chosen, run.execute(chosen, copy.deepcopy(run.ctx.dense), knob.index)
+    start = copy_model(run.ctx.dense, "compress", _TRIAL)
+    return result, chosen, run.execute(chosen, start, knob.index)
 
 
 def _read_trials(out: Path) -> dict[str, Any]:

@@ -7,6 +7,11 @@ the room left under a cgroup limit (``memory.max`` minus ``memory.current``, cgr
 container's cap counts. A copy may take at most :data:`COPY_FRACTION` of it. Where neither can
 be read (not Linux) nothing is refused. ``PRUNEKIT_ALLOW_COPY=1`` copies anyway.
 
+Verbs that copy whatever ``inplace`` says (``compress`` keeps the dense model as its reference
+beside the working one and starts every search trial from a copy; ``prune_structured`` cuts
+the units out of a copy and verifies it before touching the model) pass the ``reason``, and the
+message then says why the copy is needed instead of advising ``inplace=True``.
+
 Example:
     >>> import torch
     >>> net = torch.nn.Linear(4, 4)
@@ -72,17 +77,40 @@ def _gb(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def copy_model(model: nn.Module, verb: str) -> nn.Module:
-    """A deep copy of ``model`` for ``verb(..., inplace=False)``, or a ``MemoryError`` saying
-    what to do when the copy would not fit."""
-    if os.environ.get(ALLOW_ENV) != "1":
-        need, room = model_bytes(model), available_bytes()
-        on_cpu = all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
-        if room is not None and on_cpu and need > COPY_FRACTION * room:
-            raise MemoryError(
-                f"{verb}(inplace=False) would copy the model ({_gb(need)}) to leave yours "
-                f"untouched, but only {_gb(room)} of memory is available; pass inplace=True to "
-                f"change the model itself (save it first with prunekit.save if you need the "
-                f"original), free memory, or set {ALLOW_ENV}=1 to copy anyway"
-            )
+def check_copy(model: nn.Module, verb: str, reason: str | None = None) -> None:
+    """Raise ``MemoryError`` when a copy of ``model`` would not fit in the memory left (see the
+    module doc); :func:`copy_model` calls it before copying.
+
+    ``reason`` says why ``verb`` copies when it is not ``inplace=False`` (e.g. a reference kept
+    beside the working model); without it the message advises ``inplace=True``.
+
+    Example:
+        >>> from torch import nn
+        >>> check_copy(nn.Linear(4, 4), "prune")  # a few bytes: fits
+    """
+    if os.environ.get(ALLOW_ENV) == "1":
+        return
+    need, room = model_bytes(model), available_bytes()
+    on_cpu = all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+    if room is None or not on_cpu or need <= COPY_FRACTION * room:
+        return
+    if reason is None:
+        raise MemoryError(
+            f"{verb}(inplace=False) would copy the model ({_gb(need)}) to leave yours "
+            f"untouched, but only {_gb(room)} of memory is available; pass inplace=True to "
+            f"change the model itself (save it first with prunekit.save if you need the "
+            f"original), free memory, or set {ALLOW_ENV}=1 to copy anyway"
+        )
+    raise MemoryError(
+        f"{verb} {reason}: a copy of the model ({_gb(need)}), but only {_gb(room)} of memory "
+        f"is available; free memory, use a machine with at least {_gb(int(need / COPY_FRACTION))} "
+        f"free, or set {ALLOW_ENV}=1 to copy anyway"
+    )
+
+
+def copy_model(model: nn.Module, verb: str, reason: str | None = None) -> nn.Module:
+    """A deep copy of ``model`` for ``verb(..., inplace=False)`` (or, with ``reason``, for a copy
+    ``verb`` needs whatever ``inplace`` says), or a ``MemoryError`` saying what to do when the
+    copy would not fit (:func:`check_copy`)."""
+    check_copy(model, verb, reason)
     return copy.deepcopy(model)
