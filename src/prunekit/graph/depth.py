@@ -16,7 +16,6 @@ Removal deletes the block from its container (Hugging Face ``layer_idx`` and
 
 from __future__ import annotations
 
-import copy
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +32,7 @@ from prunekit.graph.plan import resolve_target
 from prunekit.graph.report import GroupRow, StructuredReport
 from prunekit.graph.surgery import verify
 from prunekit.graph.trace import call_model, iter_tensors
+from prunekit.runtime.copies import VERIFY_COPY, copy_model
 from prunekit.targets import matches
 
 LAYER_IMPORTANCE = ("influence", "loss", "random")
@@ -211,9 +211,8 @@ def prune_layers(
         notes.append(
             "no removable block found (blocks of a ModuleList / Sequential with output shape = input shape)"
         )
-        return StructuredReport(
-            model if inplace else copy.deepcopy(model), before, before, [], [], settings, notes
-        )
+        kept = model if inplace else copy_model(model, "prune_structured")
+        return StructuredReport(kept, before, before, [], [], settings, notes)
     scores = score_blocks(model, blocks, importance, calib, loss_fn, seed, progress)
     by_container: dict[str, list[int]] = defaultdict(list)
     for j, (cname, _, _) in enumerate(blocks):
@@ -284,7 +283,7 @@ def prune_layers(
         for entry in step["removed"]:
             remove_blocks(target, entry["container"], entry["indices"])
 
-    candidate = copy.deepcopy(model)
+    candidate = copy_model(model, "prune_structured", VERIFY_COPY)
     apply(candidate)
     verify(candidate, model, example_inputs)
     if inplace:

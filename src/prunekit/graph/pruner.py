@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -26,6 +25,7 @@ from prunekit.graph.surgery import StructuredPruningError, apply_removal, verify
 from prunekit.graph.trace import Graph, trace
 from prunekit.prune import refuse_nonfinite_parameters
 from prunekit.runtime.accelerated import refuse_accelerated
+from prunekit.runtime.copies import VERIFY_COPY, copy_model
 from prunekit.targets import matches
 
 UNITS = ("channel", "neuron", "head", "layer")
@@ -720,7 +720,7 @@ def _surgery_verified(
     changed tensors by name, which are written into ``model`` too when ``inplace``."""
     from prunekit.graph.hf import note_structure, remember_original_config
 
-    candidate = copy.deepcopy(model)
+    candidate = copy_model(model, "prune_structured", VERIFY_COPY)
     changed = prepare(candidate) if prepare is not None else {}
     remember_original_config(candidate)
     record = apply_removal(candidate, graph, removed_roots)
