@@ -126,3 +126,21 @@ def test_compress_search_trials_copy_through_the_guard(monkeypatch) -> None:
     monkeypatch.setattr(copies, "available_bytes", lambda: next(left, need))
     with pytest.raises(MemoryError, match="compress starts every search trial"):
         prunekit.compress(_net(), recipe, example_inputs=x, progress=False)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_prune_structured_refuses_its_verification_copy(inplace, monkeypatch) -> None:
+    """prune_structured cuts the units out of a copy and verifies it (inplace=True too): a copy
+    that does not fit is refused with that reason, the model untouched; the override copies."""
+    import prunekit.graph as pg
+
+    net, x = _net(), torch.randn(2, 32)
+    before = _snapshot(net)
+    need = copies.model_bytes(net)
+    monkeypatch.setattr(copies, "available_bytes", lambda: need)
+    with pytest.raises(MemoryError, match=r"prune_structured cuts the units out of a copy"):
+        pg.prune_structured(net, x, ratio=0.5, round_to=1, inplace=inplace, progress=False)
+    assert _unchanged(net, before)
+    monkeypatch.setenv(copies.ALLOW_ENV, "1")
+    pruned = pg.prune_structured(net, x, ratio=0.5, round_to=1, inplace=inplace, progress=False)
+    assert pruned.model[0].out_features == 16 and (pruned.model is net) == inplace

@@ -29,6 +29,11 @@ from torch import nn
 
 COPY_FRACTION = 0.8
 ALLOW_ENV = "PRUNEKIT_ALLOW_COPY"
+VERIFY_COPY = (
+    "cuts the units out of a copy of the model and verifies it before changing yours "
+    "(inplace=True too)"
+)
+"""The reason ``prune_structured`` copies whatever ``inplace`` says."""
 
 
 def model_bytes(model: nn.Module) -> int:
