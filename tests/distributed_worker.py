@@ -50,8 +50,41 @@ ONESHOT = {
     "wanda-owl": dict(method="wanda", allocation="owl", owl_lambda=0.1),
     "wanda-whole": dict(method="wanda", sequential=False),
     "sparsegpt-whole": dict(method="sparsegpt", sequential=False),
-    "sparsegpt-sensitivity": dict(method="sparsegpt", allocation="sensitivity"),
+    "sparsegpt-sensitivity": dict(method="sparsegpt", allocation="sensitivity", sparsity=0.6),
+    "wanda-sensitivity": dict(method="wanda", allocation="sensitivity"),
+    "magnitude-sensitivity": dict(method="magnitude", allocation="sensitivity"),
+    "sparsegpt-owl": dict(method="sparsegpt", allocation="owl", owl_lambda=0.1),
 }
+
+
+class _Counted:
+    """Counts what the allocation pass runs on this rank: the samples its block-by-block pass
+    sees, and the whole-model damage runs."""
+
+    def __enter__(self) -> dict:
+        import importlib
+
+        sensitivity = importlib.import_module("prunekit.analysis.sensitivity")
+        self.module, self.seen = sensitivity, {"samples": [], "runs": 0}
+        self.run_sequential = sensitivity.run_sequential
+        self.call = sensitivity._OutputDamage.__call__
+
+        def run_sequential(model, blocks, data, *args, **kwargs):
+            data = list(data)
+            self.seen["samples"].append(len(data))
+            return self.run_sequential(model, blocks, data, *args, **kwargs)
+
+        def call(scorer, *args, **kwargs):
+            self.seen["runs"] += 1
+            return self.call(scorer, *args, **kwargs)
+
+        sensitivity.run_sequential = run_sequential
+        sensitivity._OutputDamage.__call__ = call
+        return self.seen
+
+    def __exit__(self, *exc) -> None:
+        self.module.run_sequential = self.run_sequential
+        self.module._OutputDamage.__call__ = self.call
 
 
 def run_oneshot(out: Path, rank: int) -> tuple[dict, dict]:
@@ -61,14 +94,18 @@ def run_oneshot(out: Path, rank: int) -> tuple[dict, dict]:
     mine, ref = {}, {}
     for name, kwargs in ONESHOT.items():
         traffic(reset=True)
-        report = prunekit.oneshot(model, calib, progress=False, **kwargs)
+        with _Counted() as seen:
+            report = prunekit.oneshot(model, calib, progress=False, **kwargs)
         mine[name] = masked_state(report.model)
         mine[name + "/traffic"] = traffic()
+        mine[name + "/allocated"] = report.details["allocated"]
+        mine[name + "/seen"] = seen
         if rank == 0:
-            with single_process():
-                ref[name] = masked_state(
-                    prunekit.oneshot(model, calib, progress=False, **kwargs).model
-                )
+            with single_process(), _Counted() as seen:
+                single = prunekit.oneshot(model, calib, progress=False, **kwargs)
+            ref[name] = masked_state(single.model)
+            ref[name + "/allocated"] = single.details["allocated"]
+            ref[name + "/seen"] = seen
     # a checkpointed run: only rank 0 may write the folder
     import prunekit.calibrate.progress as progress
 

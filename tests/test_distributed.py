@@ -80,7 +80,17 @@ def _assert_same(a: dict, b: dict, exact: bool, atol: float = 0.0) -> None:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
 
 
-@pytest.mark.parametrize("case", ["wanda", "magnitude", "wanda-owl", "wanda-whole"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "wanda",
+        "magnitude",
+        "wanda-owl",
+        "wanda-whole",
+        "wanda-sensitivity",
+        "magnitude-sensitivity",
+    ],
+)
 def test_oneshot_bit_identical(oneshot_runs, case):
     """Wanda (with and without OWL, sequential or whole) and magnitude: both ranks end with the
     single-process masks and weights, bit for bit."""
@@ -92,7 +102,8 @@ def test_oneshot_bit_identical(oneshot_runs, case):
 
 
 @pytest.mark.parametrize(
-    "case", ["sparsegpt", "sparsegpt-2:4", "sparsegpt-whole", "sparsegpt-sensitivity"]
+    "case",
+    ["sparsegpt", "sparsegpt-2:4", "sparsegpt-whole", "sparsegpt-sensitivity", "sparsegpt-owl"],
 )
 def test_oneshot_sparsegpt(oneshot_runs, case):
     """SparseGPT: identical on both ranks (solved by one, broadcast) and, since the float64
@@ -102,6 +113,34 @@ def test_oneshot_sparsegpt(oneshot_runs, case):
     _assert_same(rank0[case], ref[case], exact=True)
     # both ranks sent something: the Hessians were reduced to owners, the solves shared
     assert rank0[case + "/traffic"]["bytes"] > 0 and rank1[case + "/traffic"]["bytes"] > 0
+
+
+@pytest.mark.parametrize("case", ["wanda", "sparsegpt", "magnitude"])
+def test_sensitivity_allocation_is_data_parallel(oneshot_runs, case):
+    """allocation="sensitivity": each rank gathers the block statistics on its share of the
+    samples (2 and 3 of 5) and runs part of the damage measurements; every rank ends with the
+    single-process allocation, exactly (the damages are each computed by one rank, as one
+    process computes them, and gathered)."""
+    rank0, rank1, ref, _ = oneshot_runs
+    name = f"{case}-sensitivity"
+    allocated = ref[name + "/allocated"]
+    assert len(set(allocated.values())) > 1, "the allocation is uniform: nothing was tested"
+    assert rank0[name + "/allocated"] == allocated and rank1[name + "/allocated"] == allocated
+    assert ref[name + "/seen"]["samples"] == [5]
+    assert rank0[name + "/seen"]["samples"] == [2] and rank1[name + "/seen"]["samples"] == [3]
+    runs = [rank0[name + "/seen"]["runs"], rank1[name + "/seen"]["runs"]]
+    single = ref[name + "/seen"]["runs"]
+    # the runs at the target sparsity (the next block's reference) happen on both ranks, the
+    # other grid points on one each
+    assert max(runs) < single and sum(runs) > single
+
+
+@pytest.mark.parametrize("case", ["wanda-owl", "sparsegpt-owl"])
+def test_owl_allocation_matches_single_process(oneshot_runs, case):
+    rank0, rank1, ref, _ = oneshot_runs
+    allocated = ref[case + "/allocated"]
+    assert len(set(allocated.values())) > 1
+    assert rank0[case + "/allocated"] == allocated == rank1[case + "/allocated"]
 
 
 def test_oneshot_statistics_traffic(oneshot_runs):

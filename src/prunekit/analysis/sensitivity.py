@@ -18,7 +18,12 @@ by block as the one-shot runner goes (the earlier blocks already pruned in place
 is pruned with the one-shot method at every sparsity of a grid around the target, and the damage
 is the divergence of the model's outputs (KL of the logits) on a small calibration subsample,
 from the block's own dense reference; the runs start at the measured block (the earlier blocks'
-outputs are replayed). The budget is then spent between blocks, exactly.
+outputs are replayed). The budget is then spent between blocks, exactly. Under
+``torch.distributed`` (every rank passing the same data, as to ``oneshot``) it is data parallel:
+the block statistics come from each rank's share of the samples, summed over the ranks
+(:mod:`prunekit.distributed.reduce`), each SparseGPT grid is solved by one rank and broadcast,
+and the measured runs are spread over the ranks (:mod:`prunekit.distributed.jobs`); every rank
+gets every damage value, so the allocation is the same on all ranks and equal to one process's.
 
 The per-layer pruning is the one-shot methods' own: ``"magnitude"``, ``"wanda"`` or
 ``"sparsegpt"`` (whose reconstruction is included in the damage), or any registered criterion
@@ -46,6 +51,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +72,10 @@ from prunekit.calibrate.stats import (
     run_model,
 )
 from prunekit.compress.durable import write_text_atomic
+from prunekit.distributed import is_distributed, rank, shard_samples
+from prunekit.distributed.jobs import run_shared
+from prunekit.distributed.reduce import broadcast_tensor_, reduce_collected
+from prunekit.distributed.solve import assign, sparsegpt_cost
 from prunekit.masks import raw_parameter
 from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from prunekit.prune import ALLOCATORS, compute_masks, split_by_pattern
@@ -654,6 +664,64 @@ class _StandIn(nn.Module):
         return out
 
 
+def _sparsegpt_owners(group: list[Target], n_points: int) -> dict[str, int]:
+    """The rank that solves each layer's SparseGPT grid (``n_points`` stacked copies of the
+    weight), balanced by cost (the same on every rank)."""
+    costs = []
+    for t in group:
+        rows, cols = t.as_matrix(t.weight()).shape
+        costs.append(sparsegpt_cost(rows * n_points, cols))
+    return {t.name: r for t, r in zip(group, assign(costs), strict=True)}
+
+
+def _reduced_stats(
+    collected: InputStats, group: list[Target], pruner: _LayerPruner, n_points: int
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The statistics over every rank's samples (this process's alone without a process
+    group): Wanda's norms on every rank, SparseGPT's Hessians on the layer's solving rank."""
+    if not is_distributed():
+        return collected.stats
+    owners = None
+    if pruner.method == "sparsegpt":
+        owners = _sparsegpt_owners(group, n_points)
+    return reduce_collected(collected, group, owners)
+
+
+@torch.no_grad()
+def _rest_stats(
+    model: nn.Module, t: Target, local: list, need: set[str], pruner: _LayerPruner, n_points: int
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Statistics of a target outside the blocks, from a whole-model pass over this rank's
+    samples, reduced over the ranks."""
+    if not is_distributed():
+        return collect_input_stats(model, [t], local, need, progress=False)
+    with InputStats([t], need, keep_parts=True) as collected:
+        for sample in local:
+            run_model(model, sample)
+    return _reduced_stats(collected, [t], pruner, n_points)
+
+
+def _grid_matrices(
+    pruner: _LayerPruner, group: list[Target], stats: dict, points: Sequence[float]
+) -> dict[str, list[torch.Tensor]]:
+    """Every layer of ``group`` pruned at every sparsity of ``points``. Under torch.distributed
+    a SparseGPT grid is solved by the rank that holds the layer's Hessian and broadcast;
+    magnitude and Wanda (cheap, their statistics on every rank) are computed everywhere."""
+    if not is_distributed() or pruner.method != "sparsegpt":
+        return {t.name: pruner.matrices(t, stats, points) for t in group}
+    owners = _sparsegpt_owners(group, len(points))
+    out = {}
+    for t in group:
+        if owners[t.name] == rank():
+            out[t.name] = pruner.matrices(t, stats, points)
+        else:
+            out[t.name] = [torch.empty_like(t.weight()) for _ in points]
+    for t in group:
+        for matrix in out[t.name]:
+            broadcast_tensor_(matrix, src=owners[t.name])
+    return out
+
+
 def sequential_damage(
     model: nn.Module,
     targets: list[Target],
@@ -695,6 +763,7 @@ def sequential_damage(
     """
     items = list(data)
     sample = _merge(items[: subsample or len(items)])
+    local = shard_samples(items)  # under torch.distributed: this rank's share (statistics)
     need = {"sparsegpt": {"hessian"}, "wanda": {"norm"}}.get(pruner.method, set())
     params = {t.name: raw_parameter(t.module, t.param_name) for t in targets}
     originals = {n: p.detach().clone() for n, p in params.items()}
@@ -717,7 +786,7 @@ def sequential_damage(
             if "hessian" in entry and "norm" not in entry:
                 entry["norm"] = torch.diagonal(entry["hessian"]).clone()
             layer_stats[t.name] = entry
-        pruned = {t.name: pruner.matrices(t, layer_stats, points) for t in group}
+        pruned = _grid_matrices(pruner, group, layer_stats, points)
         dense = {t.name: params[t.name].detach().clone() for t in group}
         at = {s: {t.name: pruned[t.name][j] for t in group} for j, s in enumerate(points)}
         # the reference: this block dense, the earlier ones as they are now (pruned). The
@@ -741,33 +810,49 @@ def sequential_damage(
         set_weights(group, at[operating])
 
     def _score_grid(key, group, scorer, at, dense, index) -> None:
+        # every point is an independent run of the model: under torch.distributed the points
+        # are spread over the ranks (distributed.jobs) and every rank gets every value
         if per_layer:
-            for t in group:
-                values = []
-                for s in grid:
-                    set_weights([t], at[s])
-                    values.append(scorer())
-                set_weights([t], dense)
-                layer_damage[t.name] = values
+
+            def layer_point(t: Target, s: float) -> float:
+                set_weights([t], at[s])
+                try:
+                    return scorer()
+                finally:
+                    set_weights([t], dense)
+
+            jobs = [partial(layer_point, t, s) for t in group for s in grid]
+            values = run_shared(jobs)
+            for i, t in enumerate(group):
+                layer_damage[t.name] = values[i * len(grid) : (i + 1) * len(grid)]
         if per_block:
-            values = []
-            for s in grid:
+
+            def block_point(s: float) -> float:
                 set_weights(group, at[s])
-                if s == operating and index is not None and module_list is not None:
-                    # this run is the next block's reference: keep its outputs and what
-                    # this block returns
-                    outputs: list = []
-                    handle = module_list[index].register_forward_hook(
-                        lambda module, args, out, store=outputs: store.append(out)
-                    )
-                    try:
-                        values.append(scorer(keep=True))
-                    finally:
-                        handle.remove()
-                    carried.update(reference=(scorer.last, scorer.guess), outputs=outputs)
-                else:
-                    values.append(scorer())
-            block_damage[key] = values
+                return scorer()
+
+            def reference_point(s: float) -> float:
+                # this run is the next block's reference: keep its outputs and what this
+                # block returns (every rank runs it: every rank measures the next block)
+                set_weights(group, at[s])
+                outputs: list = []
+                handle = module_list[index].register_forward_hook(
+                    lambda module, args, out, store=outputs: store.append(out)
+                )
+                try:
+                    value = scorer(keep=True)
+                finally:
+                    handle.remove()
+                carried.update(reference=(scorer.last, scorer.guess), outputs=outputs)
+                return value
+
+            keeps = index is not None and module_list is not None
+            jobs = [
+                partial(reference_point if keeps and s == operating else block_point, s)
+                for s in grid
+            ]
+            everyone = {j for j, s in enumerate(grid) if keeps and s == operating}
+            block_damage[key] = run_shared(jobs, everyone)
 
     module_list: Any = None
     try:
@@ -783,9 +868,9 @@ def sequential_damage(
                 group = groups[index]
                 stats: dict = {}
                 if group and need:
-                    with InputStats(group, need) as collected:
+                    with InputStats(group, need, keep_parts=is_distributed()) as collected:
                         run()
-                    stats = collected.stats
+                    stats = _reduced_stats(collected, group, pruner, len(points))
                 if device is not None:  # the whole model runs below: bring the block home
                     block.to(home)
                 measure(f"{prefix}{index}", group, stats, index)
@@ -800,14 +885,14 @@ def sequential_damage(
             run_sequential(
                 model,
                 module_list,
-                items,
+                local,
                 on_block,
                 propagate="pruned",
                 device=device,
                 progress=bar,
             )
         for t in rest:
-            stats = collect_input_stats(model, [t], items, need, progress=False) if need else {}
+            stats = _rest_stats(model, t, local, need, pruner, len(points)) if need else {}
             measure(t.name, [t], stats)
     finally:
         with torch.no_grad():
