@@ -120,7 +120,50 @@ def run_oneshot(out: Path, rank: int) -> tuple[dict, dict]:
         progress._replace = original
     mine["checkpoint"] = masked_state(report.model)
     mine["checkpoint/writes"] = writes
+    mine["structured"], mine["structured/runs"] = structured_sensitivity_case()
+    if rank == 0:
+        with single_process():
+            ref["structured"], ref["structured/runs"] = structured_sensitivity_case()
     return mine, ref
+
+
+def structured_sensitivity_case() -> tuple[dict, int]:
+    """prune_structured(allocation="sensitivity") on a small MLP whose middle layer is nearly
+    dead: the pruned model and how many damage runs this rank made."""
+    import importlib
+
+    import prunekit.graph as pg
+
+    module = importlib.import_module("prunekit.analysis.structured_sensitivity")
+
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(8, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 4))
+    with torch.no_grad():
+        net[2].weight[:12] *= 1e-3
+    gen = torch.Generator().manual_seed(6)
+    calib = [torch.randn(16, 8, generator=gen) for _ in range(3)]
+    runs = [0]
+    original = module._CosineDamage.__call__
+
+    def call(self, model):
+        runs[0] += 1
+        return original(self, model)
+
+    module._CosineDamage.__call__ = call
+    try:
+        report = pg.prune_structured(
+            net,
+            calib[0][:1],
+            calib=calib,
+            allocation="sensitivity",
+            target_macs=0.6,
+            round_to=1,
+            measure_latency=False,
+            progress=False,
+        )
+    finally:
+        module._CosineDamage.__call__ = original
+    return {k: v.clone() for k, v in report.model.state_dict().items()}, runs[0]
 
 
 def mlp() -> nn.Module:

@@ -143,6 +143,18 @@ def test_owl_allocation_matches_single_process(oneshot_runs, case):
     assert rank0[case + "/allocated"] == allocated == rank1[case + "/allocated"]
 
 
+def test_structured_sensitivity_allocation_is_shared(oneshot_runs):
+    """prune_structured(allocation="sensitivity"): the damage points are measured part on each
+    rank and gathered, so both ranks cut the single-process widths and weights, bit for bit."""
+    rank0, rank1, ref, _ = oneshot_runs
+    widths = [w.shape[0] for k, w in ref["structured"].items() if k.endswith("weight")]
+    assert widths[0] != widths[1] and widths[2] == 4  # not uniform: the allocation chose
+    _assert_same(rank0["structured"], ref["structured"], exact=True)
+    _assert_same(rank1["structured"], ref["structured"], exact=True)
+    runs = [rank0["structured/runs"], rank1["structured/runs"]]
+    assert max(runs) < ref["structured/runs"] and sum(runs) == ref["structured/runs"]
+
+
 def test_oneshot_statistics_traffic(oneshot_runs):
     """Magnitude needs no statistics (no traffic); Wanda sends its norm vectors only."""
     rank0, _, _, _ = oneshot_runs

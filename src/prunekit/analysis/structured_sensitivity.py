@@ -14,7 +14,10 @@ describe what a repaired prune will do.
 MACs it removes, channel groups in whole ``round_to`` steps), then trims one step at a time
 until the exact MAC count (from the traced cost model) is at or below the target.
 
-``prune_structured(..., allocation="sensitivity", target_macs=...)`` runs both.
+``prune_structured(..., allocation="sensitivity", target_macs=...)`` runs both. Under
+``torch.distributed`` the measured points are spread over the ranks (each measured by one rank
+on all of ``calib``, every rank gets every value: :mod:`prunekit.distributed.jobs`), so every
+rank allocates the same widths as one process.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -36,6 +40,8 @@ from tqdm.auto import tqdm
 from prunekit.analysis.allocate import allocate
 from prunekit.analysis.latency_table import LatencyTable, measure_table
 from prunekit.compress.durable import write_text_atomic
+from prunekit.distributed import is_distributed, is_main, rank
+from prunekit.distributed.jobs import job_owners, run_shared
 from prunekit.graph.groups import Group, build_groups
 from prunekit.graph.importance import batch_input, get_importance, score_groups
 from prunekit.graph.plan import CostModel, group_multiple, resolve_target
@@ -217,57 +223,64 @@ def measure_curves(
             model, graph, groups, {g.index: np.arange(g.n_units) for g in groups}
         )
         stats = collect_stats(model, all_consumers, calib, gram=reconstruct.method == "lstsq")
-    curves: dict[int, list[tuple[float, float]]] = {}
+    todo = [g for g in groups if g.index in scores]
+    jobs: list[tuple[Group, int]] = []  # (group, units removed): one measured point each
+    for g in todo:
+        step, fractions = _step(g, round_to), set()
+        for r in ratios:
+            k = _count(g, r, step, min_keep)
+            if k == 0 or k / g.n_units in fractions:
+                continue
+            fractions.add(k / g.n_units)
+            jobs.append((g, k))
+
+    def point(g: Group, k: int) -> float:
+        order = np.argsort(scores[g.index], kind="stable")
+        removed = {g.index: np.sort(order[:k])}
+        consumers, notes = find_consumers(model, graph, [g], removed)
+        bar.update(1)
+        if not consumers or notes:  # the units run through more than Linear / conv readers
+            candidate = copy.deepcopy(model)
+            apply_removal(candidate, graph, g.roots[removed[g.index]])
+            return float(damage_of(candidate))
+        saved = {
+            c.module: (
+                modules[c.module].weight.detach().clone(),
+                None if modules[c.module].bias is None else modules[c.module].bias.detach().clone(),
+            )
+            for c in consumers
+        }
+        try:
+            for c in consumers:
+                if reconstruct is None:
+                    zero_columns(modules[c.module], c)
+                else:
+                    refit_consumer(modules[c.module], c, stats[c.module], reconstruct)
+            return float(damage_of(model))
+        finally:
+            with torch.no_grad():
+                for name, (w, b) in saved.items():
+                    modules[name].weight.copy_(w)
+                    if b is not None:
+                        modules[name].bias.copy_(b)
+
     was = model.training
     model.eval()
-    todo = [g for g in groups if g.index in scores]
-    bar = tqdm(total=len(todo) * len(ratios), desc="structured sensitivity", disable=not progress)
+    # under torch.distributed the points are spread over the ranks (one rank measures each,
+    # every rank gets every value: the curves, hence the allocation, are one process's)
+    mine = len(jobs) if not is_distributed() else job_owners(len(jobs)).count(rank())
+    show = progress and is_main()
+    bar = tqdm(total=mine, desc="structured sensitivity", disable=not show)
     try:
-        for g in todo:
-            step = _step(g, round_to)
-            order = np.argsort(scores[g.index], kind="stable")
-            points: dict[float, float] = {}
-            for r in ratios:
-                k = _count(g, r, step, min_keep)
-                bar.update(1)
-                if k == 0 or k / g.n_units in points:
-                    continue
-                removed = {g.index: np.sort(order[:k])}
-                consumers, notes = find_consumers(model, graph, [g], removed)
-                if consumers and not notes:
-                    saved = {
-                        c.module: (
-                            modules[c.module].weight.detach().clone(),
-                            None
-                            if modules[c.module].bias is None
-                            else modules[c.module].bias.detach().clone(),
-                        )
-                        for c in consumers
-                    }
-                    try:
-                        for c in consumers:
-                            if reconstruct is None:
-                                zero_columns(modules[c.module], c)
-                            else:
-                                refit_consumer(modules[c.module], c, stats[c.module], reconstruct)
-                        damage = damage_of(model)
-                    finally:
-                        with torch.no_grad():
-                            for name, (w, b) in saved.items():
-                                modules[name].weight.copy_(w)
-                                if b is not None:
-                                    modules[name].bias.copy_(b)
-                else:  # the units run through more than Linear / conv readers: real surgery
-                    candidate = copy.deepcopy(model)
-                    apply_removal(candidate, graph, g.roots[removed[g.index]])
-                    damage = damage_of(candidate)
-                    del candidate
-                points[k / g.n_units] = float(damage)
-            if points:  # a group too narrow to lose a unit at any ratio stays out
-                curves[g.index] = sorted(points.items())
+        values = run_shared([partial(point, g, k) for g, k in jobs])
     finally:
         bar.close()
         model.train(was)
+    curves: dict[int, list[tuple[float, float]]] = {}
+    for (g, k), value in zip(jobs, values, strict=True):
+        curves.setdefault(g.index, []).append((k / g.n_units, value))
+    # a group too narrow to lose a unit at any ratio stays out
+    curves = {i: sorted(points) for i, points in curves.items()}
     return curves, metric
 
 
