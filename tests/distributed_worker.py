@@ -32,14 +32,14 @@ def masked_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def tiny_llama() -> nn.Module:
+def tiny_llama(**overrides) -> nn.Module:
     """conftest's tiny Llama, with transformers' warnings silenced in the ranks."""
     import transformers
 
     from conftest import tiny_llama as build
 
     transformers.logging.set_verbosity_error()
-    return build()
+    return build(**overrides)
 
 
 ONESHOT = {
@@ -274,6 +274,44 @@ def run_train(out: Path, rank: int) -> tuple[dict, dict]:
     return mine, ref
 
 
+STREAM = {
+    "wanda": dict(method="wanda"),
+    "sparsegpt-owl": dict(method="sparsegpt", allocation="owl", owl_lambda=0.1),
+}
+
+
+def run_stream(out: Path, rank: int) -> tuple[dict, dict]:
+    """oneshot_from_pretrained from ``OUT/llama`` (written by the test) on both ranks, then
+    alone on rank 0: what each rank wrote (shard files) and the summaries."""
+    import prunekit.calibrate.streaming as streaming
+
+    gen = torch.Generator().manual_seed(7)
+    calib = [torch.randint(0, 64, (1, 12), generator=gen) for _ in range(5)]
+    writes: list[str] = []
+    original = streaming._write_shard
+    streaming._write_shard = lambda path, tensors: (
+        writes.append(path.name),
+        original(path, tensors),
+    )[1]
+    mine, ref = {}, {}
+    try:
+        for name, kwargs in STREAM.items():
+            writes.clear()
+            traffic(reset=True)
+            summary = streaming.oneshot_from_pretrained(
+                out / "llama", calib, out / f"stream-{name}", progress=False, **kwargs
+            )
+            mine[name] = {"summary": summary, "writes": list(writes), "traffic": traffic()}
+            if rank == 0:
+                with single_process():
+                    ref[name] = streaming.oneshot_from_pretrained(
+                        out / "llama", calib, out / f"single-{name}", progress=False, **kwargs
+                    )
+    finally:
+        streaming._write_shard = original
+    return mine, ref
+
+
 def run_cli(out: Path, rank: int, port: int, argv: list[str]) -> None:
     """``prunekit`` in torchrun's environment: the command joins the group itself."""
     import contextlib
@@ -308,7 +346,9 @@ def worker(rank: int | None, out: Path, group: str, init: str | None = None, *ar
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     rank = dist.get_rank()
     try:
-        mine, ref = {"oneshot": run_oneshot, "train": run_train}[group](out, rank)
+        mine, ref = {"oneshot": run_oneshot, "train": run_train, "stream": run_stream}[group](
+            out, rank
+        )
         torch.save(mine, out / f"{group}-rank{rank}.pt")
         if rank == 0:
             torch.save(ref, out / f"{group}-ref.pt")

@@ -68,3 +68,58 @@ def test_streamed_equals_in_memory(sharded, tmp_path, one_thread, method, patter
         sorted(p.name for p in out.glob("*.safetensors"))[0] == "model-00001-of-00004.safetensors"
     )
     assert not list(tmp_path.glob(".*"))  # no temporary folder left behind
+
+
+def _in_memory(folder, method, pattern, **kwargs):
+    whole = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    report = oneshot(
+        whole,
+        [{"input_ids": s} for s in _calib()],
+        method=method,
+        pattern=pattern,
+        inplace=True,
+        progress=False,
+        **kwargs,
+    )
+    finalize(whole, inplace=True)
+    return whole, report
+
+
+@pytest.mark.parametrize(
+    "method, pattern, kwargs",
+    [
+        ("wanda", "unstructured", dict(allocation="owl", owl_lambda=0.1)),
+        ("sparsegpt", "4:8", dict(allocation="owl", owl_lambda=0.2, owl_threshold=3.0)),
+        ("wanda", "unstructured", dict(per_layer={"model.layers.1.*": 0.7})),
+    ],
+)
+def test_streamed_allocation_equals_in_memory(
+    sharded, tmp_path, one_thread, method, pattern, kwargs
+):
+    """OWL streamed (a first pass over the blocks from the shards for the outlier ratios) and
+    per-layer overrides: the same per-layer sparsities and tensors as oneshot in memory."""
+    out = tmp_path / "out"
+    summary = oneshot_from_pretrained(
+        sharded,
+        _calib(),
+        out,
+        method=method,
+        pattern=pattern,
+        max_activation_mb=0.001 if method == "sparsegpt" else None,
+        progress=False,
+        **kwargs,
+    )
+    whole, report = _in_memory(sharded, method, pattern, **kwargs)
+    assert summary["allocated"] == report.details["allocated"]
+    assert len(set(summary["allocated"].values())) > 1  # not uniform: the allocation mattered
+    streamed = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    a, b = streamed.state_dict(), whole.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_streamed_sensitivity_is_refused_with_the_way_out(sharded, tmp_path) -> None:
+    with pytest.raises(ValueError, match="per_layer=.*allocation='owl'"):
+        oneshot_from_pretrained(sharded, _calib(), tmp_path / "o", allocation="sensitivity")
+    assert not (tmp_path / "o").exists()

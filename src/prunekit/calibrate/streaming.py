@@ -25,9 +25,21 @@ for measured figures.
 
 The result equals ``prunekit.oneshot(model, calib, ...)`` followed by ``finalize`` on the same
 model loaded whole (same operations in the same order; the tests check it bit for bit).
-Supported: uniform allocation, unstructured and N:M, methods ``magnitude``, ``wanda`` and
-``sparsegpt``, models whose targeted layers all sit in the repeated blocks (the default for
-causal LMs, whose head is not targeted). One process.
+Supported: uniform and OWL allocation and ``per_layer`` overrides, unstructured and N:M, methods
+``magnitude``, ``wanda`` and ``sparsegpt``, models whose targeted layers all sit in the repeated
+blocks (the default for causal LMs, whose head is not targeted).
+
+OWL costs a first streamed pass: every block is read from the shards once more and run once
+more on the dense activations (its outlier ratio needs the block's weights and its input norms
+only), then the first block's inputs are captured again. ``allocation="sensitivity"`` is not
+streamed: its measurement runs the rest of the model from every block at every grid point
+(``oneshot``'s :func:`prunekit.analysis.sensitivity.sequential_damage`), about ``L^2 / 2 x 5``
+block loads for ``L`` blocks read from disk (or, with one load per block, the subsample's
+activations of ``L x 5`` variants kept at once); measure it in memory and pass ``per_layer``.
+
+Under ``torch.distributed`` (``torchrun``) each rank holds the activations of its own share of
+the samples (the activation term below divides by the number of ranks), reads every block,
+takes part in the reductions of :func:`prunekit.oneshot`, and rank 0 alone writes ``out``.
 """
 
 from __future__ import annotations
@@ -46,7 +58,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.calibrate.data import CalibrationSet, calibration
-from prunekit.calibrate.oneshot import METHODS, _block_targets, _Pruner
+from prunekit.calibrate.oneshot import (
+    METHODS,
+    _block_targets,
+    _owl_ratio,
+    _Pruner,
+    _reduced,
+    round_nm_allocation,
+)
 from prunekit.calibrate.sequential import (
     _hidden,
     _with_hidden,
@@ -56,10 +75,12 @@ from prunekit.calibrate.sequential import (
 )
 from prunekit.calibrate.stats import InputStats
 from prunekit.compress.durable import fsync_path
+from prunekit.distributed import barrier, is_distributed, is_main, shard_samples
 from prunekit.masks import remove_mask
 from prunekit.patterns import NM, Unstructured, parse_pattern
-from prunekit.prune import _check_choice, _resolve_sparsity
-from prunekit.targets import resolve_targets
+from prunekit.prune import _check_choice, _check_sparsity, _resolve_sparsity
+from prunekit.scope import owl_allocation
+from prunekit.targets import per_layer_overrides, resolve_targets
 
 INDEX = "model.safetensors.index.json"
 
@@ -207,7 +228,11 @@ def oneshot_from_pretrained(
     targets: Any = None,
     ignore: Any = None,
     *,
+    allocation: str = "uniform",
+    per_layer: dict[str, float] | None = None,
     scope: str | None = None,
+    owl_threshold: float = 5.0,
+    owl_lambda: float = 0.08,
     block_size: int = 128,
     damp: float = 0.01,
     seed: int = 0,
@@ -224,14 +249,29 @@ def oneshot_from_pretrained(
         out: the output folder (sharded safetensors + index, config, the source's other files);
             written under a temporary name and renamed when complete.
         method, sparsity, pattern, targets, ignore, scope, block_size, damp, seed: as in
-            :func:`prunekit.oneshot` (uniform allocation).
+            :func:`prunekit.oneshot`.
+        allocation: ``"uniform"`` or ``"owl"`` (as in :func:`prunekit.oneshot`, with
+            ``owl_threshold`` and ``owl_lambda``): a first streamed pass over the blocks (each
+            loaded from the shards, run on the dense activations, its outlier ratio kept) sets
+            the per-block sparsities, then the pruning pass runs; the cost is one more read of
+            the checkpoint and one more dense forward of every block. ``"sensitivity"`` is not
+            streamed (see the module doc); measure it on a model that fits and pass the result
+            as ``per_layer``.
+        per_layer: ``{pattern: sparsity}`` overrides, as in :func:`prunekit.oneshot`
+            (unstructured only), e.g. an allocation measured elsewhere.
         max_activation_mb: keep at most this many MB of activations in memory; the rest spill
             to a temporary folder beside ``out`` (None: all in memory).
         overwrite: replace an existing ``out``.
 
+    Under ``torch.distributed`` (``torchrun``; every rank passes the same arguments) each rank
+    keeps the activations of its contiguous share of the samples only, the statistics are
+    summed over the ranks and the SparseGPT solves spread over them, exactly as in
+    :func:`prunekit.oneshot`; every rank reads the blocks from ``source`` (which must be
+    visible to all) and rank 0 alone writes ``out``. The result equals one process's.
+
     Returns:
-        A summary: ``{"blocks", "targets", "sparsity", "activations_spilled", "shards",
-        "bytes_written"}``.
+        A summary: ``{"blocks", "targets", "sparsity", "allocation", "allocated",
+        "fallbacks", "activations_spilled", "shards", "bytes_written"}``.
 
     Example:
         >>> oneshot_from_pretrained("llama-70b", calib, "llama-70b-2of4", method="sparsegpt",
@@ -239,11 +279,24 @@ def oneshot_from_pretrained(
     """
     source, out = Path(source), Path(out)
     _check_choice("method", method, METHODS)
+    _check_choice("allocation", allocation, ("uniform", "owl", "sensitivity"))
     parsed = parse_pattern(pattern)
     if not isinstance(parsed, (Unstructured, NM)):
         raise ValueError(f"oneshot_from_pretrained supports unstructured and N:M, not {pattern}")
     sparsity = _resolve_sparsity(sparsity, parsed)
     scope = scope or ("row" if method == "wanda" else "local")
+    if allocation == "sensitivity":
+        raise ValueError(
+            "oneshot_from_pretrained does not stream allocation='sensitivity': measuring it "
+            "runs the rest of the model once per block and sparsity (about L^2 / 2 x 5 block "
+            "loads for L blocks); measure it with prunekit.oneshot on a model that fits (or a "
+            "smaller sibling) and pass its per-layer sparsities as per_layer=, or use "
+            "allocation='owl'"
+        )
+    if allocation == "owl":
+        owl_allocation([0.0], [1], sparsity, owl_lambda)  # validates lambda against sparsity
+    if per_layer and not isinstance(parsed, Unstructured):
+        raise ValueError("per_layer works with unstructured sparsity")
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
     if not isinstance(calib, CalibrationSet):
@@ -252,6 +305,9 @@ def oneshot_from_pretrained(
         raise ValueError("calib holds no sample")
     # token tensors as keyword inputs, so the model runs without a KV cache (use_cache=False)
     samples = [{"input_ids": s} if isinstance(s, torch.Tensor) else s for s in calib]
+    local = shard_samples(samples)  # under torch.distributed: this rank's contiguous share
+    writer = is_main()  # only rank 0 writes the output
+    progress = progress and writer
 
     shard_map = _shard_map(source)
     reader = _Reader(source, shard_map)
@@ -264,88 +320,152 @@ def oneshot_from_pretrained(
             f"oneshot_from_pretrained prunes the layers inside {blocks_name} only; these targets "
             f"are outside: {names}; ignore them (ignore=[...]) or use prunekit.oneshot"
         )
+    overrides = per_layer_overrides(chosen, per_layer)
+    for key, value in overrides.items():
+        _check_sparsity(value, f"per_layer[{key!r}]")
     pruner = _Pruner(
-        method, parsed, scope, sparsity, "uniform", 5.0, 0.08, block_size, damp, seed, False
+        method,
+        parsed,
+        scope,
+        sparsity,
+        allocation,
+        owl_threshold,
+        owl_lambda,
+        block_size,
+        damp,
+        seed,
+        False,
     )
+    pruner.per_layer = dict(overrides)
     n = len(blocks)
+    barrier()  # every rank has checked ``out`` before rank 0 may create it
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     spill = Path(tempfile.mkdtemp(prefix=".prunekit-activations-", dir=out.parent))
     weight_map: dict[str, str] = {}
     written = 0
+    limit = None if max_activation_mb is None else int(max_activation_mb * 2**20)
+    acts = _Activations(limit, spill)
     try:
-        # 1. block inputs of every sample (the model stops at its first, meta, block)
-        captured = capture_block_inputs(model, blocks, samples)
-        acts = _Activations(
-            None if max_activation_mb is None else int(max_activation_mb * 2**20), spill
-        )
-        frames = []
-        for i, (args, kwargs) in enumerate(captured):
-            acts.put(i, _hidden(args, kwargs))
-            frames.append(_with_hidden(args, kwargs, torch.empty(0)))  # the rest, shared
-        del captured
-        total_shards = n + 1
-        desc = f"oneshot {method} (streamed)"
-        bar = tqdm(range(n), desc=desc, unit="block", disable=not progress)
-        for index in bar:
-            block = blocks[index]
-            key_prefix = f"{blocks_name}.{index}."
-            _load_block(block, key_prefix, reader)
+        frames = _capture(model, blocks, local, acts)
 
-            def run(block: nn.Module = block) -> list[torch.Tensor]:
-                outs = []
-                for i, (args, kwargs) in enumerate(frames):
-                    a, k = _with_hidden(args, kwargs, acts.get(i))
-                    outs.append(call_block(block, a, k))
+        def visit(desc: str, on_block) -> None:
+            """Load every block in turn, let ``on_block(index, block, run)`` work on it and
+            return its outputs (the next block's inputs), then send it back to meta."""
+            bar = tqdm(range(n), desc=desc, unit="block", disable=not progress)
+            for index in bar:
+                block = blocks[index]
+                _load_block(block, f"{blocks_name}.{index}.", reader)
+
+                def run(block: nn.Module = block) -> list[torch.Tensor]:
+                    outs = []
+                    for i, (args, kwargs) in enumerate(frames):
+                        a, k = _with_hidden(args, kwargs, acts.get(i))
+                        outs.append(call_block(block, a, k))
+                    return outs
+
+                for i, hidden in enumerate(on_block(index, block, run)):
+                    acts.put(i, hidden)
+                block.to("meta")
+                _release_freed_memory()
+
+        per_block = [sparsity] * n
+        if allocation == "owl":  # 1. the outlier ratios, block by block on dense activations
+            ratios: dict[int, float] = {}
+
+            def measure(index: int, block: nn.Module, run) -> list[torch.Tensor]:
+                group = groups[index]
+                if not group:
+                    return run()
+                with InputStats(group, {"norm"}, keep_parts=is_distributed()) as collected:
+                    outs = run()
+                ratios[index] = _owl_ratio(group, _reduced(collected, group, None), owl_threshold)
                 return outs
 
+            visit(f"oneshot {method} (streamed, OWL pass)", measure)
+            used = sorted(ratios)
+            sizes = [sum(t.weight().numel() for t in groups[i]) for i in used]
+            owl = owl_allocation([ratios[i] for i in used], sizes, sparsity, owl_lambda)
+            if isinstance(parsed, NM):
+                owl = round_nm_allocation(owl, sizes, parsed)
+            for i, s_ in zip(used, owl, strict=True):
+                per_block[i] = s_
+            frames = _capture(model, blocks, local, acts)  # the first block's inputs again
+
+        total_shards = n + 1
+
+        def prune_block(index: int, block: nn.Module, run) -> list[torch.Tensor]:
+            nonlocal written
             group = groups[index]
             if group:
                 stats: dict = {}
                 if pruner.need:
-                    with InputStats(group, pruner.need) as collected:
+                    with InputStats(group, pruner.need, keep_parts=is_distributed()) as collected:
                         run()
-                    stats = collected.stats
-                pruner.prune(group, stats, sparsity)
+                    stats = _reduced(collected, group, pruner)
+                pruner.prune(group, stats, per_block[index])
                 for t in group:
                     remove_mask(t.module, t.param_name)  # zeros baked in
-            for i, hidden in enumerate(run()):
-                acts.put(i, hidden)
+            outs = run()
             file = f"model-{index + 1:05d}-of-{total_shards:05d}.safetensors"
+            key_prefix = f"{blocks_name}.{index}."
             tensors = {key_prefix + k: v for k, v in block.state_dict().items()}
-            written += _write_shard(tmp / file, tensors)
+            written += _write_shard(tmp / file, tensors) if writer else _nbytes(tensors)
             weight_map.update(dict.fromkeys(tensors, file))
-            del tensors
-            block.to("meta")
-            _release_freed_memory()
-        # 2. everything else, unchanged, straight from the source shards
+            return outs
+
+        visit(f"oneshot {method} (streamed)", prune_block)
+        # 2. everything else, unchanged, straight from the source shards (rank 0)
         file = f"model-{total_shards:05d}-of-{total_shards:05d}.safetensors"
-        others = {k: reader.get(k) for k in shard_map if not k.startswith(f"{blocks_name}.")}
-        written += _write_shard(tmp / file, others)
-        weight_map.update(dict.fromkeys(others, file))
-        index_json = {"metadata": {"total_size": written}, "weight_map": weight_map}
-        (tmp / INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
-        for item in source.iterdir():  # config, tokenizer, generation config, ...
-            if item.is_file() and not item.name.endswith(".safetensors") and item.name != INDEX:
-                shutil.copy2(item, tmp / item.name)
-        fsync_path(tmp)
-        if os.path.lexists(out):
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-        fsync_path(out.parent)
+        others = [k for k in shard_map if not k.startswith(f"{blocks_name}.")]
+        if writer:
+            tensors = {k: reader.get(k) for k in others}
+            written += _write_shard(tmp / file, tensors)
+            del tensors
+            weight_map.update(dict.fromkeys(others, file))
+            index_json = {"metadata": {"total_size": written}, "weight_map": weight_map}
+            (tmp / INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
+            for item in source.iterdir():  # config, tokenizer, generation config, ...
+                if item.is_file() and not item.name.endswith(".safetensors") and item.name != INDEX:
+                    shutil.copy2(item, tmp / item.name)
+            fsync_path(tmp)
+            if os.path.lexists(out):
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            os.replace(tmp, out)
+            fsync_path(out.parent)
+        barrier()  # every rank returns once ``out`` is complete
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        spill_count = acts.spilled if "acts" in locals() else 0
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(spill, ignore_errors=True)
     return {
         "blocks": n,
         "targets": len(chosen),
         "sparsity": sparsity,
+        "allocation": allocation,
         "allocated": dict(pruner.allocated),
         "fallbacks": dict(pruner.fallbacks),
-        "activations_spilled": spill_count,
+        "activations_spilled": acts.spilled,
         "shards": n + 1,
-        "bytes_written": written,
+        "bytes_written": written if writer else None,
     }
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in tensors.values())
+
+
+def _capture(
+    model: nn.Module, blocks: nn.ModuleList, samples: list, acts: _Activations
+) -> list[tuple[tuple, dict]]:
+    """The first block's inputs of every sample: the hidden states into ``acts``, the rest of
+    each call's arguments (masks, rotary tables) returned, with an empty hidden-state slot."""
+    captured = capture_block_inputs(model, blocks, samples)
+    frames = []
+    for i, (args, kwargs) in enumerate(captured):
+        acts.put(i, _hidden(args, kwargs))
+        frames.append(_with_hidden(args, kwargs, torch.empty(0)))  # the rest, shared
+    return frames
