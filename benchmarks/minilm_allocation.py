@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 import prunekit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm_oneshot import load_model, sts_rows, sts_score  # noqa: E402
+from minilm_oneshot import calibration, load_model, sts_rows, sts_score  # noqa: E402
 
 
 def nonzeros(model: torch.nn.Module, names: list[str]) -> int:
@@ -45,9 +44,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     dev, train = sts_rows("dev"), sts_rows("train")
     model, tokenizer = load_model()
-    sentences = sorted({s for _, a, b in train for s in (a, b)})
-    random.Random(0).shuffle(sentences)
-    calib = [dict(tokenizer(s, return_tensors="pt")) for s in sentences[: args.calib_samples]]
+    calib = calibration(tokenizer, train, args.calib_samples)
     dense = sts_score(model, tokenizer, dev)
     print(f"prunekit {prunekit.__version__}, torch {torch.__version__}, {args.threads} threads")
     print(f"all-MiniLM-L6-v2: dense STS-B dev Spearman {dense:.2f}")

@@ -49,6 +49,19 @@ def sts_rows(split: str) -> list[tuple[float, str, str]]:
     return rows
 
 
+def train_sentences(train_rows: list[tuple[float, str, str]]) -> list[str]:
+    """The distinct STS-B train sentences in a fixed shuffled order (calibration draws from the
+    front)."""
+    sentences = sorted({s for _, a, b in train_rows for s in (a, b)})
+    random.Random(0).shuffle(sentences)
+    return sentences
+
+
+def calibration(tokenizer, train_rows: list[tuple[float, str, str]], count: int) -> list[dict]:
+    """``count`` tokenized train sentences, one per calibration sample."""
+    return [dict(tokenizer(s, return_tensors="pt")) for s in train_sentences(train_rows)[:count]]
+
+
 def load_model():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -111,9 +124,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     dev, train = sts_rows("dev"), sts_rows("train")
     model, tokenizer = load_model()
-    sentences = sorted({s for _, a, b in train for s in (a, b)})
-    random.Random(0).shuffle(sentences)
-    calib = [dict(tokenizer(s, return_tensors="pt")) for s in sentences[: args.calib_samples]]
+    calib = calibration(tokenizer, train, args.calib_samples)
     dense = sts_score(model, tokenizer, dev)
     print(f"prunekit {prunekit.__version__}, torch {torch.__version__}, {args.threads} threads")
     print(

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import random
 import sys
 import tempfile
 import time
@@ -106,9 +105,7 @@ def minilm_row(args, rows: list) -> None:
 
     dev, train = mo.sts_rows("dev"), mo.sts_rows("train")
     model, tokenizer = mo.load_model()
-    sentences = sorted({s for _, a, b in train for s in (a, b)})
-    random.Random(0).shuffle(sentences)
-    calib = [dict(tokenizer(s, return_tensors="pt")) for s in sentences[: args.calib_samples]]
+    calib = mo.calibration(tokenizer, train, args.calib_samples)
     dense_score = mo.sts_score(model, tokenizer, dev)
     label = "2:4" if args.minilm_pattern == "2:4" else f"{100 * args.minilm_sparsity:.0f}%"
 
