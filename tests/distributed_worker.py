@@ -277,6 +277,10 @@ def run_train(out: Path, rank: int) -> tuple[dict, dict]:
 STREAM = {
     "wanda": dict(method="wanda"),
     "sparsegpt-owl": dict(method="sparsegpt", allocation="owl", owl_lambda=0.1),
+    "wanda-sensitivity": dict(method="wanda", allocation="sensitivity", sparsity=0.6),
+    "sparsegpt-sensitivity": dict(
+        method="sparsegpt", allocation="sensitivity", sparsity=0.6, max_activation_mb=0.001
+    ),
 }
 
 

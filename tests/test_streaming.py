@@ -119,7 +119,21 @@ def test_streamed_allocation_equals_in_memory(
         assert torch.equal(a[key], b[key]), key
 
 
-def test_streamed_sensitivity_is_refused_with_the_way_out(sharded, tmp_path) -> None:
-    with pytest.raises(ValueError, match="per_layer=.*allocation='owl'"):
-        oneshot_from_pretrained(sharded, _calib(), tmp_path / "o", allocation="sensitivity")
-    assert not (tmp_path / "o").exists()
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_streamed_sensitivity_equals_in_memory(sharded, tmp_path, one_thread, method):
+    """allocation="sensitivity" streamed (one pass: the subsample's states carried through the
+    later blocks as they are loaded, spilled to disk here): the same damage, hence the same
+    allocation and tensors, as oneshot in memory."""
+    out = tmp_path / "out"
+    kwargs = dict(allocation="sensitivity", sparsity=0.6)
+    summary = oneshot_from_pretrained(
+        sharded, _calib(), out, method=method, max_activation_mb=0.001, progress=False, **kwargs
+    )
+    whole, report = _in_memory(sharded, method, "unstructured", **kwargs)
+    assert summary["allocated"] == report.details["allocated"]
+    assert len(set(summary["allocated"].values())) > 1
+    streamed = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    a, b = streamed.state_dict(), whole.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert not list(tmp_path.glob(".*"))

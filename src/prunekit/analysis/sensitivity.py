@@ -1168,24 +1168,11 @@ def oneshot_allocation(
     per-layer output damages do not add up inside a block (on the character Llama a per-layer
     allocation from them loses to uniform), while whole blocks compare well.
     """
-    from prunekit.scope import count_to_remove
-
     free = [t for t in targets if t.name not in fixed]
     if not free:
         return {}
-    points = _check_grid(grid if grid is not None else oneshot_grid(pruner.sparsity))
-    if pruner.sparsity >= points[-1]:
-        points = _check_grid([*points, pruner.sparsity, (1.0 + pruner.sparsity) / 2])
-    criterion = None if pruner.method == "sparsegpt" else get_criterion(pruner.method)
-    layer_pruner = _LayerPruner(
-        pruner.method,
-        criterion,
-        pruner.pattern,
-        pruner.scope,
-        pruner.block_size,
-        pruner.damp,
-        pruner.seed,
-    )
+    points = allocation_grid(grid, pruner.sparsity)
+    layer_pruner = layer_pruner_of(pruner)
     found = find_blocks(model, blocks) if sequential else None
     _, damage = sequential_damage(
         model,
@@ -1203,8 +1190,50 @@ def oneshot_allocation(
         progress=pruner.progress,
     )
     groups = _unit_groups(model if found else None, found, free)
-    sizes = {t.name: t.weight().numel() for t in free}
-    removed = sum(count_to_remove(pruner.sparsity, n) for n in sizes.values())
+    return allocate_groups(groups, points, damage, pruner.sparsity)
+
+
+def allocation_grid(grid: Iterable[float] | None, sparsity: float) -> list[float]:
+    """The sparsities ``oneshot(allocation="sensitivity")`` measures: ``grid`` (default
+    :func:`oneshot_grid`), extended above the target when the target is its top.
+
+    Example:
+        >>> allocation_grid(None, 0.5)
+        [0.4, 0.45, 0.5, 0.55, 0.6]
+    """
+    points = _check_grid(grid if grid is not None else oneshot_grid(sparsity))
+    if sparsity >= points[-1]:
+        points = _check_grid([*points, sparsity, (1.0 + sparsity) / 2])
+    return points
+
+
+def layer_pruner_of(pruner: Any) -> _LayerPruner:
+    """The per-layer pruner of a one-shot job's settings (``calibrate.oneshot._Pruner``)."""
+    criterion = None if pruner.method == "sparsegpt" else get_criterion(pruner.method)
+    return _LayerPruner(
+        pruner.method,
+        criterion,
+        pruner.pattern,
+        pruner.scope,
+        pruner.block_size,
+        pruner.damp,
+        pruner.seed,
+    )
+
+
+def allocate_groups(
+    groups: dict[str, list[Target]],
+    points: Sequence[float],
+    damage: dict[str, list[float]],
+    sparsity: float,
+) -> dict[str, float]:
+    """Per-layer sparsities from per-group damage curves measured at ``points``: the budget
+    (``round(sparsity * n)`` removed in every layer, summed) spent between the groups exactly,
+    each group's count split between its layers in proportion to their sizes."""
+    from prunekit.scope import count_to_remove
+
+    sizes = {t.name: t.weight().numel() for group in groups.values() for t in group}
+    removed = sum(count_to_remove(sparsity, n) for n in sizes.values())
     curves = {key: list(zip(points, _monotone(damage[key]), strict=True)) for key in groups}
     group_sizes = {key: sum(sizes[t.name] for t in group) for key, group in groups.items()}
     chosen = allocate(curves, sizes=group_sizes, removed=removed)

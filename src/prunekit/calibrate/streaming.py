@@ -25,21 +25,33 @@ for measured figures.
 
 The result equals ``prunekit.oneshot(model, calib, ...)`` followed by ``finalize`` on the same
 model loaded whole (same operations in the same order; the tests check it bit for bit).
-Supported: uniform and OWL allocation and ``per_layer`` overrides, unstructured and N:M, methods
-``magnitude``, ``wanda`` and ``sparsegpt``, models whose targeted layers all sit in the repeated
-blocks (the default for causal LMs, whose head is not targeted).
+Supported: uniform, OWL and sensitivity allocation and ``per_layer`` overrides (the last two
+unstructured only), unstructured and N:M, methods ``magnitude``, ``wanda`` and ``sparsegpt``,
+models whose targeted layers all sit in the repeated blocks (the default for causal LMs, whose
+head is not targeted).
 
-OWL costs a first streamed pass: every block is read from the shards once more and run once
-more on the dense activations (its outlier ratio needs the block's weights and its input norms
-only), then the first block's inputs are captured again. ``allocation="sensitivity"`` is not
-streamed: its measurement runs the rest of the model from every block at every grid point
-(``oneshot``'s :func:`prunekit.analysis.sensitivity.sequential_damage`), about ``L^2 / 2 x 5``
-block loads for ``L`` blocks read from disk (or, with one load per block, the subsample's
-activations of ``L x 5`` variants kept at once); measure it in memory and pass ``per_layer``.
+The allocations cost a first streamed pass, each block read from the shards once more:
+
+* OWL: every block run once more on the dense activations (its outlier ratio needs the block's
+  weights and its input norms only);
+* sensitivity (the measurement of ``oneshot``, ``analysis.sensitivity.sequential_damage``, with
+  the grid's ``g`` sparsities): the calibration activations run
+  through every block (dense for the statistics, then at the target sparsity), and the
+  calibration subsample (16 samples) is carried in ``L + 1 + L x (g - 1)`` versions for ``L``
+  blocks (the reference entering each block, each block at each other sparsity), every version
+  run through each later block when that block is loaded: about ``L^2 g / 2`` block runs on the
+  subsample, as in memory, and at the end ``L x (g + 1)`` runs of the model's tail (final norm and
+  head) on it. Those versions take ``(L + 1 + L (g - 1)) x subsample x seq_len x hidden x 4``
+  bytes, spilled to disk like the activations (``max_activation_mb``). The result is the
+  in-memory allocation (tests: bit for bit).
+
+Then the first block's inputs are captured again and the pruning pass runs.
 
 Under ``torch.distributed`` (``torchrun``) each rank holds the activations of its own share of
-the samples (the activation term below divides by the number of ranks), reads every block,
-takes part in the reductions of :func:`prunekit.oneshot`, and rank 0 alone writes ``out``.
+the samples (the activation term of the peak memory above divides by the number of ranks),
+reads every block, takes part in the reductions of :func:`prunekit.oneshot` (the sensitivity
+pass's versions at the other sparsities are spread over the ranks too), and rank 0 alone writes
+``out``.
 """
 
 from __future__ import annotations
@@ -75,7 +87,7 @@ from prunekit.calibrate.sequential import (
 )
 from prunekit.calibrate.stats import InputStats
 from prunekit.compress.durable import fsync_path
-from prunekit.distributed import barrier, is_distributed, is_main, shard_samples
+from prunekit.distributed import barrier, is_distributed, is_main, rank, shard_samples
 from prunekit.masks import remove_mask
 from prunekit.patterns import NM, Unstructured, parse_pattern
 from prunekit.prune import _check_choice, _check_sparsity, _resolve_sparsity
@@ -230,6 +242,7 @@ def oneshot_from_pretrained(
     *,
     allocation: str = "uniform",
     per_layer: dict[str, float] | None = None,
+    sensitivity_grid: Any = None,
     scope: str | None = None,
     owl_threshold: float = 5.0,
     owl_lambda: float = 0.08,
@@ -254,9 +267,9 @@ def oneshot_from_pretrained(
             ``owl_threshold`` and ``owl_lambda``): a first streamed pass over the blocks (each
             loaded from the shards, run on the dense activations, its outlier ratio kept) sets
             the per-block sparsities, then the pruning pass runs; the cost is one more read of
-            the checkpoint and one more dense forward of every block. ``"sensitivity"`` is not
-            streamed (see the module doc); measure it on a model that fits and pass the result
-            as ``per_layer``.
+            the checkpoint and one more dense forward of every block. ``"sensitivity"``: a
+            first streamed pass measures ``oneshot``'s damage curves (cost in the module doc;
+            ``sensitivity_grid`` as in :func:`prunekit.oneshot`); unstructured only.
         per_layer: ``{pattern: sparsity}`` overrides, as in :func:`prunekit.oneshot`
             (unstructured only), e.g. an allocation measured elsewhere.
         max_activation_mb: keep at most this many MB of activations in memory; the rest spill
@@ -285,18 +298,10 @@ def oneshot_from_pretrained(
         raise ValueError(f"oneshot_from_pretrained supports unstructured and N:M, not {pattern}")
     sparsity = _resolve_sparsity(sparsity, parsed)
     scope = scope or ("row" if method == "wanda" else "local")
-    if allocation == "sensitivity":
-        raise ValueError(
-            "oneshot_from_pretrained does not stream allocation='sensitivity': measuring it "
-            "runs the rest of the model once per block and sparsity (about L^2 / 2 x 5 block "
-            "loads for L blocks); measure it with prunekit.oneshot on a model that fits (or a "
-            "smaller sibling) and pass its per-layer sparsities as per_layer=, or use "
-            "allocation='owl'"
-        )
     if allocation == "owl":
         owl_allocation([0.0], [1], sparsity, owl_lambda)  # validates lambda against sparsity
-    if per_layer and not isinstance(parsed, Unstructured):
-        raise ValueError("per_layer works with unstructured sparsity")
+    if (per_layer or allocation == "sensitivity") and not isinstance(parsed, Unstructured):
+        raise ValueError("per_layer and allocation='sensitivity' work with unstructured sparsity")
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
     if not isinstance(calib, CalibrationSet):
@@ -395,6 +400,25 @@ def oneshot_from_pretrained(
                 per_block[i] = s_
             frames = _capture(model, blocks, local, acts)  # the first block's inputs again
 
+        elif allocation == "sensitivity":  # 1. the damage curves, block by block (module doc)
+            free = [[t for t in group if t.name not in overrides] for group in groups]
+            from prunekit.analysis.sensitivity import allocation_grid
+
+            (spill / "sensitivity").mkdir()
+            measured = _sensitivity_pass(
+                model,
+                blocks_name,
+                blocks,
+                free,
+                samples,
+                pruner,
+                allocation_grid(sensitivity_grid, sparsity),
+                visit,
+                _Activations(limit, spill / "sensitivity"),
+            )
+            pruner.per_layer.update(measured)
+            frames = _capture(model, blocks, local, acts)  # the first block's inputs again
+
         total_shards = n + 1
 
         def prune_block(index: int, block: nn.Module, run) -> list[torch.Tensor]:
@@ -469,3 +493,172 @@ def _capture(
         acts.put(i, _hidden(args, kwargs))
         frames.append(_with_hidden(args, kwargs, torch.empty(0)))  # the rest, shared
     return frames
+
+
+class _Tail(nn.Module):
+    """Stands in for every block while the model's tail (final norm, head) runs on a given
+    hidden state: returns it (as a one-tuple when the real blocks return tuples)."""
+
+    def __init__(self, value: list, as_tuple: bool) -> None:
+        super().__init__()
+        self.value, self.as_tuple = value, as_tuple
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return (self.value[0],) if self.as_tuple else self.value[0]
+
+
+def _sensitivity_pass(
+    model: nn.Module,
+    blocks_name: str,
+    blocks: nn.ModuleList,
+    groups: list[list[Any]],
+    samples: list,
+    pruner: _Pruner,
+    grid: list[float],
+    visit: Any,
+    vault: _Activations,
+) -> dict[str, float]:
+    """``oneshot(allocation="sensitivity")``'s measurement (``sequential_damage`` with whole
+    blocks) streamed: one pass over the blocks, each loaded once.
+
+    The calibration activations flow through every block pruned at the target sparsity (the
+    statistics of the next block), as in memory. The calibration subsample is carried along
+    in several versions (states, kept in ``vault``, which spills to disk): ``ref[j]``, the
+    hidden state entering block ``j`` with the blocks before it pruned at the target, then run
+    through the dense blocks from ``j`` on; and ``var[j, s]``, block ``j``'s output pruned at
+    sparsity ``s``, then run through the dense blocks after it. Every state passes through each
+    later block when that block is loaded (dense), before it is pruned. At the end the model's
+    tail turns each state into logits: the damage of block ``j`` at ``s`` is the KL divergence
+    from ``ref[j]``'s logits to ``var[j, s]``'s (at the target, ``var[j, target]`` is
+    ``ref[j + 1]``), per position, exactly as measured in memory. Under torch.distributed the
+    ``var`` states are spread over the ranks (``ref`` runs on all) and the damages gathered.
+    """
+    from prunekit.analysis.sensitivity import (
+        SUBSAMPLE,
+        _divergence,
+        _grid_matrices,
+        _merge,
+        _output_tensor,
+        _reduced_stats,
+        allocate_groups,
+        layer_pruner_of,
+    )
+    from prunekit.calibrate.stats import run_model
+    from prunekit.distributed.jobs import gather_owned, job_owners
+    from prunekit.masks import raw_parameter
+
+    layer_pruner = layer_pruner_of(pruner)
+    operating = pruner.sparsity
+    points = sorted(set(grid) | {operating})
+    need = {"sparsegpt": {"hessian"}, "wanda": {"norm"}}.get(pruner.method, set())
+    measured = [j for j, group in enumerate(groups) if group]
+    jobs = [(j, s) for j in measured for s in grid]
+    owners = job_owners(len(jobs), {i for i, (_, s) in enumerate(jobs) if s == operating})
+    me = rank()
+    sub = _merge(samples[:SUBSAMPLE])
+    captured = capture_block_inputs(model, blocks, sub)
+    sub_frames = [_with_hidden(a, k, torch.empty(0)) for a, k in captured]
+    states: dict[Any, int] = {}  # key -> index of its first batch in the vault
+    nb = len(sub_frames)
+    as_tuple = [False]
+
+    def new_state(key: Any, hidden: list[torch.Tensor]) -> None:
+        states[key] = len(vault.items)
+        for tensor in hidden:
+            vault.put(len(vault.items), tensor)
+
+    def read(key: Any) -> list[torch.Tensor]:
+        return [vault.get(states[key] + b) for b in range(nb)]
+
+    def through(block: nn.Module, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for (args, kwargs), h in zip(sub_frames, hidden, strict=True):
+            a, k = _with_hidden(args, kwargs, h)
+            raw = block(*a, **k)
+            as_tuple[0] = isinstance(raw, (tuple, list))
+            out.append(raw[0] if as_tuple[0] else raw)
+        return out
+
+    current = [_hidden(a, k) for a, k in captured]  # the subsample entering the block
+    del captured
+
+    def measure_once(index: int, block: nn.Module, run) -> list[torch.Tensor]:
+        nonlocal current
+        group = groups[index]
+        for key, base in list(states.items()):  # every earlier state through the dense block
+            for b, h in enumerate(through(block, read(key))):
+                vault.put(base + b, h)
+        # ref[index]: the subsample entering this block (earlier blocks at the target) through
+        # this block, dense, and the dense blocks after it
+        new_state(("ref", index), through(block, current))
+        if not group:
+            current = through(block, current)
+            return run()
+        stats: dict = {}
+        if need:
+            with InputStats(group, need, keep_parts=is_distributed()) as collected:
+                run()
+            stats = _reduced_stats(collected, group, layer_pruner, len(points))
+        layer_stats = {}
+        for t in group:
+            entry = dict(stats.get(t.name, {}))
+            if "hessian" in entry and "norm" not in entry:
+                entry["norm"] = torch.diagonal(entry["hessian"]).clone()
+            layer_stats[t.name] = entry
+        pruned = _grid_matrices(layer_pruner, group, layer_stats, points)
+
+        def set_weights(s: float) -> None:
+            for t in group:
+                param = raw_parameter(t.module, t.param_name)
+                param.copy_(pruned[t.name][points.index(s)].to(param.dtype))
+
+        for i, (j, s) in enumerate(jobs):
+            if j == index and s != operating and owners[i] == me:
+                set_weights(s)
+                new_state(("var", index, s), through(block, current))
+        set_weights(operating)
+        current = through(block, current)
+        return run()
+
+    visit(f"oneshot {pruner.method} (streamed, sensitivity pass)", measure_once)
+    new_state(("ref", len(blocks)), current)  # what var[last, target] would be
+
+    # the tail: every block stands in for the final state; the model runs its norm and head
+    holder: list = [None]
+    saved = list(blocks)
+    for j in range(len(blocks)):
+        blocks[j] = _Tail(holder, as_tuple[0])
+    try:
+
+        def logits(key: Any) -> list[torch.Tensor]:
+            out = []
+            for b, item in enumerate(sub):
+                holder[0] = vault.get(states[key] + b)
+                tensor, _ = _output_tensor(run_model(model, item))
+                out.append(tensor.detach())
+            return out
+
+        mine: dict[int, float] = {}
+        for j in measured:
+            wanted = [i for i, (jj, _) in enumerate(jobs) if jj == j and owners[i] == me]
+            if not wanted:
+                continue
+            reference = logits(("ref", j))
+            positions = sum(d.reshape(-1, d.shape[-1]).shape[0] for d in reference)
+            for i in wanted:
+                s = jobs[i][1]
+                # var[j, target] is ref[j + 1] (ref[n]: the final state)
+                other = logits(("ref", j + 1) if s == operating else ("var", j, s))
+                total = 0.0
+                for dense, tensor in zip(reference, other, strict=True):
+                    total += float(_divergence(dense, tensor, "kl"))
+                mine[i] = total / positions
+    finally:
+        for j, block in enumerate(saved):
+            blocks[j] = block
+    values = gather_owned(mine, owners)
+    damage: dict[str, list[float]] = {}
+    for (j, _), value in zip(jobs, values, strict=True):
+        damage.setdefault(f"{blocks_name}.{j}", []).append(value)
+    keyed = {f"{blocks_name}.{j}": groups[j] for j in measured}
+    return allocate_groups(keyed, grid, damage, operating)

@@ -54,11 +54,27 @@ def run_shared(jobs: Sequence[Callable[[], float]], everyone: Collection[int] = 
     everyone = set(everyone)
     owners = job_owners(len(jobs), everyone)
     me = rank()
-    mine = torch.zeros(len(jobs), dtype=torch.float64)
+    mine = {}
     for j, job in enumerate(jobs):
         if owners[j] == me or j in everyone:
             value = float(job())
             if owners[j] == me:
                 mine[j] = value
-    every = [part.cpu() for part in all_gather_varlen(mine)]
-    return [float(every[owners[j]][j]) for j in range(len(jobs))]
+    return gather_owned(mine, owners)
+
+
+def gather_owned(mine: dict[int, float], owners: Sequence[int]) -> list[float]:
+    """All values on every rank, value ``j`` taken from rank ``owners[j]`` (whose ``mine`` holds
+    it): one ``all_gather`` of ``len(owners)`` float64 values.
+
+    Example:
+        >>> gather_owned({0: 1.5, 1: 2.0}, [0, 0])  # one process: its own values
+        [1.5, 2.0]
+    """
+    if not is_distributed() or not owners:
+        return [float(mine[j]) for j in range(len(owners))]
+    local = torch.zeros(len(owners), dtype=torch.float64)
+    for j, value in mine.items():
+        local[j] = value
+    every = [part.cpu() for part in all_gather_varlen(local)]
+    return [float(every[owners[j]][j]) for j in range(len(owners))]
