@@ -53,6 +53,7 @@ ONESHOT = {
     "sparsegpt-sensitivity": dict(method="sparsegpt", allocation="sensitivity", sparsity=0.6),
     "wanda-sensitivity": dict(method="wanda", allocation="sensitivity"),
     "magnitude-sensitivity": dict(method="magnitude", allocation="sensitivity"),
+    "wanda-sensitivity-whole": dict(method="wanda", allocation="sensitivity", sequential=False),
     "sparsegpt-owl": dict(method="sparsegpt", allocation="owl", owl_lambda=0.1),
 }
 

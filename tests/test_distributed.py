@@ -89,6 +89,7 @@ def _assert_same(a: dict, b: dict, exact: bool, atol: float = 0.0) -> None:
         "wanda-whole",
         "wanda-sensitivity",
         "magnitude-sensitivity",
+        "wanda-sensitivity-whole",
     ],
 )
 def test_oneshot_bit_identical(oneshot_runs, case):
