@@ -55,10 +55,32 @@ def latency(
     return {n: statistics.median(v) for n, v in per_round.items()}
 
 
+def cpu_features() -> str:
+    """The CPU model, the flags that pick torch's kernel paths and torch's own capability."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.partition(":")[2].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")
+    shown = " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # older torch
+        capability = "unknown"
+    return f"{model}, flags {shown}, torch CPU capability {capability}"
+
+
 def machine() -> str:
+    """CPU features, cores, torch version and the load average now (print it with each figure)."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{cpu_features()}; {os.cpu_count()} cores, torch {torch.__version__}, "
         f"load average {load:.2f} at start"
     )
 

@@ -252,3 +252,106 @@ def test_a_group_inside_a_wider_layer_keeps_the_full_multiple(no_timing) -> None
     assert kept == {"conv1": 16, "conv2": 8}  # conv2's group is 16 wide everywhere: multiple 8
     pruned = pg.prune_structured(model, IMG, ratio=0.5, round_to=8, progress=False).model
     assert pruned.conv2.in_channels == 24 and pruned.conv1.out_channels == 8
+
+
+# --------------------------------------------------------------------------- hardware-aware
+
+
+def test_group_multiple_without_halving_keeps_the_full_multiple() -> None:
+    assert [group_multiple(n, 16, halve=False) for n in (64, 31, 16, 10)] == [16, 16, 16, 16]
+    assert [group_multiple(n, 16) for n in (31, 16)] == [8, 8]
+
+
+def test_time_per_mac_is_each_units_share_of_its_modules_time() -> None:
+    from prunekit.graph.groups import build_groups
+    from prunekit.graph.hardware import time_per_mac
+    from prunekit.graph.plan import CostModel
+    from prunekit.graph.trace import trace
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    x = torch.randn(5, 4)
+    graph = trace(net, x)
+    groups = build_groups(graph)
+    times = {"0": 2.0, "1": 9.0, "2": 1.5, "4": 0.5}
+    per_mac = time_per_mac(graph, groups, CostModel(graph), times)
+    got = {g.name: per_mac[g.index] for g in groups}
+    # reference by hand: a hidden unit of layer 0 is 1/8 of layer 0's rows and 1/8 of layer 2's
+    # columns (ReLU holds no parameter); it carries 5 rows * (4 + 6) MACs
+    assert got["0"] == pytest.approx((2.0 / 8 + 1.5 / 8) / (5 * (4 + 6)))
+    assert got["2"] == pytest.approx((1.5 / 6 + 0.5 / 6) / (5 * (8 + 3)))
+
+
+class FakeCost:
+    def __init__(self, per_unit: dict[int, float], n: dict[int, int]) -> None:
+        self.per_unit, self.n = per_unit, n
+
+    def evaluate(self, roots):
+        removed = {i for i in self.n if i in set(int(r) for r in roots)}
+        return sum(self.per_unit[i] * self.n[i] for i in self.n if i not in removed), 0.0
+
+
+def test_weights_are_time_per_mac_over_the_mac_weighted_mean_clipped() -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from prunekit.graph import hardware
+
+    # three groups of one unit each (its root is its index), MACs 1, 3 and 4
+    groups = [SimpleNamespace(index=i, roots=np.array([i])) for i in range(3)]
+    cost = FakeCost({0: 1.0, 1: 3.0, 2: 4.0}, {0: 1, 1: 1, 2: 1})
+    w = hardware.weights(groups, cost, {0: 4.0, 1: 1.0, 2: 0.5})
+    mean = (4.0 * 1 + 1.0 * 3 + 0.5 * 4) / 8
+    # 4 / mean = 3.6 and 0.5 / mean = 0.44 are clipped to [0.5, 2]
+    assert w == pytest.approx({0: 2.0, 1: 1.0 / mean, 2: 0.5})
+    assert hardware.weights(groups, cost, {0: 1.0}) == {0: 1.0, 1: 1.0, 2: 1.0}
+    over = hardware.weighted_overrides(groups, {0: 2.0, 1: 1.0, 2: 0.5}, 0.5, {2: 0.1})
+    assert over == pytest.approx({0: 0.75, 1: 0.5, 2: 0.1})
+
+
+def candidate_measure(favour: str | None, calls: list):
+    """Times every model 10 ms, but the candidate named ``favour`` 5 ms."""
+
+    def measure(models, example_inputs, *, threads=None, **_):
+        calls.append(sorted(models))
+        ms = {n: (5.0 if n == favour else 10.0) for n in models}
+        return {"ms": ms, "batch": 1, "threads": 1, "repeats": 5, "device": "cpu"}
+
+    return measure
+
+
+@pytest.mark.parametrize("favour", [None, "time"])
+def test_default_target_keeps_the_fastest_measured_candidate(monkeypatch, lanes_8, favour) -> None:
+    widths = [32, 64, 48, 32]
+    model = convnet(widths)
+    dense = chain_macs(widths)
+    calls: list = []
+    monkeypatch.setattr(latency_module, "measure", candidate_measure(favour, calls))
+    # module times: the first conv costs 50x more per unit than the others
+    times = {"0": 50.0, "2": 1.0, "4": 1.0, "6": 1.0, "8": 0.1}
+    monkeypatch.setattr(latency_module, "module_times", lambda *a, **k: times)
+    report = pg.prune_structured(model, IMG, target_macs=0.5, progress=False)
+    hw = report.settings["hardware"]
+    assert len(calls) == 1 and calls[0][0] == "dense"  # every candidate in one measurement
+    assert set(hw["candidates"]) <= {"uniform", "whole", "time", "time-whole"}
+    assert {"uniform", "time"} <= set(hw["candidates"])
+    assert hw["chosen"] == (favour or "uniform")
+    kept = [g.kept for g in report.groups]
+    assert report.macs_after == chain_macs(kept) <= 0.5 * dense  # the target still holds
+    assert report.latency.pruned_ms == (5.0 if favour else 10.0)
+    uniform = pg.prune_structured(
+        model, IMG, target_macs=0.5, measure_latency=False, progress=False
+    )
+    if favour == "time":  # the first conv's group lost more than under one uniform ratio
+        assert kept[0] < uniform.groups[0].kept
+    else:
+        assert kept == [g.kept for g in uniform.groups]
+
+
+def test_an_explicit_round_to_measures_no_candidates(monkeypatch) -> None:
+    calls: list = []
+    model = convnet()
+    monkeypatch.setattr(latency_module, "measure", candidate_measure(None, calls))
+    report = pg.prune_structured(model, IMG, target_macs=0.5, round_to=8, progress=False)
+    assert "hardware" not in report.settings and calls == [["dense", "pruned"]]

@@ -33,27 +33,28 @@ def _cap(group: Group, min_keep: int) -> int:
     return max(group.n_units - max(min_keep, 1), 0)
 
 
-def group_multiple(n: int, round_to: int | None) -> int:
+def group_multiple(n: int, round_to: int | None, halve: bool = True) -> int:
     """The multiple a group of ``n`` channels is kept at: ``round_to``, halved while the group
     is narrower than two of it (a 16-wide group with ``round_to=16`` keeps 8 or 16 channels,
     rather than never being pruned); 1 when not rounded. ``n`` is the widest layer the group
     lives in (:func:`_multiple`): a group that is part of wider layers (16 channels of a
     residual stream that later layers pad to 64) keeps the full multiple, so that those layers
-    stay multiples too."""
+    stay multiples too. ``halve=False`` keeps the full multiple (such a group stays whole, or
+    loses whole multiples: the hardware-aware candidates of ``prune_structured``)."""
     m = round_to or 1
-    while m > 1 and n < 2 * m:
+    while halve and m > 1 and n < 2 * m:
         m //= 2
     return max(m, 1)
 
 
-def _multiple(group: Group, round_to: int | None) -> int:
-    return group_multiple(max(group.n_units, group.layer_width), round_to)
+def _multiple(group: Group, round_to: int | None, halve: bool = True) -> int:
+    return group_multiple(max(group.n_units, group.layer_width), round_to, halve)
 
 
-def _rounded_keep(kept: int, n: int, round_to: int | None, group: Group) -> int:
+def _rounded_keep(kept: int, n: int, round_to: int | None, group: Group, halve: bool = True) -> int:
     if not round_to or group.kind != "channel" or round_to <= 1:
         return kept
-    m = _multiple(group, round_to)
+    m = _multiple(group, round_to, halve)
     return min(n, int(math.ceil(kept / m) * m))
 
 
@@ -86,9 +87,11 @@ def select(
     round_to: int | None = None,
     min_keep: int = 1,
     normalize_how: str = "mean",
+    halve: bool = True,
 ) -> Selection:
     """Remove ``ratio`` of the units of every scored group (local), or of all of them pooled
-    (global), lowest scores first; groups in ``overrides`` get their own (local) ratio."""
+    (global), lowest scores first; groups in ``overrides`` get their own (local) ratio.
+    ``halve``: see :func:`group_multiple`."""
     overrides = overrides or {}
     removed: dict[int, np.ndarray] = {}
     pool = []
@@ -100,7 +103,7 @@ def select(
             continue
         r = overrides.get(g.index, ratio)
         k = min(int(round(r * g.n_units)), _cap(g, min_keep))
-        removed[g.index] = _trim(g, scores[g.index], k, round_to, min_keep)
+        removed[g.index] = _trim(g, scores[g.index], k, round_to, min_keep, halve)
     if pool:
         normed = [normalize(scores[g.index], normalize_how) for g in pool]
         total = sum(g.n_units for g in pool)
@@ -119,7 +122,7 @@ def select(
                 k -= 1
         for i, g in enumerate(pool):
             chosen = np.sort(np.array(taken[i], dtype=np.int64))
-            kept = _rounded_keep(g.n_units - len(chosen), g.n_units, round_to, g)
+            kept = _rounded_keep(g.n_units - len(chosen), g.n_units, round_to, g, halve)
             drop = g.n_units - kept
             if drop < len(chosen):  # rounding keeps the best of the chosen ones
                 chosen = np.sort(chosen[np.argsort(scores[g.index][chosen], kind="stable")[:drop]])
@@ -128,9 +131,14 @@ def select(
 
 
 def _trim(
-    group: Group, scores: np.ndarray, k: int, round_to: int | None, min_keep: int
+    group: Group,
+    scores: np.ndarray,
+    k: int,
+    round_to: int | None,
+    min_keep: int,
+    halve: bool = True,
 ) -> np.ndarray:
-    kept = _rounded_keep(group.n_units - k, group.n_units, round_to, group)
+    kept = _rounded_keep(group.n_units - k, group.n_units, round_to, group, halve)
     k = group.n_units - kept
     if group.parents is not None:
         return _uniform_per_parent(group, scores, k)
@@ -181,13 +189,13 @@ def resolve_target(value: float | None, dense: float) -> float | None:
     return value * dense if value <= 1.0 else value
 
 
-def allowed_keep(n: int, kept: int, round_to: int | None, group: Group) -> int:
+def allowed_keep(n: int, kept: int, round_to: int | None, group: Group, halve: bool = True) -> int:
     """The next width a group may grow to from ``kept``: the next multiple of its
     :func:`group_multiple`, or its full width ``n`` (which need not be a multiple); one unit
     more when not rounded."""
     if not round_to or round_to <= 1 or group.kind != "channel":
         return min(n, kept + 1)
-    m = _multiple(group, round_to)
+    m = _multiple(group, round_to, halve)
     return min(n, (kept // m + 1) * m)
 
 
@@ -199,6 +207,7 @@ def restore(
     *,
     round_to: int | None = None,
     frozen: set[int] | frozenset[int] = frozenset(),
+    halve: bool = True,
 ) -> Selection:
     """Put removed units back while ``ok(selection)`` holds: at each step the group whose next
     step (up to its next allowed width, best-scored removed units first) has the highest mean
@@ -216,7 +225,7 @@ def restore(
     def step(i: int) -> tuple[float, np.ndarray]:
         g, r = by_index[i], removed[i]
         kept = g.n_units - len(r)
-        grow = allowed_keep(g.n_units, kept, round_to, g) - kept
+        grow = allowed_keep(g.n_units, kept, round_to, g, halve) - kept
         best = r[np.argsort(-ranked[i][r], kind="stable")[:grow]]
         return float(ranked[i][best].mean()), best
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunekit.graph import hardware as _hardware
 from prunekit.graph import latency as _latency
 from prunekit.graph.count import count
 from prunekit.graph.depth import prune_layers
@@ -371,26 +372,44 @@ def prune_structured(
     )
     notes.extend(score_notes)
 
+    auto_round = round_to is None
     if round_to is None:
         round_to = default_round_to(model)
     ranked = {i: normalize_scores(v, normalize) for i, v in scores.items()}
     cost = _cost_model(graph, model)
 
-    def choose(r: float) -> Selection:
+    def choose(r: float, halve: bool = True, weights: dict[int, float] | None = None) -> Selection:
         return select(
             groups,
             scores,
             r,
             scope=scope,
-            overrides=overrides,
+            overrides=overrides
+            if weights is None
+            else _hardware.weighted_overrides(groups, weights, r, overrides),
             round_to=round_to,
             min_keep=min_keep,
             normalize_how=normalize,
+            halve=halve,
         )
 
-    def plan(macs: float | None, params: float | None) -> tuple[Selection, float]:
+    def plan(
+        macs: float | None,
+        params: float | None,
+        halve: bool = True,
+        weights: dict[int, float] | None = None,
+    ) -> tuple[Selection, float]:
         return _search_target(
-            cost, groups, choose, macs, params, ranked, round_to=round_to, frozen=set(overrides)
+            cost,
+            groups,
+            lambda r: choose(r, halve, weights),
+            macs,
+            params,
+            # units put back after the search: time-expensive groups last
+            ranked if weights is None else {i: v / weights[i] for i, v in ranked.items()},
+            round_to=round_to,
+            frozen=set(overrides),
+            halve=halve,
         )
 
     latency = None
@@ -467,6 +486,21 @@ def prune_structured(
         notes.append(f"allocation='sensitivity': damage measured as {summary['metric']}")
     elif target_macs is not None or target_params is not None:
         selection, reached = plan(target_macs, target_params)
+        if auto_round and measure_latency and groups and round_to > 1:
+            selection, reached, latency = _hardware_pick(
+                model,
+                graph,
+                groups,
+                cost,
+                plan,
+                (selection, reached),
+                example_inputs,
+                (target_macs, target_params),
+                threads=threads,
+                pin_outputs=pin_outputs,
+                settings=settings,
+                notes=notes,
+            )
         settings.update(
             {
                 k: v
@@ -560,6 +594,7 @@ def _search_target(
     *,
     round_to: int,
     frozen: set[int],
+    halve: bool = True,
 ) -> tuple[Selection, float]:
     """Smallest ratio whose (rounded) selection meets the targets (bisection on the analytic cost
     model), then removed units are put back, a whole rounding step at a time and best scores
@@ -595,8 +630,79 @@ def _search_target(
             hi, best = mid, sel
         else:
             lo = mid
-    best = restore(best, groups, ranked, lambda sel: ok(sel)[0], round_to=round_to, frozen=frozen)
+    best = restore(
+        best,
+        groups,
+        ranked,
+        lambda sel: ok(sel)[0],
+        round_to=round_to,
+        frozen=frozen,
+        halve=halve,
+    )
     return best, hi
+
+
+def _hardware_pick(
+    model: nn.Module,
+    graph: Graph,
+    groups: list[Group],
+    cost: CostModel,
+    plan: Callable[..., tuple[Selection, float]],
+    uniform: tuple[Selection, float],
+    example_inputs: Any,
+    targets: tuple[float | None, float | None],
+    *,
+    threads: int | None,
+    pin_outputs: bool,
+    settings: dict[str, Any],
+    notes: list[str],
+) -> tuple[Selection, float, Latency]:
+    """The hardware-aware candidates (:mod:`prunekit.graph.hardware`) for a MAC / parameter
+    target, each meeting it, timed side by side with dense; the fastest is kept."""
+    times = _latency.module_times(model, example_inputs, threads=threads)
+    weights = _hardware.weights(groups, cost, _hardware.time_per_mac(graph, groups, cost, times))
+    plans = {"uniform": uniform}
+    for name, halve, weighted in _hardware.CANDIDATES:
+        if name in plans:
+            continue
+        try:
+            plans[name] = plan(*targets, halve=halve, weights=weights if weighted else None)
+        except ValueError:  # out of reach at whole multiples: not a candidate
+            continue
+    chosen, ms, got = _hardware.pick_fastest(
+        model,
+        {n: p[0] for n, p in plans.items()},
+        lambda sel: _surgery_verified(
+            model, graph, sel.roots(groups), example_inputs, False, pin_outputs
+        ),
+        example_inputs,
+        threads=threads,
+    )
+    dense_ms = float(got["ms"]["dense"])
+    macs = {
+        n: cost.evaluate(p[0].roots(groups))[0] / max(cost.evaluate(np.zeros(0, np.int64))[0], 1)
+        for n, p in plans.items()
+    }
+    settings["hardware"] = {
+        "chosen": chosen,
+        "dense_ms": dense_ms,
+        "candidates": {n: {"ms": ms[n], "macs_ratio": macs[n]} for n in plans},
+    }
+    shown = ", ".join(f"{n} {ms[n]:.3g} ms at {100 * macs[n]:.1f} % MACs" for n in plans)
+    notes.append(
+        f"hardware-aware widths: measured candidates (dense {dense_ms:.3g} ms): {shown}; "
+        f"kept {chosen!r}"
+    )
+    latency = Latency(
+        dense_ms=dense_ms,
+        pruned_ms=ms[chosen],
+        batch=got["batch"],
+        threads=got["threads"],
+        repeats=got["repeats"],
+        device=got["device"],
+    )
+    selection, reached = plans[chosen]
+    return selection, reached, latency
 
 
 def _measure_pair(
