@@ -11,6 +11,7 @@ value, a flag or a message checked here).
 from __future__ import annotations
 
 import re
+import sys
 import threading
 
 import pytest
@@ -25,25 +26,15 @@ from prunekit.targets import Target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+if "mutmut" in sys.modules:
+    # Under `make mutation` every mutant runs in a process forked from one parent. tqdm's
+    # default lock includes a multiprocessing semaphore shared by all those processes (and
+    # taken by tqdm's monitor thread); one process stopped at its time limit while holding it
+    # hangs every later one. A lock of each process's own, and no monitor thread, instead.
+    tqdm_std.tqdm.set_lock(threading.RLock())
+    tqdm_std.tqdm.monitor_interval = 0
+
 NAMES = ["magnitude", "movement", "random", "snip", "synflow", "taylor", "wanda"]
-
-
-@pytest.fixture
-def bars(capsys):
-    """``capsys`` for tests that draw progress bars, with tqdm's lock local to this process and
-    no monitor thread: ``make mutation`` forks one test process per mutant, and tqdm's default
-    lock (a multiprocessing semaphore shared across forks, also taken by its monitor thread)
-    left held by a process killed at its time limit would hang every later one."""
-    cls = tqdm_std.tqdm
-    old_lock, old_interval = cls.__dict__.get("_lock"), cls.monitor_interval
-    cls.set_lock(threading.RLock())
-    cls.monitor_interval = 0
-    yield capsys
-    cls.monitor_interval = old_interval
-    if old_lock is None:
-        del cls._lock
-    else:
-        cls.set_lock(old_lock)
 
 
 def mlp(seed: int = 0) -> nn.Sequential:
@@ -356,14 +347,14 @@ def test_accumulate_gradients_contract() -> None:
     assert net[0].weight.requires_grad is False and net[2].weight.requires_grad is True
 
 
-def test_accumulate_gradients_progress_bar(bars) -> None:
+def test_accumulate_gradients_progress_bar(capsys) -> None:
     net = mlp()
     base.accumulate_gradients(
         net, targets_of(net), batches(2), mse, None, False, "qq", lambda *a: 0
     )
-    assert bars.readouterr().err == ""
+    assert capsys.readouterr().err == ""
     base.accumulate_gradients(net, targets_of(net), batches(3), mse, 2, True, "qq", lambda *a: 0)
-    err = bars.readouterr().err
+    err = capsys.readouterr().err
     # titled, counting batches out of max_batches, and cleared at the end (leave=False)
     assert err.startswith("\rqq:   0%") and " 0/2 " in err and "batch/s" in err
     assert err.endswith("\r") and "\n" not in err
@@ -531,12 +522,12 @@ def test_elimination_order_defaults_and_the_collector() -> None:
         assert synflow.synflow_score(ctx) is stats[name]["synflow_order"]
 
 
-def test_elimination_order_progress_bar(bars) -> None:
+def test_elimination_order_progress_bar(capsys) -> None:
     net = synflow_net()
     synflow.elimination_order(net, targets_of(net), torch.zeros(1, 4), 2, 0.5, progress=False)
-    assert bars.readouterr().err == ""
+    assert capsys.readouterr().err == ""
     synflow.elimination_order(net, targets_of(net), torch.zeros(1, 4), 2, 0.5, progress=True)
-    err = bars.readouterr().err
+    err = capsys.readouterr().err
     assert err.startswith("\rsynflow:   0%") and " 0/2 " in err
     assert err.endswith("\r") and "\n" not in err
 
@@ -620,15 +611,15 @@ def test_scores_follow_the_weight_to_its_device(score, stat: str) -> None:
         (wanda.collect_wanda, "calibration", {}),
     ],
 )
-def test_collectors_show_progress_by_default(collect, desc: str, kw: dict, bars) -> None:
+def test_collectors_show_progress_by_default(collect, desc: str, kw: dict, capsys) -> None:
     net = mlp()
     data = batches(2) if kw else [x for x, _ in batches(2)]
     collect(net, targets_of(net), data=data, **kw)
-    assert bars.readouterr().err.startswith(f"\r{desc}:")
+    assert capsys.readouterr().err.startswith(f"\r{desc}:")
     collect(net, targets_of(net), data=data, progress=True, **kw)
-    assert bars.readouterr().err.startswith(f"\r{desc}:")
+    assert capsys.readouterr().err.startswith(f"\r{desc}:")
     collect(net, targets_of(net), data=data, progress=False, **kw)
-    assert bars.readouterr().err == ""
+    assert capsys.readouterr().err == ""
 
 
 @pytest.fixture
@@ -712,7 +703,7 @@ def test_example_input_accepts_a_one_dimensional_batch() -> None:
     assert synflow.example_input([x]) is x
 
 
-def test_elimination_order_shows_progress_by_default(bars) -> None:
+def test_elimination_order_shows_progress_by_default(capsys) -> None:
     net = synflow_net()
     synflow.elimination_order(net, targets_of(net), torch.zeros(1, 4), 2, 0.5)
-    assert bars.readouterr().err.startswith("\rsynflow:")
+    assert capsys.readouterr().err.startswith("\rsynflow:")
