@@ -576,15 +576,21 @@ def _prune_sequentially(
             pruner.prune(groups[index], stats, per_block[index])
         tracker.finish(key, pruner)
 
-    run_sequential(
-        model,
-        blocks,
-        calib,
-        prune_block,
-        propagate=propagate,
-        device=device,
-        progress=bar(f"oneshot {pruner.method}"),
-    )
+    if pruner.need:
+        run_sequential(
+            model,
+            blocks,
+            calib,
+            prune_block,
+            propagate=propagate,
+            device=device,
+            progress=bar(f"oneshot {pruner.method}"),
+        )
+    else:  # magnitude: the masks depend on the weights alone, no calibration pass is needed
+        wrap = bar(f"oneshot {pruner.method}")
+        indices = range(len(blocks))
+        for index in wrap(indices) if wrap else indices:
+            prune_block(index, blocks[index], lambda: None)
     if rest:
         tracker.begin("rest")
         _prune_all_at_once(model, rest, calib, pruner, "uniform")

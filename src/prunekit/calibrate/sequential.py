@@ -15,17 +15,32 @@ Llama, ``transformer.h`` of GPT-2, ``encoder.layer`` of BERT), found automatical
 Only one block and the activations of the calibration set are live at a time; with ``device``
 each block is moved there for its turn and back afterwards, so the rest of the model stays on
 the CPU.
+
+Speed: consecutive samples whose other block arguments agree (same rotary embeddings, masks...)
+are stacked along dim 0 and run through the block together, in chunks of at most
+``batch_tokens`` tokens (memory stays bounded); the statistics hooks still see them sample by
+sample (:func:`prunekit.calibrate.stats.samples_in_call`). Before the first block is run, one
+stacked call is checked against the same samples run one at a time; if the outputs differ (a
+model whose extra arguments do not broadcast over samples) or the call fails, the runner goes
+back to one sample per call. While the block runs, masked layers whose pruned raw values are
+zero (as :func:`prunekit.masks.apply_mask` leaves them) compute with their raw weight, which
+then equals ``raw * mask`` bit for bit, instead of multiplying by the mask on every call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from prunekit.calibrate.stats import run_model
+from prunekit.calibrate.stats import run_model, samples_in_call
+from prunekit.masks import MASK_SUFFIX, MaskedModule
+
+BATCH_TOKENS = 8192
+"""Default most tokens (rows of hidden states) run through a block in one call."""
 
 
 class _StopForward(Exception):
@@ -141,6 +156,134 @@ def call_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     return out
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Whether two non-hidden block arguments are interchangeable (tensors: equal values)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a is b:
+            return True
+        return (
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+        )
+    if isinstance(a, (tuple, list)):
+        return (
+            type(a) is type(b)
+            and len(a) == len(b)
+            and all(_same(x, y) for x, y in zip(a, b, strict=True))
+        )
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - objects without a usable ==
+        return a is b
+
+
+def _stackable(first: tuple, other: tuple) -> bool:
+    (a_args, a_kwargs), (b_args, b_kwargs) = first, other
+    ha, hb = _hidden(a_args, a_kwargs), _hidden(b_args, b_kwargs)
+    if ha.shape[1:] != hb.shape[1:] or ha.dtype != hb.dtype or ha.device != hb.device:
+        return False
+    if ha.dim() == 0 or len(a_args) != len(b_args):
+        return False
+    return _same(_with_hidden(a_args, a_kwargs, None), _with_hidden(b_args, b_kwargs, None))
+
+
+def plan_chunks(inputs: list, batch_tokens: int) -> list[list[int]]:
+    """Group consecutive samples that can run through a block in one call: their non-hidden
+    arguments agree, and together they hold at most ``batch_tokens`` rows of hidden states
+    (a sample alone may hold more). ``batch_tokens <= 0``: one sample per call.
+
+    Example:
+        >>> x = torch.zeros(1, 4, 8)
+        >>> plan_chunks([((x,), {})] * 5, batch_tokens=8)
+        [[0, 1], [2, 3], [4]]
+    """
+    chunks: list[list[int]] = []
+    tokens = 0
+    for i, (args, kwargs) in enumerate(inputs):
+        hidden = _hidden(args, kwargs)
+        size = hidden.numel() // max(1, hidden.shape[-1]) if hidden.dim() else 1
+        if (
+            chunks
+            and batch_tokens > 0
+            and tokens + size <= batch_tokens
+            and _stackable(inputs[chunks[-1][0]], (args, kwargs))
+        ):
+            chunks[-1].append(i)
+            tokens += size
+        else:
+            chunks.append([i])
+            tokens = size
+    return chunks
+
+
+def run_chunk(
+    block: nn.Module, inputs: list, chunk: list[int], device: torch.device | str | None = None
+) -> list[torch.Tensor]:
+    """Run the samples ``chunk`` of ``inputs`` through ``block`` in one call (stacked along
+    dim 0) and return each sample's output on the device its input came from."""
+    args, kwargs = inputs[chunk[0]]
+    home_device = _hidden(args, kwargs).device
+    if len(chunk) == 1:
+        moved_args, moved_kwargs = to_device((args, kwargs), device)
+        return [call_block(block, moved_args, moved_kwargs).to(home_device)]
+    parts = [_hidden(*inputs[i]) for i in chunk]
+    sizes = tuple(p.shape[0] for p in parts)
+    stacked_args, stacked_kwargs = _with_hidden(args, kwargs, torch.cat(parts))
+    moved_args, moved_kwargs = to_device((stacked_args, stacked_kwargs), device)
+    with samples_in_call(sizes):
+        out = call_block(block, moved_args, moved_kwargs)
+    if out.shape[0] != sum(sizes):
+        raise ValueError(
+            f"{type(block).__name__} returned {out.shape[0]} rows of dim 0 for {sum(sizes)} "
+            "stacked samples"
+        )
+    return list(out.to(home_device).split(list(sizes)))
+
+
+def _stacking_agrees(block: nn.Module, inputs: list, chunks: list, device: Any) -> bool:
+    """Whether a stacked call gives the outputs of one call per sample (first two samples)."""
+    first = next((c for c in chunks if len(c) > 1), None)
+    if first is None:
+        return True
+    pair = first[:2]
+    try:
+        stacked = run_chunk(block, inputs, pair, device)
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return False
+    for i, out in zip(pair, stacked, strict=True):
+        alone = run_chunk(block, inputs, [i], device)[0]
+        if alone.shape != out.shape or not torch.allclose(alone, out, rtol=1e-4, atol=1e-5):
+            return False
+    return True
+
+
+@contextmanager
+def plain_weights(block: nn.Module) -> Iterator[None]:
+    """Within this block, masked layers whose raw parameters are already zero wherever the mask
+    is (what :func:`prunekit.masks.apply_mask` leaves) run as their unmasked class: the raw
+    weight then equals ``raw * mask`` bit for bit, and no call multiplies by the mask.
+    Restored on exit, exceptions included."""
+    swapped: list[tuple[nn.Module, type]] = []
+    try:
+        for module in block.modules():
+            if not isinstance(module, MaskedModule):
+                continue
+            names = module._prunekit_masked
+            if all(
+                not module._parameters[n].masked_select(module._buffers[n + MASK_SUFFIX] == 0).any()
+                for n in names
+            ):
+                swapped.append((module, type(module)))
+                module.__class__ = module._prunekit_base
+        yield
+    finally:
+        for module, cls in swapped:
+            module.__class__ = cls
+
+
 @torch.no_grad()
 def run_sequential(
     model: nn.Module,
@@ -151,13 +294,16 @@ def run_sequential(
     propagate: str = "pruned",
     device: torch.device | str | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
+    batch_tokens: int = BATCH_TOKENS,
 ) -> None:
     """Visit every block with its calibration inputs.
 
     ``on_block(index, block, run)`` is called for each block; ``run()`` feeds the block every
     captured input (call it inside the statistics hooks), after which the callback may change
     the block's weights. The next block's inputs are the block's outputs after the callback
-    (``propagate="pruned"``) or from the first ``run()`` (``"dense"``).
+    (``propagate="pruned"``) or from the first ``run()`` (``"dense"``). ``batch_tokens``: the
+    most tokens run through a block in one call (samples stacked; 0 runs one sample per call);
+    the outputs are the same as one sample per call (see the module docstring).
     """
     if propagate not in ("pruned", "dense"):
         raise ValueError(f"propagate must be 'pruned' or 'dense', got {propagate!r}")
@@ -165,32 +311,41 @@ def run_sequential(
     model.eval()
     try:
         inputs = capture_block_inputs(model, blocks, data)
+        chunks = plan_chunks(inputs, batch_tokens)
+        checked = False
         indices = range(len(blocks))
         for index in progress(indices) if progress else indices:
             block = blocks[index]
             home = next(block.parameters(), torch.empty(0)).device
             if device is not None:
                 block.to(device)
+            if not checked:
+                checked = True
+                with plain_weights(block):
+                    if not _stacking_agrees(block, inputs, chunks, device):
+                        chunks = [[i] for i in range(len(inputs))]
             outputs: list[torch.Tensor] = []
 
             def run(
-                block: nn.Module = block, outputs: list = outputs, inputs: list = inputs
+                block: nn.Module = block,
+                outputs: list = outputs,
+                inputs: list = inputs,
+                chunks: list = chunks,
             ) -> None:
                 outputs.clear()
-                for args, kwargs in inputs:
-                    home_device = _hidden(args, kwargs).device
-                    moved_args, moved_kwargs = to_device((args, kwargs), device)
-                    outputs.append(call_block(block, moved_args, moved_kwargs).to(home_device))
+                with plain_weights(block):
+                    for chunk in chunks:
+                        outputs.extend(run_chunk(block, inputs, chunk, device))
 
             on_block(index, block, run)
-            if not outputs:
+            last = index == len(blocks) - 1  # nothing reads the last block's outputs
+            if not last and (not outputs or propagate == "pruned"):
                 run()
-            elif propagate == "pruned":
-                run()
-            inputs = [
-                _with_hidden(args, kwargs, out)
-                for (args, kwargs), out in zip(inputs, outputs, strict=True)
-            ]
+            if not last:
+                inputs = [
+                    _with_hidden(args, kwargs, out)
+                    for (args, kwargs), out in zip(inputs, outputs, strict=True)
+                ]
             if device is not None:
                 block.to(home)
     finally:

@@ -158,36 +158,34 @@ def sparsegpt_prune(
     pruned = torch.zeros_like(W, dtype=torch.bool)
     total = count_to_remove(sparsity, W.numel())
 
+    zero = W.new_zeros(())
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         W1 = W[:, start:end].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        Err1 = torch.empty_like(W1)
         F1 = factor[start:end, start:end]
         d1 = torch.diagonal(F1)
-        P1 = torch.zeros_like(W1, dtype=torch.bool)
+        frozen1 = must_prune[:, start:end]
         if nm is None:
             k = round(total * end / cols) - round(total * start / cols)
-            saliency = (W1**2 / d1[None, :] ** 2).masked_fill(
-                must_prune[:, start:end], float("-inf")
-            )
-            P1 = _lowest(saliency, k)
+            P1 = _lowest((W1**2 / d1[None, :] ** 2).masked_fill(frozen1, float("-inf")), k)
+        else:
+            P1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(end - start):
             if nm is not None and i % nm[1] == 0:
                 n, m = nm
                 group = (W1[:, i : i + m] ** 2 / d1[None, i : i + m] ** 2).masked_fill(
-                    must_prune[:, start + i : start + i + m], float("-inf")
+                    frozen1[:, i : i + m], float("-inf")
                 )
                 drop = torch.topk(group, m - n, dim=1, largest=False).indices
                 P1[:, i : i + m].scatter_(1, drop, True)
-            w = W1[:, i]
-            q = w.masked_fill(P1[:, i], 0.0)
-            Q1[:, i] = q
-            err = (w - q) / F1[i, i]
-            W1[:, i:] -= err[:, None] * F1[i, i:][None, :]
+            # the pruned entries' error (w - q) / [H^-1]_ii, spread over the later columns of
+            # the block; column i itself keeps w, so Q1 is read off W1 once at the end
+            err = torch.where(P1[:, i], W1[:, i], zero) / F1[i, i]
             Err1[:, i] = err
-        W[:, start:end] = Q1
-        pruned[:, start:end] = P1 | must_prune[:, start:end]
+            W1[:, i + 1 :] -= torch.outer(err, F1[i, i + 1 :])
+        W[:, start:end] = W1.masked_fill(P1, 0.0)
+        pruned[:, start:end] = P1 | frozen1
         W[:, end:] -= Err1 @ factor[start:end, end:]
 
     W[pruned] = 0.0

@@ -13,11 +13,20 @@
 Linear and Hugging Face ``Conv1D`` inputs are read as (tokens, in_features); Conv1d / Conv2d
 (``groups=1``) inputs are unfolded into (positions, in_channels * kernel) so that the features
 line up with the flattened weight, exactly as the convolution multiplies them.
+
+Batched calls: the sequential runner feeds several calibration samples through a block at once
+and says how many rows of dim 0 each sample holds (:func:`samples_in_call`). The statistics are
+still those of one sample at a time, with the same bits: the per-sample sums of squares are
+folded in sample order, and the per-sample float32 ``x^T x`` products are folded into a float64
+sum of the call, which is added to each layer's total. Layers that read the same input tensor (a Llama block's q / k / v
+projections, gate / up) share one computation of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -25,6 +34,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.targets import Target
+
+_SAMPLES: ContextVar[tuple[int, ...] | None] = ContextVar("prunekit_samples", default=None)
+
+
+@contextmanager
+def samples_in_call(sizes: tuple[int, ...]) -> Iterator[None]:
+    """Within this block, each forward call holds ``len(sizes)`` calibration samples stacked
+    along dim 0 (``sizes[i]`` rows of dim 0 each); :class:`InputStats` then accumulates them
+    one sample at a time, as if each had run alone."""
+    token = _SAMPLES.set(tuple(sizes))
+    try:
+        yield
+    finally:
+        _SAMPLES.reset(token)
 
 
 def check_calibratable(target: Target) -> None:
@@ -94,24 +117,64 @@ class InputStats:
         self.norm_parts: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
         self.hessian_sums: dict[str, torch.Tensor] = {}  # float64 sum of x^T x (see module doc)
         self._handles: list[Any] = []
+        self._memo: tuple | None = None  # (input tensor, kind, measured): shared by its readers
 
     def _hook(self, target: Target):
         def record(module: nn.Module, inputs: tuple, output: Any) -> None:
-            rows = input_rows(target, inputs[0].detach()).float()
-            n_old, n_new = self.rows[target.name], rows.shape[0]
+            x = inputs[0]
+            key = (x._version, "conv" if isinstance(module, (nn.Conv1d, nn.Conv2d)) else "rows")
+            memo = self._memo
+            if memo is None or memo[0] is not x or memo[1] != key or key[1] == "conv":
+                # a new input tensor (or a convolution, whose unfolding is per layer)
+                memo = (x, key, self._measure(target, x.detach()))
+                self._memo = memo
+            rows, squares, product = memo[2]
             entry = self.stats[target.name]
             if "norm" in self.need:
-                sq = rows.pow(2).sum(0)
-                entry["norm"] = entry["norm"] + sq if "norm" in entry else sq
-                if self.keep_parts:
-                    self.norm_parts[target.name].append(sq)
+                for sq in squares:  # one sample at a time, in order: the bits of one by one
+                    entry["norm"] = entry["norm"] + sq if "norm" in entry else sq
+                    if self.keep_parts:
+                        self.norm_parts[target.name].append(sq)
             if "hessian" in self.need:
-                product = (rows.t() @ rows).double()
                 total = self.hessian_sums.get(target.name)
-                self.hessian_sums[target.name] = product if total is None else total.add_(product)
-            self.rows[target.name] = n_old + n_new
+                if total is None:
+                    self.hessian_sums[target.name] = product.clone()
+                else:
+                    total.add_(product)
+            self.rows[target.name] += rows
 
         return record
+
+    def _measure(self, target: Target, x: torch.Tensor) -> tuple[int, list, torch.Tensor | None]:
+        """(rows, per-sample sums of squares, float64 sum of the per-sample x^T x) of one
+        call's input ``x``, which holds the samples of :func:`samples_in_call` (or one)."""
+        sizes = _SAMPLES.get()
+        if sizes is None or len(sizes) < 2 or sum(sizes) != x.shape[0]:
+            sizes = (x.shape[0],)
+        if len(set(sizes)) == 1 and not isinstance(target.module, (nn.Conv1d, nn.Conv2d)):
+            samples = x.float().reshape(len(sizes), -1, x.shape[-1])  # (samples, rows, in)
+        else:
+            parts = [input_rows(target, part).float() for part in x.split(list(sizes))]
+            if len({p.shape[0] for p in parts}) == 1:
+                samples = torch.stack(parts)
+            else:  # samples of different lengths: one by one
+                return self._measure_each(parts)
+        rows = samples.shape[0] * samples.shape[1]
+        squares = list(samples.pow(2).sum(1)) if "norm" in self.need else []
+        product = None
+        if "hessian" in self.need:
+            return rows, squares, self._measure_each(list(samples))[2]
+        return rows, squares, product
+
+    def _measure_each(self, parts: list[torch.Tensor]) -> tuple[int, list, torch.Tensor | None]:
+        rows = sum(p.shape[0] for p in parts)
+        squares = [p.pow(2).sum(0) for p in parts] if "norm" in self.need else []
+        product = None
+        if "hessian" in self.need:
+            for p in parts:  # each sample's float32 product, added into the float64 sum
+                one = p.t() @ p
+                product = one.double() if product is None else product.add_(one)
+        return rows, squares, product
 
     def __enter__(self) -> InputStats:
         for t in self.targets:
@@ -122,6 +185,7 @@ class InputStats:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._memo = None
         for name, total in self.hessian_sums.items():
             self.stats[name]["hessian"] = hessian_from_sum(total, self.rows[name])
         if not self.keep_parts:  # nobody sums them over ranks: free the float64 copies
