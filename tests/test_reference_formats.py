@@ -205,6 +205,23 @@ def reference_kernel_decode(parts: dict, fmt: str, rows: int, cols: int) -> torc
                         k += 1
             assert k == ptr[r + 1]
         nnz = ptr[-1]
+    elif fmt == "nm":  # N slots per group of M columns, positions of 2 or 4 bits, low first
+        n, m = _index(parts["nm_shape"])
+        bits = 2 if m <= 4 else 4
+        groups = -(-cols // m)
+        row_bytes = -(-(groups * n * bits) // 8)
+        packed = _index(parts["nm_indices"])
+        assert len(packed) == rows * row_bytes
+        for r in range(rows):
+            for slot in range(groups * n):
+                bit = slot * bits
+                pos = (packed[r * row_bytes + bit // 8] >> (bit % 8)) & (m - 1)
+                col = slot // n * m + pos
+                value = values[r * groups * n + slot]
+                if value != 0:
+                    assert col < cols
+                    w[r, col] = value
+        nnz = rows * groups * n
     else:  # tiles: slices of 16 rows, blocks of 32 columns, steps of 16 lanes
         nslices, nblocks = -(-rows // 16), -(-cols // 32)
         steps, tcols = _index(parts["tile_steps"]), _index(parts["tile_cols"])
