@@ -1,5 +1,6 @@
-"""prunekit.runtime.accelerate: the compiled sparse kernels (CSR and bitmap, float32 and int8),
-the swap decision and the fallback when no kernel can be built."""
+"""prunekit.runtime.accelerate: the compiled sparse kernels (CSR, bitmap, tiles and N:M, float32
+and int8 codes, one to 130 input rows, fused activations), the swap decision and the fallback
+when no kernel can be built."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ needs_kernels = pytest.mark.skipif(
 FORMATS_HERE = [
     "csr",
     "tiles",
+    "nm",
     pytest.param(
         "bitmap",
         marks=pytest.mark.skipif(
@@ -117,7 +119,7 @@ def test_sparse_linear_module_roundtrip(fmt: str) -> None:
 @needs_kernels
 @pytest.mark.parametrize("fmt", FORMATS_HERE)
 @pytest.mark.parametrize("in_f", [7, 16, 33, 100, 1000])
-@pytest.mark.parametrize("batch", [1, 3, 32])
+@pytest.mark.parametrize("batch", [1, 3, 32, 33, 130])
 def test_kernel_shapes_and_int8_codes(fmt: str, in_f: int, batch: int) -> None:
     # widths that are and are not multiples of the 16-column block and of the vector width,
     # rows of every length (0 to in_f non-zeros); float32 and int8 values
@@ -243,10 +245,13 @@ def test_fallback_without_kernels(no_kernels: None) -> None:
         torch.testing.assert_close(fast(x), model(x))
     # a SparseLinear made elsewhere still computes (dense weight rebuilt)
     layer = sparse_linear(512, 256, 0.9)
-    for fmt in ("csr", "bitmap", "tiles"):
+    for fmt in ("csr", "bitmap", "tiles", "nm"):
         sparse = SparseLinear.from_linear(layer, format=fmt)
         with torch.no_grad():
             torch.testing.assert_close(sparse(x), layer(x), atol=1e-5, rtol=1e-5)
+        fused = SparseLinear.from_dense(layer.weight, layer.bias, format=fmt, activation="gelu")
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), F.gelu(layer(x)), atol=1e-5, rtol=1e-5)
 
 
 def test_failed_build_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -291,7 +296,7 @@ def test_unwritable_cache_falls_back_to_temp_dir(monkeypatch: pytest.MonkeyPatch
         kernels.reset()
 
 
-@pytest.mark.parametrize("fmt", ["csr", "bitmap", "tiles"])
+@pytest.mark.parametrize("fmt", ["csr", "bitmap", "tiles", "nm"])
 @pytest.mark.parametrize("shape", [(1, 1), (5, 7), (16, 32), (17, 33), (40, 100), (3, 70000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
 def test_formats_round_trip_exactly(fmt: str, shape: tuple[int, int], dtype: torch.dtype) -> None:
@@ -414,16 +419,17 @@ def test_portable_builds_compute_the_same(
         lib = kernels.load()
         assert lib is not None, kernels.why_unavailable()
         assert lib.isa == isa and not lib.has_bitmap
-        assert lib.vector_formats == (("csr", "tiles") if isa == "avx2" else ("csr",))
+        assert lib.vector_formats == (("csr", "tiles", "nm") if isa == "avx2" else ("csr",))
         torch.manual_seed(0)
-        for in_f, batch in ((7, 1), (100, 1), (100, 5), (1000, 1), (1000, 3), (70000, 2)):
+        cases = ((7, 1), (100, 1), (100, 5), (1000, 1), (1000, 3), (70000, 2), (384, 8))
+        for in_f, batch in (*cases, (384, 32), (130, 33), (66, 130), (1000, 64)):
             keep = torch.rand(37, in_f) < torch.linspace(0, 1, 37).unsqueeze(1)
             w = torch.randn(37, in_f) * keep
             b = torch.randn(37)
             x = torch.randn(batch, in_f)
             codes = (torch.randint(-127, 128, (37, in_f)) * keep).to(torch.int8)
             scale = torch.rand(37) * 0.01 + 1e-3
-            for fmt in ("csr", "tiles", "bitmap"):  # bitmap: no kernel here, dense fallback
+            for fmt in ("csr", "tiles", "bitmap", "nm"):  # bitmap: no kernel here, dense fallback
                 sparse = SparseLinear.from_dense(w, b, format=fmt)
                 torch.testing.assert_close(sparse(x), F.linear(x, w, b), atol=1e-3, rtol=1e-4)
                 q = SparseLinear.from_dense(codes, b, format=fmt, scale=scale)
@@ -458,3 +464,97 @@ def test_registry_compiler_builds_when_the_machine_has_none(
     finally:
         monkeypatch.undo()
         kernels.reset()
+
+
+def two_four(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """A random weight with 2 non-zeros in every group of 4 columns (the last group partial)."""
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-cols // 4)
+    top = torch.rand(rows, groups, 4, generator=g).argsort(-1)[..., 2:]
+    keep = torch.zeros(rows, groups, 4).scatter_(-1, top, 1.0).reshape(rows, -1)[:, :cols]
+    return torch.randn(rows, cols, generator=g) * keep
+
+
+def test_nm_format_layout_and_errors() -> None:
+    from prunekit.runtime import sparse_formats
+
+    w = torch.tensor([[0.0, 1.5, 0.0, -2.0, 3.0, 0.0, 0.0, 0.0, 0.0, 4.0]])
+    assert sparse_formats.nm_fit(w) == (4, 16)  # 4 slots per 16 columns beat 2 per 4
+    assert sparse_formats.nm_fit(two_four(64, 256)) == (2, 4)
+    parts = sparse_formats.encode(w, "nm", nm=(2, 4))
+    # groups (0-3), (4-7), (8-9 + 2 zero columns): values with fillers, 2-bit positions
+    assert parts["values"][:6].tolist() == [1.5, -2.0, 3.0, 0.0, 4.0, 0.0]
+    slots = [1, 3, 0, 1, 1, 0]  # group 2: its non-zero at 1, then the first zero column, 0
+    packed = [sum(p << (2 * i) for i, p in enumerate(slots[j : j + 4])) for j in (0, 4)]
+    assert parts["nm_indices"].tolist() == packed
+    assert torch.equal(sparse_formats.decode(parts, "nm", 1, 10), w)
+    assert sparse_formats.nm_fit(torch.ones(3, 16)) == (4, 4)
+    assert sparse_formats.nm_fit(torch.zeros(3, 8)) == (1, 16)
+    eight = sparse_formats.encode(two_four(6, 40), "nm", nm=(4, 8))  # 4-bit positions
+    assert eight["nm_indices"].numel() == 6 * 10 and eight["nm_shape"].tolist() == [4, 8]
+    assert torch.equal(sparse_formats.decode(eight, "nm", 6, 40), two_four(6, 40))
+    with pytest.raises(ValueError, match="not 2:4 sparse: row 0, columns 0-3 hold 3"):
+        sparse_formats.encode(torch.ones(2, 8) * torch.tensor([1, 1, 1, 0] * 2), "nm", nm=(2, 4))
+    with pytest.raises(ValueError, match="powers of two"):
+        sparse_formats.encode(w, "nm", nm=(3, 4))
+    with pytest.raises(ValueError, match="nm= is for"):
+        sparse_formats.encode(w, "csr", nm=(2, 4))
+    # 2:4 float32: 4 bytes per value + 2 bits of position, against CSR's 4 + 2 bytes
+    w24 = two_four(64, 256)
+    nm_bytes = SparseLinear.from_dense(w24, format="nm").nbytes()
+    assert nm_bytes < 0.75 * SparseLinear.from_dense(w24, format="csr").nbytes()
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch", [1, 7, 8, 32, 33, 64, 128, 130])
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh"])
+def test_nm_and_fused_activation_match_dense(batch: int, activation: str | None) -> None:
+    torch.manual_seed(batch)
+    w, b = two_four(45, 130, seed=batch), torch.randn(45)
+    x = torch.randn(batch, 130)
+    b[3] = float("nan") if activation == "relu" else b[3]  # NaN stays NaN through relu
+    dense = F.linear(x, w, b)
+    expected = {
+        None: dense,
+        "relu": torch.relu(dense),
+        "gelu": F.gelu(dense),
+        "gelu_tanh": F.gelu(dense, approximate="tanh"),
+    }[activation]
+    for fmt in ("nm", "csr", "tiles"):
+        sparse = SparseLinear.from_dense(w, b, format=fmt, activation=activation)
+        torch.testing.assert_close(sparse(x), expected, atol=1e-4, rtol=1e-4, equal_nan=True)
+        back = sparse.to_dense()
+        if activation is not None:
+            assert isinstance(back, nn.Sequential) and f"activation={activation}" in repr(sparse)
+        with torch.no_grad():
+            torch.testing.assert_close(back(x), expected, atol=1e-4, rtol=1e-4, equal_nan=True)
+    codes = (torch.randint(-127, 128, w.shape) * (w != 0)).to(torch.int8)
+    scale = torch.rand(45) * 0.01 + 1e-3
+    q = SparseLinear.from_dense(codes, b, format="nm", scale=scale, activation=activation)
+    assert "N:M(2:4" in repr(q)
+    ref = F.linear(x, codes.float() * scale.unsqueeze(1), b)
+    ref = (
+        ref
+        if activation is None
+        else SparseLinear.from_dense(w, activation=activation)._activate(ref)
+    )
+    torch.testing.assert_close(q(x), ref, atol=1e-4, rtol=1e-4, equal_nan=True)
+    with pytest.raises(ValueError, match="activation"):
+        SparseLinear.from_dense(w, format="nm", activation="tanh")
+
+
+@needs_kernels
+def test_accelerate_tries_nm_only_where_the_weight_fits() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), sparse_linear(128, 64, 0.5))
+    with torch.no_grad():
+        net[0].weight.copy_(two_four(128, 256))
+    x = torch.randn(32, 256)
+    fast, report = accelerate(net, x, min_speedup=0.0, formats="nm")
+    assert report.row("0").format == "nm-f32" and fast[0].nm_shape.tolist() == [2, 4]
+    assert not report.row("2").swapped and "no format fits" in report.row("2").reason
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), atol=1e-4, rtol=1e-4)
+    _, report = accelerate(net, x, min_speedup=0.0)  # default: every vectorised format
+    assert "nm-f32" in report.row("0").candidates_ms or LIB is None or LIB.isa == "scalar"
+    assert "nm-f32" not in report.row("2").candidates_ms

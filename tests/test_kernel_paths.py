@@ -5,9 +5,11 @@
 bitmap kernel). ``-march=native`` only ever builds the widest one, so this file builds each path
 the CPU can run (``PRUNEKIT_MARCH``), runs the kernels *directly* (the return code proves the
 kernel ran and did not fall back to dense), and compares every vectorised result with the scalar
-build's on the same weights: csr, tiles and bitmap, float32 and int8 codes, batch 1 and the
-batched loops (tile widths 1-4 and a remainder), rows and columns that are not multiples of the
-vector widths, one and two threads. Paths the CPU cannot run are skipped with the missing CPU
+build's on the same weights: csr, tiles, bitmap and N:M (2:4 and 2:8 weights), float32 and
+int8 codes, batch 1 and the batched loops (tile widths 1-4 and a remainder; the many-row
+kernels' blocks of 8-64 input rows with 1-4 vectors and a partial last block, up to 130 rows),
+rows and columns that are not multiples of the vector widths or of M, one and two threads, and
+the fused activations. The scalar build is itself checked against a float64 ``F.linear``. Paths the CPU cannot run are skipped with the missing CPU
 flag in the reason (``pytest -rs``); ``pytest -s`` prints which paths and formats ran.
 
 ``tests/test_accelerate.py::test_portable_builds_compute_the_same`` checks the AVX2 and scalar
@@ -67,17 +69,37 @@ def _cases() -> list[tuple[int, int, int, int]]:
         (37, 1000, 3, 2),
         (16, 64, 4, 1),
         (5, 300, 1, 2),
+        # many input rows: the packed blocks of 8 (AVX2) / 16 (AVX-512) lanes, 1-4 vectors
+        (37, 100, 8, 2),
+        (19, 130, 33, 1),
+        (64, 384, 32, 2),
+        (37, 1000, 65, 2),
+        (23, 66, 130, 1),
     ]
 
 
-def _weights(rows: int, in_f: int):
+ACTS = (None, "relu", "gelu")  # the epilogue; one per case, in turn
+
+
+def _weights(rows: int, in_f: int, fmt_is_nm: bool = False):
     g = torch.Generator().manual_seed(rows * 1000 + in_f)
     keep = torch.rand(rows, in_f, generator=g) < torch.linspace(0, 1, rows).unsqueeze(1)
     w = torch.randn(rows, in_f, generator=g) * keep
     codes = (torch.randint(-127, 128, (rows, in_f), generator=g) * keep).to(torch.int8)
     scale = torch.rand(rows, generator=g) * 0.01 + 1e-3
     bias = torch.randn(rows, generator=g)
-    x = torch.randn(8, in_f, generator=g)
+    x = torch.randn(130, in_f, generator=g)
+    # N:M weights for the nm format: 2:4 on even rows, 2:8 on odd ones is not one N:M, so
+    # 2:4 when in_f is even and 2:8 when odd (both with a partial last group when in_f % M)
+    m = 4 if in_f % 2 == 0 else 8
+    groups = -(-in_f // m)
+    score = torch.rand(rows, groups, m, generator=g)
+    top = score.argsort(-1)[..., m - 2 :]
+    nm_keep = torch.zeros(rows, groups, m).scatter_(-1, top, 1.0).reshape(rows, -1)[:, :in_f]
+    w_nm = torch.randn(rows, in_f, generator=g) * nm_keep
+    codes_nm = (torch.randint(-127, 128, (rows, in_f), generator=g) * nm_keep).to(torch.int8)
+    if fmt_is_nm:
+        return w_nm, codes_nm, scale, bias, x
     return w, codes, scale, bias, x
 
 
@@ -107,14 +129,20 @@ def outputs_of_build(march: str) -> tuple[str, dict]:
             lib = kernels.load()
             assert lib is not None, f"-march={march}: {kernels.why_unavailable()}"
             results = {}
-            for rows, in_f, batch, threads in _cases():
-                w, codes, scale, bias, x = _weights(rows, in_f)
-                for fmt in ("csr", "tiles", "bitmap"):
+            for i, (rows, in_f, batch, threads) in enumerate(_cases()):
+                act = ACTS[i % len(ACTS)]
+                for fmt in ("csr", "tiles", "bitmap", "nm"):
+                    w, codes, scale, bias, x = _weights(rows, in_f, fmt == "nm")
+                    nm = (2, 4 if in_f % 2 == 0 else 8) if fmt == "nm" else None
                     for kind in ("f32", "i8"):
                         if kind == "f32":
-                            layer = SparseLinear.from_dense(w, bias, format=fmt)
+                            layer = SparseLinear.from_dense(
+                                w, bias, format=fmt, nm=nm, activation=act
+                            )
                         else:
-                            layer = SparseLinear.from_dense(codes, bias, format=fmt, scale=scale)
+                            layer = SparseLinear.from_dense(
+                                codes, bias, format=fmt, scale=scale, nm=nm, activation=act
+                            )
                         key = (rows, in_f, batch, threads, fmt, kind)
                         results[key] = run_kernel(layer, x[:batch], threads)
             return lib.isa, results
@@ -132,15 +160,21 @@ def scalar() -> dict:
 
 
 def dense_reference(key: tuple) -> torch.Tensor:
-    rows, in_f, batch, _, _, kind = key
-    w, codes, scale, bias, x = _weights(rows, in_f)
+    rows, in_f, batch, threads, fmt, kind = key
+    w, codes, scale, bias, x = _weights(rows, in_f, fmt == "nm")
     weight = w if kind == "f32" else codes.double() * scale.double().unsqueeze(1)
-    return (x[:batch].double() @ weight.double().T + bias.double()).float()
+    y = x[:batch].double() @ weight.double().T + bias.double()
+    act = ACTS[_cases().index((rows, in_f, batch, threads)) % len(ACTS)]
+    if act == "relu":
+        y = torch.relu(y)
+    elif act == "gelu":
+        y = torch.nn.functional.gelu(y)
+    return y.float()
 
 
 def test_scalar_build_matches_float64(scalar: dict, capsys) -> None:
     ran = sorted({k[4] for k, y in scalar.items() if y is not None})
-    assert ran == ["csr", "tiles"]  # no bitmap kernel in plain C
+    assert ran == ["csr", "nm", "tiles"]  # no bitmap kernel in plain C
     for key, y in scalar.items():
         if y is not None:
             torch.testing.assert_close(y, dense_reference(key), atol=1e-4, rtol=1e-5)
@@ -178,7 +212,7 @@ def test_vector_path_matches_scalar(name: str, march: str, isa: str, needs, scal
         # the scalar build has no bitmap kernel: its csr result is the reference for bitmap
         ref = scalar[key if fmt != "bitmap" else (*key[:4], "csr", key[5])]
         torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
-    expected = {"csr", "tiles", "bitmap"} if isa == "avx512+vbmi2" else {"csr", "tiles"}
+    expected = {"csr", "tiles", "nm", "bitmap"} if isa == "avx512+vbmi2" else {"csr", "tiles", "nm"}
     assert set(ran) == expected
     with capsys.disabled():
         print(

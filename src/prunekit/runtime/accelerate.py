@@ -16,6 +16,12 @@ layer and the fastest kept:
   bytes at high sparsity, and the portable one (plain C without AVX-512).
 * ``"bitmap"``: per row and per block of 16 columns a 16-bit mask of the non-zero positions
   and the non-zeros packed; the kernel expands each block into place (AVX-512 with VBMI2).
+* ``"nm"``: N:M-sparse weights (2:4, ...): N values per group of M columns and their 2- or
+  4-bit positions, no column numbers. Tried only where the weight fits an N:M with N/M <= 1/2.
+
+With more than one input row (tokens of a sentence, a batch), csr and nm pack a block of up
+to 32 (AVX2) or 64 (AVX-512) input rows transposed and stream the weights once per block,
+each non-zero feeding that many outputs from registers: a sparse matrix-matrix product.
 
 Values are float32, or the int8 codes of a layer quantized per channel and symmetrically by
 ``prunekit.quantize(..., mode="int")`` (one float32 scale per output row): a quarter of the
@@ -103,8 +109,13 @@ class SparseLinear(nn.Module):
         *,
         format: str = "csr",
         scale: torch.Tensor | None = None,
+        activation: str | None = None,
     ) -> None:
         super().__init__()
+        if activation not in kernels.ACTIVATION_CODES:
+            known = [a for a in kernels.ACTIVATION_CODES if a]
+            raise ValueError(f"SparseLinear: activation must be None or one of {known}")
+        self.activation = activation
         names = sparse_formats.index_names(format)
         missing = [k for k in ("values", *names) if k not in parts]
         if missing:
@@ -136,11 +147,15 @@ class SparseLinear(nn.Module):
         *,
         format: str = "csr",
         scale: torch.Tensor | None = None,
+        nm: tuple[int, int] | None = None,
+        activation: str | None = None,
     ) -> SparseLinear:
         """Build from a dense ``(out_features, in_features)`` weight (zeros are dropped).
 
         With ``scale`` (float32, one per output row) the weight must hold int8 codes: the layer
-        computes ``scale[r] * (codes[r] @ x)``.
+        computes ``scale[r] * (codes[r] @ x)``. ``nm`` is the ``(N, M)`` of the ``"nm"`` format
+        (None: the tightest that fits). ``activation`` (``"relu"``, ``"gelu"``,
+        ``"gelu_tanh"``) is applied to the output, inside the kernel after the bias.
         """
         sparse_formats.check_format(format)
         if weight.dim() != 2:
@@ -158,9 +173,9 @@ class SparseLinear(nn.Module):
         if scale is None:
             w = w.to(torch.float32)
         out_f, in_f = w.shape
-        parts = sparse_formats.encode(w, format)
+        parts = sparse_formats.encode(w, format, nm=nm)
         b = None if bias is None else bias.detach().to("cpu", torch.float32)
-        return cls(in_f, out_f, parts, b, format=format, scale=scale)
+        return cls(in_f, out_f, parts, b, format=format, scale=scale, activation=activation)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, format: str = "csr") -> SparseLinear:
@@ -193,14 +208,29 @@ class SparseLinear(nn.Module):
             w *= self.scale.cpu().unsqueeze(1)
         return w.to(self.values.device)
 
-    def to_dense(self) -> nn.Linear:
-        """An ``nn.Linear`` with the same weight (zeros included) and bias."""
+    def to_dense(self) -> nn.Module:
+        """An ``nn.Linear`` with the same weight (zeros included) and bias; with an
+        ``activation``, ``nn.Sequential(linear, activation module)``."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         with torch.no_grad():
             linear.weight.copy_(self.dense_weight())
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
-        return linear
+        if self.activation is None:
+            return linear
+        act = {
+            "relu": nn.ReLU(),
+            "gelu": nn.GELU(),
+            "gelu_tanh": nn.GELU(approximate="tanh"),
+        }[self.activation]
+        return nn.Sequential(linear, act)
+
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        if self.activation is None:
+            return y
+        if self.activation == "relu":
+            return torch.relu(y)
+        return F.gelu(y, approximate="tanh" if self.activation == "gelu_tanh" else "none")
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -228,8 +258,13 @@ class SparseLinear(nn.Module):
             return None if t is None else t.data_ptr()
 
         index = [self._buffers[k] for k in self._index_names]
+        lgn = lgm = 0
         if self.format == "tiles":  # slice_ptr first, as the kernel takes them
             index = [self.slice_ptr, self.tile_steps, self.tile_cols]
+        elif self.format == "nm":
+            index = [self.nm_indices, None, None]
+            n, m = (int(v) for v in self.nm_shape.tolist())
+            lgn, lgm = n.bit_length() - 1, m.bit_length() - 1
         else:
             index = [self.row_ptr, index[0], None]
         return kernels.Plan(
@@ -237,6 +272,7 @@ class SparseLinear(nn.Module):
             int(self.values.dtype == torch.int8),
             int(self.format == "csr" and self.col_indices.dtype == torch.int32),
             *map(ptr, index), ptr(self.values), ptr(self.scale), ptr(self.bias),
+            lgn, lgm, kernels.ACTIVATION_CODES[self.activation],
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,14 +290,11 @@ class SparseLinear(nn.Module):
                 run, address = plan
                 x2d = x2d.contiguous()
                 y = torch.empty(n, self.out_features, dtype=torch.float32)
-                # CSR reads a batch of several rows transposed; the tensor is held until the end
-                xt = x2d.t().contiguous() if n > 1 and self.format == "csr" else None
-                xt_ptr = None if xt is None else xt.data_ptr()
                 threads = torch.get_num_threads()
-                if run(address, n, x2d.data_ptr(), xt_ptr, y.data_ptr(), threads) == 0:
+                if run(address, n, x2d.data_ptr(), None, y.data_ptr(), threads) == 0:
                     return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dense_weight().to(x.dtype), bias)
+        return self._activate(F.linear(x, self.dense_weight().to(x.dtype), bias))
 
     def extra_repr(self) -> str:
         if self.format == "csr":
@@ -269,13 +302,17 @@ class SparseLinear(nn.Module):
             fmt = f"CSR({idx} columns)"
         elif self.format == "bitmap":
             fmt = "bitmap(16-column blocks)"
+        elif self.format == "nm":
+            n, m = (int(v) for v in self.nm_shape.tolist())
+            fmt = f"N:M({n}:{m}, {2 if m <= 4 else 4}-bit positions)"
         else:
             fmt = "tiles(16 rows x 32 columns)"
         values = "int8 x per-row scale" if self.scale is not None else "float32"
+        act = "" if self.activation is None else f", activation={self.activation}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, nnz={self.nnz}, density={self.density:.3f}, "
-            f"format={fmt}, values={values}"
+            f"format={fmt}, values={values}{act}"
         )
 
 
@@ -581,6 +618,10 @@ def _candidates(
     formats: tuple[str, ...],
 ) -> dict[str, nn.Module]:
     suffix = "i8" if codes is not None else "f32"
+    if "nm" in formats:  # only where the weight is N:M sparse: else it stores padding slots
+        n, m = sparse_formats.nm_fit(weight.reshape(weight.shape[0], -1))
+        if 2 * n > m:
+            formats = tuple(f for f in formats if f != "nm")
     if isinstance(module, nn.Conv2d):
         return {
             f"{f}-{suffix}": SparseConv2d.from_conv(module, format=f, codes=codes) for f in formats
@@ -608,6 +649,9 @@ def _decide(
     min_speedup: float,
 ) -> nn.Module | None:
     """Time dense against each sparse candidate on a random input; the winner, if fast enough."""
+    if not candidates:
+        row.reason = "no format fits (nm needs an N:M-sparse weight with N/M <= 1/2)"
+        return None
     x = torch.randn(row.input_shape, dtype=torch.float32)
     with torch.inference_mode():
         reference = dense(x)
@@ -628,7 +672,7 @@ def _decide(
         row.swapped = True
         row.reason = "faster"
         return candidates[row.format]
-    row.reason = "not faster"
+    row.reason = "not faster"  # the row shows the best format and its speedup
     return None
 
 

@@ -18,7 +18,7 @@ build for an older CPU class or to test the portable code paths.
 Example:
     >>> from prunekit.runtime import kernels
     >>> lib = kernels.load()
-    >>> lib is None or lib.isa in ("avx512+vbmi2", "avx512", "avx2", "scalar")
+    >>> lib is None or lib.isa in ("avx512+vbmi2", "avx512", "avx2", "neon", "scalar")
     True
 """
 
@@ -43,7 +43,7 @@ import torch  # noqa: F401  imported first: the kernels then bind to torch's Ope
 
 __all__ = ["KernelLibrary", "load", "why_unavailable", "cache_dir"]
 
-_ABI_VERSION = 5
+_ABI_VERSION = 6
 _SOURCE = "sparse_kernels.c"
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -65,8 +65,10 @@ class KernelLibrary:
     def vector_formats(self) -> tuple[str, ...]:
         """The formats whose kernels are vectorised on this CPU (the others run scalar code)."""
         if self.has_bitmap:
-            return ("csr", "bitmap", "tiles")
-        return ("csr", "tiles") if self.isa in ("avx512", "avx2") else ("csr",)
+            return ("csr", "bitmap", "tiles", "nm")
+        if self.isa in ("avx512", "avx2"):
+            return ("csr", "tiles", "nm")
+        return ("csr", "nm") if self.isa == "neon" else ("csr",)
 
     def describe(self) -> str:
         omp = "OpenMP" if self.openmp else "single-threaded (no OpenMP)"
@@ -125,7 +127,7 @@ def _build(cc: list[str], source: bytes, out: Path, march: str) -> tuple[bool, s
         src.write_bytes(source)
         lib = Path(tmp) / out.name
         flags = ["-O3", f"-march={march}", "-fPIC", "-shared", "-std=c11"]
-        base = [*cc, *flags, str(src), "-o", str(lib)]
+        base = [*cc, *flags, str(src), "-o", str(lib), "-lm"]
         ok, log = _run([*base, "-fopenmp"])
         if not ok:  # e.g. zig's clang has no OpenMP runtime: single-threaded kernels
             ok, log_plain = _run(base)
@@ -154,10 +156,14 @@ class Plan(ctypes.Structure):
         ("vals", ctypes.c_void_p),
         ("scale", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
+        ("lgn", ctypes.c_int64),
+        ("lgm", ctypes.c_int64),
+        ("act", ctypes.c_int64),
     ]
 
 
-FORMAT_CODES = {"csr": 0, "bitmap": 1, "tiles": 2}
+FORMAT_CODES = {"csr": 0, "bitmap": 1, "tiles": 2, "nm": 3}
+ACTIVATION_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -168,9 +174,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pk_has_bitmap.restype = i32
     csr = [i64, i64, i64, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32]
     lib.pk_csr_f32.argtypes = csr
-    lib.pk_csr_f32.restype = None
+    lib.pk_csr_f32.restype = i32
     lib.pk_csr_i8.argtypes = [*csr[:7], ptr, *csr[7:]]
-    lib.pk_csr_i8.restype = None
+    lib.pk_csr_i8.restype = i32
     lib.pk_bitmap.argtypes = [i64, i64, i64, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, i32]
     lib.pk_bitmap.restype = i32
     lib.pk_tiles.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, i32]

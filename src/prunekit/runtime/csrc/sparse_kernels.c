@@ -28,8 +28,13 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include <math.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define PK_NEON 1
 #endif
 
 #define PK_EXPORT __attribute__((visibility("default")))
@@ -40,7 +45,7 @@
 #endif
 #endif
 
-PK_EXPORT int pk_abi_version(void) { return 5; }
+PK_EXPORT int pk_abi_version(void) { return 6; }
 
 PK_EXPORT const char *pk_isa(void) {
 #if defined(PK_BITMAP)
@@ -49,6 +54,8 @@ PK_EXPORT const char *pk_isa(void) {
     return "avx512";
 #elif defined(__AVX2__) && defined(__FMA__)
     return "avx2";
+#elif defined(PK_NEON)
+    return "neon";
 #else
     return "scalar";
 #endif
@@ -126,6 +133,232 @@ static inline __m512 load_vals16_masked(const void *vals, int int8, int64_t k, _
 }
 #endif
 
+/* ------------------------------------------------------------------------- MANY INPUT ROWS */
+
+/* Batches of 2 to a few hundred input rows (a sentence of tokens, a batch of images) are a
+ * small matrix-matrix product, not a vector product. Here a block of up to PK_NB input rows is
+ * first packed transposed, xt[column][lane] (zero-padded to whole vectors), so that each stored
+ * non-zero W[r][c] is one broadcast and PK_NV fused multiply-adds over a contiguous slice
+ * xt[c][0..PK_NB): the weights are streamed once per block of input rows, and each output row
+ * keeps its PK_NB sums in registers (several interleaved sets of accumulators, so that the
+ * multiply-adds do not wait on each other). The same code serves CSR (batch > 1) and the N:M
+ * format, float32 or int8 codes; bias, per-row scale and the activation are applied as the
+ * sums are stored.
+ *
+ * One vector type per CPU class: AVX-512 (16 lanes), AVX2 + FMA (8), NEON on aarch64 (4; not
+ * run by prunekit's x86 CI), else plain C (1 lane: the portable path and the reference). */
+#if defined(PK_AVX512)
+#define PK_VW 16
+typedef __m512 pk_vf;
+#define PK_VZERO() _mm512_setzero_ps()
+#define PK_VLOAD(p) _mm512_loadu_ps(p)
+#define PK_VSET1(v) _mm512_set1_ps(v)
+#define PK_VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define PK_VADD(a, b) _mm512_add_ps(a, b)
+#define PK_VSTORE(p, v) _mm512_storeu_ps(p, v)
+#elif defined(__AVX2__) && defined(__FMA__)
+#define PK_VW 8
+typedef __m256 pk_vf;
+#define PK_VZERO() _mm256_setzero_ps()
+#define PK_VLOAD(p) _mm256_loadu_ps(p)
+#define PK_VSET1(v) _mm256_set1_ps(v)
+#define PK_VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define PK_VADD(a, b) _mm256_add_ps(a, b)
+#define PK_VSTORE(p, v) _mm256_storeu_ps(p, v)
+#elif defined(PK_NEON)
+#define PK_VW 4
+typedef float32x4_t pk_vf;
+#define PK_VZERO() vdupq_n_f32(0.f)
+#define PK_VLOAD(p) vld1q_f32(p)
+#define PK_VSET1(v) vdupq_n_f32(v)
+#define PK_VFMA(a, b, c) vfmaq_f32(c, a, b)
+#define PK_VADD(a, b) vaddq_f32(a, b)
+#define PK_VSTORE(p, v) vst1q_f32(p, v)
+#else
+#define PK_VW 1
+typedef float pk_vf;
+#define PK_VZERO() 0.f
+#define PK_VLOAD(p) (*(p))
+#define PK_VSET1(v) (v)
+#define PK_VFMA(a, b, c) ((a) * (b) + (c))
+#define PK_VADD(a, b) ((a) + (b))
+#define PK_VSTORE(p, v) (*(p) = (v))
+#endif
+#define PK_NV 4 /* vectors of input rows per block */
+#define PK_NB (PK_NV * PK_VW)
+
+/* Activation codes of the epilogue (pk_plan.act). */
+#define PK_ACT_NONE 0
+#define PK_ACT_RELU 1
+#define PK_ACT_GELU 2      /* x * Phi(x), with erf */
+#define PK_ACT_GELU_TANH 3 /* the tanh approximation */
+
+static inline float activate(float v, int act) {
+    switch (act) {
+    case PK_ACT_RELU: return v < 0.f ? 0.f : v; /* NaN stays NaN, as in torch.relu */
+    case PK_ACT_GELU: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+    case PK_ACT_GELU_TANH:
+        return 0.5f * v * (1.f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    default: return v;
+    }
+}
+
+/* kinds of index */
+#define PK_K_CSR16 0
+#define PK_K_CSR32 1
+#define PK_K_NM 2
+
+/* The PK_NB (nv vectors) sums of output row r, for non-zeros k0..k1 of the values array.
+ * kind, nv and i8 are constants once inlined, so the accumulators live in registers. */
+static inline __attribute__((always_inline)) void many_row(
+    const int kind, const int nv, const int i8, int64_t k0, int64_t k1, const void *cols,
+    const uint8_t *ib, const int lgn, const int lgm, const int bits, const void *vals,
+    const float *xt, float *out) {
+    /* interleaved sets so that about 8 independent multiply-add chains are in flight */
+    enum { UMAX = 8 };
+    const int U = nv >= 3 ? 2 : (nv == 2 ? 4 : 8);
+    const int stride = nv * PK_VW;
+    const int mask = (1 << bits) - 1;
+    pk_vf acc[UMAX][PK_NV];
+    for (int u = 0; u < U; ++u)
+        for (int j = 0; j < nv; ++j) acc[u][j] = PK_VZERO();
+#define PK_MANY_COL(kk)                                                                        \
+    (kind == PK_K_CSR16   ? (int64_t)((const uint16_t *)cols)[kk]                             \
+     : kind == PK_K_CSR32 ? (int64_t)((const int32_t *)cols)[kk]                              \
+                          : ((((kk) - k0) >> lgn) << lgm) +                                   \
+                                ((ib[(((kk) - k0) * bits) >> 3] >> ((((kk) - k0) * bits) & 7)) & \
+                                 mask))
+#define PK_MANY_VAL(kk) (i8 ? (float)((const int8_t *)vals)[kk] : ((const float *)vals)[kk])
+    int64_t k = k0;
+    for (; k + U <= k1; k += U) {
+        for (int u = 0; u < U; ++u) {
+            const float *xp = xt + PK_MANY_COL(k + u) * stride;
+            const pk_vf v = PK_VSET1(PK_MANY_VAL(k + u));
+            for (int j = 0; j < nv; ++j) acc[u][j] = PK_VFMA(v, PK_VLOAD(xp + j * PK_VW), acc[u][j]);
+        }
+    }
+    for (; k < k1; ++k) {
+        const float *xp = xt + PK_MANY_COL(k) * stride;
+        const pk_vf v = PK_VSET1(PK_MANY_VAL(k));
+        for (int j = 0; j < nv; ++j) acc[0][j] = PK_VFMA(v, PK_VLOAD(xp + j * PK_VW), acc[0][j]);
+    }
+#undef PK_MANY_COL
+#undef PK_MANY_VAL
+    for (int u = 1; u < U; ++u)
+        for (int j = 0; j < nv; ++j) acc[0][j] = PK_VADD(acc[0][j], acc[u][j]);
+    for (int j = 0; j < nv; ++j) PK_VSTORE(out + j * PK_VW, acc[0][j]);
+}
+
+/* Everything spmm_many needs about the weight. */
+typedef struct {
+    int kind;
+    int64_t rows, in, in_pad;
+    const int64_t *rowptr; /* CSR */
+    const void *cols;      /* CSR */
+    const uint8_t *idx;    /* N:M: per row, (in_pad >> lgm) << lgn indices of `bits` bits */
+    int lgn, lgm, bits;
+    int64_t row_nnz, row_bytes; /* N:M: slots and index bytes per row */
+    const void *vals;
+    int int8;
+    const float *scale, *bias;
+    int act;
+} many_weight;
+
+/* Output rows r0..r1 against one packed block of bt input rows (nv vectors). */
+static inline __attribute__((always_inline)) void many_rows(
+    const int kind, const int nv, const int i8, const many_weight *w, int64_t r0, int64_t r1,
+    const float *xt, int64_t bt, float *y) {
+    float out[PK_NB] = {0};
+    for (int64_t r = r0; r < r1; ++r) {
+        int64_t k0, k1;
+        const uint8_t *ib = NULL;
+        if (kind == PK_K_NM) {
+            k0 = r * w->row_nnz;
+            k1 = k0 + w->row_nnz;
+            ib = w->idx + r * w->row_bytes;
+        } else {
+            k0 = w->rowptr[r];
+            k1 = w->rowptr[r + 1];
+        }
+        many_row(kind, nv, i8, k0, k1, w->cols, ib, w->lgn, w->lgm, w->bits, w->vals, xt, out);
+        const float sc = w->scale ? w->scale[r] : 1.f, bi = w->bias ? w->bias[r] : 0.f;
+        for (int64_t b = 0; b < bt; ++b) y[b * w->rows + r] = activate(out[b] * sc + bi, w->act);
+    }
+}
+
+#define PK_MANY_NV(KIND, I8)                                                                   \
+    switch (nv) {                                                                              \
+    case 1: many_rows(KIND, 1, I8, w, r0, r1, xt, bt, yb); break;                               \
+    case 2: many_rows(KIND, 2, I8, w, r0, r1, xt, bt, yb); break;                               \
+    case 3: many_rows(KIND, 3, I8, w, r0, r1, xt, bt, yb); break;                               \
+    default: many_rows(KIND, PK_NV, I8, w, r0, r1, xt, bt, yb); break;                          \
+    }
+
+static void many_dispatch(const many_weight *w, int nv, int64_t r0, int64_t r1, const float *xt,
+                          int64_t bt, float *yb) {
+    switch (w->kind * 2 + (w->int8 ? 1 : 0)) {
+    case 0: PK_MANY_NV(PK_K_CSR16, 0); break;
+    case 1: PK_MANY_NV(PK_K_CSR16, 1); break;
+    case 2: PK_MANY_NV(PK_K_CSR32, 0); break;
+    case 3: PK_MANY_NV(PK_K_CSR32, 1); break;
+    case 4: PK_MANY_NV(PK_K_NM, 0); break;
+    default: PK_MANY_NV(PK_K_NM, 1); break;
+    }
+}
+#undef PK_MANY_NV
+
+/* The packing buffer of the calling thread, kept between calls (no allocation per call). */
+static _Thread_local float *many_buf = NULL;
+static _Thread_local size_t many_cap = 0;
+
+/* y (batch x rows) = act(scale * (x (batch x in) W^T) + bias). Returns 0, or -3 when the
+ * packing buffer cannot be allocated. */
+static int spmm_many(const many_weight *w, int64_t batch, const float *x, float *y,
+                     int nthreads) {
+    const int64_t first = batch < PK_NB ? batch : PK_NB;
+    const size_t need = (size_t)w->in_pad * (size_t)((first + PK_VW - 1) / PK_VW * PK_VW);
+    if (need > many_cap) {
+        float *grown = (float *)realloc(many_buf, need * sizeof(float) + 64);
+        if (!grown) return -3;
+        many_buf = grown;
+        many_cap = need;
+    }
+    float *xt = many_buf;
+    const int64_t rows = w->rows, in = w->in, in_pad = w->in_pad;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int part, nparts;
+        team(&part, &nparts);
+        int64_t r0, r1;
+        if (w->kind == PK_K_NM) { /* every row costs the same */
+            r0 = rows * part / nparts;
+            r1 = rows * (part + 1) / nparts;
+        } else {
+            r0 = row_split(w->rowptr, rows, part, nparts);
+            r1 = row_split(w->rowptr, rows, part + 1, nparts);
+        }
+        const int64_t c0 = in_pad * part / nparts, c1 = in_pad * (part + 1) / nparts;
+        for (int64_t b0 = 0; b0 < batch; b0 += PK_NB) {
+            const int64_t bt = batch - b0 < PK_NB ? batch - b0 : PK_NB;
+            const int nv = (int)((bt + PK_VW - 1) / PK_VW);
+            const int64_t stride = (int64_t)nv * PK_VW;
+            for (int64_t c = c0; c < c1; ++c) { /* this thread's share of the packing */
+                float *dst = xt + c * stride;
+                if (c < in) {
+                    for (int64_t b = 0; b < bt; ++b) dst[b] = x[(b0 + b) * in + c];
+                    for (int64_t b = bt; b < stride; ++b) dst[b] = 0.f;
+                } else {
+                    for (int64_t b = 0; b < stride; ++b) dst[b] = 0.f;
+                }
+            }
+#pragma omp barrier
+            many_dispatch(w, nv, r0, r1, xt, bt, y + b0 * rows);
+#pragma omp barrier
+        }
+    }
+    return 0;
+}
+
 /* One row of a CSR sparse-vector dot product. */
 static inline float csr_row_dot(const void *vals, int int8, const void *cols, int wide,
                                 int64_t k0, int64_t k1, const float *x) {
@@ -202,59 +435,46 @@ static inline float csr_row_dot(const void *vals, int int8, const void *cols, in
 #endif
 }
 
-/* y[b][r] for a batch of rows: x is given transposed, xt[in][batch]; acc has batch floats. */
-static inline void csr_row_batch(const void *vals, int int8, const void *cols, int wide,
-                                 int64_t k0, int64_t k1, const float *xt, int64_t batch,
-                                 float *acc) {
-    memset(acc, 0, (size_t)batch * sizeof(float));
-    for (int64_t k = k0; k < k1; ++k) {
-        const float v = int8 ? (float)((const int8_t *)vals)[k] : ((const float *)vals)[k];
-        const int64_t c = wide ? ((const int32_t *)cols)[k] : ((const uint16_t *)cols)[k];
-        const float *xr = xt + c * batch;
-        for (int64_t b = 0; b < batch; ++b) acc[b] += v * xr[b];
+static int spmm_csr(int64_t rows, int64_t in, int64_t batch, const int64_t *rowptr,
+                    const void *cols, int wide, const void *vals, int int8, const float *scale,
+                    const float *bias, int act, const float *x, float *y, int nthreads) {
+    if (batch > 1) {
+        many_weight w = {wide ? PK_K_CSR32 : PK_K_CSR16, rows, in, in, rowptr, cols, NULL, 0, 0,
+                         0, 0, 0, vals, int8, scale, bias, act};
+        return spmm_many(&w, batch, x, y, nthreads);
     }
-}
-
-static void spmm_csr(int64_t rows, int64_t in, int64_t batch, const int64_t *rowptr,
-                     const void *cols, int wide, const void *vals, int int8, const float *scale,
-                     const float *bias, const float *x, const float *xt, float *y, int nthreads) {
-    (void)in;
 #pragma omp parallel num_threads(nthreads)
     {
         int part, nparts;
         team(&part, &nparts);
         int64_t r0 = row_split(rowptr, rows, part, nparts);
         int64_t r1 = row_split(rowptr, rows, part + 1, nparts);
-        if (batch == 1) {
-            for (int64_t r = r0; r < r1; ++r)
-                y[r] = finish(csr_row_dot(vals, int8, cols, wide, rowptr[r], rowptr[r + 1], x),
-                              scale, bias, r);
-        } else {
-            float *acc = (float *)malloc((size_t)batch * sizeof(float));
-            if (acc) {
-                for (int64_t r = r0; r < r1; ++r) {
-                    csr_row_batch(vals, int8, cols, wide, rowptr[r], rowptr[r + 1], xt, batch, acc);
-                    for (int64_t b = 0; b < batch; ++b)
-                        y[b * rows + r] = finish(acc[b], scale, bias, r);
-                }
-                free(acc);
-            }
-        }
+        for (int64_t r = r0; r < r1; ++r)
+            y[r] = activate(
+                finish(csr_row_dot(vals, int8, cols, wide, rowptr[r], rowptr[r + 1], x), scale,
+                       bias, r),
+                act);
     }
+    return 0;
 }
 
-/* CSR: y (batch x rows) = x (batch x in) W^T. For batch > 1, xt must hold x transposed. */
-PK_EXPORT void pk_csr_f32(int64_t rows, int64_t in, int64_t batch, const int64_t *rowptr,
-                          const void *cols, int wide, const float *vals, const float *bias,
-                          const float *x, const float *xt, float *y, int nthreads) {
-    spmm_csr(rows, in, batch, rowptr, cols, wide, vals, 0, NULL, bias, x, xt, y, nthreads);
+/* CSR: y (batch x rows) = x (batch x in) W^T. xt is unused (kept for the call signature): a
+ * batch of several rows is packed inside. Returns 0, or -3 when no packing buffer is had. */
+PK_EXPORT int pk_csr_f32(int64_t rows, int64_t in, int64_t batch, const int64_t *rowptr,
+                         const void *cols, int wide, const float *vals, const float *bias,
+                         const float *x, const float *xt, float *y, int nthreads) {
+    (void)xt;
+    return spmm_csr(rows, in, batch, rowptr, cols, wide, vals, 0, NULL, bias, PK_ACT_NONE, x, y,
+                    nthreads);
 }
 
-PK_EXPORT void pk_csr_i8(int64_t rows, int64_t in, int64_t batch, const int64_t *rowptr,
-                         const void *cols, int wide, const int8_t *vals, const float *scale,
-                         const float *bias, const float *x, const float *xt, float *y,
-                         int nthreads) {
-    spmm_csr(rows, in, batch, rowptr, cols, wide, vals, 1, scale, bias, x, xt, y, nthreads);
+PK_EXPORT int pk_csr_i8(int64_t rows, int64_t in, int64_t batch, const int64_t *rowptr,
+                        const void *cols, int wide, const int8_t *vals, const float *scale,
+                        const float *bias, const float *x, const float *xt, float *y,
+                        int nthreads) {
+    (void)xt;
+    return spmm_csr(rows, in, batch, rowptr, cols, wide, vals, 1, scale, bias, PK_ACT_NONE, x, y,
+                    nthreads);
 }
 
 #if defined(PK_BITMAP)
@@ -557,33 +777,69 @@ PK_EXPORT void pk_tiles(int64_t rows, int64_t in, int64_t batch, const int64_t *
  * one call then passes six arguments instead of thirteen (the per-call cost of a Python
  * binding grows with the argument count, and at batch 1 it is a visible part of the time). */
 typedef struct {
-    int64_t format; /* 0 csr, 1 bitmap, 2 tiles */
+    int64_t format; /* 0 csr, 1 bitmap, 2 tiles, 3 N:M */
     int64_t rows, in, int8, wide;
     const void *index0, *index1, *index2; /* csr: rowptr, cols; bitmap: rowptr, masks;
-                                             tiles: slice_ptr, steps, cols */
+                                             tiles: slice_ptr, steps, cols; N:M: indices */
     const void *vals;
     const float *scale, *bias;
+    int64_t lgn, lgm; /* N:M: log2 N and log2 M (M <= 16) */
+    int64_t act;      /* PK_ACT_*: applied after bias */
 } pk_plan;
 
 PK_EXPORT int64_t pk_plan_size(void) { return (int64_t)sizeof(pk_plan); }
 
+/* The activation over y, for the kernels that do not apply it as they store. */
+static void activate_all(float *y, int64_t n, int act, int nthreads) {
+    if (act == PK_ACT_NONE) return;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int part, nparts;
+        team(&part, &nparts);
+        const int64_t i1 = n * (part + 1) / nparts;
+        for (int64_t i = n * part / nparts; i < i1; ++i) y[i] = activate(y[i], act);
+    }
+}
+
+/* N:M: every group of M = 2^lgm columns of a row keeps N = 2^lgn slots (values, 0 in unused
+ * slots) and their positions in the group, `bits` (2 when M <= 4, else 4) bits each. */
+static int spmm_nm(const pk_plan *p, int64_t batch, const float *x, float *y, int nthreads) {
+    const int lgn = (int)p->lgn, lgm = (int)p->lgm, bits = lgm <= 2 ? 2 : 4;
+    if (lgn < 0 || lgn > lgm || lgm < 1 || lgm > 4) return -2;
+    const int64_t groups = (p->in + (1 << lgm) - 1) >> lgm;
+    const int64_t row_nnz = groups << lgn;
+    many_weight w = {PK_K_NM, p->rows, p->in, groups << lgm, NULL, NULL,
+                     (const uint8_t *)p->index0, lgn, lgm, bits, row_nnz,
+                     (row_nnz * bits + 7) / 8, p->vals, (int)p->int8, p->scale, p->bias,
+                     (int)p->act};
+    return spmm_many(&w, batch, x, y, nthreads);
+}
+
 PK_EXPORT int pk_run(const pk_plan *p, int64_t batch, const float *x, const float *xt, float *y,
                      int nthreads) {
+    int rc;
+    (void)xt;
     switch (p->format) {
     case 0:
-        spmm_csr(p->rows, p->in, batch, (const int64_t *)p->index0, p->index1, (int)p->wide,
-                 p->vals, (int)p->int8, p->scale, p->bias, x, xt, y, nthreads);
-        return 0;
+        return spmm_csr(p->rows, p->in, batch, (const int64_t *)p->index0, p->index1,
+                        (int)p->wide, p->vals, (int)p->int8, p->scale, p->bias, (int)p->act, x, y,
+                        nthreads);
     case 1:
-        return pk_bitmap(p->rows, p->in, batch, (const int64_t *)p->index0,
-                         (const uint16_t *)p->index1, p->vals, (int)p->int8, p->scale, p->bias, x,
-                         y, nthreads);
+        rc = pk_bitmap(p->rows, p->in, batch, (const int64_t *)p->index0,
+                       (const uint16_t *)p->index1, p->vals, (int)p->int8, p->scale, p->bias, x,
+                       y, nthreads);
+        break;
     case 2:
         pk_tiles(p->rows, p->in, batch, (const int64_t *)p->index0, (const uint8_t *)p->index1,
                  (const uint8_t *)p->index2, p->vals, (int)p->int8, p->scale, p->bias, x, y,
                  nthreads);
-        return 0;
+        rc = 0;
+        break;
+    case 3:
+        return spmm_nm(p, batch, x, y, nthreads);
     default:
         return -2;
     }
+    if (rc == 0) activate_all(y, batch * p->rows, (int)p->act, nthreads);
+    return rc;
 }
