@@ -147,12 +147,6 @@ def test_dead_inputs_and_frozen_entries_go_first() -> None:
     check(result, ref_w, ref_keep)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: when a block holds more frozen entries than its share k, the ones "
-    "_lowest leaves out are kept through the sweep (no error compensation) and only zeroed "
-    "at the end; fix: zero P1 | frozen in the sweep",
-)
 def test_frozen_entries_beyond_a_blocks_share_are_compensated() -> None:
     # sparsity 0.25: the first block of 4 columns has a share of 4 but 6 entries that must go
     w, h, frozen = dead_and_frozen()

@@ -168,7 +168,9 @@ def sparsegpt_prune(
         frozen1 = must_prune[:, start:end]
         if nm is None:
             k = round(total * end / cols) - round(total * start / cols)
+            # frozen entries beyond the block's share go too, compensated like the chosen ones
             P1 = _lowest((W1**2 / d1[None, :] ** 2).masked_fill(frozen1, float("-inf")), k)
+            P1 |= frozen1
         else:
             P1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(end - start):
@@ -179,6 +181,7 @@ def sparsegpt_prune(
                 )
                 drop = torch.topk(group, m - n, dim=1, largest=False).indices
                 P1[:, i : i + m].scatter_(1, drop, True)
+                P1[:, i : i + m] |= frozen1[:, i : i + m]
             # the pruned entries' error (w - q) / [H^-1]_ii, spread over the later columns of
             # the block; column i itself keeps w, so Q1 is read off W1 once at the end
             err = torch.where(P1[:, i], W1[:, i], zero) / F1[i, i]
