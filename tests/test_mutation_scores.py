@@ -589,12 +589,13 @@ def test_elimination_order_refuses_an_overflowing_flow() -> None:
         (movement.movement_score, "movement"),
         (taylor.taylor_score, "taylor"),
         (synflow.synflow_score, "synflow_order"),
+        (snip.snip_score, "snip_grad"),
     ],
 )
 def test_scores_follow_the_weight_to_its_device(score, stat: str) -> None:
     # statistics are gathered on the CPU; the score lives where the weight lives (meta here;
-    # snip and wanda compute on the weight, and arithmetic on meta tensors costs seconds of
-    # imports, so their move is left to a run on a second real device)
+    # snip computes on it: the first arithmetic on meta tensors imports torch._dynamo, a few
+    # seconds once per session, which the ONNX tests pay anyway)
     lin = nn.Linear(3, 2)
     weight = torch.empty(2, 3, device="meta")
     values = torch.ones(2, 3)
