@@ -708,3 +708,14 @@ def test_elimination_order_shows_progress_by_default(capsys) -> None:
     net = synflow_net()
     synflow.elimination_order(net, targets_of(net), torch.zeros(1, 4), 2, 0.5)
     assert capsys.readouterr().err.startswith("\rsynflow:")
+
+
+def test_synflow_collector_shows_progress_by_default(capsys) -> None:
+    net = synflow_net()
+    crit = synflow.make_synflow(iterations=2, min_density=0.5)
+    crit.collect(net, targets_of(net), data=[torch.zeros(1, 4)])
+    assert capsys.readouterr().err.startswith("\rsynflow:")
+    crit.collect(net, targets_of(net), data=[torch.zeros(1, 4)], progress=True)
+    assert capsys.readouterr().err.startswith("\rsynflow:")
+    crit.collect(net, targets_of(net), data=[torch.zeros(1, 4)], progress=False)
+    assert capsys.readouterr().err == ""
