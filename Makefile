@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.prunekit-installed
 
-.PHONY: demo test lint bench mutation mutation-report clean
+.PHONY: demo test lint bench mutation mutation-report mutation-head clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,15 @@ mutation: $(STAMP)
 
 mutation-report:
 	$(PY) tools/mutation_report.py --survivors
+
+# The same on the committed code (git HEAD, its src and tests) in a clean copy, for a working
+# tree that holds other people's half-finished edits; results stay in $(MUTATION_HEAD_DIR).
+MUTATION_HEAD_DIR ?= build/mutation-head
+mutation-head: $(STAMP)
+	rm -rf $(MUTATION_HEAD_DIR) && mkdir -p $(MUTATION_HEAD_DIR)
+	git archive HEAD | tar -x -C $(MUTATION_HEAD_DIR)
+	cd $(MUTATION_HEAD_DIR) && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(abspath $(VENV))/bin/mutmut run --max-children $(MUTATION_JOBS) $(foreach m,$(MUTANTS),'$(m)'); \
+	status=$$?; $(abspath $(PY)) tools/mutation_report.py --survivors; exit $$status
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis mutants
