@@ -217,6 +217,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-latency-target", action="store_true", help="skip target_latency")
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time the smallest model channel pruning reaches (ratio 0.99, round_to=1): "
+        "the time that does not shrink with the widths, and the speedup at 2x fewer MACs that "
+        "a time of floor + the rest scaled by the MACs would give",
+    )
+    parser.add_argument(
         "--round-to", type=int, default=None, help="pass round_to (default: leave it out)"
     )
     args = parser.parse_args()
@@ -266,6 +273,28 @@ def main() -> None:
                 f"channel widths kept: {widths[:12]}{' ...' if len(widths) > 12 else ''}",
                 flush=True,
             )
+            hw = report.settings.get("hardware")
+            if hw:
+                shown = ", ".join(
+                    f"{n} {c['ms']:.3g} ms at {c['macs_ratio']:.3f} MACs"
+                    for n, c in hw["candidates"].items()
+                )
+                print(f"  candidates (dense {hw['dense_ms']:.3g} ms): {shown}; kept {hw['chosen']}")
+            if args.floor:
+                small = prunekit.prune_structured(
+                    dense, x, ratio=0.99, round_to=1, progress=False, measure_latency=False
+                )
+                f_d, f_p, _ = timed(dense, small.model, x, args)
+                share = (f_p / f_d - small.macs_ratio) / (1 - small.macs_ratio)
+                bound = 1 / (share + (1 - share) * report.macs_ratio)
+                print(
+                    f"  floor: the smallest model ({100 * small.macs_ratio:.1f} % of the MACs) "
+                    f"takes {f_p:.2f} ms of dense {f_d:.2f} ms: {100 * share:.0f} % of the time "
+                    f"does not shrink with the widths; with the rest scaled by the MACs, "
+                    f"{100 * report.macs_ratio:.1f} % of the MACs would run {bound:.2f}x faster "
+                    f"(bar {0.85 * mac_x:.2f}x)",
+                    flush=True,
+                )
             if args.no_latency_target:
                 continue
             start = time.time()
