@@ -1,6 +1,7 @@
 """Data-parallel ``oneshot`` with 1 and 2 processes: wall time, perplexity, masks, traffic.
 
-For each model and method, ``oneshot`` runs twice in fresh processes started by ``torchrun``
+For each model and case (a method, optionally with an allocation: ``wanda``,
+``sparsegpt:sensitivity``, ``wanda:owl``), ``oneshot`` runs twice in fresh processes started by ``torchrun``
 (``--nproc_per_node 1``, then ``2``; one torch thread per process): the same script and the
 same full calibration list, prunekit takes each rank's contiguous share. Printed per run:
 
@@ -9,8 +10,10 @@ same full calibration list, prunekit takes each rank's contiguous share. Printed
 * perplexity of the pruned model (measured by rank 0 on the same windows in both runs; it must
   match), and whether the keep-masks are bit-identical to the one-process run, with the largest
   weight difference (SparseGPT's Hessians are summed in another order: ~1e-6);
-* bytes each rank put into collectives per block (norm vectors for Wanda; partial Hessians and
-  the broadcast results for SparseGPT).
+* bytes the ranks together put into collectives per block (norm vectors for Wanda; partial
+  Hessians and the broadcast results for SparseGPT; with ``sensitivity`` also the measuring
+  pass's statistics, its broadcast SparseGPT grids and the gathered damage values);
+* with an allocation: whether the per-layer sparsities are identical in both runs.
 
 Models: the character-level Llama of ``benchmarks/llm_oneshot.py`` (trained on
 tiny-shakespeare; calibration 32 x 128 characters of the training split, perplexity on 64
@@ -18,7 +21,11 @@ validation windows of 128 characters), and a generated random Llama (hidden 1024
 intermediate 2816, 8 blocks, 16 heads / 8 kv heads; calibration 8 x 128 random tokens,
 "perplexity" on 8 other random windows: meaningless as quality, used only to check equality).
 
-    .venv/bin/python benchmarks/distributed_oneshot.py [--models char,random] [--methods wanda,sparsegpt]
+    .venv/bin/python benchmarks/distributed_oneshot.py [--models char,random] \
+        [--cases wanda,sparsegpt,wanda:sensitivity,sparsegpt:sensitivity]
+
+The default cases are printed first; ``--cases`` picks others (e.g. to keep each timed run
+short on a shared machine).
 """
 
 from __future__ import annotations
@@ -81,7 +88,7 @@ def perplexity(model, windows) -> float:
     return float(torch.tensor(total / count).exp())
 
 
-def worker(model_name: str, method: str, out: Path) -> None:
+def worker(model_name: str, case: str, out: Path) -> None:
     """One oneshot run in this (torchrun) process; rank 0 saves what it ends with."""
     import torch.distributed as dist
 
@@ -97,8 +104,16 @@ def worker(model_name: str, method: str, out: Path) -> None:
     model, calib, windows = {"char": char_model_and_data, "random": random_model_and_data}[
         model_name
     ]()
+    method, _, allocation = case.partition(":")
     traffic(reset=True)
-    report = prunekit.oneshot(model, calib, method=method, inplace=True, progress=False)
+    report = prunekit.oneshot(
+        model,
+        calib,
+        method=method,
+        allocation=allocation or "uniform",
+        inplace=True,
+        progress=False,
+    )
     sent = traffic()["bytes"]
     if world > 1:
         every = [None] * world
@@ -116,6 +131,7 @@ def worker(model_name: str, method: str, out: Path) -> None:
                 "wall_s": report.settings["wall_time_s"],
                 "ppl": ppl,
                 "bytes_per_block": sent / model.config.num_hidden_layers,
+                "allocated": report.details["allocated"],
                 "state": state,
             },
             out,
@@ -124,8 +140,8 @@ def worker(model_name: str, method: str, out: Path) -> None:
         dist.destroy_process_group()
 
 
-def launch(model_name: str, method: str, nproc: int, folder: Path) -> dict:
-    out = folder / f"{model_name}-{method}-{nproc}.pt"
+def launch(model_name: str, case: str, nproc: int, folder: Path) -> dict:
+    out = folder / f"{model_name}-{case.replace(':', '-')}-{nproc}.pt"
     command = [
         sys.executable,
         "-m",
@@ -135,7 +151,7 @@ def launch(model_name: str, method: str, nproc: int, folder: Path) -> dict:
         __file__,
         "--worker",
         model_name,
-        method,
+        case,
         str(out),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -161,24 +177,32 @@ def compare(one: dict, two: dict) -> tuple[bool, float, int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="char,random")
-    parser.add_argument("--methods", default="wanda,sparsegpt")
+    parser.add_argument(
+        "--cases",
+        default="wanda,sparsegpt,wanda:sensitivity,sparsegpt:sensitivity",
+        help="method[:allocation], comma separated",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker[0], args.worker[1], Path(args.worker[2]))
         return 0
+    sys.path.insert(0, str(ROOT / "tools"))
+    from run_benchmarks import cpu_summary
+
     print(f"load average before the runs (1, 5, 15 min): {os.getloadavg()}; cpus {os.cpu_count()}")
+    print("\n".join(cpu_summary()))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model_name in args.models.split(","):
-            for method in args.methods.split(","):
-                one = launch(model_name, method, 1, Path(tmp))
-                two = launch(model_name, method, 2, Path(tmp))
+            for case in args.cases.split(","):
+                one = launch(model_name, case, 1, Path(tmp))
+                two = launch(model_name, case, 2, Path(tmp))
                 same_masks, weight_diff, differ = compare(one, two)
                 row = {
                     "model": model_name,
-                    "method": method,
+                    "case": case,
                     "wall_1p_s": one["wall_s"],
                     "wall_2p_s": two["wall_s"],
                     "speedup": one["wall_s"] / two["wall_s"],
@@ -188,19 +212,28 @@ def main() -> int:
                     "mask_entries_differing": differ,
                     "max_weight_diff": weight_diff,
                     "bytes_per_block_2p": two["bytes_per_block"],
+                    "allocation_identical": one["allocated"] == two["allocated"],
+                    "allocation_levels": len(set(one["allocated"].values())),
                     "load_after": os.getloadavg()[0],
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print()
-    header = "model   method     1 proc s  2 procs s  speed-up  ppl 1p     ppl 2p     masks      max |dW|  MB/block"
+    header = (
+        "model   case                   1 proc s  2 procs s  speed-up  ppl 1p     ppl 2p     "
+        "masks      max |dW|  MB/block  allocation"
+    )
     print(header)
     for r in rows:
+        masks = "identical" if r["masks_identical"] else f"{r['mask_entries_differing']} differ"
+        levels = r["allocation_levels"]
+        alloc = "uniform" if levels == 1 else f"{levels} levels"
+        alloc += ", identical" if r["allocation_identical"] else ", DIFFERENT"
         print(
-            f"{r['model']:<7} {r['method']:<10} {r['wall_1p_s']:>8.2f}  {r['wall_2p_s']:>9.2f}  "
+            f"{r['model']:<7} {r['case']:<22} {r['wall_1p_s']:>8.2f}  {r['wall_2p_s']:>9.2f}  "
             f"{r['speedup']:>7.2f}x  {r['ppl_1p']:<10.5g} {r['ppl_2p']:<10.5g} "
-            f"{'identical' if r['masks_identical'] else str(r['mask_entries_differing']) + ' differ':<10} "
-            f"{r['max_weight_diff']:.1e}  {r['bytes_per_block_2p'] / 2**20:>8.2f}"
+            f"{masks:<10} {r['max_weight_diff']:.1e}  {r['bytes_per_block_2p'] / 2**20:>8.2f}  "
+            f"{alloc}"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")

@@ -5,9 +5,12 @@ by block into safetensors shards (never whole in memory), then prunes it to 50 %
 child process and reads that process's peak resident memory (``VmHWM`` of
 ``/proc/self/status``, the kernel's high-water mark of resident pages) against the checkpoint's
 size. No cap is enforced here (no cgroup is available to this account); the figure is measured.
+A method may name an allocation (``wanda:owl``, ``sparsegpt:sensitivity``): its first streamed
+pass is then part of the run (and of the peak).
 
     .venv/bin/python benchmarks/streaming_oneshot.py [--hidden 2048] [--intermediate 5632]
         [--layers 12] [--methods wanda,sparsegpt] [--samples 2] [--seq-len 128] [--keep DIR]
+        [--max-activation-mb MB]
 """
 
 from __future__ import annotations
@@ -69,14 +72,25 @@ def generate(folder: Path, hidden: int, intermediate: int, layers: int) -> int:
     return total
 
 
-def child(source: str, out: str, method: str, samples: int, seq_len: int) -> None:
+def child(
+    source: str, out: str, case: str, samples: int, seq_len: int, spill: float | None
+) -> None:
     from prunekit.calibrate.streaming import oneshot_from_pretrained
 
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(1)
     calib = [torch.randint(0, 4096, (1, seq_len), generator=gen) for _ in range(samples)]
     started = time.perf_counter()
-    summary = oneshot_from_pretrained(source, calib, out, method=method, progress=False)
+    method, _, allocation = case.partition(":")
+    summary = oneshot_from_pretrained(
+        source,
+        calib,
+        out,
+        method=method,
+        allocation=allocation or "uniform",
+        max_activation_mb=spill,
+        progress=False,
+    )
     elapsed = time.perf_counter() - started
     status = Path("/proc/self/status").read_text()
     hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
@@ -92,10 +106,11 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--keep", type=Path, help="generate the checkpoint here and keep it")
+    parser.add_argument("--max-activation-mb", type=float, help="spill activations above this")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(*args.child, args.samples, args.seq_len)
+        child(*args.child, args.samples, args.seq_len, args.max_activation_mb)
         return 0
     with tempfile.TemporaryDirectory(dir=args.keep.parent if args.keep else None) as tmp:
         source = args.keep or Path(tmp) / "source"
@@ -107,9 +122,11 @@ def main() -> int:
             ]
         print(f"checkpoint: {size / 2**30:.2f} GiB, load average {os.getloadavg()}", flush=True)
         for method in args.methods.split(","):
-            out = Path(tmp) / f"out-{method}"
+            out = Path(tmp) / f"out-{method.replace(':', '-')}"
             command = [sys.executable, __file__, "--child", str(source), str(out), method]
             command += ["--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+            if args.max_activation_mb is not None:
+                command += ["--max-activation-mb", str(args.max_activation_mb)]
             result = subprocess.run(command, check=True, capture_output=True, text=True)
             row = json.loads(result.stdout.strip().splitlines()[-1])
             row.pop("allocated", None)

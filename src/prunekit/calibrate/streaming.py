@@ -42,8 +42,9 @@ The allocations cost a first streamed pass, each block read from the shards once
   run through each later block when that block is loaded: about ``L^2 g / 2`` block runs on the
   subsample, as in memory, and at the end ``L x (g + 1)`` runs of the model's tail (final norm and
   head) on it. Those versions take ``(L + 1 + L (g - 1)) x subsample x seq_len x hidden x 4``
-  bytes, spilled to disk like the activations (``max_activation_mb``). The result is the
-  in-memory allocation (tests: bit for bit).
+  bytes, spilled to disk like the activations (``max_activation_mb``); while a block is
+  measured its weights at every grid sparsity are held too (``g + 1`` copies of one block).
+  The result is the in-memory allocation (tests: bit for bit).
 
 Then the first block's inputs are captured again and the pruning pass runs.
 
