@@ -110,8 +110,8 @@ def mnist(args) -> None:
     for batch in (1, 32):
         example = x_eval[:batch]
         start = time.perf_counter()
-        fast, report = prunekit.accelerate(pruned, example, threads=args.threads)
-        fast8, report8 = prunekit.accelerate(int8, example, threads=args.threads)
+        fast, report = prunekit.accelerate(pruned, example, threads=args.threads, progress=False)
+        fast8, report8 = prunekit.accelerate(int8, example, threads=args.threads, progress=False)
         took = time.perf_counter() - start
         print(f"\nbatch {batch}: accelerate took {took:.1f} s for both models")
         print(f"  float32: {swapped_summary(report)}")
@@ -185,8 +185,8 @@ def minilm(args) -> None:
                   f"{time.perf_counter() - start:.0f} s")  # fmt: skip
         pruned = prunekit.finalize(pruned)
         int8 = prunekit.quantize(pruned, bits=8, mode="int", targets="encoder.*").model
-        fast, report = prunekit.accelerate(pruned, example, threads=args.threads)
-        fast8, report8 = prunekit.accelerate(int8, example, threads=args.threads)
+        fast, report = prunekit.accelerate(pruned, example, threads=args.threads, progress=False)
+        fast8, report8 = prunekit.accelerate(int8, example, threads=args.threads, progress=False)
         print(f"\nWanda {label}: float32 {swapped_summary(report)}")
         print(f"  int8: {swapped_summary(report8)}")
         if args.show_layers:

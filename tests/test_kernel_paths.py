@@ -12,6 +12,10 @@ rows and columns that are not multiples of the vector widths or of M, one and tw
 the fused activations. The scalar build is itself checked against a float64 ``F.linear``. Paths the CPU cannot run are skipped with the missing CPU
 flag in the reason (``pytest -rs``); ``pytest -s`` prints which paths and formats ran.
 
+The aarch64 (NEON) path cannot be loaded here: ``tests/csrc/kernel_harness.c`` is
+cross-compiled with zig and run under qemu-user when both are installed, and the same harness
+runs natively as a check of itself.
+
 ``tests/test_accelerate.py::test_portable_builds_compute_the_same`` checks the AVX2 and scalar
 builds against ``F.linear`` through the module; this file adds the AVX-512 paths and the
 path-against-scalar comparison.
@@ -20,6 +24,9 @@ path-against-scalar comparison.
 from __future__ import annotations
 
 import platform
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -219,3 +226,59 @@ def test_vector_path_matches_scalar(name: str, march: str, isa: str, needs, scal
             f"\nkernel path {name} (-march={march}): ran {', '.join(sorted(set(ran)))} "
             f"x f32/int8 on {len(_cases())} shapes, equal to the scalar build"
         )
+
+
+HARNESS = Path(__file__).resolve().parent / "csrc" / "kernel_harness.c"
+KERNEL_SOURCE_DIR = Path(kernels.__file__).resolve().parent / "csrc"
+
+
+def _zig() -> list[str] | None:
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("ziglang") is None:
+        return None
+    return [sys.executable, "-m", "ziglang", "cc"]
+
+
+@pytest.mark.skipif(
+    _zig() is None or shutil.which("qemu-aarch64") is None,
+    reason="needs the ziglang package (cross compiler) and qemu-user's qemu-aarch64",
+)
+def test_neon_path_under_qemu(capsys) -> None:
+    """The aarch64 build (NEON vectors in the many-row kernels) cross-compiled with zig and run
+    under qemu-user: csr and N:M, float32 and int8, batch 1 and 3-130 rows, every activation,
+    against a float64 loop (``tests/csrc/kernel_harness.c``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "harness"
+        cmd = [*_zig(), "-target", "aarch64-linux-musl", "-O2", "-std=c11"]
+        cmd += [f"-I{KERNEL_SOURCE_DIR}", str(HARNESS), "-o", str(exe), "-lm"]
+        build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert build.returncode == 0, build.stderr[-2000:]
+        run = subprocess.run(
+            ["qemu-aarch64", str(exe)], capture_output=True, text=True, timeout=300
+        )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.startswith("isa=neon cases=312 "), run.stdout
+    with capsys.disabled():
+        print(f"\nkernel path neon (aarch64, zig cc, qemu-user): {run.stdout.strip()}")
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3"])
+def test_harness_on_this_machine(march: str) -> None:
+    """The same C harness built for this CPU (plain C and AVX2) must pass too: it checks the
+    harness itself as well as the paths."""
+    if march == "x86-64-v3" and _missing(("avx2", "fma")):
+        pytest.skip("CPU without AVX2")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "harness"
+        cmd = ["cc", "-O2", f"-march={march}", "-std=c11", f"-I{KERNEL_SOURCE_DIR}"]
+        build = subprocess.run(
+            [*cmd, str(HARNESS), "-o", str(exe), "-lm"], capture_output=True, text=True
+        )
+        assert build.returncode == 0, build.stderr[-2000:]
+        run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout
+    isa = "scalar" if march == "x86-64" else "avx2"
+    assert run.stdout.startswith(f"isa={isa} cases=312 "), run.stdout
