@@ -166,7 +166,12 @@ def prune_structured(
             the multiple this device's kernels run fast (:func:`prunekit.graph.latency.
             default_round_to`: 8 on CPU and CUDA). A group is never rounded below ``min_keep``
             nor above its width; a group whose width is not a multiple may keep its full width.
-            ``round_to=1`` turns rounding off.
+            ``round_to=1`` turns rounding off. With ``target_macs`` / ``target_params``, None
+            also makes the widths hardware-aware when ``measure_latency`` is on: a few
+            selections that all meet the target (one ratio; whole multiples; ratios weighted
+            by measured time per MAC, :mod:`prunekit.graph.hardware`) are timed beside the
+            dense model on ``example_inputs`` and the fastest is kept (the one-ratio selection
+            unless another is 3 % faster; ``report.settings["hardware"]`` lists them).
         ignore: module name patterns (glob, or ``re:`` regex) whose output units must stay:
             every group that such a module produces is left whole.
         per_layer: ``{pattern: ratio}``: groups produced by a matching module get their own
