@@ -1,0 +1,370 @@
+"""One-shot pruning speed: prunekit vs llm-compressor on the same model and calibration data.
+
+Model: the character-level Llama of ``benchmarks/llm_oneshot.py`` (2.9 M parameters, trained on
+the first 90 % of tiny-shakespeare, cached as a Hugging Face folder under ``$PRUNEKIT_CACHE``).
+Calibration: 128 windows of 128 characters from the training split (``prunekit.calibration``,
+seed 0); both libraries get exactly these token ids. Perplexity: the last 10 % of the text,
+non-overlapping 128-character windows, measured here with ``prunekit.eval.perplexity`` on both
+pruned models.
+
+For SparseGPT and Wanda at 50 %, 70 % and 2:4 the script times
+
+* ``prunekit.oneshot(model, calib, method=..., inplace=True)`` (default arguments otherwise),
+  in this process, on a fresh copy of the dense model;
+* llm-compressor's ``oneshot(model=..., dataset=DataLoader, recipe=[SparseGPTModifier |
+  WandaPruningModifier])`` (its defaults: sequential pipeline, one sample per forward), in a
+  child process that runs the Python of llm-compressor's own virtualenv (``--llmc-python``,
+  or ``$PRUNEKIT_LLMC_PYTHON``; default ``/work/venvs/llmc/bin/python``). Only the ``oneshot``
+  call is timed (not the import or model loading). The child writes the pruned weights as
+  safetensors and the perplexity is measured here. Without that interpreter, or when
+  llm-compressor does not import there, the comparison is skipped with a message and only
+  prunekit's figures are printed.
+
+Both run with ``--threads`` torch threads (default 1). The targets of the issue: prunekit's wall
+time <= 0.5x llm-compressor's, perplexity within 1 %.
+
+``--random-llama`` instead times prunekit alone on a generated Llama with random weights
+(hidden 1024, intermediate 2816, 8 blocks, 16 / 8 heads; 128 x 128 random tokens): seconds per
+block and peak memory growth (``report.settings``) for each method, in a fresh process each.
+
+    .venv/bin/python benchmarks/oneshot_speed.py [--threads 1] [--methods sparsegpt,wanda]
+    .venv/bin/python benchmarks/oneshot_speed.py --random-llama [--samples 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+CONFIGS = [("50%", 0.5, "unstructured"), ("70%", 0.7, "unstructured"), ("2:4", None, "2:4")]
+SEQ_LEN = 128
+DEFAULT_LLMC = "/work/venvs/llmc/bin/python"
+
+
+def machine() -> str:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, load average "
+        f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}"
+    )
+
+
+# ---------------------------------------------------------------- llm-compressor child process
+
+LLMC_CHILD = r"""
+import json, sys, time
+import torch
+from safetensors.torch import load_file, save_file
+args = json.loads(sys.argv[1])
+torch.set_num_threads(args["threads"])
+import transformers
+from torch.utils.data import DataLoader
+from llmcompressor import oneshot
+from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+import llmcompressor
+ids = load_file(args["calib"])["input_ids"]
+samples = [{"input_ids": row[None, :], "attention_mask": torch.ones_like(row)[None, :]} for row in ids]
+loader = DataLoader(samples, batch_size=None, collate_fn=lambda s: s)
+model = transformers.AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32).eval()
+kind = SparseGPTModifier if args["method"] == "sparsegpt" else WandaPruningModifier
+options = {"sparsity": args["sparsity"], "targets": ["Linear"], "ignore": ["re:.*lm_head"]}
+if args["mask"]:
+    options["mask_structure"] = args["mask"]
+recipe = [kind(**options)]
+# llm-compressor wants a processor whenever a dataset is given; the data are token ids already
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+vocab = {f"c{i}": i for i in range(model.config.vocab_size)}
+tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="c0")))
+started = time.perf_counter()
+oneshot(model=model, dataset=loader, recipe=recipe, tokenizer=tokenizer, num_calibration_samples=len(samples),
+        max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
+elapsed = time.perf_counter() - started
+state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+save_file(state, args["out"])
+print("RESULT " + json.dumps({"wall_time_s": elapsed, "version": llmcompressor.__version__}))
+"""
+
+
+def llmc_available(python: str) -> str | None:
+    """None when ``python`` imports llm-compressor, else the reason it cannot be used."""
+    if not Path(python).is_file():
+        return f"no interpreter at {python}"
+    done = subprocess.run(
+        [python, "-c", "import llmcompressor; print(llmcompressor.__version__)"],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        return f"llmcompressor does not import with {python}: {done.stderr.strip()[-300:]}"
+    return None
+
+
+def run_llmc(
+    python: str,
+    folder: Path,
+    calib_file: Path,
+    method: str,
+    sparsity: float,
+    mask: str | None,
+    threads: int,
+    out: Path,
+) -> dict:
+    args = {
+        "model": str(folder),
+        "calib": str(calib_file),
+        "method": method,
+        "sparsity": sparsity,
+        "mask": mask,
+        "threads": threads,
+        "out": str(out),
+    }
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    done = subprocess.run(
+        [python, "-c", LLMC_CHILD, json.dumps(args)], capture_output=True, text=True, env=env
+    )
+    if done.returncode:
+        raise RuntimeError(f"llm-compressor child failed:\n{done.stderr[-3000:]}")
+    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
+
+
+# ----------------------------------------------------------------------------- character Llama
+
+
+def compare(args: argparse.Namespace) -> dict:
+    import llm_oneshot as llm
+    from safetensors.torch import load_file, save_file
+
+    import prunekit
+    from prunekit.eval import perplexity
+
+    torch.set_num_threads(args.threads)
+    train_ids, val_ids, chars = llm.load_text()
+    model = llm.trained_model(train_ids, len(chars), 600)
+    folder = llm.cache_dir() / "char-llama-shakespeare-600steps"
+    calib = prunekit.calibration(train_ids, n_samples=128, seq_len=SEQ_LEN, seed=0)
+    ids = torch.cat([s["input_ids"] for s in calib])
+    dense_ppl = perplexity(model, val_ids, SEQ_LEN, batch_size=32)
+    python = args.llmc_python or os.environ.get("PRUNEKIT_LLMC_PYTHON") or DEFAULT_LLMC
+    missing = None if args.no_llmc else llmc_available(python)
+    if args.no_llmc:
+        missing = "--no-llmc"
+    print(f"machine: {machine()}; {args.threads} torch thread(s)")
+    print(f"prunekit {prunekit.__version__}; calibration {calib.description}")
+    print(f"dense validation perplexity {dense_ppl:.4f}")
+    if missing:
+        print(f"llm-compressor comparison skipped: {missing}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        calib_file = Path(tmp) / "calib.safetensors"
+        save_file({"input_ids": ids.contiguous()}, str(calib_file))
+        for method in args.methods:
+            for label, sparsity, pattern in CONFIGS:
+                pruned = copy.deepcopy(model)
+                started = time.perf_counter()
+                prunekit.oneshot(
+                    pruned,
+                    calib,
+                    method=method,
+                    sparsity=sparsity,
+                    pattern=pattern,
+                    inplace=True,
+                    progress=False,
+                )
+                ours_s = time.perf_counter() - started
+                ours_ppl = perplexity(pruned, val_ids, SEQ_LEN, batch_size=32)
+                row = {
+                    "method": method,
+                    "config": label,
+                    "prunekit_s": ours_s,
+                    "prunekit_ppl": ours_ppl,
+                }
+                if not missing:
+                    out = Path(tmp) / "llmc.safetensors"
+                    theirs = run_llmc(
+                        python,
+                        folder,
+                        calib_file,
+                        method,
+                        0.5 if sparsity is None else sparsity,
+                        pattern if ":" in pattern else None,
+                        args.threads,
+                        out,
+                    )
+                    other = copy.deepcopy(model)
+                    other.load_state_dict(load_file(str(out)), strict=False)
+                    row.update(
+                        llmc_s=theirs["wall_time_s"],
+                        llmc_ppl=perplexity(other, val_ids, SEQ_LEN, batch_size=32),
+                        llmc_version=theirs["version"],
+                    )
+                    row["time_ratio"] = ours_s / row["llmc_s"]
+                    row["ppl_ratio"] = ours_ppl / row["llmc_ppl"]
+                rows.append(row)
+                print(_line(row), flush=True)
+    verdicts = []
+    if not missing:
+        time_ok = all(r["time_ratio"] <= 0.5 for r in rows)
+        ppl_ok = all(abs(r["ppl_ratio"] - 1) <= 0.01 for r in rows)
+        verdicts = [
+            ("wall time <= 0.5x llm-compressor's in every case", time_ok),
+            ("perplexity within 1 % of llm-compressor's in every case", ppl_ok),
+        ]
+        for name, ok in verdicts:
+            print(f"  {'PASS' if ok else 'MISS'}  {name}")
+    return {
+        "machine": machine(),
+        "dense_ppl": dense_ppl,
+        "rows": rows,
+        "threads": args.threads,
+        "checks": dict(verdicts),
+        "llmc_skipped": missing,
+    }
+
+
+def _line(row: dict) -> str:
+    text = (
+        f"{row['method']:>9} {row['config']:>4}: prunekit {row['prunekit_s']:6.2f} s "
+        f"ppl {row['prunekit_ppl']:.4f}"
+    )
+    if "llmc_s" in row:
+        text += (
+            f" | llm-compressor {row['llmc_s']:6.2f} s ppl {row['llmc_ppl']:.4f} | time "
+            f"ratio {row['time_ratio']:.2f}, ppl ratio {row['ppl_ratio']:.4f}"
+        )
+    return text
+
+
+# ------------------------------------------------------------------------------- random Llama
+
+
+def random_llama_child(method: str, pattern: str, samples: int, threads: int) -> None:
+    """One oneshot run on the random Llama in this fresh process; prints a JSON line."""
+    import gc
+
+    import transformers
+
+    import prunekit
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=256,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    tokens = torch.randint(
+        0, 512, (samples * SEQ_LEN * 4,), generator=torch.Generator().manual_seed(1)
+    )
+    calib = prunekit.calibration(tokens, n_samples=samples, seq_len=SEQ_LEN, seed=0)
+    with torch.no_grad():
+        model(**calib[0])
+    gc.collect()
+    report = prunekit.oneshot(
+        model,
+        calib,
+        method=method,
+        sparsity=None if ":" in pattern else 0.5,
+        pattern=pattern,
+        inplace=True,
+        progress=False,
+    )
+    wall = report.settings["wall_time_s"]
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "method": method,
+                "pattern": pattern,
+                "wall_time_s": wall,
+                "s_per_block": wall / 8,
+                "peak_memory_mb": report.settings["peak_memory_mb"],
+            }
+        )
+    )
+
+
+def random_llama(args: argparse.Namespace) -> dict:
+    print(f"machine: {machine()}; {args.threads} torch thread(s)")
+    print(f"prunekit from {args.src or ROOT / 'src'}")
+    print(
+        "random Llama: hidden 1024, intermediate 2816, 8 blocks, 16 / 8 heads; "
+        f"calibration {args.samples} x {SEQ_LEN} random tokens"
+    )
+    env = dict(os.environ)
+    if args.src:
+        env["PYTHONPATH"] = str(args.src)
+    rows = []
+    for method in args.methods:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--random-child",
+            method,
+            "--samples",
+            str(args.samples),
+            "--threads",
+            str(args.threads),
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode:
+            raise RuntimeError(done.stderr[-3000:])
+        row = json.loads(done.stdout.split("RESULT ")[-1])
+        rows.append(row)
+        print(
+            f"{method:>9} 50 %: {row['wall_time_s']:7.2f} s in all, {row['s_per_block']:6.2f} "
+            f"s per block, peak memory growth {row['peak_memory_mb']:.0f} MiB",
+            flush=True,
+        )
+    return {"machine": machine(), "rows": rows, "samples": args.samples}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--methods", default="sparsegpt,wanda", type=lambda s: [m for m in s.split(",") if m]
+    )
+    parser.add_argument("--llmc-python", help="python of llm-compressor's virtualenv")
+    parser.add_argument("--no-llmc", action="store_true", help="time prunekit alone")
+    parser.add_argument("--random-llama", action="store_true")
+    parser.add_argument("--samples", type=int, default=128, help="random Llama: calibration")
+    parser.add_argument("--src", type=Path, help="random Llama: import prunekit from here")
+    parser.add_argument("--random-child", help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    if args.random_child:
+        random_llama_child(args.random_child, "unstructured", args.samples, args.threads)
+        return 0
+    out = random_llama(args) if args.random_llama else compare(args)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
