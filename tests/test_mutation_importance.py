@@ -11,18 +11,25 @@ selection that ``make mutation`` runs for ``graph/importance.py``.
 from __future__ import annotations
 
 import re
+import sys
+import threading
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from tqdm import std as tqdm_std
 
 from prunekit.graph import importance as imp
 from prunekit.graph.groups import build_groups
 from prunekit.graph.trace import trace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+if "mutmut" in sys.modules:  # see test_mutation_scores.py: tqdm's lock shared across forks
+    tqdm_std.tqdm.set_lock(threading.RLock())
+    tqdm_std.tqdm.monitor_interval = 0
 
 
 def mlp(seed: int = 0) -> nn.Sequential:
@@ -496,3 +503,167 @@ def test_fluctuation_of_a_constant_unit_is_zero() -> None:
     x = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(9))
     got, _ = scored(model, {"x": x}, "fluctuation", calib=[{"x": x}])
     assert got["fc1"][1] == 0.0 and bool((np.delete(got["fc1"], 1) > 0).all())
+
+
+# --------------------------------------------------------------------------- details
+
+
+def test_fresh_instances_score_like_the_registered_ones() -> None:
+    net = mlp()
+    for fresh, name in ((imp.Magnitude(1), "l1"), (imp.Magnitude(2), "l2")):
+        assert fresh.p == int(name[1]) and fresh.name == name
+        got, _ = scored(net, X, name)
+        graph = trace(net, X)
+        groups = build_groups(graph)
+        mine, _ = imp.score_groups(fresh, net, graph, groups, progress=False)
+        assert all(close(mine[g.index], got[g.name]) for g in groups)
+    assert imp.Taylor().name == "taylor" and imp.Taylor("taylor_group").name == "taylor_group"
+    assert imp.Activation("apoz").name == "apoz"
+
+
+def test_normalize_divides_by_scales_below_one() -> None:
+    s = np.array([0.2, -0.1, 0.3])
+    assert close(imp.normalize(s, "mean"), s / 0.2)
+    assert close(imp.normalize(s, "max"), s / 0.3)
+    assert close(imp.normalize(s, "l2"), s / np.sqrt(0.14))
+
+
+def test_score_groups_defaults_and_a_custom_criterion() -> None:
+    net = mlp()
+    graph = trace(net, X)
+    groups = build_groups(graph)
+    default, _ = imp.score_groups(imp.get_importance("random"), net, graph, groups, progress=False)
+    seeded, _ = imp.score_groups(
+        imp.get_importance("random"), net, graph, groups, seed=0, progress=False
+    )
+    assert all(np.array_equal(default[i], seeded[i]) for i in default)  # seed 0 by default
+
+    class Half(imp.GroupImportance):  # a user's criterion returning float32 lists
+        name = "half"
+
+        def score(self, group, ctx):
+            return [np.float32(0.5)] * group.n_units
+
+    out, notes = imp.score_groups(Half(), net, graph, groups, progress=False)
+    assert notes == [] and all(
+        v.dtype == np.float64 and close(v, [0.5] * len(v)) for v in out.values()
+    )
+
+
+@pytest.mark.parametrize("name", ["taylor", "activation", "fluctuation"])
+def test_data_criteria_show_progress_by_default(name: str, capsys) -> None:
+    net = mlp()
+    graph = trace(net, X)
+    groups = build_groups(graph)
+    crit = imp.get_importance(name)
+    kw = {"calib": calib_batches(), "loss_fn": mse}
+    imp.score_groups(crit, net, graph, groups, **kw)
+    err = capsys.readouterr().err
+    assert err.startswith(f"\r{name}:") and " 0/2 " in err
+    assert err.endswith("\r") and "\n" not in err  # cleared at the end
+    imp.score_groups(crit, net, graph, groups, progress=True, **kw)
+    assert capsys.readouterr().err.startswith(f"\r{name}:")
+    imp.score_groups(crit, net, graph, groups, progress=False, **kw)
+    assert capsys.readouterr().err == ""
+
+
+class Branchy(nn.Module):
+    """``alt`` reads fc1's output only for batches of more than 3 rows (traced with 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc1 = nn.Linear(3, 4)
+        self.alt = nn.Linear(4, 2)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        y = self.alt(h) if x.shape[0] > 3 else 0.0
+        return y + self.out(input=h)
+
+
+def test_a_consumer_that_does_not_run_on_the_calibration_data() -> None:
+    model = Branchy()
+    g = torch.Generator().manual_seed(11)
+    calib = [(torch.randn(2, 3, generator=g), torch.randn(2, 2, generator=g)) for _ in range(2)]
+    xs = torch.cat([x for x, _ in calib])
+    h = torch.relu(model.fc1(xs)).detach().double()
+    # activation: only `out` (called with a keyword) was seen
+    got, notes = scored(model, torch.randn(4, 3), "activation", calib=calib)
+    assert notes == [] and close(got["fc1"], h.abs().mean(0).numpy())
+    # fluctuation: alt's columns are skipped (no statistics), out's are scored
+    got, _ = scored(model, torch.randn(4, 3), "fluctuation", calib=calib)
+    w = model.out.weight.detach().double()
+    assert close(got["fc1"], population_var(h) * (w**2).sum(0).numpy(), rtol=1e-5)
+    # taylor: alt's weight has no gradient on these batches and counts nothing
+    got, _ = scored(model, torch.randn(4, 3), "taylor", calib=calib, loss_fn=mse)
+    ref = np.zeros(4)
+    for x, y in calib:
+        p = {
+            k: v.detach().clone().double().requires_grad_(True)
+            for k, v in model.state_dict().items()
+        }
+        hh = torch.relu(x.double() @ p["fc1.weight"].T + p["fc1.bias"])
+        out = hh @ p["out.weight"].T + p["out.bias"]
+        ((out - y.double()) ** 2).mean().backward()
+        wg = {k: (v.detach() * v.grad).numpy() for k, v in p.items() if v.grad is not None}
+        ref += (
+            np.abs(wg["fc1.weight"]).sum(1)
+            + np.abs(wg["fc1.bias"])
+            + np.abs(wg["out.weight"]).sum(0)
+        )
+    assert close(got["fc1"], ref, rtol=1e-4)
+
+
+def test_one_token_statistics() -> None:
+    model = Tokens()
+    x = torch.randn(1, 1, 5, generator=torch.Generator().manual_seed(12))
+    got, _ = scored(model, {"x": x}, "fluctuation", calib=[{"x": x}])
+    assert close(got["fc1"], np.zeros(4))  # one token: no variance
+    got, _ = scored(model, {"x": x}, "activation", calib=[{"x": x}])
+    h = torch.relu(model.fc1(x.reshape(1, 5))).detach().double()[0]
+    assert close(got["fc1"], h.abs().numpy())
+
+
+def test_nested_module_names() -> None:
+    class Nest(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(5)
+            self.block = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
+            self.head = nn.Sequential(nn.Conv2d(3, 2, 1))
+
+        def forward(self, x):
+            return self.head(self.block(x))
+
+    model = Nest().eval()
+    with torch.no_grad():
+        model.block[1].weight.copy_(torch.tensor([0.5, -2.0, 1.0]))
+    got, _ = scored(model, IMG, "bn_scale")
+    assert close(got["block.0"], [0.5, 2.0, 1.0])
+    got, _ = scored(model, IMG, "fluctuation", calib=[IMG])
+    h = model.block(IMG).detach().movedim(1, -1).reshape(-1, 3)
+    w = model.head[0].weight.detach().double()
+    assert close(got["block.0"], population_var(h) * (w**2).sum(dim=(0, 2, 3)).numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "max", "mean"])
+def test_fluctuation_reduces_over_consumers(reduce: str) -> None:
+    model = Branches()
+    x = torch.randn(7, 3, generator=torch.Generator().manual_seed(13))
+    got, _ = scored(model, x, "fluctuation", calib=[x], reduce=reduce)
+    h = torch.relu(model.fc1(x)).detach()
+    var = population_var(h)
+    per = [var * (m.weight.detach().double() ** 2).sum(0).numpy() for m in (model.fc3, model.fc2)]
+    ref = {"sum": per[0] + per[1], "max": np.maximum(*per), "mean": (per[0] + per[1]) / 2}[reduce]
+    assert close(got["fc1"], ref, rtol=1e-5)
+
+
+def test_fluctuation_ignores_a_mask_that_is_not_a_tensor() -> None:
+    model = Tokens()
+    x = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(14))
+    got, _ = scored(model, {"x": x}, "fluctuation", calib=[{"x": x, "attention_mask": [[1, 0, 0]]}])
+    hidden = torch.relu(model.fc1(x.reshape(-1, 5))).detach()
+    ref = population_var(hidden) * (model.fc2.weight.detach().double() ** 2).sum(0).numpy()
+    assert close(got["fc1"], ref, rtol=1e-5)
