@@ -207,6 +207,7 @@ static inline float activate(float v, int act) {
 #define PK_K_CSR16 0
 #define PK_K_CSR32 1
 #define PK_K_NM 2
+#define PK_K_NM24 3 /* 2:4, decoded a byte (two groups, four slots) at a time */
 
 /* The PK_NB (nv vectors) sums of output row r, for non-zeros k0..k1 of the values array.
  * kind, nv and i8 are constants once inlined, so the accumulators live in registers. */
@@ -230,7 +231,23 @@ static inline __attribute__((always_inline)) void many_row(
                                  mask))
 #define PK_MANY_VAL(kk) (i8 ? (float)((const int8_t *)vals)[kk] : ((const float *)vals)[kk])
     int64_t k = k0;
-    for (; k + U <= k1; k += U) {
+    if (kind == PK_K_NM24) { /* byte q holds slots 4q..4q+3 of groups 2q and 2q+1 */
+        const int64_t full = (k1 - k0) / 4;
+        for (int64_t q = 0; q < full; ++q) {
+            const unsigned b = ib[q];
+            const int64_t base = 8 * q, kk = k0 + 4 * q;
+            const int64_t c[4] = {base + (b & 3u), base + ((b >> 2) & 3u),
+                                  base + 4 + ((b >> 4) & 3u), base + 4 + (b >> 6)};
+            for (int j = 0; j < 4; ++j) {
+                const float *xp = xt + c[j] * stride;
+                const pk_vf v = PK_VSET1(PK_MANY_VAL(kk + j));
+                pk_vf *a = acc[j % U];
+                for (int jj = 0; jj < nv; ++jj) a[jj] = PK_VFMA(v, PK_VLOAD(xp + jj * PK_VW), a[jj]);
+            }
+        }
+        k = k0 + 4 * full; /* an odd last group: its two slots below, decoded one by one */
+    }
+    for (; kind != PK_K_NM24 && k + U <= k1; k += U) {
         for (int u = 0; u < U; ++u) {
             const float *xp = xt + PK_MANY_COL(k + u) * stride;
             const pk_vf v = PK_VSET1(PK_MANY_VAL(k + u));
@@ -272,7 +289,7 @@ static inline __attribute__((always_inline)) void many_rows(
     for (int64_t r = r0; r < r1; ++r) {
         int64_t k0, k1;
         const uint8_t *ib = NULL;
-        if (kind == PK_K_NM) {
+        if (kind == PK_K_NM || kind == PK_K_NM24) {
             k0 = r * w->row_nnz;
             k1 = k0 + w->row_nnz;
             ib = w->idx + r * w->row_bytes;
@@ -302,7 +319,9 @@ static void many_dispatch(const many_weight *w, int nv, int64_t r0, int64_t r1, 
     case 2: PK_MANY_NV(PK_K_CSR32, 0); break;
     case 3: PK_MANY_NV(PK_K_CSR32, 1); break;
     case 4: PK_MANY_NV(PK_K_NM, 0); break;
-    default: PK_MANY_NV(PK_K_NM, 1); break;
+    case 5: PK_MANY_NV(PK_K_NM, 1); break;
+    case 6: PK_MANY_NV(PK_K_NM24, 0); break;
+    default: PK_MANY_NV(PK_K_NM24, 1); break;
     }
 }
 #undef PK_MANY_NV
@@ -330,7 +349,7 @@ static int spmm_many(const many_weight *w, int64_t batch, const float *x, float 
         int part, nparts;
         team(&part, &nparts);
         int64_t r0, r1;
-        if (w->kind == PK_K_NM) { /* every row costs the same */
+        if (w->kind == PK_K_NM || w->kind == PK_K_NM24) { /* every row costs the same */
             r0 = rows * part / nparts;
             r1 = rows * (part + 1) / nparts;
         } else {
@@ -808,7 +827,7 @@ static int spmm_nm(const pk_plan *p, int64_t batch, const float *x, float *y, in
     if (lgn < 0 || lgn > lgm || lgm < 1 || lgm > 4) return -2;
     const int64_t groups = (p->in + (1 << lgm) - 1) >> lgm;
     const int64_t row_nnz = groups << lgn;
-    many_weight w = {PK_K_NM, p->rows, p->in, groups << lgm, NULL, NULL,
+    many_weight w = {lgn == 1 && lgm == 2 ? PK_K_NM24 : PK_K_NM, p->rows, p->in, groups << lgm, NULL, NULL,
                      (const uint8_t *)p->index0, lgn, lgm, bits, row_nnz,
                      (row_nnz * bits + 7) / 8, p->vals, (int)p->int8, p->scale, p->bias,
                      (int)p->act};
