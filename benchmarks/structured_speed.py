@@ -217,6 +217,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-latency-target", action="store_true", help="skip target_latency")
     parser.add_argument(
+        "--latency-only", action="store_true", help="only target_latency (skip the default call)"
+    )
+    parser.add_argument(
         "--floor",
         action="store_true",
         help="also time the smallest model channel pruning reaches (ratio 0.99, round_to=1): "
@@ -240,61 +243,66 @@ def main() -> None:
         dense = MODELS[name]()
         for batch in args.batches:
             x = inputs_for(name, batch)
-            start = time.time()
-            report = prunekit.prune_structured(dense, x, target_macs=0.5, progress=False, **extra)
-            took = time.time() - start
-            d_ms, p_ms, best = timed(dense, report.model, x, args)
-            mac_x = report.macs_before / report.macs_after
-            speed = d_ms / p_ms
-            ok = speed >= 0.85 * mac_x
-            verdicts.append(ok)
-            widths = sorted({g.kept for g in report.groups if g.kind == "channel"})
-            rows.append(
-                [
-                    name,
-                    batch,
-                    "target_macs=0.5",
-                    f"{report.macs_ratio:.3f}",
-                    f"{mac_x:.2f}x",
-                    f"{d_ms:.2f}",
-                    f"{p_ms:.2f}",
-                    f"{speed:.2f}x",
-                    f"{speed / mac_x:.2f}",
-                    f"{1 / best:.2f}x",
-                    f"{took:.0f}",
-                    "PASS" if ok else "FAIL",
-                ]
-            )
-            print(
-                f"{name} batch {batch}: MACs x{report.macs_ratio:.3f} (round_to "
-                f"{report.settings.get('round_to')}), speedup {speed:.2f}x (fastest calls "
-                f"{1 / best:.2f}x) vs MAC ratio "
-                f"{mac_x:.2f}x -> {'PASS' if ok else 'FAIL'}; in-report {report.latency}; "
-                f"channel widths kept: {widths[:12]}{' ...' if len(widths) > 12 else ''}",
-                flush=True,
-            )
-            hw = report.settings.get("hardware")
-            if hw:
-                shown = ", ".join(
-                    f"{n} {c['ms']:.3g} ms at {c['macs_ratio']:.3f} MACs"
-                    for n, c in hw["candidates"].items()
+            if not args.latency_only:
+                start = time.time()
+                report = prunekit.prune_structured(
+                    dense, x, target_macs=0.5, progress=False, **extra
                 )
-                print(f"  candidates (dense {hw['dense_ms']:.3g} ms): {shown}; kept {hw['chosen']}")
-            if args.floor:
-                small = prunekit.prune_structured(
-                    dense, x, ratio=0.99, round_to=1, progress=False, measure_latency=False
+                took = time.time() - start
+                d_ms, p_ms, best = timed(dense, report.model, x, args)
+                mac_x = report.macs_before / report.macs_after
+                speed = d_ms / p_ms
+                ok = speed >= 0.85 * mac_x
+                verdicts.append(ok)
+                widths = sorted({g.kept for g in report.groups if g.kind == "channel"})
+                rows.append(
+                    [
+                        name,
+                        batch,
+                        "target_macs=0.5",
+                        f"{report.macs_ratio:.3f}",
+                        f"{mac_x:.2f}x",
+                        f"{d_ms:.2f}",
+                        f"{p_ms:.2f}",
+                        f"{speed:.2f}x",
+                        f"{speed / mac_x:.2f}",
+                        f"{1 / best:.2f}x",
+                        f"{took:.0f}",
+                        "PASS" if ok else "FAIL",
+                    ]
                 )
-                f_d, f_p, _ = timed(dense, small.model, x, args)
-                share = (f_p / f_d - small.macs_ratio) / (1 - small.macs_ratio)
-                bound = 1 / (share + (1 - share) * report.macs_ratio)
                 print(
-                    f"  floor: the smallest model ({100 * small.macs_ratio:.1f} % of the MACs) "
-                    f"takes {f_p:.2f} ms of dense {f_d:.2f} ms: {100 * share:.0f} % of the time "
-                    f"does not shrink with the widths; with the rest scaled by the MACs, "
-                    f"{100 * report.macs_ratio:.1f} % of the MACs would run {bound:.2f}x faster "
-                    f"(bar {0.85 * mac_x:.2f}x)",
+                    f"{name} batch {batch}: MACs x{report.macs_ratio:.3f} (round_to "
+                    f"{report.settings.get('round_to')}), speedup {speed:.2f}x (fastest calls "
+                    f"{1 / best:.2f}x) vs MAC ratio "
+                    f"{mac_x:.2f}x -> {'PASS' if ok else 'FAIL'}; in-report {report.latency}; "
+                    f"channel widths kept: {widths[:12]}{' ...' if len(widths) > 12 else ''}",
                     flush=True,
                 )
+                hw = report.settings.get("hardware")
+                if hw:
+                    shown = ", ".join(
+                        f"{n} {c['ms']:.3g} ms at {c['macs_ratio']:.3f} MACs"
+                        for n, c in hw["candidates"].items()
+                    )
+                    print(
+                        f"  candidates (dense {hw['dense_ms']:.3g} ms): {shown}; kept {hw['chosen']}"
+                    )
+                if args.floor:
+                    small = prunekit.prune_structured(
+                        dense, x, ratio=0.99, round_to=1, progress=False, measure_latency=False
+                    )
+                    f_d, f_p, _ = timed(dense, small.model, x, args)
+                    share = (f_p / f_d - small.macs_ratio) / (1 - small.macs_ratio)
+                    bound = 1 / (share + (1 - share) * report.macs_ratio)
+                    print(
+                        f"  floor: the smallest model ({100 * small.macs_ratio:.1f} % of the MACs) "
+                        f"takes {f_p:.2f} ms of dense {f_d:.2f} ms: {100 * share:.0f} % of the time "
+                        f"does not shrink with the widths; with the rest scaled by the MACs, "
+                        f"{100 * report.macs_ratio:.1f} % of the MACs would run {bound:.2f}x faster "
+                        f"(bar {0.85 * mac_x:.2f}x)",
+                        flush=True,
+                    )
             if args.no_latency_target:
                 continue
             start = time.time()
