@@ -199,6 +199,7 @@ def test_damping_is_raised_tenfold_with_a_warning() -> None:
     with pytest.warns(UserWarning) as caught:
         result = sg.sparsegpt_prune(w, h, 0.5, name="mlp.up")
     (warning,) = caught
+    assert warning.filename != sg.__file__  # attributed to a caller, not to the solver itself
     assert str(warning.message) == (
         "prunekit: SparseGPT raised the damping of mlp.up from 0.01 to 1 to factorise its Hessian"
     )
@@ -222,6 +223,8 @@ def test_a_hessian_that_never_factorises_raises() -> None:
     h = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.5]))  # needs a fraction above 0.8
     with pytest.warns(UserWarning, match="from 0.0001 to 1 "):
         assert sg.inverse_hessian_factor(h, 0.0001)[1] == 1.0  # the fifth and last try
+    with pytest.raises(sg.SparseGPTFailure, match="^the Hessian of layer does not factorise"):
+        sg.inverse_hessian_factor(torch.diag(torch.tensor([1.0, -100.0])), 0.01)  # default name
     assert issubclass(sg.SparseGPTFailure, RuntimeError)
 
 
@@ -251,8 +254,9 @@ def test_lowest() -> None:
 # --------------------------------------------------------------------------- one-thread factorisation
 
 
-# Under `make mutation` these two are skipped: a two-thread OpenMP pool started in mutmut's parent
-# process hangs every test process forked from it afterwards.
+# Nothing here may run a parallel region on two threads when mutmut runs the tests: an OpenMP pool
+# started in its parent process hangs every test process forked from it afterwards. The spies
+# below record the thread count and then compute on one thread.
 under_mutmut = pytest.mark.skipif("mutmut" in sys.modules, reason="forks after an OpenMP pool hang")
 
 
@@ -264,7 +268,27 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-@under_mutmut
+@pytest.fixture
+def thread_spy(monkeypatch):
+    seen: list[int] = []
+
+    def spying(fn):
+        def spy(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.set_num_threads(before)
+
+        return spy
+
+    monkeypatch.setattr(torch.linalg, "cholesky", spying(torch.linalg.cholesky))
+    monkeypatch.setattr(torch, "cholesky_inverse", spying(torch.cholesky_inverse))
+    return seen
+
+
 @pytest.mark.usefixtures("two_threads")
 def test_fixed_threads_runs_on_one_thread_and_restores() -> None:
     with sg.fixed_threads(torch.device("cpu")):
@@ -283,19 +307,22 @@ def test_fixed_threads_runs_on_one_thread_and_restores() -> None:
     assert torch.get_num_threads() == 1
 
 
+@pytest.mark.usefixtures("two_threads")
+def test_the_factorisation_runs_on_one_thread_unless_asked_not_to(thread_spy) -> None:
+    h = hessian_of(inputs(16, 4, seed=0))
+    sg.inverse_hessian_factor(h, 0.01)
+    assert thread_spy == [1, 1, 1]  # cholesky, its inverse, the upper factor
+    thread_spy.clear()
+    sg.inverse_hessian_factor(h, 0.01, deterministic=False)
+    assert thread_spy == [2, 2, 2]
+    assert torch.get_num_threads() == 2
+
+
 @under_mutmut
 @pytest.mark.usefixtures("two_threads")
 @pytest.mark.parametrize("deterministic", [True, False])
-def test_the_factorisation_thread_count(deterministic: bool, monkeypatch) -> None:
-    seen = []
-    real = torch.linalg.cholesky
-
-    def spy(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch.linalg, "cholesky", spy)
+def test_sparsegpt_prune_passes_deterministic_on(deterministic: bool, thread_spy) -> None:
     h = hessian_of(inputs(16, 4, seed=0))
     sg.sparsegpt_prune(torch.ones(2, 4), h, 0.5, deterministic=deterministic)
-    assert seen == [1, 1] if deterministic else seen == [2, 2]
+    assert thread_spy == ([1, 1, 1] if deterministic else [2, 2, 2])
     assert torch.get_num_threads() == 2
