@@ -64,29 +64,15 @@ def plain_loop(model, dense, data, epochs: int, lr: float = 1e-4):
     return model.eval()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batches", type=int, default=100, help="batches per epoch")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=600, help="training steps of the dense model")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    train_ids, val_ids, chars = load_text()
-    dense = trained_model(train_ids, len(chars), args.steps).eval()
-    data = windows(train_ids, args.batches, args.batch_size, args.seed)
-    dense_ppl = perplexity(dense, val_ids, SEQ_LEN, batch_size=32)
-    print(f"dense validation perplexity: {dense_ppl:.3f}", flush=True)
+def compare(dense, data, val_ids, sparsity: float, args: argparse.Namespace) -> int:
+    """The three rows at one sparsity; prints them and returns the number of failed verdicts."""
     rows = []
     for name in ("default", "old defaults", "plain loop"):
         torch.manual_seed(args.seed)
-        pruned = prunekit.prune(dense, args.sparsity).model
+        pruned = prunekit.prune(dense, sparsity).model
         if not rows:
             print(
-                f"one-shot {args.sparsity:.0%}: {perplexity(pruned, val_ids, SEQ_LEN, batch_size=32):.3f}"
+                f"one-shot {sparsity:.0%}: {perplexity(pruned, val_ids, SEQ_LEN, batch_size=32):.3f}"
             )
         start = time.perf_counter()
         lr = None
@@ -108,12 +94,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name:12s}: perplexity {ppl:.3f} ({seconds:.0f} s{lr_text})", flush=True)
     default = rows[0][1]
     fails = 0
-    print(f"\nchar Llama, magnitude {args.sparsity:.0%}, {args.epochs} x {args.batches} batches "
-          f"of {args.batch_size} x {SEQ_LEN} chars; dense {dense_ppl:.3f}")  # fmt: skip
+    print(f"\nchar Llama, magnitude {sparsity:.0%}, {args.epochs} x {args.batches} batches "
+          f"of {args.batch_size} x {SEQ_LEN} chars")  # fmt: skip
     for name, ppl, _, _ in rows[1:]:
         ok = default <= ppl
         fails += not ok
         print(f"default {default:.3f} <= {name} {ppl:.3f}: {'PASS' if ok else 'FAIL'}")
+    print()
+    return fails
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=100, help="batches per epoch")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=600, help="training steps of the dense model")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    train_ids, val_ids, chars = load_text()
+    dense = trained_model(train_ids, len(chars), args.steps).eval()
+    data = windows(train_ids, args.batches, args.batch_size, args.seed)
+    dense_ppl = perplexity(dense, val_ids, SEQ_LEN, batch_size=32)
+    print(f"dense validation perplexity: {dense_ppl:.3f}", flush=True)
+    fails = 0
+    for sparsity in args.sparsity:
+        fails += compare(dense, data, val_ids, sparsity, args)
     return 1 if fails else 0
 
 
