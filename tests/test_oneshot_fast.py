@@ -56,6 +56,7 @@ def reference_sparsegpt(weight, hessian, sparsity, nm=None, frozen=None, block_s
             sal = (W1**2 / d1[None, :] ** 2).masked_fill(must[:, start:end], float("-inf"))
             if k:
                 P1.view(-1)[torch.topk(sal.reshape(-1), k, largest=False).indices] = True
+            P1 |= must[:, start:end]  # frozen entries go in the sweep, compensated
         for i in range(end - start):
             if nm is not None and i % nm[1] == 0:
                 n, m = nm
@@ -64,6 +65,7 @@ def reference_sparsegpt(weight, hessian, sparsity, nm=None, frozen=None, block_s
                 )
                 drop = torch.topk(group, m - n, dim=1, largest=False).indices
                 P1[:, i : i + m].scatter_(1, drop, True)
+                P1[:, i : i + m] |= must[:, start + i : start + i + m]
             w = W1[:, i]
             q = w.clone()
             q[P1[:, i]] = 0.0
@@ -91,14 +93,21 @@ def _problem(rows, cols, seed, dead=()):
     [(0.5, None, 128), (0.7, None, 16), (0.3, None, 7), (0.5, (2, 4), 128), (0.5, (4, 8), 12)],
 )
 def test_sparsegpt_sweep_equals_the_column_loop(sparsity, nm, block) -> None:
+    """Without sub-blocks the sweep is the column loop bit for bit; with them (the default)
+    the same masks, and weights to float rounding."""
     w, h = _problem(24, 40, seed=3, dead=(5, 17))
     frozen = torch.zeros_like(w, dtype=torch.bool)
     frozen[2, :9] = True
     frozen[:, 30] = True
     expected_w, expected_keep = reference_sparsegpt(w, h, sparsity, nm, frozen, block)
-    got = sparsegpt_prune(w, h, sparsity, nm, frozen=frozen, block_size=block)
-    assert torch.equal(got.keep, expected_keep)
-    assert torch.equal(got.weight, expected_w)
+    plain = sparsegpt_prune(w, h, sparsity, nm, frozen=frozen, block_size=block, sub_block=block)
+    assert torch.equal(plain.keep, expected_keep)
+    assert torch.equal(plain.weight, expected_w)
+    for sub in (16, 4, 3):
+        got = sparsegpt_prune(w, h, sparsity, nm, frozen=frozen, block_size=block, sub_block=sub)
+        assert torch.equal(got.keep, expected_keep), sub
+        assert torch.allclose(got.weight, expected_w, rtol=1e-5, atol=1e-5), sub
+        assert not torch.equal(got.weight, w * got.keep)  # survivors were updated
     assert not got.keep[frozen].any() and not got.keep[:, [5, 17]].any()
     if nm is None:
         assert int((~got.keep).sum()) == count_to_remove(sparsity, w.numel())
@@ -107,8 +116,10 @@ def test_sparsegpt_sweep_equals_the_column_loop(sparsity, nm, block) -> None:
 def test_sparsegpt_sweep_changes_weights_like_the_loop_on_a_wide_layer() -> None:
     w, h = _problem(8, 300, seed=5)
     expected_w, expected_keep = reference_sparsegpt(w, h, 0.6)
+    assert torch.equal(sparsegpt_prune(w, h, 0.6, sub_block=128).weight, expected_w)
     got = sparsegpt_prune(w, h, 0.6)
-    assert torch.equal(got.keep, expected_keep) and torch.equal(got.weight, expected_w)
+    assert torch.equal(got.keep, expected_keep)
+    assert torch.allclose(got.weight, expected_w, rtol=1e-5, atol=1e-5)
     kept = got.keep & (w != 0)
     assert not torch.equal(got.weight[kept], w[kept])  # the survivors were updated
 

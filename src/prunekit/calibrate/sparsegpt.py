@@ -6,7 +6,12 @@ Hessian is H = 2 X X^T. Columns are processed left to right; removing weight w_q
 w_q^2 / [H^-1]_qq (the optimal-brain-surgeon saliency), and the error it leaves is spread over
 the not-yet-processed columns of the same row through the upper Cholesky factor of H^-1.
 Columns are handled in blocks with lazy batched updates of the rest of the matrix, and the mask
-is chosen adaptively per block (unstructured) or per group of M columns (N:M).
+is chosen adaptively per block (unstructured) or per group of M columns (N:M). Inside a block
+the same laziness is applied once more: each sub-block of 16 columns is swept column by column
+with rank-one updates of the sub-block only, then passes its errors to the rest of the block in
+one matrix product. The arithmetic is the paper's; only the order of the additions changes
+(weights agree with the plain column loop to ~1e-6), and the sweep reads and writes far less
+memory, which is what bounds it on wide layers.
 
 Numerical safety: inputs that never fire (zero Hessian diagonal) are treated as dead and their
 weights pruned first; the Hessian is damped by ``damp`` times its mean diagonal, and when the
@@ -122,6 +127,7 @@ def sparsegpt_prune(
     damp: float = 0.01,
     name: str = "layer",
     deterministic: bool = True,
+    sub_block: int = 16,
 ) -> SparseGPTResult:
     """Prune ``weight`` (out x in) with its Hessian (in x in); returns the updated weight.
 
@@ -134,6 +140,9 @@ def sparsegpt_prune(
         damp: damping as a fraction of the mean Hessian diagonal.
         deterministic: factorise the Hessian on one CPU thread so that masks and weights are
             identical for any ``torch.get_num_threads()`` (default); False uses every thread.
+        sub_block: columns per inner block: rank-one updates within it, one matrix product
+            for the rest of the column block (rounded down to a multiple of M); ``sub_block >=
+            block_size`` is the plain column loop (the same result to float rounding).
 
     Example:
         >>> w, x = torch.randn(8, 16), torch.randn(64, 16)
@@ -148,6 +157,7 @@ def sparsegpt_prune(
         raise ValueError(f"{name}: Hessian shape {tuple(H.shape)} does not match {cols} inputs")
     if nm is not None:
         block_size = max(nm[1], block_size - block_size % nm[1])
+        sub_block = max(nm[1], sub_block - sub_block % nm[1])  # N:M groups never straddle
     must_prune = torch.zeros_like(W, dtype=torch.bool) if frozen is None else frozen.clone().bool()
 
     dead = torch.diagonal(H) == 0
@@ -173,20 +183,25 @@ def sparsegpt_prune(
             P1 |= frozen1
         else:
             P1 = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(end - start):
-            if nm is not None and i % nm[1] == 0:
-                n, m = nm
-                group = (W1[:, i : i + m] ** 2 / d1[None, i : i + m] ** 2).masked_fill(
-                    frozen1[:, i : i + m], float("-inf")
-                )
-                drop = torch.topk(group, m - n, dim=1, largest=False).indices
-                P1[:, i : i + m].scatter_(1, drop, True)
-                P1[:, i : i + m] |= frozen1[:, i : i + m]
-            # the pruned entries' error (w - q) / [H^-1]_ii, spread over the later columns of
-            # the block; column i itself keeps w, so Q1 is read off W1 once at the end
-            err = torch.where(P1[:, i], W1[:, i], zero) / F1[i, i]
-            Err1[:, i] = err
-            W1[:, i + 1 :] -= torch.outer(err, F1[i, i + 1 :])
+        width = end - start
+        for s0 in range(0, width, sub_block):
+            s1 = min(s0 + sub_block, width)
+            for i in range(s0, s1):
+                if nm is not None and i % nm[1] == 0:
+                    n, m = nm
+                    group = (W1[:, i : i + m] ** 2 / d1[None, i : i + m] ** 2).masked_fill(
+                        frozen1[:, i : i + m], float("-inf")
+                    )
+                    drop = torch.topk(group, m - n, dim=1, largest=False).indices
+                    P1[:, i : i + m].scatter_(1, drop, True)
+                    P1[:, i : i + m] |= frozen1[:, i : i + m]
+                # the pruned entries' error (w - q) / [H^-1]_ii, spread over the later columns
+                # of the sub-block; column i itself keeps w, so Q1 is read off W1 at the end
+                err = torch.where(P1[:, i], W1[:, i], zero) / F1[i, i]
+                Err1[:, i] = err
+                W1[:, i + 1 : s1] -= torch.outer(err, F1[i, i + 1 : s1])
+            if s1 < width:  # the sub-block's errors reach the rest of the block at once
+                W1[:, s1:] -= Err1[:, s0:s1] @ F1[s0:s1, s1:]
         W[:, start:end] = W1.masked_fill(P1, 0.0)
         pruned[:, start:end] = P1 | frozen1
         W[:, end:] -= Err1 @ factor[start:end, end:]
