@@ -611,3 +611,33 @@ def test_check_entry_refuses_bad_quantization_fields() -> None:
         arrays,
         with_(meta, quant={**good, "bits": 4}),
     )  # int4: ceil(9 / 2) bytes
+
+
+def test_check_entry_sizes_the_declared_tensor_by_its_dtype() -> None:
+    from prunekit.compress.validate import memory_bytes
+
+    arrays, meta = entry()
+    rows = memory_bytes() // 48  # rows x 8 entries: 2/3 of memory in float32, 4/3 in float64
+    with pytest.raises(SavedModelError, match=r"^: shape: declares .* more than this machine's"):
+        sf.check_entry(arrays, with_(meta, dtype="float64", shape=[rows, 8]))
+    with pytest.raises(ValueError, match="^rowptr: expected "):  # fits: the next check speaks
+        sf.check_entry(arrays, with_(meta, dtype="float32", shape=[rows, 8]))
+
+
+def test_check_entry_quantization_edge_cases() -> None:
+    q = quantized(8, 2, True)
+    q.group, q.scale = 1, torch.rand(2, 5, generator=torch.Generator().manual_seed(0)) + 0.5
+    q.zero_point = torch.tensor([[1, 0, 2, 0, 1], [0, 3, 0, 1, 0]], dtype=torch.int8)
+    arrays, meta = sf.encode(q.dequantize(), "csr", q)  # groups of one column are allowed
+    sf.check_entry(arrays, meta)
+    assert meta["quant"]["group"] == 1 and arrays["scale"].shape == (2, 5)
+    # transposed codes need a 2-D tensor, even one whose first two dims would fit
+    q = quantized(8, 2, True, transposed=True)
+    arrays, meta = sf.encode(q.dequantize(), "csr", q)
+    sf.check_entry(arrays, meta)
+    fails(
+        "quant.codes_shape",
+        "[2, 5] does not fit the tensor's shape [5, 2, 1]",
+        arrays,
+        with_(meta, shape=[5, 2, 1]),
+    )
