@@ -641,3 +641,19 @@ def test_check_entry_quantization_edge_cases() -> None:
         arrays,
         with_(meta, shape=[5, 2, 1]),
     )
+
+
+def test_check_entry_row_pointers_must_not_decrease_and_padding_bits_are_ignored() -> None:
+    arrays, meta = entry("csr")
+    fails(
+        "rowptr",
+        "expected non-decreasing row pointers from 0 to nnz=3",
+        {**arrays, "rowptr": torch.tensor([0, 4, 3], dtype=torch.uint8)},
+        meta,
+    )
+    x = torch.tensor([[0.0, 1.5, 0.0], [2.5, 0.0, 0.0]])  # 6 entries: 2 padding bits
+    arrays, meta = sf.encode(x, "bitmask")
+    assert arrays["bits"].tolist() == [0b01010000]
+    padded = {**arrays, "bits": torch.tensor([0b01010011], dtype=torch.uint8)}
+    sf.check_entry(padded, meta)  # bits past the last entry are not read
+    assert torch.equal(sf.decode(padded, meta)[0], x)
