@@ -125,6 +125,19 @@ def run_oneshot(out: Path, rank: int) -> tuple[dict, dict]:
     if rank == 0:
         with single_process():
             ref["structured"], ref["structured/runs"] = structured_sensitivity_case()
+    for method in ("wanda", "sparsegpt"):  # prunekit.sensitivity itself, output mode
+        with _Counted() as seen:
+            result = prunekit.sensitivity(
+                model, calib, method=method, mode="output", sparsities=(0.3, 0.6), progress=False
+            )
+        mine[f"curves-{method}"], mine[f"curves-{method}/runs"] = result.raw_damage, seen["runs"]
+        if rank == 0:
+            with single_process(), _Counted() as seen:
+                result = prunekit.sensitivity(
+                    model, calib, method=method, mode="output", sparsities=(0.3, 0.6),
+                    progress=False,
+                )  # fmt: skip
+            ref[f"curves-{method}"], ref[f"curves-{method}/runs"] = result.raw_damage, seen["runs"]
     return mine, ref
 
 

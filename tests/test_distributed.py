@@ -156,6 +156,20 @@ def test_structured_sensitivity_allocation_is_shared(oneshot_runs):
     assert max(runs) < ref["structured/runs"] and sum(runs) == ref["structured/runs"]
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_sensitivity_curves_are_shared(oneshot_runs, method):
+    """prunekit.sensitivity (output mode): the model runs of the layer x sparsity grid are
+    spread over the ranks and gathered, so both ranks hold the single-process curves exactly,
+    each rank having made only part of the runs."""
+    rank0, rank1, ref, _ = oneshot_runs
+    key = f"curves-{method}"
+    curves = ref[key]
+    assert len(curves) > 4 and any(v[1] > v[0] > 0 for v in curves.values())
+    assert rank0[key] == curves == rank1[key]
+    runs = [rank0[key + "/runs"], rank1[key + "/runs"]]
+    assert max(runs) < ref[key + "/runs"] and sum(runs) == ref[key + "/runs"]
+
+
 def test_oneshot_statistics_traffic(oneshot_runs):
     """Magnitude needs no statistics (no traffic); Wanda sends its norm vectors only."""
     rank0, _, _, _ = oneshot_runs

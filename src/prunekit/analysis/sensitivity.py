@@ -941,6 +941,9 @@ def sensitivity(
         mode: ``"output"``, ``"proxy"`` or ``"auto"`` (proxy when the model has repeated blocks
             and no ``evaluate`` is given, otherwise output). See the module docstring.
         evaluate: ``evaluate(model) -> float``, higher is better; damage = dense value - value.
+            Under torch.distributed the output-mode runs are spread over the ranks (every rank
+            gets every curve), so ``evaluate`` runs on each rank for its share of the points and
+            must not communicate itself.
         divergence: ``"kl"``, ``"cosine"`` or ``"auto"`` (KL for logits, cosine for
             ``last_hidden_state``).
         input_fn: turns a data item into the model input (e.g. ``lambda b: b[0]`` for
@@ -1086,25 +1089,42 @@ def _output_mode(
     at_base = {
         t.name: pruner.matrices(t, stats, [base[t.name]])[0] for t in targets if t.name in base
     }
+    matrices: dict[str, list[torch.Tensor]] = {}  # a layer's grid, made when first needed
+    bar = tqdm(
+        total=len(targets) * len(grid), desc="sensitivity", unit="run", leave=False,
+        disable=not progress,
+    )  # fmt: skip
+
+    def job(t: Target, j: int) -> Callable[[], float]:
+        # one model run with layer t alone at grid point j (the others dense or at their base):
+        # under torch.distributed the runs are spread over the ranks (distributed.jobs), each
+        # made exactly as one process makes it, so every rank gets the single-process values
+        def run() -> float:
+            if t.name not in matrices:
+                matrices.clear()  # one layer's grid in memory at a time
+                matrices[t.name] = pruner.matrices(t, stats, grid)
+            param = params[t.name]
+            with torch.no_grad():
+                param.copy_(matrices[t.name][j].to(param.dtype))
+            try:
+                return float(measure())
+            finally:
+                with torch.no_grad():
+                    param.copy_(at_base.get(t.name, originals[t.name]).to(param.dtype))
+                bar.update(1)
+
+        return run
+
     raw: dict[str, list[float]] = {}
     try:
         with torch.no_grad():
             for name, weight in at_base.items():
                 params[name].copy_(weight.to(params[name].dtype))
-        bar = tqdm(targets, desc="sensitivity", unit="layer", leave=False, disable=not progress)
-        for t in bar:
-            param = params[t.name]
-            with torch.no_grad():
-                param.copy_(originals[t.name])  # prune from the dense weight, not the base
-            values = []
-            for pruned in pruner.matrices(t, stats, grid):
-                with torch.no_grad():
-                    param.copy_(pruned.to(param.dtype))
-                values.append(float(measure()))
-            with torch.no_grad():
-                param.copy_(at_base.get(t.name, originals[t.name]).to(param.dtype))
-            raw[t.name] = values
+        values = run_shared([job(t, j) for t in targets for j in range(len(grid))])
+        for i, t in enumerate(targets):
+            raw[t.name] = values[i * len(grid) : (i + 1) * len(grid)]
     finally:
+        bar.close()
         with torch.no_grad():
             for name, original in originals.items():
                 params[name].copy_(original)
