@@ -57,12 +57,11 @@ def char_model_and_data():
     return model, calib, windows
 
 
-def random_model_and_data():
+def random_llama_config():
+    """The generated Llama of the speed benchmarks: hidden 1024, 8 blocks, GQA 16/8 heads."""
     import transformers
 
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    return transformers.LlamaConfig(
         vocab_size=512,
         hidden_size=1024,
         intermediate_size=2816,
@@ -70,8 +69,18 @@ def random_model_and_data():
         num_attention_heads=16,
         num_key_value_heads=8,
         max_position_embeddings=256,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
     )
-    model = transformers.LlamaForCausalLM(config).eval()
+
+
+def random_model_and_data():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(random_llama_config()).eval()
     gen = torch.Generator().manual_seed(1)
     calib = [torch.randint(0, 512, (1, 128), generator=gen) for _ in range(8)]
     windows = [torch.randint(0, 512, (1, 128), generator=gen) for _ in range(8)]

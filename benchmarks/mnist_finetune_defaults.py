@@ -113,15 +113,20 @@ def plain_loop(model, dense, data, epochs: int, lr: float = 0.01, temperature: f
     model.train()
     for _ in range(epochs):
         for x, y in data:
-            out = model(x)
-            with torch.no_grad():
-                teacher = dense(x)
-            loss = F.nll_loss(out, y) + kd_loss(out, teacher, temperature)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            distill_step(model, dense, opt, x, y, temperature)
             reapply_masks(model)
     return model.eval()
+
+
+def distill_step(model, dense, opt, x, y, temperature: float) -> None:
+    """One SGD step on cross-entropy + ``T**2 * KL`` to the dense model's outputs."""
+    out = model(x)
+    with torch.no_grad():
+        teacher = dense(x)
+    loss = F.nll_loss(out, y) + kd_loss(out, teacher, temperature)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
 
 
 def cubic_sparsity(final: float, step: int, end_step: int) -> float:
@@ -151,13 +156,7 @@ def plain_gradual_loop(model, dense, data, epochs: int, final: float, lr: float 
                 if count:
                     threshold = scores.kthvalue(count).values
                     masks = [w.detach().abs() > threshold for w in weights]
-            out = model(x)
-            with torch.no_grad():
-                teacher = dense(x)
-            loss = F.nll_loss(out, y) + kd_loss(out, teacher, temperature)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            distill_step(model, dense, opt, x, y, temperature)
             with torch.no_grad():
                 for w, m in zip(weights, masks, strict=True):
                     w.mul_(m)

@@ -268,25 +268,14 @@ def random_llama_child(method: str, pattern: str, samples: int, threads: int) ->
     import gc
 
     import transformers
+    from distributed_oneshot import random_llama_config
 
     import prunekit
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=512,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        max_position_embeddings=256,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = transformers.LlamaForCausalLM(random_llama_config()).eval()
     tokens = torch.randint(
         0, 512, (samples * SEQ_LEN * 4,), generator=torch.Generator().manual_seed(1)
     )
