@@ -125,19 +125,17 @@ def run_oneshot(out: Path, rank: int) -> tuple[dict, dict]:
     if rank == 0:
         with single_process():
             ref["structured"], ref["structured/runs"] = structured_sensitivity_case()
-    for method in ("wanda", "sparsegpt"):  # prunekit.sensitivity itself, output mode
-        with _Counted() as seen:
-            result = prunekit.sensitivity(
-                model, calib, method=method, mode="output", sparsities=(0.3, 0.6), progress=False
-            )
-        mine[f"curves-{method}"], mine[f"curves-{method}/runs"] = result.raw_damage, seen["runs"]
-        if rank == 0:
-            with single_process(), _Counted() as seen:
-                result = prunekit.sensitivity(
-                    model, calib, method=method, mode="output", sparsities=(0.3, 0.6),
-                    progress=False,
-                )  # fmt: skip
-            ref[f"curves-{method}"], ref[f"curves-{method}/runs"] = result.raw_damage, seen["runs"]
+    for mode in ("output", "proxy"):  # prunekit.sensitivity itself
+        for method in ("wanda", "sparsegpt"):
+            key = f"curves-{mode}-{method}"
+            kwargs = dict(method=method, mode=mode, sparsities=(0.3, 0.6), progress=False)
+            with _Counted() as seen:
+                result = prunekit.sensitivity(model, calib, **kwargs)
+            mine[key], mine[key + "/seen"] = result.raw_damage, seen
+            if rank == 0:
+                with single_process(), _Counted() as seen:
+                    result = prunekit.sensitivity(model, calib, **kwargs)
+                ref[key], ref[key + "/seen"] = result.raw_damage, seen
     return mine, ref
 
 

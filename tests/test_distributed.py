@@ -157,17 +157,23 @@ def test_structured_sensitivity_allocation_is_shared(oneshot_runs):
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_sensitivity_curves_are_shared(oneshot_runs, method):
-    """prunekit.sensitivity (output mode): the model runs of the layer x sparsity grid are
-    spread over the ranks and gathered, so both ranks hold the single-process curves exactly,
-    each rank having made only part of the runs."""
+@pytest.mark.parametrize("mode", ["output", "proxy"])
+def test_sensitivity_curves_are_shared(oneshot_runs, mode, method):
+    """prunekit.sensitivity: in output mode the model runs of the layer x sparsity grid are
+    spread over the ranks and gathered; in proxy mode each rank runs its share of the samples
+    and the Hessians are summed. Either way both ranks hold the single-process curves exactly,
+    each rank having done only part of the work."""
     rank0, rank1, ref, _ = oneshot_runs
-    key = f"curves-{method}"
+    key = f"curves-{mode}-{method}"
     curves = ref[key]
     assert len(curves) > 4 and any(v[1] > v[0] > 0 for v in curves.values())
     assert rank0[key] == curves == rank1[key]
-    runs = [rank0[key + "/runs"], rank1[key + "/runs"]]
-    assert max(runs) < ref[key + "/runs"] and sum(runs) == ref[key + "/runs"]
+    seen = [rank0[key + "/seen"], rank1[key + "/seen"], ref[key + "/seen"]]
+    if mode == "output":
+        runs = [s["runs"] for s in seen]
+        assert max(runs[:2]) < runs[2] and runs[0] + runs[1] == runs[2]
+    else:
+        assert [s["samples"] for s in seen] == [[2], [3], [5]]
 
 
 def test_oneshot_statistics_traffic(oneshot_runs):

@@ -549,9 +549,16 @@ def proxy_damage(
 
     With blocks, the pass runs block by block over the dense model (each block's Hessians are
     used and dropped before the next block); targets outside the blocks share one more
-    whole-model pass. Changes no weight.
+    whole-model pass. Changes no weight. Under torch.distributed each rank runs its share of
+    ``data`` and the Hessians are summed over the ranks (as ``oneshot`` sums them), so every
+    rank measures the single-process damage.
     """
     damage: dict[str, list[float]] = {}
+    data = shard_samples(list(data))
+    keep_parts = is_distributed()
+
+    def reduced(collected: InputStats, group: list[Target]) -> dict:
+        return reduce_collected(collected, group) if keep_parts else collected.stats
 
     def measure(group: list[Target], stats: dict) -> None:
         for t in group:
@@ -567,9 +574,9 @@ def proxy_damage(
 
         def on_block(index: int, block: nn.Module, run) -> None:
             if groups[index]:
-                with InputStats(groups[index], {"hessian"}) as collected:
+                with InputStats(groups[index], {"hessian"}, keep_parts) as collected:
                     run()
-                measure(groups[index], collected.stats)
+                measure(groups[index], reduced(collected, groups[index]))
 
         bar = (
             (lambda it: tqdm(it, desc="sensitivity", unit="block", leave=False))
@@ -580,7 +587,13 @@ def proxy_damage(
             model, module_list, data, on_block, propagate="dense", device=device, progress=bar
         )
     if rest:
-        stats = collect_input_stats(model, rest, data, {"hessian"}, progress=progress)
+        if keep_parts:
+            with InputStats(rest, {"hessian"}, keep_parts) as collected, torch.no_grad():
+                for sample in data:
+                    run_model(model, sample)
+            stats = reduced(collected, rest)
+        else:
+            stats = collect_input_stats(model, rest, data, {"hessian"}, progress=progress)
         measure(rest, stats)
     return {t.name: damage[t.name] for t in targets}
 
