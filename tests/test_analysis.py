@@ -216,6 +216,15 @@ def test_sparsegpt_grid_equals_one_run_per_sparsity() -> None:
     outs = sparsegpt_grid(w, hessian, [0.3, 0.6, 0.85], block_size=16)
     for s, out in zip([0.3, 0.6, 0.85], outs, strict=True):
         assert torch.equal(out, sparsegpt_prune(w, hessian, s, block_size=16).weight)
+    # frozen entries beyond the first block's share (100 of its 192, share 58 at 30 %) are
+    # pruned in the sweep with compensation, as sparsegpt_prune does
+    first = torch.zeros(12 * 16, dtype=torch.bool)
+    first[torch.randperm(12 * 16, generator=g)[:100]] = True
+    frozen = torch.cat([first.view(12, 16), torch.zeros(12, 24, dtype=torch.bool)], dim=1)
+    outs = sparsegpt_grid(w, hessian, [0.3, 0.6], frozen=frozen, block_size=16)
+    for s, out in zip([0.3, 0.6], outs, strict=True):
+        ref = sparsegpt_prune(w, hessian, s, frozen=frozen, block_size=16).weight
+        assert torch.equal(out, ref) and not out[frozen].any()
 
 
 def test_results_write_csv_json_and_plots(tmp_path) -> None:

@@ -312,6 +312,7 @@ def sparsegpt_grid(
         for c, total in enumerate(totals):
             k = round(total * end / cols) - round(total * start / cols)
             P1[c * rows : (c + 1) * rows] = _lowest(saliency[c * rows : (c + 1) * rows], k)
+        P1 |= must[:, start:end]  # frozen entries beyond a block's share: compensated too
         for i in range(end - start):
             w = W1[:, i]
             q = w.masked_fill(P1[:, i], 0.0)
