@@ -715,6 +715,18 @@ def _rest_stats(
     return _reduced_stats(collected, [t], pruner, n_points)
 
 
+def with_norms(group: list[Target], stats: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """Each layer's statistics with Wanda's input norms read off the Hessian's diagonal where
+    only the Hessian was collected (a layer without statistics gets an empty entry)."""
+    out = {}
+    for t in group:
+        entry = dict(stats.get(t.name, {}))
+        if "hessian" in entry and "norm" not in entry:
+            entry["norm"] = torch.diagonal(entry["hessian"]).clone()
+        out[t.name] = entry
+    return out
+
+
 def _grid_matrices(
     pruner: _LayerPruner, group: list[Target], stats: dict, points: Sequence[float]
 ) -> dict[str, list[torch.Tensor]]:
@@ -794,13 +806,7 @@ def sequential_damage(
     def measure(key: str, group: list[Target], stats: dict, index: int | None = None) -> None:
         if not group:
             return
-        layer_stats = {}
-        for t in group:
-            entry = dict(stats.get(t.name, {}))
-            if "hessian" in entry and "norm" not in entry:
-                entry["norm"] = torch.diagonal(entry["hessian"]).clone()
-            layer_stats[t.name] = entry
-        pruned = _grid_matrices(pruner, group, layer_stats, points)
+        pruned = _grid_matrices(pruner, group, with_norms(group, stats), points)
         dense = {t.name: params[t.name].detach().clone() for t in group}
         at = {s: {t.name: pruned[t.name][j] for t in group} for j, s in enumerate(points)}
         # the reference: this block dense, the earlier ones as they are now (pruned). The

@@ -543,6 +543,7 @@ def _sensitivity_pass(
         _reduced_stats,
         allocate_groups,
         layer_pruner_of,
+        with_norms,
     )
     from prunekit.calibrate.stats import run_model
     from prunekit.distributed.jobs import gather_owned, job_owners
@@ -600,13 +601,7 @@ def _sensitivity_pass(
             with InputStats(group, need, keep_parts=is_distributed()) as collected:
                 run()
             stats = _reduced_stats(collected, group, layer_pruner, len(points))
-        layer_stats = {}
-        for t in group:
-            entry = dict(stats.get(t.name, {}))
-            if "hessian" in entry and "norm" not in entry:
-                entry["norm"] = torch.diagonal(entry["hessian"]).clone()
-            layer_stats[t.name] = entry
-        pruned = _grid_matrices(layer_pruner, group, layer_stats, points)
+        pruned = _grid_matrices(layer_pruner, group, with_norms(group, stats), points)
 
         def set_weights(s: float) -> None:
             for t in group:
