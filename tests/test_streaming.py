@@ -46,16 +46,7 @@ def test_streamed_equals_in_memory(sharded, tmp_path, one_thread, method, patter
     assert summary["blocks"] == 3 and summary["shards"] == 4
     assert (summary["activations_spilled"] > 0) == (spill is not None)
     streamed = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    whole = transformers.AutoModelForCausalLM.from_pretrained(sharded).eval()
-    oneshot(
-        whole,
-        [{"input_ids": s} for s in _calib()],
-        method=method,
-        pattern=pattern,
-        inplace=True,
-        progress=False,
-    )
-    finalize(whole, inplace=True)
+    whole, _ = _in_memory(sharded, method, pattern)
     a, b = streamed.state_dict(), whole.state_dict()
     assert a.keys() == b.keys()
     for key in a:
