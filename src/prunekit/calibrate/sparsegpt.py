@@ -115,7 +115,6 @@ def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return prune.reshape(scores.shape)
 
 
-@torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -150,63 +149,66 @@ def sparsegpt_prune(
         >>> int((out.weight == 0).sum())
         64
     """
-    W = weight.detach().clone().float()
-    H = hessian.detach().clone().float().to(W.device)
-    rows, cols = W.shape
-    if H.shape != (cols, cols):
-        raise ValueError(f"{name}: Hessian shape {tuple(H.shape)} does not match {cols} inputs")
-    if nm is not None:
-        block_size = max(nm[1], block_size - block_size % nm[1])
-        sub_block = max(nm[1], sub_block - sub_block % nm[1])  # N:M groups never straddle
-    must_prune = torch.zeros_like(W, dtype=torch.bool) if frozen is None else frozen.clone().bool()
+    with torch.no_grad():  # a with block, not the decorator: mutmut mutates the body
+        W = weight.detach().clone().float()
+        H = hessian.detach().clone().float().to(W.device)
+        rows, cols = W.shape
+        if H.shape != (cols, cols):
+            raise ValueError(f"{name}: Hessian shape {tuple(H.shape)} does not match {cols} inputs")
+        if nm is not None:
+            block_size = max(nm[1], block_size - block_size % nm[1])
+            sub_block = max(nm[1], sub_block - sub_block % nm[1])  # N:M groups never straddle
+        must_prune = (
+            torch.zeros_like(W, dtype=torch.bool) if frozen is None else frozen.clone().bool()
+        )
 
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    must_prune[:, dead] = True  # inputs that never fire: their weights go first
-    factor, used_damp = inverse_hessian_factor(H, damp, name, deterministic)
-    pruned = torch.zeros_like(W, dtype=torch.bool)
-    total = count_to_remove(sparsity, W.numel())
+        dead = torch.diagonal(H) == 0
+        H[dead, dead] = 1.0
+        W[:, dead] = 0.0
+        must_prune[:, dead] = True  # inputs that never fire: their weights go first
+        factor, used_damp = inverse_hessian_factor(H, damp, name, deterministic)
+        pruned = torch.zeros_like(W, dtype=torch.bool)
+        total = count_to_remove(sparsity, W.numel())
 
-    zero = W.new_zeros(())
-    for start in range(0, cols, block_size):
-        end = min(start + block_size, cols)
-        W1 = W[:, start:end].clone()
-        Err1 = torch.empty_like(W1)
-        F1 = factor[start:end, start:end]
-        d1 = torch.diagonal(F1)
-        frozen1 = must_prune[:, start:end]
-        if nm is None:
-            k = round(total * end / cols) - round(total * start / cols)
-            # frozen entries beyond the block's share go too, compensated like the chosen ones
-            P1 = _lowest((W1**2 / d1[None, :] ** 2).masked_fill(frozen1, float("-inf")), k)
-            P1 |= frozen1
-        else:
-            P1 = torch.zeros_like(W1, dtype=torch.bool)
-        width = end - start
-        for s0 in range(0, width, sub_block):
-            s1 = min(s0 + sub_block, width)
-            for i in range(s0, s1):
-                if nm is not None and i % nm[1] == 0:
-                    n, m = nm
-                    group = (W1[:, i : i + m] ** 2 / d1[None, i : i + m] ** 2).masked_fill(
-                        frozen1[:, i : i + m], float("-inf")
-                    )
-                    drop = torch.topk(group, m - n, dim=1, largest=False).indices
-                    P1[:, i : i + m].scatter_(1, drop, True)
-                    P1[:, i : i + m] |= frozen1[:, i : i + m]
-                # the pruned entries' error (w - q) / [H^-1]_ii, spread over the later columns
-                # of the sub-block; column i itself keeps w, so Q1 is read off W1 at the end
-                err = torch.where(P1[:, i], W1[:, i], zero) / F1[i, i]
-                Err1[:, i] = err
-                W1[:, i + 1 : s1] -= torch.outer(err, F1[i, i + 1 : s1])
-            if s1 < width:  # the sub-block's errors reach the rest of the block at once
-                W1[:, s1:] -= Err1[:, s0:s1] @ F1[s0:s1, s1:]
-        W[:, start:end] = W1.masked_fill(P1, 0.0)
-        pruned[:, start:end] = P1 | frozen1
-        W[:, end:] -= Err1 @ factor[start:end, end:]
+        zero = W.new_zeros(())
+        for start in range(0, cols, block_size):
+            end = min(start + block_size, cols)
+            W1 = W[:, start:end].clone()
+            Err1 = torch.empty_like(W1)
+            F1 = factor[start:end, start:end]
+            d1 = torch.diagonal(F1)
+            frozen1 = must_prune[:, start:end]
+            if nm is None:
+                k = round(total * end / cols) - round(total * start / cols)
+                # frozen entries beyond the block's share go too, compensated like the chosen ones
+                P1 = _lowest((W1**2 / d1[None, :] ** 2).masked_fill(frozen1, float("-inf")), k)
+                P1 |= frozen1
+            else:
+                P1 = torch.zeros_like(W1, dtype=torch.bool)
+            width = end - start
+            for s0 in range(0, width, sub_block):
+                s1 = min(s0 + sub_block, width)
+                for i in range(s0, s1):
+                    if nm is not None and i % nm[1] == 0:
+                        n, m = nm
+                        group = (W1[:, i : i + m] ** 2 / d1[None, i : i + m] ** 2).masked_fill(
+                            frozen1[:, i : i + m], float("-inf")
+                        )
+                        drop = torch.topk(group, m - n, dim=1, largest=False).indices
+                        P1[:, i : i + m].scatter_(1, drop, True)
+                        P1[:, i : i + m] |= frozen1[:, i : i + m]
+                    # the pruned entries' error (w - q) / [H^-1]_ii, spread over the later columns
+                    # of the sub-block; column i itself keeps w, so Q1 is read off W1 at the end
+                    err = torch.where(P1[:, i], W1[:, i], zero) / F1[i, i]
+                    Err1[:, i] = err
+                    W1[:, i + 1 : s1] -= torch.outer(err, F1[i, i + 1 : s1])
+                if s1 < width:  # the sub-block's errors reach the rest of the block at once
+                    W1[:, s1:] -= Err1[:, s0:s1] @ F1[s0:s1, s1:]
+            W[:, start:end] = W1.masked_fill(P1, 0.0)
+            pruned[:, start:end] = P1 | frozen1
+            W[:, end:] -= Err1 @ factor[start:end, end:]
 
-    W[pruned] = 0.0
-    if not torch.isfinite(W).all():
-        raise SparseGPTFailure(f"{name}: the SparseGPT update produced non-finite weights")
-    return SparseGPTResult(W.to(weight.dtype), ~pruned, used_damp)
+        W[pruned] = 0.0
+        if not torch.isfinite(W).all():
+            raise SparseGPTFailure(f"{name}: the SparseGPT update produced non-finite weights")
+        return SparseGPTResult(W.to(weight.dtype), ~pruned, used_damp)
