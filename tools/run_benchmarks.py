@@ -9,6 +9,12 @@ thread settings, load average, the git commit; then each benchmark's command, th
 backs, its exit status, wall time and full output. A benchmark that fails is recorded and the
 run goes on; the exit status is 1 when any failed.
 
+Documented figures are regenerated: every figure block a benchmark prints (see
+``benchmarks/figures.py``) replaces the block with the same id in README.md and docs/*.md,
+with a line naming the command, date, CPU flags, threads and load it ran with (``--no-docs``
+leaves the docs alone). ``--list-figures`` shows which benchmark writes each documented block
+and the blocks nothing writes.
+
 Example:
     .venv/bin/python tools/run_benchmarks.py --only quick
     .venv/bin/python tools/run_benchmarks.py --only sparse_linear mnist_magnitude
@@ -27,6 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from figures import blocks, replace_blocks  # noqa: E402
+
+DOCS = ("README.md", "docs/*.md")
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,7 @@ class Bench:
     args: tuple[str, ...]
     backs: str
     quick: bool = False
+    figures: tuple[str, ...] = ()  # the figure blocks it prints (benchmarks/figures.py)
 
 
 BENCHMARKS = [
@@ -85,12 +96,17 @@ def cpu_summary() -> list[str]:
     return [f"- CPU: {model} ({os.cpu_count()} logical cores)", f"- CPU flags: {shown}"]
 
 
+def commit_id() -> str:
+    """The short commit of the checkout."""
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+
+
 def header() -> str:
     import torch
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
+    commit = commit_id()
     dirty = subprocess.run(
         ["git", "status", "--porcelain", "--untracked-files=no"],
         capture_output=True, text=True, cwd=ROOT,
@@ -118,13 +134,73 @@ def header() -> str:
     return "\n".join(lines)
 
 
+def doc_files() -> list[Path]:
+    """README.md and docs/*.md: the files whose figure blocks ``make bench`` rewrites."""
+    return sorted({f for pattern in DOCS for f in ROOT.glob(pattern)})
+
+
+def update_docs(output: str, note: str) -> dict[str, list[str]]:
+    """Copy every figure block in a benchmark's ``output`` into the docs that hold its id;
+    returns figure id -> the files (relative paths) it was written to."""
+    new = blocks(output)
+    written: dict[str, list[str]] = {fig_id: [] for fig_id in new}
+    if not new:
+        return written
+    for path in doc_files():
+        text = path.read_text()
+        updated, done = replace_blocks(text, new, note)
+        if updated != text:
+            path.write_text(updated)
+        for fig_id in done:
+            written[fig_id].append(str(path.relative_to(ROOT)))
+    return written
+
+
+def short_machine() -> str:
+    """One line for a figure's provenance: CPU flags that pick kernel paths, cores, load."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.partition(":")[2].split())
+                break
+    except OSError:
+        pass
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{vector} CPU, {os.cpu_count()} logical cores, load {load:.1f}"
+
+
+def list_figures() -> int:
+    """Print each documented figure block with the benchmark that writes it; 1 when a block has
+    no writer or a benchmark declares a block that no doc holds."""
+    writers = {fig_id: b.name for b in BENCHMARKS for fig_id in b.figures}
+    held: dict[str, list[str]] = {}
+    for path in doc_files():
+        for fig_id in blocks(path.read_text()):
+            held.setdefault(fig_id, []).append(str(path.relative_to(ROOT)))
+    bad = 0
+    for fig_id in sorted(held | writers):
+        where = ", ".join(held.get(fig_id, [])) or "NOT IN ANY DOC"
+        writer = writers.get(fig_id, "NO BENCHMARK WRITES IT")
+        bad += fig_id not in held or fig_id not in writers
+        print(f"{fig_id:<32} {writer:<26} {where}")
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", default=["all"],
                         help="'all', 'quick', or benchmark names: " + ", ".join(b.name for b in BENCHMARKS))  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/latest.md")
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per benchmark")
+    parser.add_argument("--no-docs", action="store_true",
+                        help="do not copy the printed figure blocks into README.md / docs")  # fmt: skip
+    parser.add_argument("--list-figures", action="store_true",
+                        help="list the documented figure blocks and their benchmarks, then stop")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.list_figures:
+        return list_figures()
     names = {b.name for b in BENCHMARKS}
     unknown = [n for n in args.only if n not in names | {"all", "quick"}]
     if unknown:
@@ -143,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         for bench in chosen:
             cmd = [sys.executable, *bench.args]
             print(f"== {bench.name}: {' '.join(bench.args)}", flush=True)
-            start = time.perf_counter()
+            start, machine = time.perf_counter(), short_machine()
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                                       timeout=args.timeout)  # fmt: skip
@@ -153,6 +229,14 @@ def main(argv: list[str] | None = None) -> int:
             wall = time.perf_counter() - start
             if status != 0:
                 failed.append(bench.name)
+            if not args.no_docs:
+                note = (f"Measured by `make bench BENCH={bench.name}` on "
+                        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}, "
+                        f"{machine} at start, commit {commit_id()} (exit status {status}).")  # fmt: skip
+                for fig_id, files in update_docs(text, note).items():
+                    print(f"   figure {fig_id}: " + (", ".join(files) or "in no doc"), flush=True)
+                for fig_id in set(bench.figures) - set(blocks(text)):
+                    print(f"   figure {fig_id}: NOT PRINTED (docs keep the old one)", flush=True)
             out.write(f"\n## {bench.name}\n\n- command: `python {' '.join(bench.args)}`\n"
                       f"- backs: {bench.backs}\n- exit status: {status}, wall {wall:.0f} s\n\n"
                       f"```\n{text.rstrip()}\n```\n")  # fmt: skip
