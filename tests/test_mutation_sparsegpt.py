@@ -165,6 +165,96 @@ def test_zero_sparsity_keeps_everything_and_full_sparsity_removes_everything() -
     assert not gone.keep.any() and torch.equal(gone.weight, torch.zeros(3, 6))
 
 
+@pytest.mark.parametrize(
+    ("rows", "cols", "sparsity", "block_size", "sub_block", "damp"),
+    [
+        (4, 12, 0.5, 128, 5, 0.01),  # one block in sub-blocks of 5, 5 and 2 columns
+        (3, 10, 0.6, 8, 3, 0.3),  # blocks of 8 and 2; sub-blocks 3, 3, 2 and 2
+        (4, 9, 0.4, 4, 1, 0.01),  # one column per sub-block
+        (3, 8, 0.5, 4, 4, 0.05),  # sub-block = block
+        (3, 8, 0.5, 3, 7, 0.01),  # sub-block wider than the block: the plain column loop
+    ],
+)
+def test_sub_blocks_match_the_written_out_sweep(
+    rows, cols, sparsity, block_size, sub_block, damp
+) -> None:
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(10 + sub_block))
+    h = hessian_of(inputs(48, cols, seed=cols))
+    result = sg.sparsegpt_prune(
+        w, h, sparsity, block_size=block_size, sub_block=sub_block, damp=damp
+    )
+    check(result, *reference(w, h, sparsity, block_size=block_size, damp=damp))
+    assert result.damp == damp
+
+
+@pytest.mark.parametrize(
+    ("nm", "block_size", "sub_block"),
+    [((1, 3), 128, 4), ((2, 4), 10, 5), ((2, 4), 128, 1), ((3, 4), 8, 6)],
+)
+def test_n_m_sub_blocks_hold_whole_groups(nm, block_size, sub_block) -> None:
+    # sub_block (and block_size) are rounded down to a multiple of M: a group is chosen on
+    # weights that have all of the sub-block's updates
+    n, m = nm
+    cols = 5 * m
+    w = torch.randn(4, cols, generator=torch.Generator().manual_seed(20 + sub_block))
+    h = hessian_of(inputs(48, cols, seed=m + sub_block))
+    frozen = torch.zeros(4, cols, dtype=torch.bool)
+    frozen[1, m + 1] = frozen[3, 2 * m] = True
+    result = sg.sparsegpt_prune(
+        w, h, 0.1, nm, frozen=frozen, block_size=block_size, sub_block=sub_block
+    )
+    check(result, *reference(w, h, nm=nm, frozen=frozen, block_size=block_size))
+    assert torch.all(result.keep.reshape(4, 5, m).sum(-1) == n) and not result.keep[frozen].any()
+
+
+def test_defaults_are_half_sparsity_blocks_of_128_and_sub_blocks_of_16() -> None:
+    # 136 columns: a second column block of 8, where 128 and 129 choose different masks
+    w = torch.randn(2, 136, generator=torch.Generator().manual_seed(30))
+    h = hessian_of(inputs(160, 136, seed=31))
+    explicit = sg.sparsegpt_prune(w, h, 0.5, None, block_size=128, sub_block=16, damp=0.01)
+    default = sg.sparsegpt_prune(w, h)
+    assert torch.equal(default.keep, explicit.keep) and torch.equal(default.weight, explicit.weight)
+    assert int((~default.keep).sum()) == 136 and default.damp == 0.01
+    other = sg.sparsegpt_prune(w, h, 0.5, block_size=129)
+    assert not torch.equal(other.keep, explicit.keep)  # the block size matters on this layer
+
+
+def test_deterministic_switches_the_one_thread_factorisation(monkeypatch) -> None:
+    seen: list[tuple[str, bool]] = []
+    real = sg.fixed_threads
+
+    def spy(device: torch.device, enabled: bool = True):
+        seen.append((device.type, enabled))
+        return real(device, enabled)
+
+    monkeypatch.setattr(sg, "fixed_threads", spy)
+    w = torch.randn(3, 8, generator=torch.Generator().manual_seed(40))
+    h = hessian_of(inputs(32, 8, seed=41))
+    ref_w, ref_keep = reference(w, h, 0.5)
+    check(sg.sparsegpt_prune(w, h, 0.5), ref_w, ref_keep)
+    assert seen == [("cpu", True)]
+    seen.clear()
+    check(sg.sparsegpt_prune(w, h, 0.5, deterministic=False), ref_w, ref_keep)
+    assert seen == [("cpu", False)]
+
+
+def test_a_dead_inputs_weights_reach_no_other_weight() -> None:
+    # a zero diagonal marks an input as dead even where the caller left its off-diagonal
+    # entries: its weights are zeroed before the sweep, so their values change nothing
+    x = inputs(48, 6, seed=50)
+    x[:, 2] *= 0.3
+    h = hessian_of(x)
+    h[2, 2] = 0.0
+    w = torch.randn(3, 6, generator=torch.Generator().manual_seed(51))
+    louder = w.clone()
+    louder[:, 2] *= 5.0
+    result = sg.sparsegpt_prune(w, h, 0.5, sub_block=2)
+    check(result, *reference(w, h, 0.5))
+    assert not result.keep[:, 2].any()
+    again = sg.sparsegpt_prune(louder, h, 0.5, sub_block=2)
+    assert torch.equal(again.keep, result.keep) and torch.equal(again.weight, result.weight)
+
+
 # --------------------------------------------------------------------------- contract
 
 
