@@ -22,6 +22,10 @@ Targets (issue 16, MiniLM, 1 x 32 tokens, 2 threads): 2:4 <= 0.75x dense; Wanda 
 
 Run:  python benchmarks/accelerate_models.py [--threads 2] [--skip-mnist] [--skip-minilm]
       [--minilm 50% 2:4 70%] [--distill 2000] [--sts-pairs 1500]
+
+Run with the defaults (what ``make bench`` runs: both models, every MiniLM case, no
+distillation, all 1,500 STS-B pairs), it also prints docs/serving.md's figure block
+``serving-models``; a partial run prints none.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from prunekit.calibrate.oneshot import oneshot
 from prunekit.runtime import kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from figures import figure, md_table  # noqa: E402
 from structured_common import cpu_features  # noqa: E402
 from train_common import find_folder, load_mnist  # noqa: E402
 from train_common import load_mnist_model as load_cnn  # noqa: E402
@@ -70,6 +75,28 @@ def latency_table(models: dict, example, threads: int, repeats: int) -> dict[str
     return {r.model: r.median_ms for r in report.rows}
 
 
+def swapped_short(report) -> str:
+    """``n/N (lo-hi x)``: layers swapped and their per-layer speedups, for the figure."""
+    swapped = [r.speedup for r in report.rows if r.swapped]
+    span = ""
+    if swapped:
+        lo, hi = f"{min(swapped):.1f}", f"{max(swapped):.1f}"
+        span = f" ({lo}x)" if lo == hi else f" ({lo}-{hi}x)"
+    return f"{len(swapped)}/{len(report.rows)}{span}"
+
+
+def models_figure(rows: list[list[str]], threads: int) -> str:
+    """docs/serving.md's ``serving-models`` block from the rows mnist() and minilm() made."""
+    head = ["model", "input", "quality: pruned / accelerated",
+            "latency vs dense: pruned / accelerated / accelerated int8",
+            "layers swapped (per-layer speedup), float32"]  # fmt: skip
+    return figure(
+        "serving-models",
+        md_table(head, rows) + f"\n\n{threads} thread(s); latency by `prunekit.bench`, median of "
+        "300 calls (MNIST batch 1) or 100 calls.",
+    )
+
+
 def swapped_summary(report) -> str:
     swapped = [r for r in report.rows if r.swapped]
     if not swapped:
@@ -92,11 +119,12 @@ def accuracy(model, x, y, batch: int = 500) -> float:
     return 100.0 * hits / len(x)
 
 
-def mnist(args) -> None:
+def mnist(args) -> list[list[str]]:
+    """Time and score the MNIST CNN; the figure rows (none when the data is missing)."""
     folder = find_folder(args.data, "mnist", ["mnist_cnn.pt", "t10k-images-idx3-ubyte.gz"])
     if folder is None:
         print("MNIST: skipped, ../shared/data/mnist not found")
-        return
+        return []
     x, y = load_mnist(folder)
     x_eval, y_eval = x[5000:], y[5000:]
     dense = load_cnn(folder)
@@ -107,6 +135,7 @@ def mnist(args) -> None:
     print(f"\n== MNIST CNN, {sum(p.numel() for p in dense.parameters()):,} params ==")
     acc = {"dense": accuracy(dense, x_eval, y_eval), "pruned 90%": accuracy(pruned, x_eval, y_eval)}
     acc["pruned 90% int8"] = accuracy(int8, x_eval, y_eval)
+    rows = []
     for batch in (1, 32):
         example = x_eval[:batch]
         start = time.perf_counter()
@@ -119,10 +148,21 @@ def mnist(args) -> None:
         acc[f"accelerated (batch {batch})"] = accuracy(fast, x_eval, y_eval)
         acc[f"accelerated int8 (batch {batch})"] = accuracy(fast8, x_eval, y_eval)
         models = {"dense": dense, "pruned": pruned, "accelerated": fast, "accelerated int8": fast8}
-        latency_table(models, example, args.threads, repeats=300 if batch == 1 else 100)
+        ms = latency_table(models, example, args.threads, repeats=300 if batch == 1 else 100)
+        rows.append([
+            "MNIST CNN, 90 % global magnitude" if batch == 1 else "MNIST CNN, same",
+            "1 image" if batch == 1 else f"{batch} images",
+            f"accuracy {acc['pruned 90%']:.2f} / {acc[f'accelerated (batch {batch})']:.2f} % "
+            f"(int8: {acc[f'accelerated int8 (batch {batch})']:.2f}; dense {acc['dense']:.2f}, "
+            "no fine-tuning)",
+            " / ".join(f"{ms[k] / ms['dense']:.2f}" for k in ("pruned", "accelerated",
+                                                                "accelerated int8")),
+            swapped_short(report),
+        ])  # fmt: skip
     print("\naccuracy on test images 5000-9999 (%):")
     for name, value in acc.items():
         print(f"  {name:<32} {value:6.2f}")
+    return rows
 
 
 def distill(student, teacher, tokenizer, sentences: list[str]) -> None:
@@ -144,12 +184,13 @@ def distill(student, teacher, tokenizer, sentences: list[str]) -> None:
     student.eval()
 
 
-def minilm(args) -> None:
+def minilm(args) -> list[list[str]]:
+    """Prune, time and score MiniLM per case; the figure rows (none when it is missing)."""
     try:
         from minilm_oneshot import load_model, sts_rows, sts_score
     except ImportError as exc:  # pragma: no cover - depends on the environment
         print(f"MiniLM: skipped ({exc})")
-        return
+        return []
     dev, train = sts_rows("dev")[: args.sts_pairs], sts_rows("train")
     model, tokenizer = load_model()
     sentences = sorted({s for _, a, b in train for s in (a, b)})
@@ -165,12 +206,11 @@ def minilm(args) -> None:
         )
     )
     print(f"\n== all-MiniLM-L6-v2, {sum(p.numel() for p in model.parameters()):,} params ==")
-    print(
-        f"dense STS-B dev Spearman x100 ({len(dev)} pairs): {sts_score(model, tokenizer, dev):.2f}"
-    )
+    dense_score = sts_score(model, tokenizer, dev)
+    print(f"dense STS-B dev Spearman x100 ({len(dev)} pairs): {dense_score:.2f}")
     dense_q = torch_int8(model)
     print(f"torch int8 dynamic (dense): Spearman {sts_score(dense_q, tokenizer, dev):.2f}")
-    verdicts = []
+    verdicts, rows = [], []
     for label in args.minilm:
         sparsity, pattern = MINILM_CASES[label]
         pruned = oneshot(
@@ -205,6 +245,15 @@ def minilm(args) -> None:
         ms = latency_table(models, example, args.threads, repeats=args.repeats)
         ratio = ms["accelerated"] / ms["dense"]
         ratio8 = ms["accelerated int8"] / ms["dense"]
+        rows.append([
+            f"all-MiniLM-L6-v2, Wanda {label.replace('%', ' %')}", "1 sentence, 32 tokens",
+            ("STS-B Spearman " if not rows else "")
+            + f"{scores['pruned']:.2f} / {scores['accelerated']:.2f} "
+            f"(int8: {scores['accelerated int8']:.2f}"
+            + (f"; dense {dense_score:.2f})" if not rows else ")"),
+            f"{ms['pruned'] / ms['dense']:.2f} / {ratio:.2f} / {ratio8:.2f}",
+            swapped_short(report),
+        ])  # fmt: skip
         base = label.split()[0]
         if base in MINILM_TARGETS:
             goal = MINILM_TARGETS[base]
@@ -222,6 +271,7 @@ def minilm(args) -> None:
     if verdicts:
         print("\nTargets (issue 16, 1 x 32 tokens):")
         print("\n".join(verdicts))
+    return rows
 
 
 def main() -> int:
@@ -247,10 +297,18 @@ def main() -> int:
         f"kernels: -march={os.environ.get('PRUNEKIT_MARCH') or 'native'} -> "
         f"{lib.describe() if lib else 'unavailable: ' + kernels.why_unavailable()}"
     )
-    if not args.skip_mnist:
-        mnist(args)
-    if not args.skip_minilm:
-        minilm(args)
+    rows_mnist = [] if args.skip_mnist else mnist(args)
+    rows_minilm = [] if args.skip_minilm else minilm(args)
+    full = (
+        rows_mnist
+        and rows_minilm
+        and args.minilm == list(MINILM_CASES)
+        and not args.distill
+        and args.sts_pairs == 1500
+        and args.repeats == 100
+    )
+    if full:  # a partial run must not overwrite the documented table
+        models_figure(rows_minilm + rows_mnist, args.threads)
     return 0
 
 

@@ -13,8 +13,13 @@ faster, else the dense Linear), compared with the dense ``nn.Linear`` module (so
 same module-call overhead). Each is warmed up, then timed in rounds whose order rotates; the
 figure is the median of all calls.
 
-Run:  python benchmarks/sparse_linear.py [--threads 2] [--quick] [--dtypes fp32 int8]
+Run:  python benchmarks/sparse_linear.py [--threads 2 1] [--quick] [--dtypes fp32 int8]
       [--batches 8 32 128] [--patterns 70% 90%] [--sizes 1024 2048]
+
+``--threads 2 1`` with the other settings left at their defaults (what ``make bench`` runs) also
+prints docs/serving.md's figure blocks ``serving-kernels`` (batch-1 speedup per size and thread
+count) and ``serving-kernel-ranges`` (batch 32, torch CSR, torch int8 dense; 2 threads); a
+partial run prints none.
 Targets: issue 6, batch 1: kernel >= 1.5x faster than dense at 70 %, >= 3x at 90 %; issue 16,
 batch 8, 32 and 128: >= 1.6x at 70 %, >= 3.5x at 90 %; the accelerated layer never slower than
 dense. ``PRUNEKIT_MARCH=x86-64-v3`` builds the AVX2 kernels on an AVX-512 CPU (the CPU's flags
@@ -43,11 +48,14 @@ from prunekit.runtime import kernels
 
 acc = importlib.import_module("prunekit.runtime.accelerate")  # the module, not the function
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from figures import figure, md_table  # noqa: E402
 from structured_common import cpu_features  # noqa: E402
 
 SIZES = (1024, 2048, 4096)
 PATTERNS = ("50%", "70%", "80%", "90%", "95%", "2:4")
 BATCHES = (1, 32)
+FIGURE_THREADS = {1, 2}  # the documented figures need both thread counts
+FIGURE_PATTERNS = ("50%", "70%", "90%", "2:4")  # the columns of serving-kernels
 NOISE = 1.05  # "never slower than dense" allows 5 % timing noise
 TARGETS = {  # batch -> ((pattern, speedup over dense), ...)
     1: (("70%", 1.5), ("90%", 3.0)),  # issue 6
@@ -99,9 +107,78 @@ def torch_int8(linear: nn.Linear) -> nn.Module:
     return wrapped[0]
 
 
+def speedup_range(rows: list[dict], num: str, den: str = "kernel") -> str:
+    """``lo-hi x`` of ``num / den`` latency over ``rows`` (``-`` when there are none)."""
+    ratios = [r[num] / r[den] for r in rows]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}x" if ratios else "-"
+
+
+def print_figures(results: list[dict]) -> None:
+    """docs/serving.md's figure blocks from a full run's rows (``--threads 2 1``, defaults)."""
+    threads = sorted({r["threads"] for r in results}, reverse=True)
+    sizes = sorted({r["n"] for r in results})
+    by_key = {(r["threads"], r["n"], r["pattern"], r["dtype"], r["batch"]): r for r in results}
+    columns = [(p, "fp32") for p in FIGURE_PATTERNS] + [
+        (p, "int8") for p in FIGURE_PATTERNS if p != "2:4"
+    ]
+    rows = []
+    for t in threads:
+        for n in sizes:
+            cells = []
+            for pattern, dtype in columns:
+                r = by_key[(t, n, pattern, dtype, 1)]
+                cells.append(f"{r['dense'] / r['kernel']:.1f}x")
+            rows.append([f"{n}, {t} thread{'s' if t > 1 else ''}", *cells])
+    head = ["layer", *(p.replace("%", " %") + (" int8" if d == "int8" else "") for p, d in columns)]
+    figure(
+        "serving-kernels",
+        md_table(head, rows)
+        + "\n\nSpeedup of the kernel `accelerate` chose over dense `F.linear` at batch 1 (float32"
+        ' weights on the dense side; "int8": the sparse side runs on int8 codes); median of'
+        " rotating rounds.",
+    )
+    t = max(threads)
+    at = [r for r in results if r["threads"] == t]
+
+    def pick(batch: int, dtype: str | None, patterns: tuple[str, ...] | None) -> list[dict]:
+        return [
+            r
+            for r in at
+            if r["batch"] == batch
+            and (dtype is None or r["dtype"] == dtype)
+            and (patterns is None or r["pattern"] in patterns)
+        ]
+
+    swapped = [r for r in at if r["swapped"]]
+    worst = max((r["accel"] / r["dense_module"] for r in swapped), default=float("nan"))
+    low = ("50%", "2:4")
+    rows = [
+        *(
+            [f"kernel vs dense `F.linear`, batch 32, float32, {p.replace('%', ' %')}",
+             speedup_range(pick(32, "fp32", (p,)), "dense")]
+            for p in ("50%", "70%", "90%")
+        ),
+        ["kernel vs torch CSR (`torch.sparse.mm`), batch 1", speedup_range(pick(1, None, None), "csr")],
+        ["kernel vs torch CSR, batch 32", speedup_range(pick(32, None, None), "csr")],
+        ["int8 kernel vs torch int8 dense Linear (fbgemm), batch 1, 80-95 %",
+         speedup_range(pick(1, "int8", ("80%", "90%", "95%")), "qdense")],
+        ["same, batch 1, 70 %", speedup_range(pick(1, "int8", ("70%",)), "qdense")],
+        ["same, batch 1, 50 % and 2:4", speedup_range(pick(1, "int8", low), "qdense")],
+        ["same, batch 32, 95 %", speedup_range(pick(32, "int8", ("95%",)), "qdense")],
+        ["same, batch 32, 50-90 % and 2:4",
+         speedup_range(pick(32, "int8", ("50%", "70%", "80%", "90%", "2:4")), "qdense")],
+        ["worst latency of a swapped layer / dense `nn.Linear` module", f"{worst:.2f}"],
+    ]  # fmt: skip
+    figure(
+        "serving-kernel-ranges",
+        md_table([f"comparison ({t} threads, 1024-4096 wide)", "speedup of the kernel"], rows),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", nargs="+", type=int, default=[2],
+                        help="thread counts, each a full pass (2 1: the documented table)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="1024 and 2048 only")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
     parser.add_argument("--sizes", nargs="+", type=int, default=None)
@@ -111,11 +188,10 @@ def main() -> None:
     lib = kernels.load()
     if lib is None:
         raise SystemExit(f"needs the compiled kernels: {kernels.why_unavailable()}")
-    torch.set_num_threads(args.threads)
     load = os.getloadavg()
     print(
         f"sparse_linear: torch {torch.__version__}, {lib.describe()} "
-        f"({platform.machine()}, {os.cpu_count()} CPUs), {args.threads} thread(s)"
+        f"({platform.machine()}, {os.cpu_count()} CPUs), thread count(s) {args.threads}"
     )
     print(f"CPU: {cpu_features()}")
     march = os.environ.get("PRUNEKIT_MARCH") or "native"
@@ -129,10 +205,31 @@ def main() -> None:
         f"{'kernel ms':>9} {'format':>10} {'accel ms':>9} {'swap':>4} {'dense/kern':>10} "
         f"{'csr/kern':>8} {'accel/dense':>11} {'qdense/kern':>11}"
     )
-    print(header)
-    print("-" * len(header))
     results = []
     sizes = args.sizes or (SIZES[:2] if args.quick else SIZES)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        print(f"\n{threads} thread(s):\n{header}\n" + "-" * len(header), flush=True)
+        results += run_pass(args, sizes, threads, gen)
+    report(results)
+    full = (
+        not args.quick
+        and args.sizes is None
+        and set(args.threads) == FIGURE_THREADS
+        and set(args.patterns) == set(PATTERNS)
+        and set(args.dtypes) == {"fp32", "int8"}
+        and set(BATCHES) <= set(args.batches)
+    )
+    if full:
+        print_figures(results)
+    load = os.getloadavg()
+    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"total {time.perf_counter() - start:.0f} s")
+
+
+def run_pass(args: argparse.Namespace, sizes, threads: int, gen: torch.Generator) -> list[dict]:
+    """Time every size x pattern x dtype x batch at ``threads`` threads; one dict per row."""
+    results = []
     for n in sizes:
         rounds, per_round = {1024: (6, 15), 2048: (6, 6), 4096: (4, 3)}.get(n, (4, 3))
         for pattern in args.patterns:
@@ -152,7 +249,7 @@ def main() -> None:
                 qlinear = torch_int8(linear)
                 for batch in args.batches:
                     x = torch.randn(batch, n, generator=gen)
-                    accel, report = acc.accelerate(model, x, threads=args.threads, progress=False)
+                    accel, report = acc.accelerate(model, x, threads=threads, progress=False)
                     row = report.rows[0]
                     kernel, _ = acc.accelerate(
                         model, x, min_speedup=0.0, formats=row.format.split("-")[0], progress=False
@@ -174,7 +271,7 @@ def main() -> None:
                         t = time_rotating(fns, rounds, per_round)
                     result = {
                         "n": n, "pattern": pattern, "dtype": dtype, "batch": batch,
-                        "swapped": row.swapped, "format": row.format, **t,
+                        "threads": threads, "swapped": row.swapped, "format": row.format, **t,
                     }  # fmt: skip
                     results.append(result)
                     print(
@@ -189,6 +286,11 @@ def main() -> None:
                         ),
                         flush=True,
                     )
+    return results
+
+
+def report(results: list[dict]) -> None:
+    """The verdicts against issue 6 / 16's targets, for every row of every thread count."""
     print(
         "dense/kern, csr/kern: speedup of the prunekit kernel (above 1 = kernel faster); "
         "accel/dense: latency of the module accelerate() returned, relative to the dense nn.Linear "
@@ -203,7 +305,8 @@ def main() -> None:
             speedup = r["dense"] / r["kernel"]
             verdict = "PASS" if speedup >= target else "MISS"
             print(
-                f"  {verdict}  {r['dtype']} {r['n']} @ {pattern} batch {r['batch']}: kernel "
+                f"  {verdict}  {r['dtype']} {r['n']} @ {pattern} batch {r['batch']}, "
+                f"{r['threads']} thread(s): kernel "
                 f"({r['format']}) {speedup:.2f}x faster than dense (>= {target}x)"
             )
     print("\nAgainst torch's int8 dense Linear (fbgemm), int8 codes at >= 70 % (issue 16):")
@@ -212,7 +315,8 @@ def main() -> None:
             ratio = r["qdense"] / r["kernel"]
             verdict = "PASS" if ratio > 1.0 else "MISS"
             print(
-                f"  {verdict}  {r['n']} @ {r['pattern']} batch {r['batch']}: sparse int8 "
+                f"  {verdict}  {r['n']} @ {r['pattern']} batch {r['batch']}, {r['threads']} "
+                f"thread(s): sparse int8 "
                 f"({r['format']}) {ratio:.2f}x the speed of torch int8 dense"
             )
     swapped = [r for r in results if r["swapped"]]
@@ -233,9 +337,6 @@ def main() -> None:
             f"itself; accel/dense there ranges {min(ratios):.2f}-{max(ratios):.2f} "
             "(timing noise between two identical modules)"
         )
-    load = os.getloadavg()
-    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"total {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
