@@ -13,7 +13,10 @@ Layer scores, all on the same calibration data from the STS-B *train* split:
 * ``loss, label-free``: the same with the loss 1 - cos(pooled embedding, dense pooled embedding);
 * ``... iterative``: one layer at a time, scores measured again on the shallower model.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/structured_depth.py
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/structured_depth.py [--remove 1,2]
+
+When the removals include 1 and 2 it also prints docs/structured.md's figure block
+``structured-depth`` (a row per removal count); other runs print none.
 """
 
 from __future__ import annotations
@@ -26,10 +29,42 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from figures import figure, md_table
 from structured_common import data_root, machine, macs_params, table
 from structured_minilm import calib_pairs, pool, read_sts, spearman, sts_loss
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+METHODS = ("influence", "loss, labels", "loss, label-free")
+
+
+def doc_figure(results: list[dict], load: float) -> str:
+    """docs/structured.md's ``structured-depth`` block: per removal count and method, the layers
+    removed and the Spearman (best of a row in bold), then the scoring time for one layer."""
+    by = {(r["removed"], r["method"]): r for r in results}
+    counts = sorted({r["removed"] for r in results})
+
+    def index(name: str) -> str:
+        return name.rsplit(".", 1)[-1]
+
+    rows = []
+    for k in counts:
+        for iterative in (False, True) if k > 1 else (False,):
+            runs = [by[(k, m + (", iterative" if iterative else ""))] for m in METHODS]
+            top = max(round(r["spearman"], 2) for r in runs)
+            cells = []
+            for r in runs:
+                layers = (" then " if iterative else ", ").join(index(x) for x in r["layers"])
+                if k == 1:
+                    layers = f"layer {layers}"
+                score = f"{r['spearman']:.2f}"
+                cells.append(f"{layers}: " + (f"**{score}**" if float(score) == top else score))
+            rows.append([f"{k} of 6" + (", iterative" if iterative else ""), *cells])
+    times = [f"{by[(counts[0], m)]['seconds']:.0f}" for m in METHODS]
+    rows.append([f"score time, {counts[0]} of 6 (s, load ~{load:.0f})", *times])
+    head = ["removed", "influence (ShortGPT)", "loss, labels", "loss, label-free"]
+    return figure("structured-depth", md_table(head, rows))
 
 
 def main(argv=None) -> int:
@@ -74,6 +109,7 @@ def main(argv=None) -> int:
     base = spearman(dense, tokenizer, a, b, gold)
     print(f"machine: {machine()}; threads {args.threads}")
     print(f"dense: 6 layers, {dense_macs:,} MACs, STS-B dev Spearman x100 {base:.2f}")
+    load = os.getloadavg()[0]
     methods = {
         "influence": {"importance": "influence"},
         "loss, labels": {"importance": "loss", "loss_fn": sts_loss},
@@ -136,6 +172,8 @@ def main(argv=None) -> int:
         "\n(iterative: layer indices are those of the shallower model at each step; "
         "one-shot: of the dense model)"
     )
+    if {1, 2} <= {r["removed"] for r in results}:  # the documented rows; a partial run: none
+        doc_figure(results, load)
     if args.json:
         Path(args.json).write_text(
             json.dumps({"machine": machine(), "dense_spearman": base, "results": results}, indent=2)

@@ -21,6 +21,10 @@ PASS / FAIL lines at the end. Threads: 1 unless ``--threads``.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/structured_reconstruct.py
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/structured_reconstruct.py --only default,taylor
+
+With the default 512 pairs it also prints docs/structured.md's figure blocks
+``structured-reconstruct`` (when the row sets fluct, match, l2, taylor and alloc all ran) and
+``structured-allocation`` (when alloc ran); a run without them prints neither.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from figures import figure, md_table
 from structured_common import data_root, machine, macs_params, table
 from structured_minilm import calib_pairs, read_sts, spearman, sts_loss, widths
 
@@ -56,6 +61,81 @@ def sentence_batches(tokenizer, a, b, n: int = 512, size: int = 64, seed: int = 
         )
         for i in range(0, len(sentences), size)
     ]
+
+
+REPAIR_ROWS = [  # doc row label -> the runs for no repair, "bias", "lstsq"
+    ("fluctuation, global (the default with `reconstruct=`)", "fluctuation global, no repair",
+     "fluctuation global + bias (FLAP)", "fluctuation global + lstsq"),
+    ("fluctuation, local", None, None, "fluctuation local (uniform) + lstsq"),
+    ("L2, local", "l2 local, no repair", None, "l2 local + lstsq"),
+    ("Taylor, global", "taylor global, no repair", "taylor global + bias", "taylor global + lstsq"),
+    ('fluctuation global, `match="dense"`', None, None, "fluctuation global + lstsq match=dense"),
+]  # fmt: skip
+ALLOC_ROWS = [
+    ("L2, uniform, no repair", "l2 local, no repair"),
+    ('L2, `allocation="sensitivity"`, no repair', "l2 allocation=sensitivity, no repair"),
+    ("fluctuation, uniform + lstsq", "fluctuation local (uniform) + lstsq"),
+    ('fluctuation, `allocation="sensitivity"` + lstsq', "fluctuation allocation=sensitivity + lstsq"),
+]  # fmt: skip
+
+
+def runs_of(values: list[str]) -> str:
+    """``752,752,752,752,752,768`` as ``752 x 5, 768``: four or more equal neighbours merged."""
+    out: list[str] = []
+    i = 0
+    while i < len(values):
+        j = i
+        while j < len(values) and values[j] == values[i]:
+            j += 1
+        out += [f"{values[i]} x {j - i}"] if j - i >= 4 else values[i:j]
+        i = j
+    return ",".join(out) if all(" x " not in v for v in out) else ", ".join(out)
+
+
+def doc_widths(text: str) -> str:
+    """``heads 6,6,.. / mlp 752,..`` (structured_minilm.widths) as ``6,6,.. / 752 x 5, 768``."""
+    heads, mlp = (part.split()[1].split(",") for part in text.split(" / "))
+    return f"{runs_of(heads)} / {runs_of(mlp)}"
+
+
+def bold_best(cells: list[str]) -> list[str]:
+    """The cells with the highest number in bold (empty cells left as they are)."""
+    numbers = [float(c) for c in cells if c]
+    top = max(numbers, default=None)
+    return [f"**{c}**" if c and float(c) == top else c for c in cells]
+
+
+def repair_figure(by: dict[str, dict], base: float, tokens: int) -> str:
+    """docs/structured.md's ``structured-reconstruct`` block from the results by model name."""
+    flat = bold_best(
+        [f"{by[n]['spearman']:.2f}" if n else "" for _, *ns in REPAIR_ROWS for n in ns]
+    )
+    rows = [
+        [label, *flat[3 * i : 3 * i + 3], f"{by[names[2]]['seconds']:.0f}"]
+        for i, (label, *names) in enumerate(REPAIR_ROWS)
+    ]
+    best = max((by[names[2]] for _, *names in REPAIR_ROWS), key=lambda r: r["spearman"])
+    head = ["importance, scope", "no repair", '`"bias"`', '`"lstsq"`', "prune s (lstsq)"]
+    return figure(
+        "structured-reconstruct",
+        md_table(head, rows) + f"\n\nSTS-B dev Spearman x100, dense {base:.2f}; repair "
+        f"statistics on {tokens:,} train tokens. Widths of the best repaired model "
+        f"({best['spearman']:.2f}, {best['model']}), heads / FFN per layer: "
+        f"{doc_widths(best['widths'])}.",
+    )
+
+
+def alloc_figure(by: dict[str, dict], dense_macs: int) -> str:
+    """docs/structured.md's ``structured-allocation`` block from the results by model name."""
+    scores = bold_best([f"{by[n]['spearman']:.2f}" for _, n in ALLOC_ROWS])
+    rows = [
+        [label, f"{by[n]['macs'] / dense_macs:.3f}", f"{by[n]['macs']:,}",
+         doc_widths(by[n]["widths"]), score, f"{by[n]['seconds']:.0f}"]
+        for (label, n), score in zip(ALLOC_ROWS, scores, strict=True)
+    ]  # fmt: skip
+    head = ["setting", "MACs / dense", "MACs", "widths (heads / FFN per layer)", "Spearman x100",
+            "prune s"]  # fmt: skip
+    return figure("structured-allocation", md_table(head, rows))
 
 
 def main(argv=None) -> int:
@@ -321,6 +401,11 @@ def main(argv=None) -> int:
                 f"({u['macs']:,} MACs): "
                 f"{verdict(c['spearman'] > u['spearman'] and c['macs'] <= u['macs'])}"
             )
+    if args.sentences == 512:  # the documented calibration; a partial run prints no table
+        if {"fluct", "match", "l2", "taylor", "alloc"} <= sets:
+            repair_figure(by, base, tokens)
+        if "alloc" in sets:
+            alloc_figure(by, dense_macs)
     if args.json:
         Path(args.json).write_text(
             json.dumps({"machine": machine(), "dense_spearman": base, "results": results}, indent=2)

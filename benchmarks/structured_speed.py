@@ -20,6 +20,10 @@ For batch 32 and batch 1, with ``--threads`` (default 2) torch threads:
     .venv/bin/python benchmarks/structured_speed.py                    # everything
     .venv/bin/python benchmarks/structured_speed.py --models resnet56 --batches 32
 
+Run with every model and batch, both calls and the default ``--reps`` / ``--rounds`` / no
+``--round-to`` (what ``make bench`` runs), it also prints docs/structured.md's figure block
+``structured-speed`` (a row per model and batch); a partial run prints none.
+
 Timings hold for this machine, this thread count and these shapes only; the load average at the
 start is printed (other processes on a shared machine slow some calls down, which the median
 of round medians only partly hides).
@@ -34,6 +38,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from figures import figure, md_table
 from structured_common import machine, table
 from torch import nn
 
@@ -208,6 +213,24 @@ def timed(dense: nn.Module, pruned: nn.Module, x: object, args) -> tuple[float, 
     )
 
 
+def doc_figure(found: dict[tuple[str, int], dict[str, str]], threads: int) -> str:
+    """docs/structured.md's ``structured-speed`` block: per model and batch, the default call's
+    MAC cut and measured speedup, and where ``target_latency=0.5`` landed."""
+    rows = [
+        [name, batch, cells.get("mac_x", "-"), cells.get("speed", "-"), cells.get("share", "-"),
+         cells.get("latency", "-")]
+        for (name, batch), cells in found.items()
+    ]  # fmt: skip
+    head = ["model", "batch", "fewer MACs (`target_macs=0.5`)", "speedup",
+            "speedup / MAC ratio", "`target_latency=0.5`: latency / dense (MACs)"]  # fmt: skip
+    return figure(
+        "structured-speed",
+        md_table(head, rows) + f"\n\n{threads} thread(s); random weights; speedup: median of "
+        "round medians, dense and pruned timed alternately; the latency ratio is measured again "
+        "after the search.",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
@@ -239,10 +262,12 @@ def main() -> None:
         f"{'default ' if not extra else ''}call: prunekit.prune_structured(model, x, target_macs=0.5{shown})"
     )
     rows, verdicts = [], []
+    found: dict[tuple[str, int], dict[str, str]] = {}  # the figure's cells per model and batch
     for name in args.models:
         dense = MODELS[name]()
         for batch in args.batches:
             x = inputs_for(name, batch)
+            cells = found.setdefault((name, batch), {})
             if not args.latency_only:
                 start = time.time()
                 report = prunekit.prune_structured(
@@ -255,6 +280,8 @@ def main() -> None:
                 ok = speed >= 0.85 * mac_x
                 verdicts.append(ok)
                 widths = sorted({g.kept for g in report.groups if g.kind == "channel"})
+                cells.update(mac_x=f"{mac_x:.2f}x", speed=f"{speed:.2f}x",
+                             share=f"{speed / mac_x:.2f}")  # fmt: skip
                 rows.append(
                     [
                         name,
@@ -315,12 +342,14 @@ def main() -> None:
                 rows.append([name, batch, "target_latency=0.5", "-", "-", "-", "-", "-",
                              "unreachable", "-", f"{time.time() - start:.0f}", "FAIL"])  # fmt: skip
                 print(f"{name} batch {batch}: target_latency=0.5 -> FAIL: {exc}", flush=True)
+                cells["latency"] = "unreachable"
                 continue
             took = time.time() - start
             d_ms, p_ms, best = timed(dense, report.model, x, args)
             ratio = p_ms / d_ms
             ok = abs(ratio / 0.5 - 1) <= 0.10
             verdicts.append(ok)
+            cells["latency"] = f"{ratio:.3f} ({report.macs_ratio:.3f})"
             rows.append(
                 [
                     name,
@@ -365,6 +394,15 @@ def main() -> None:
         )
     )
     print(f"\n{'PASS' if all(verdicts) else 'FAIL'}: {sum(verdicts)} of {len(verdicts)} checks")
+    full = (
+        args.models == list(MODELS)
+        and {32, 1} <= set(args.batches)
+        and not (args.no_latency_target or args.latency_only)
+        and args.round_to is None
+        and (args.reps, args.rounds) == (10, 5)
+    )
+    if full:  # the documented run; a partial one must not overwrite the table
+        doc_figure(found, args.threads)
 
 
 if __name__ == "__main__":
