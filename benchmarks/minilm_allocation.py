@@ -10,6 +10,9 @@ block by block with the earlier blocks pruned, then the exact-budget allocator).
 the same calibration data and the non-zeros of the pruned layers are counted and compared.
 
     .venv/bin/python benchmarks/minilm_allocation.py [--threads 1] [--sparsity 0.7] [--json out.json]
+
+With the defaults (Wanda, 70 %, 128 sentences) it also prints docs/analysis.md's figure block
+``analysis-allocation-minilm``; other settings print none.
 """
 
 from __future__ import annotations
@@ -26,11 +29,28 @@ import torch
 import prunekit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from figures import figure, md_table  # noqa: E402
 from minilm_oneshot import calibration, load_model, sts_rows, sts_score  # noqa: E402
 
 
 def nonzeros(model: torch.nn.Module, names: list[str]) -> int:
     return sum(int((model.get_submodule(n).weight != 0).sum()) for n in names)
+
+
+def doc_figure(by: dict[str, dict], dense: float, calib_samples: int) -> str:
+    """docs/analysis.md's ``analysis-allocation-minilm`` block (one row, the table's columns)."""
+    runs = [by[a] for a in ("uniform", "owl", "sensitivity")]
+    best = max(r["spearman"] for r in runs)
+    cells = [f"**{r['spearman']:.2f}**" if r["spearman"] == best else f"{r['spearman']:.2f}"
+             for r in runs]  # fmt: skip
+    blocks = " / ".join(f"{v:.2f}" for v in by["sensitivity"]["per_block"].values())
+    row = [
+        f"all-MiniLM-L6-v2 70 % Wanda, STS-B dev Spearman (dense {dense:.2f}), {calib_samples} "
+        f"train sentences; non-zeros {runs[0]['nonzeros']:,} (OWL {runs[1]['nonzeros']:,})",
+        cells[0], cells[1], f"{cells[2]} (blocks {blocks})",
+    ]  # fmt: skip
+    head = ["model, budget", "global / uniform", "OWL", "sensitivity"]
+    return figure("analysis-allocation-minilm", md_table(head, [row]))
 
 
 def main() -> int:
@@ -90,6 +110,8 @@ def main() -> int:
         and by["sensitivity"]["nonzeros"] == by["uniform"]["nonzeros"]
     )
     print(f"\n  {'PASS' if ok else 'MISS'}  sensitivity beats uniform at the same non-zeros")
+    if (args.method, args.sparsity, args.calib_samples) == ("wanda", 0.7, 128):
+        doc_figure(by, dense, args.calib_samples)  # the documented run only
     if args.json:
         args.json.write_text(
             json.dumps({"dense": dense, "rows": rows, "pass": ok}, indent=2) + "\n"

@@ -25,6 +25,10 @@ Three parts, each on real trained models and data (same process, same calibratio
 Prints PASS / MISS for the acceptance checks.
 
     .venv/bin/python benchmarks/sensitivity_allocation.py [--skip-mnist] [--skip-llama] [--json out.json]
+
+A run of all three parts with the default training and recovery steps (what ``make bench`` runs,
+with ``--threads 1 --calib-samples 32``) also prints docs/analysis.md's figure block
+``analysis-allocation``; a run that skips a part prints none.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import prunekit
 from prunekit.analysis import allocate_by_sensitivity, prune_to_floor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from figures import figure, md_table  # noqa: E402
 from train_common import accuracy, find_folder, load_mnist, load_mnist_model  # noqa: E402
 
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]
@@ -192,6 +197,73 @@ def llama_part(args: argparse.Namespace) -> dict:
     return {"dense_ppl": dense, "rows": rows}
 
 
+def block_sparsities(allocated: dict[str, float]) -> str:
+    """Per repeated block (the name up to its first numeric part), the mean of its layers'
+    sparsities: ``0.65 / 0.75 / ...``."""
+    blocks: dict[str, list[float]] = {}
+    for name, sparsity in allocated.items():
+        parts = name.split(".")
+        cut = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1)
+        blocks.setdefault(".".join(parts[: cut + 1]), []).append(sparsity)
+    return " / ".join(f"{sum(v) / len(v):.2f}" for v in blocks.values())
+
+
+def best_bold(cells: list[str], values: list[float], lower: bool) -> list[str]:
+    """``cells`` with the one of the best value (lowest when ``lower``) in bold."""
+    best = min(values) if lower else max(values)
+    return [f"**{c}**" if v == best else c for c, v in zip(cells, values, strict=True)]
+
+
+def doc_figure(out: dict, args: argparse.Namespace) -> str:
+    """docs/analysis.md's ``analysis-allocation`` block from a run of all three parts."""
+    m, f, llama = out["mnist"], out["floor"], out["llama"]
+    cells = best_bold([f"{100 * m['global']:.2f} %", f"{100 * m['sensitivity']:.2f} %"],
+                      [m["global"], m["sensitivity"]], lower=False)  # fmt: skip
+    rows = [[
+        f"MNIST CNN 95 % magnitude, no recovery, acc. on test 5000-9999 "
+        f"({m['global_nonzeros']:,} non-zeros each)", f"{cells[0]} (global)", "-",
+        f"{cells[1]} (3 rounds, KL on images 0-999)",
+    ]]  # fmt: skip
+    by = {(r["method"], r["allocation"]): r for r in llama["rows"]}
+    first_blocks = None
+    for method, label in (("wanda", "Wanda"), ("sparsegpt", "SparseGPT")):
+        runs = [by[(method, a)] for a in ("uniform", "owl", "sensitivity")]
+        cells = best_bold([f"{r['ppl']:.3f}" for r in runs], [r["ppl"] for r in runs], lower=True)
+        blocks = block_sparsities(runs[2]["allocated"])
+        shown = "same blocks" if blocks == first_blocks else f"blocks {blocks}"
+        first_blocks = first_blocks or blocks
+        what = (
+            f"val. perplexity (dense {llama['dense_ppl']:.3f}), {args.calib_samples} calibration "
+            f"windows; non-zeros {runs[0]['nonzeros']:,} (OWL {runs[1]['nonzeros']:,})"
+            if method == "wanda"
+            else "same"
+        )
+        rows.append(
+            [f"char Llama 70 % {label}, {what}", cells[0], cells[1], f"{cells[2]} ({shown})"]
+        )
+    one, sens = by[("sparsegpt", "uniform")], by[("sparsegpt", "sensitivity")]
+    cpu, wall = (sens[k] - one[k] for k in ("cpu_time_s", "wall_time_s"))
+    best = f["best"]
+    floor = (
+        f"{len(f['points'])} points tried, best {100 * best['sparsity']:.1f} % sparsity "
+        f"({100 * best['value']:.2f} %; {100 * f['test_accuracy_7500_9999']:.2f} % on the "
+        "untouched images 7500-9999)"
+        if best
+        else f"{len(f['points'])} points tried, none above the floor"
+    )
+    head = ["model, budget", "global / uniform", "OWL", "sensitivity"]
+    return figure(
+        "analysis-allocation",
+        md_table(head, rows)
+        + f"\n\nCost on the character Llama, {args.threads} thread(s): the sensitivity pass + "
+        f"allocation took {cpu:.1f} s of CPU against {one['cpu_time_s']:.1f} s for one SparseGPT "
+        f"pass ({cpu / one['cpu_time_s']:.2f}x; wall time {wall:.1f} s against "
+        f"{one['wall_time_s']:.1f} s, {wall / one['wall_time_s']:.2f}x).\n\n`prune_to_floor` on "
+        f"MNIST (absolute floor 99.0 % on images 5000-7499, global magnitude, "
+        f"{args.recover_steps} SGD steps of recovery at every point): {floor}.",
+    )
+
+
 def checks(out: dict) -> list[tuple[str, bool]]:
     result = []
     m = out.get("mnist")
@@ -270,6 +342,9 @@ def main() -> int:
     if not args.skip_llama:
         out["llama"] = llama_part(args)
     out["checks"] = dict(checks(out))
+    parts = out.get("mnist") and out.get("floor") and out.get("llama")
+    if parts and (args.steps, args.recover_steps) == (600, 200):  # the documented run only
+        doc_figure(out, args)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
     return 0
