@@ -25,7 +25,9 @@ intermediate 2816, 8 blocks, 16 heads / 8 kv heads; calibration 8 x 128 random t
         [--cases wanda,sparsegpt,wanda:sensitivity,sparsegpt:sensitivity]
 
 The default cases are printed first; ``--cases`` picks others (e.g. to keep each timed run
-short on a shared machine).
+short on a shared machine). A run of both models and the default cases (what ``make bench``
+runs) also prints docs/distributed.md's figure block ``distributed-oneshot``; other runs print
+none.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from figures import figure, md_table  # noqa: E402
+
+MODELS = "char,random"
+CASES = "wanda,sparsegpt,wanda:sensitivity,sparsegpt:sensitivity"
 
 
 def char_model_and_data():
@@ -183,14 +189,34 @@ def compare(one: dict, two: dict) -> tuple[bool, float, int]:
     return masks_equal, diff, differ
 
 
+def doc_figure(rows: list[dict]) -> str:
+    """docs/distributed.md's ``distributed-oneshot`` block: a row per model and case."""
+    names = {"char": "char Llama", "random": "random Llama"}
+    methods = {"wanda": "Wanda", "sparsegpt": "SparseGPT", "magnitude": "magnitude"}
+    cells = []
+    for r in rows:
+        method, _, allocation = r["case"].partition(":")
+        case = methods.get(method, method) + (f" + {allocation}" if allocation else " 50 %")
+        same = "identical" if r["masks_identical"] else f"{r['mask_entries_differing']} differ"
+        if r["allocation_levels"] > 1:
+            same += f" ({r['allocation_levels']} levels)"
+        if not r["allocation_identical"]:
+            same += ", allocation differs"
+        cells.append([
+            names.get(r["model"], r["model"]), case, f"{r['wall_1p_s']:.2f}",
+            f"{r['wall_2p_s']:.2f}", f"{r['speedup']:.2f}x",
+            f"{r['ppl_1p']:.5g} / {r['ppl_2p']:.5g}", same,
+            f"{r['bytes_per_block_2p'] / 2**20:.3g}",
+        ])  # fmt: skip
+    head = ["model", "case", "1 proc s", "2 procs s", "speed-up", "perplexity 1 / 2 procs",
+            "masks, weights, allocation", "MB / block"]  # fmt: skip
+    return figure("distributed-oneshot", md_table(head, cells))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="char,random")
-    parser.add_argument(
-        "--cases",
-        default="wanda,sparsegpt,wanda:sensitivity,sparsegpt:sensitivity",
-        help="method[:allocation], comma separated",
-    )
+    parser.add_argument("--models", default=MODELS)
+    parser.add_argument("--cases", default=CASES, help="method[:allocation], comma separated")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -244,6 +270,8 @@ def main() -> int:
             f"{masks:<10} {r['max_weight_diff']:.1e}  {r['bytes_per_block_2p'] / 2**20:>8.2f}  "
             f"{alloc}"
         )
+    if (args.models, args.cases) == (MODELS, CASES):
+        doc_figure(rows)  # the documented run; a partial one must not overwrite the table
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

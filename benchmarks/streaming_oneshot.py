@@ -10,7 +10,11 @@ pass is then part of the run (and of the peak).
 
     .venv/bin/python benchmarks/streaming_oneshot.py [--hidden 2048] [--intermediate 5632]
         [--layers 12] [--methods wanda,sparsegpt] [--samples 2] [--seq-len 128] [--keep DIR]
-        [--max-activation-mb MB]
+        [--max-activation-mb MB] [--figure ID]
+
+``--figure ID`` also prints the rows as docs/distributed.md's figure block ``ID`` (``make
+bench`` runs the two documented configurations with ``--figure distributed-streaming`` and
+``--figure distributed-streaming-allocations``); without it nothing is printed for the docs.
 """
 
 from __future__ import annotations
@@ -25,6 +29,25 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from figures import figure, md_table  # noqa: E402
+
+NAMES = {"wanda": "Wanda", "sparsegpt": "SparseGPT", "magnitude": "magnitude", "owl": "OWL"}
+
+
+def doc_figure(fig_id: str, rows: list[dict], size: int) -> str:
+    """The figure block ``fig_id``: per method, peak RSS, its share of the checkpoint, wall."""
+    cells = []
+    for r in rows:
+        method, _, allocation = r["method"].partition(":")
+        label = f"{NAMES.get(method, method)} 50 %"
+        label += f" + {NAMES.get(allocation, allocation)}" if allocation else ""
+        rss = r["peak_rss_kb"] * 1024
+        cells.append([label, f"{rss / 2**30:.2f} GiB", f"{rss / size:.1%}".replace("%", " %"),
+                      f"{r['wall_s']:.0f} s"])  # fmt: skip
+    table = md_table(["method", "peak RSS", "of the checkpoint", "wall"], cells)
+    return figure(fig_id, table + f"\n\nCheckpoint {size / 2**30:.2f} GiB.")
 
 
 def generate(folder: Path, hidden: int, intermediate: int, layers: int) -> int:
@@ -107,6 +130,7 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--keep", type=Path, help="generate the checkpoint here and keep it")
     parser.add_argument("--max-activation-mb", type=float, help="spill activations above this")
+    parser.add_argument("--figure", help="print the rows as this docs figure block")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -121,6 +145,7 @@ def main() -> int:
                 "total_size"
             ]
         print(f"checkpoint: {size / 2**30:.2f} GiB, load average {os.getloadavg()}", flush=True)
+        rows = []
         for method in args.methods.split(","):
             out = Path(tmp) / f"out-{method.replace(':', '-')}"
             command = [sys.executable, __file__, "--child", str(source), str(out), method]
@@ -130,12 +155,15 @@ def main() -> int:
             result = subprocess.run(command, check=True, capture_output=True, text=True)
             row = json.loads(result.stdout.strip().splitlines()[-1])
             row.pop("allocated", None)
+            rows.append({"method": method, **row})
             ratio = row["peak_rss_kb"] * 1024 / size
             print(
                 f"{method}: peak RSS {row['peak_rss_kb'] / 2**20:.2f} GiB = {ratio:.1%} of the "
                 f"checkpoint; wall {row['wall_s']} s; {json.dumps(row)}",
                 flush=True,
             )
+    if args.figure:
+        doc_figure(args.figure, rows, size)
     return 0
 
 
