@@ -19,7 +19,9 @@ Run:  python benchmarks/sparse_linear.py [--threads 2 1] [--quick] [--dtypes fp3
 ``--threads 2 1`` with the other settings left at their defaults (what ``make bench`` runs) also
 prints docs/serving.md's figure blocks ``serving-kernels`` (batch-1 speedup per size and thread
 count) and ``serving-kernel-ranges`` (batch 32, torch CSR, torch int8 dense; 2 threads); a
-partial run prints none.
+partial run prints none. ``--march x86-64-v3 --threads 2 --patterns 70% 90% 2:4 --batches 1 8
+32 128`` (the AVX2 kernels on any x86 CPU; ``--march`` sets ``PRUNEKIT_MARCH``) prints the
+block ``serving-kernels-avx2`` instead.
 Targets: issue 6, batch 1: kernel >= 1.5x faster than dense at 70 %, >= 3x at 90 %; issue 16,
 batch 8, 32 and 128: >= 1.6x at 70 %, >= 3.5x at 90 %; the accelerated layer never slower than
 dense. ``PRUNEKIT_MARCH=x86-64-v3`` builds the AVX2 kernels on an AVX-512 CPU (the CPU's flags
@@ -56,6 +58,7 @@ PATTERNS = ("50%", "70%", "80%", "90%", "95%", "2:4")
 BATCHES = (1, 32)
 FIGURE_THREADS = {1, 2}  # the documented figures need both thread counts
 FIGURE_PATTERNS = ("50%", "70%", "90%", "2:4")  # the columns of serving-kernels
+AVX2_PATTERNS, AVX2_BATCHES = ("70%", "90%", "2:4"), (1, 8, 32, 128)  # serving-kernels-avx2
 NOISE = 1.05  # "never slower than dense" allows 5 % timing noise
 TARGETS = {  # batch -> ((pattern, speedup over dense), ...)
     1: (("70%", 1.5), ("90%", 3.0)),  # issue 6
@@ -175,6 +178,33 @@ def print_figures(results: list[dict]) -> None:
     )
 
 
+def print_avx2_figure(results: list[dict]) -> str:
+    """docs/serving.md's ``serving-kernels-avx2`` block: speedup over dense per size and batch
+    (float32 and int8 codes), and the float32 kernel at 90 % against torch's int8 dense Linear."""
+    by_key = {(r["n"], r["pattern"], r["dtype"], r["batch"]): r for r in results}
+    columns = [(p, "fp32") for p in AVX2_PATTERNS] + [(p, "int8") for p in ("70%", "90%")]
+    rows = []
+    for n in sorted({r["n"] for r in results}):
+        for batch in AVX2_BATCHES:
+            cells = []
+            for pattern, dtype in columns:
+                r = by_key[(n, pattern, dtype, batch)]
+                cells.append(
+                    f"{r['dense'] / r['kernel']:.1f}x" + ("" if r["swapped"] else " (kept)")
+                )
+            q = by_key[(n, "90%", "fp32", batch)]
+            rows.append([f"{n}, batch {batch}", *cells, f"{q['qdense'] / q['kernel']:.1f}x"])
+    head = ["layer", *(p.replace("%", " %") + (" int8" if d == "int8" else "") for p, d in columns),
+            "90 % vs torch int8 dense"]  # fmt: skip
+    return figure(
+        "serving-kernels-avx2",
+        md_table(head, rows) + "\n\nKernels built for AVX2 (`PRUNEKIT_MARCH=x86-64-v3`), 2 "
+        'threads; speedup of the kernel over dense `F.linear` ("(kept)": `accelerate` kept the '
+        "layer dense); last column: the float32 kernel at 90 % against torch's dynamically "
+        "quantized int8 dense Linear (fbgemm).",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", nargs="+", type=int, default=[2],
@@ -184,7 +214,11 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=None)
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=PATTERNS)
+    parser.add_argument("--march", default=None,
+                        help="build the kernels for this -march (sets PRUNEKIT_MARCH)")  # fmt: skip
     args = parser.parse_args()
+    if args.march:
+        os.environ["PRUNEKIT_MARCH"] = args.march
     lib = kernels.load()
     if lib is None:
         raise SystemExit(f"needs the compiled kernels: {kernels.why_unavailable()}")
@@ -220,8 +254,19 @@ def main() -> None:
         and set(args.dtypes) == {"fp32", "int8"}
         and set(BATCHES) <= set(args.batches)
     )
-    if full:
+    if full and not args.march:
         print_figures(results)
+    avx2 = (
+        args.march == "x86-64-v3"
+        and args.threads == [2]
+        and args.sizes is None
+        and not args.quick
+        and set(AVX2_PATTERNS) <= set(args.patterns)
+        and set(AVX2_BATCHES) <= set(args.batches)
+        and set(args.dtypes) == {"fp32", "int8"}
+    )
+    if avx2:
+        print_avx2_figure(results)
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"total {time.perf_counter() - start:.0f} s")
