@@ -67,6 +67,54 @@ def test_gradual_magnitude_follows_the_schedule_exactly() -> None:
     assert not is_masked(model[4])  # the head is not targeted by default
 
 
+def hand_gradual_magnitude(model, make_optimizer, schedule, data) -> list[torch.Tensor]:
+    """Gradual magnitude pruning written by hand (no prunekit): after every optimizer step, on
+    the schedule's update steps one global |w| threshold over the hidden layers sets the
+    masks, and the masked weights are multiplied by them."""
+    opt = make_optimizer(model.parameters())
+    weights = [model[0].weight, model[2].weight]
+    masks = [torch.ones_like(w, dtype=torch.bool) for w in weights]
+    for step, batch in enumerate(data, start=1):
+        train_step(model, opt, batch)
+        target = schedule.sparsity_at(step)
+        count = round(target * sum(w.numel() for w in weights))
+        if count > sum(int((~m).sum()) for m in masks):
+            scores = torch.cat([w.detach().abs().flatten() for w in weights])
+            threshold = scores.kthvalue(count).values
+            masks = [w.detach().abs() > threshold for w in weights]
+        with torch.no_grad():
+            for w, m in zip(weights, masks, strict=True):
+                w.mul_(m)
+    return [w.detach().clone() for w in weights]
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+        lambda p: torch.optim.AdamW(p, lr=1e-2),
+    ],
+    ids=["sgd-momentum", "adamw"],
+)
+def test_default_pruner_trains_exactly_like_a_hand_written_gradual_loop(make_optimizer) -> None:
+    # the defaults (global magnitude over the hidden layers) on the cubic schedule: the same
+    # masks at the same steps and the same surviving weights as the plain loop, step for step
+    # (pruning later, earlier, per layer, or letting pruned momentum move a weight would not)
+    schedule = PolynomialSchedule(final_sparsity=0.9, end_step=24, frequency=4)
+    data = batches(30)
+    expected = hand_gradual_magnitude(make(), make_optimizer, schedule, data)
+    model = make()
+    opt = make_optimizer(model.parameters())
+    pruner = GradualPruner(model, schedule, optimizer=opt)
+    for batch in data:
+        train_step(model, opt, batch, pruner)
+    assert [s for s, _ in pruner.history] == [4, 8, 12, 16, 20, 24]
+    for got, want in zip((model[0].weight, model[2].weight), expected, strict=True):
+        assert torch.equal(got == 0, want == 0)
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+    assert targeted_sparsity(model) == pytest.approx(0.9, abs=1e-3)
+
+
 @pytest.mark.parametrize(
     "make_optimizer",
     [
