@@ -535,8 +535,10 @@ def _prune_sequentially(
 
         def measure(index: int, block: nn.Module, run) -> None:
             if groups[index]:
+                last = index == len(blocks) - 1  # its outputs are not needed: stop early
+                until = [t.module for t in groups[index]] if last else None
                 with InputStats(groups[index], {"norm"}, keep_parts=is_distributed()) as collected:
-                    run()
+                    run(until)
                 reduced = _reduced(collected, groups[index], None)
                 # blocks go back to their home device after their turn: keep the norms on the CPU
                 stats.update(
@@ -568,10 +570,14 @@ def _prune_sequentially(
         if groups[index]:
             stats = {}
             if pruner.need:
+                # the outputs of this run are not used when the pruned block is run again (or
+                # for the last block): each call stops once the last targeted layer has its inputs
+                unused = propagate == "pruned" or index == len(blocks) - 1
+                until = [t.module for t in groups[index]] if unused else None
                 with InputStats(
                     groups[index], pruner.need, keep_parts=is_distributed()
                 ) as collected:
-                    run()
+                    run(until)
                 stats = _reduced(collected, groups[index], pruner)
             pruner.prune(groups[index], stats, per_block[index])
         tracker.finish(key, pruner)

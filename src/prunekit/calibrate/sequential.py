@@ -19,12 +19,21 @@ the CPU.
 Speed: consecutive samples whose other block arguments agree (same rotary embeddings, masks...)
 are stacked along dim 0 and run through the block together, in chunks of at most
 ``batch_tokens`` tokens (memory stays bounded); the statistics hooks still see them sample by
-sample (:func:`prunekit.calibrate.stats.samples_in_call`). Before the first block is run, one
+sample (:func:`prunekit.calibrate.stats.samples_in_call`). The default chunk depends on where
+the block runs: on a CPU, as many tokens as keep one chunk's hidden states within
+:data:`CPU_BATCH_BYTES` (1024 tokens of a 256-wide float32 model), so that the chunk's
+activations stay in the core's caches (larger chunks ran a Llama block up to 3x slower per
+token: the element-wise operations and the matrix products then stream from main memory); on
+an accelerator :data:`BATCH_TOKENS`. Before the first block is run, one
 stacked call is checked against the same samples run one at a time; if the outputs differ (a
 model whose extra arguments do not broadcast over samples) or the call fails, the runner goes
 back to one sample per call. While the block runs, masked layers whose pruned raw values are
 zero (as :func:`prunekit.masks.apply_mask` leaves them) compute with their raw weight, which
-then equals ``raw * mask`` bit for bit, instead of multiplying by the mask on every call.
+then equals ``raw * mask`` bit for bit, instead of multiplying by the mask on every call. A
+caller that needs only what some layers of the block see (the statistics of a block whose
+outputs are recomputed after pruning) passes them as ``run(until=...)``: each call of the block
+then stops as soon as all of them have been entered, so the layers after them (a Llama block's
+``down_proj``) are not computed.
 """
 
 from __future__ import annotations
@@ -40,11 +49,21 @@ from prunekit.calibrate.stats import run_model, samples_in_call
 from prunekit.masks import MASK_SUFFIX, MaskedModule
 
 BATCH_TOKENS = 8192
-"""Default most tokens (rows of hidden states) run through a block in one call."""
+"""Default most tokens (rows of hidden states) run through a block in one call on an
+accelerator."""
+
+CPU_BATCH_BYTES = 1 << 20
+"""On a CPU, the default chunk holds at most this many bytes of hidden states (at least one
+sample)."""
 
 
 class _StopForward(Exception):
     pass
+
+
+class _StopBlock(BaseException):
+    """Ends a block's call once the layers a caller needs have been entered (a BaseException,
+    so that model code catching ``Exception`` cannot swallow it and run on)."""
 
 
 class _Catcher(nn.Module):
@@ -190,6 +209,68 @@ def _stackable(first: tuple, other: tuple) -> bool:
     return _same(_with_hidden(a_args, a_kwargs, None), _with_hidden(b_args, b_kwargs, None))
 
 
+def default_batch_tokens(
+    inputs: list, device: torch.device | str | None, block: nn.Module | None = None
+) -> int:
+    """The default most tokens a stacked block call holds: on a CPU, as many as keep one call's
+    hidden states within :data:`CPU_BATCH_BYTES`; elsewhere :data:`BATCH_TOKENS`. ``device`` is
+    where the blocks run (default: where ``block``'s parameters are, else the inputs).
+
+    Example:
+        >>> x = torch.zeros(1, 128, 256)
+        >>> default_batch_tokens([((x,), {})], "cpu"), default_batch_tokens([((x,), {})], "cuda")
+        (1024, 8192)
+    """
+    if not inputs:
+        return BATCH_TOKENS
+    hidden = _hidden(*inputs[0])
+    if device is None:
+        param = next(block.parameters(), None) if block is not None else None
+        device = param.device if param is not None else hidden.device
+    if torch.device(device).type != "cpu" or hidden.dim() == 0:
+        return BATCH_TOKENS
+    row_bytes = max(1, hidden.shape[-1] * hidden.element_size())
+    return max(1, CPU_BATCH_BYTES // row_bytes)
+
+
+class _UntilEntered:
+    """Forward pre-hooks that stop a block's call (:class:`_StopBlock`) once every module of
+    ``modules`` has been entered in it. Armed only after a whole call in which each of them ran
+    exactly once, so a module that runs twice, or not at all, never stops anything early."""
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        self.modules = list({id(m): m for m in modules}.values())
+        self.entered: dict[int, int] = {}
+        self.armed = False
+        self._handles: list[Any] = []
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        self.entered[id(module)] = self.entered.get(id(module), 0) + 1
+        if self.armed and len(self.entered) == len(self.modules):
+            raise _StopBlock
+
+    def call(self, block: nn.Module, inputs: list, chunk: list[int], device: Any) -> None:
+        """Run one chunk through ``block`` (outputs dropped), stopping early once armed."""
+        self.entered = {}
+        try:
+            run_chunk(block, inputs, chunk, device)
+        except _StopBlock:
+            return
+        if not self.armed:
+            counts = [self.entered.get(id(m), 0) for m in self.modules]
+            self.armed = bool(counts) and all(c == 1 for c in counts)
+
+    def __enter__(self) -> _UntilEntered:
+        # appended after the hooks already registered (statistics): those run first
+        self._handles = [m.register_forward_pre_hook(self._hook) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 def plan_chunks(inputs: list, batch_tokens: int) -> list[list[int]]:
     """Group consecutive samples that can run through a block in one call: their non-hidden
     arguments agree, and together they hold at most ``batch_tokens`` rows of hidden states
@@ -294,16 +375,19 @@ def run_sequential(
     propagate: str = "pruned",
     device: torch.device | str | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
-    batch_tokens: int = BATCH_TOKENS,
+    batch_tokens: int | None = None,
 ) -> None:
     """Visit every block with its calibration inputs.
 
     ``on_block(index, block, run)`` is called for each block; ``run()`` feeds the block every
     captured input (call it inside the statistics hooks), after which the callback may change
     the block's weights. The next block's inputs are the block's outputs after the callback
-    (``propagate="pruned"``) or from the first ``run()`` (``"dense"``). ``batch_tokens``: the
-    most tokens run through a block in one call (samples stacked; 0 runs one sample per call);
-    the outputs are the same as one sample per call (see the module docstring).
+    (``propagate="pruned"``) or from the first ``run()`` (``"dense"``). ``run(until=modules)``
+    stops each call of the block once all of ``modules`` have been entered and keeps no
+    outputs (the runner then runs the block again when its outputs are needed).
+    ``batch_tokens``: the most tokens run through a block in one call (samples stacked; 0 runs
+    one sample per call; default :func:`default_batch_tokens`); the outputs are the same as one
+    sample per call (see the module docstring).
     """
     if propagate not in ("pruned", "dense"):
         raise ValueError(f"propagate must be 'pruned' or 'dense', got {propagate!r}")
@@ -311,6 +395,8 @@ def run_sequential(
     model.eval()
     try:
         inputs = capture_block_inputs(model, blocks, data)
+        if batch_tokens is None:
+            batch_tokens = default_batch_tokens(inputs, device, blocks[0])
         chunks = plan_chunks(inputs, batch_tokens)
         checked = False
         indices = range(len(blocks))
@@ -327,6 +413,7 @@ def run_sequential(
             outputs: list[torch.Tensor] = []
 
             def run(
+                until: Iterable[nn.Module] | None = None,
                 block: nn.Module = block,
                 outputs: list = outputs,
                 inputs: list = inputs,
@@ -334,6 +421,11 @@ def run_sequential(
             ) -> None:
                 outputs.clear()
                 with plain_weights(block):
+                    if until is not None:
+                        with _UntilEntered(until) as stopper:
+                            for chunk in chunks:
+                                stopper.call(block, inputs, chunk, device)
+                        return
                     for chunk in chunks:
                         outputs.extend(run_chunk(block, inputs, chunk, device))
 

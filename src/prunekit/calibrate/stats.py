@@ -1,4 +1,4 @@
-"""Statistics of the inputs that each targeted layer sees, gathered with forward hooks.
+"""Statistics of the inputs that each targeted layer sees, gathered with forward pre-hooks.
 
 * ``"norm"``: the sum of squares of every input feature over all calibration tokens (Wanda's
   ||X_j||^2, OWL's outlier scores).
@@ -120,7 +120,7 @@ class InputStats:
         self._memo: tuple | None = None  # (input tensor, kind, measured): shared by its readers
 
     def _hook(self, target: Target):
-        def record(module: nn.Module, inputs: tuple, output: Any) -> None:
+        def record(module: nn.Module, inputs: tuple) -> None:
             x = inputs[0]
             key = (x._version, "conv" if isinstance(module, (nn.Conv1d, nn.Conv2d)) else "rows")
             memo = self._memo
@@ -178,7 +178,9 @@ class InputStats:
 
     def __enter__(self) -> InputStats:
         for t in self.targets:
-            self._handles.append(t.module.register_forward_hook(self._hook(t)))
+            # a pre-hook: the inputs are measured before the layer runs, so that a caller may stop
+            # the forward pass there (prunekit.calibrate.sequential, run(until=...))
+            self._handles.append(t.module.register_forward_pre_hook(self._hook(t)))
         return self
 
     def __exit__(self, *exc: object) -> None:
