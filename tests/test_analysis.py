@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -317,6 +318,48 @@ def test_refinement_keeps_the_best_measured_round() -> None:
     assert len(results) == 3 and results[1].sparsities[0] == 0.0  # curves around a base
     assert sum(best.removed.values()) == round(0.9 * sum(best.sizes.values()))
     assert "measured_damage" in best.budget
+
+
+def _magnitude_from_dense(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """The obvious reference: the round(s * n) smallest |w| of the dense weight set to zero."""
+    k = round(sparsity * weight.numel())
+    out = weight.clone().flatten()
+    out[out.abs().argsort()[:k]] = 0
+    return out.view_as(weight)
+
+
+def test_curves_around_a_base_prune_each_layer_from_its_dense_weight() -> None:
+    # the layer being measured is pruned from its dense weight at every grid point, the others
+    # sit at the base; a grid below the base must bring the layer's weights back (a grid cut
+    # from the base weight would keep its zeros: a wrong refinement round)
+    torch.manual_seed(0)
+    net = mlp((16, 64, 48, 8))
+    x = torch.cat(_data(2))
+    dense = {n: m.weight.detach().clone() for n, m in net.named_children() if hasattr(m, "weight")}
+    with torch.no_grad():
+        ref_out = net(x)
+    base = {"0": 0.8, "2": 0.8, "4": 0.5}
+    grid = [0.2, 0.5, 0.9]
+
+    def evaluate(model: nn.Module) -> float:
+        with torch.no_grad():
+            return -float(F.mse_loss(model(x), ref_out))
+
+    result = prunekit.sensitivity(
+        net, [x], targets=list(base), sparsities=grid, evaluate=evaluate, base=base,
+        monotone=False, progress=False,
+    )  # fmt: skip
+    assert set(grid) <= set(result.sparsities)
+    for layer in base:
+        for s, got in zip(result.sparsities, result.raw_damage[f"{layer}.weight"], strict=True):
+            probe = copy.deepcopy(net)
+            with torch.no_grad():
+                for name, weight in dense.items():
+                    at = s if name == layer else base[name]
+                    probe.get_submodule(name).weight.copy_(_magnitude_from_dense(weight, at))
+            assert got == pytest.approx(-evaluate(probe), rel=1e-5, abs=1e-9), (layer, s)
+    for name, weight in dense.items():  # the model is left as it was
+        assert torch.equal(net.get_submodule(name).weight, weight)
 
 
 # ------------------------------------------------------------------------------ quality floor

@@ -1120,10 +1120,12 @@ def _output_mode(
         # under torch.distributed the runs are spread over the ranks (distributed.jobs), each
         # made exactly as one process makes it, so every rank gets the single-process values
         def run() -> float:
+            param = params[t.name]
             if t.name not in matrices:
                 matrices.clear()  # one layer's grid in memory at a time
+                with torch.no_grad():  # the grid prunes the dense weight, not the base
+                    param.copy_(originals[t.name])
                 matrices[t.name] = pruner.matrices(t, stats, grid)
-            param = params[t.name]
             with torch.no_grad():
                 param.copy_(matrices[t.name][j].to(param.dtype))
             try:
