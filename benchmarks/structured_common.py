@@ -106,3 +106,25 @@ def macs_params(model: nn.Module, inputs: Any) -> tuple[int, int]:
 
     report = count(model, inputs)
     return report.macs, report.params
+
+
+def comparison_rows(
+    by: dict[str, dict], picks: list[tuple[str, str]], dense_macs: int, quality: str, note: str
+) -> list[list[str]]:
+    """Rows of a structured comparison figure: label, MACs / dense, batch-32 latency / dense and
+    the quality figure ``by[key][quality]`` (4 decimals when below 1, else 2), ``note`` after
+    the dense row's quality."""
+    dense32 = by["dense"]["latency_b32_s"]
+
+    def shown(value: float) -> str:
+        return f"{value:.4f}" if value < 1 else f"{value:.2f}"
+
+    return [
+        [
+            label,
+            f"{by[key]['macs'] / dense_macs:.3f}",
+            f"{by[key]['latency_b32_s'] / dense32:.3f}",
+            shown(by[key][quality]) + (f" ({note})" if key == "dense" else ""),
+        ]
+        for label, key in picks
+    ]

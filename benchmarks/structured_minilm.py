@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from figures import figure, md_table
-from structured_common import data_root, latency, machine, macs_params, table
+from structured_common import comparison_rows, data_root, latency, machine, macs_params, table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -181,17 +181,7 @@ def doc_figure(by: dict[str, dict], dense_macs: int, threads: int) -> str:
         ("prunekit Taylor global, target_macs=0.5", "prunekit taylor global 2x MACs"),
         ("prunekit activation local, target_macs=0.5", "prunekit activation local 2x MACs"),
     ]
-    dense32 = by["dense"]["latency_b32_s"]
-    rows = [
-        [
-            label,
-            f"{by[key]['macs'] / dense_macs:.3f}",
-            f"{by[key]['latency_b32_s'] / dense32:.3f}",
-            f"{by[key]['spearman']:.2f}"
-            + (" (Spearman x100, STS-B dev)" if key == "dense" else ""),
-        ]
-        for label, key in picks
-    ]
+    rows = comparison_rows(by, picks, dense_macs, "spearman", "Spearman x100, STS-B dev")
     head = ["model, setting", "MACs / dense", "latency b32 / dense", "quality"]
     return figure(
         "structured-minilm",

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from figures import figure, md_table
-from structured_common import data_root, latency, machine, macs_params, table
+from structured_common import comparison_rows, data_root, latency, machine, macs_params, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mnist_magnitude import FILES, load_mnist, load_model  # noqa: E402
@@ -121,17 +121,7 @@ def doc_figure(by: dict[str, dict], dense_macs: int, threads: int) -> str:
         ("prunekit L2 local, target_macs=0.5", "prunekit l2 local 2x MACs"),
         ("Torch-Pruning L2 local at <= 0.5 MACs", tp_macs),
     ]
-    dense32 = by["dense"]["latency_b32_s"]
-    rows = [
-        [
-            label,
-            f"{by[key]['macs'] / dense_macs:.3f}",
-            f"{by[key]['latency_b32_s'] / dense32:.3f}",
-            f"{by[key]['accuracy']:.4f}"
-            + (" (acc., test images 5000-9999)" if key == "dense" else ""),
-        ]
-        for label, key in picks
-    ]
+    rows = comparison_rows(by, picks, dense_macs, "accuracy", "acc., test images 5000-9999")
     head = ["model, setting", "MACs / dense", "latency b32 / dense", "quality"]
     return figure(
         "structured-mnist",
