@@ -267,6 +267,46 @@ def test_taylor_with_data_scores_like_one_shot_prune() -> None:
     assert pruner.history == [(0, 0.5)]
 
 
+class RecordingPruner(GradualPruner):
+    """Records the learning rate of every optimizer step it follows."""
+
+    def step(self) -> bool:
+        self.rates = [*getattr(self, "rates", []), self.optimizer.param_groups[0]["lr"]]
+        return super().step()
+
+
+def gradual_finetune(**kw):
+    model, teacher = make(), make()
+    pruner = RecordingPruner(model, PolynomialSchedule(final_sparsity=0.8, end_step=8, frequency=2))
+    ce = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    prunekit.finetune(model, batches(4), ce, teacher=teacher, epochs=5, lr=1e-2, pruner=pruner,
+                      inplace=True, progress=False, **kw)  # fmt: skip
+    return model, pruner
+
+
+def test_finetune_holds_the_peak_rate_until_the_pruning_schedule_ends() -> None:
+    # 20 steps, 1 of warm-up: the decay starts when the schedule reaches its final sparsity
+    # (step 8), not right after the warm-up, and still ends at zero
+    _, pruner = gradual_finetune()
+    rates = pruner.rates
+    assert len(rates) == 20 and rates[0] < 1e-2
+    assert rates[1:9] == pytest.approx([1e-2] * 8)
+    assert all(a > b for a, b in zip(rates[8:], rates[9:], strict=False))
+    assert rates[-1] < 1e-3 and pruner.sparsity == 0.8
+    # scheduler=None still means a constant rate without warm-up
+    assert gradual_finetune(scheduler=None)[1].rates == pytest.approx([1e-2] * 20)
+
+
+def test_finetune_distils_at_the_gradual_temperature_with_a_pruner() -> None:
+    # temperature=None (the default) with a pruner is T=4, not finetune's T=2 without one
+    default, _ = gradual_finetune()
+    at_four, _ = gradual_finetune(temperature=4.0)
+    at_two, _ = gradual_finetune(temperature=2.0)
+    for name in ("0", "2", "4"):
+        assert torch.equal(getattr(default, name).weight, getattr(at_four, name).weight)
+    assert not torch.equal(default[4].weight, at_two[4].weight)
+
+
 def test_gradual_n_m_passes_through_3_4_to_2_4() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))

@@ -1,7 +1,8 @@
 """Learning rates for recovery: warm-up + decay schedules, and a short learning-rate range test.
 
 * :class:`WarmupSchedule`: linear warm-up over the first ``warmup`` fraction of the steps, then
-  ``"cosine"`` or ``"linear"`` decay to zero (or ``"constant"``). It sets ``lr`` on the
+  ``"cosine"`` or ``"linear"`` decay to zero (or ``"constant"``), optionally held at the peak
+  until step ``hold`` (a gradual pruning ramp) before the decay starts. It sets ``lr`` on the
   optimizer's parameter groups from the step count alone, so resuming needs only that count.
 * :func:`find_lr`: a learning-rate range test (Smith, 2017; the fastai ``lr_find``): train a few
   steps with the learning rate growing geometrically, record the smoothed loss, restore the
@@ -13,7 +14,7 @@ Example:
     >>> opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
     >>> sched = WarmupSchedule(opt, "cosine", total_steps=10, warmup=0.2)
     >>> [round(sched.factor(i), 3) for i in (0, 1, 2, 6, 9)]
-    [0.333, 0.667, 1.0, 0.5, 0.03]
+    [0.333, 0.667, 1.0, 0.5, 0.038]
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ class WarmupSchedule:
         total_steps: the optimizer steps of the whole run (decay reaches zero there); None when
             unknown (then the rate stays at its peak after warm-up).
         warmup: fraction of ``total_steps`` spent warming up linearly from ``peak / (w + 1)``.
+        hold: the decay starts at this step instead of right after the warm-up (the rate stays
+            at its peak until then); ignored unless it lies after the warm-up and before
+            ``total_steps``. ``finetune`` sets it to the step a pruner's schedule ends, so the
+            model at its final sparsity recovers over a whole decay.
+
+    Example:
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+        >>> sched = WarmupSchedule(opt, "cosine", total_steps=10, hold=6)
+        >>> [round(sched.factor(i), 3) for i in (0, 5, 6, 8)]
+        [1.0, 1.0, 1.0, 0.5]
 
     Call :meth:`set_step` (``step`` = optimizer steps taken) before every optimizer step.
     """
@@ -48,6 +59,7 @@ class WarmupSchedule:
         kind: str = "cosine",
         total_steps: int | None = None,
         warmup: float = 0.0,
+        hold: int = 0,
     ) -> None:
         if kind not in SCHEDULES:
             raise ValueError(f"unknown schedule {kind!r}; accepted: {', '.join(SCHEDULES)}")
@@ -56,15 +68,20 @@ class WarmupSchedule:
         self.total_steps = total_steps
         self.warmup_steps = int(round(warmup * total_steps)) if total_steps else 0
         self.peaks = [float(g["lr"]) for g in optimizer.param_groups]
+        if isinstance(hold, bool) or not isinstance(hold, int) or hold < 0:
+            raise ValueError(f"hold must be an integer step >= 0, got {hold!r}")
+        within = total_steps is not None and self.warmup_steps < hold < total_steps
+        self.decay_start = hold if within else self.warmup_steps
 
     def factor(self, step: int) -> float:
         """Multiplier of the peak rate for the optimizer step with index ``step`` (from 0)."""
         w = self.warmup_steps
         if step < w:
             return (step + 1) / (w + 1)
-        if self.kind == "constant" or not self.total_steps:
+        if self.kind == "constant" or not self.total_steps or step < self.decay_start:
             return 1.0
-        progress = min(1.0, (step - w) / max(1, self.total_steps - w))
+        start = self.decay_start
+        progress = min(1.0, (step - start) / max(1, self.total_steps - start))
         if self.kind == "linear":
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -77,7 +94,7 @@ class WarmupSchedule:
     def __repr__(self) -> str:
         return (
             f"WarmupSchedule(kind={self.kind!r}, total_steps={self.total_steps}, "
-            f"warmup_steps={self.warmup_steps}, peaks={self.peaks})"
+            f"warmup_steps={self.warmup_steps}, decay_start={self.decay_start}, peaks={self.peaks})"
         )
 
 
@@ -125,7 +142,7 @@ def find_lr(
         >>> data = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(4)]
         >>> mse = lambda b: torch.nn.functional.mse_loss(net(b[0]), b[1])
         >>> test = find_lr(net, data, mse, lambda p, lr: torch.optim.SGD(p, lr=lr), steps=30)
-        >>> 1e-7 <= test.lr <= 1.0
+        >>> 1e-8 <= test.lr <= 0.1  # a tenth of a rate in [start, end]
         True
     """
     if steps < 2:
