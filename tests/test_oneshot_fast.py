@@ -21,7 +21,13 @@ from prunekit.calibrate import calibration
 from prunekit.calibrate.oneshot import oneshot
 from prunekit.calibrate.sequential import plain_weights, plan_chunks, run_sequential
 from prunekit.calibrate.sparsegpt import inverse_hessian_factor, sparsegpt_prune
-from prunekit.calibrate.stats import InputStats, input_rows, samples_in_call
+from prunekit.calibrate.stats import (
+    InputStats,
+    input_rows,
+    mirror_lower_,
+    sample_products,
+    samples_in_call,
+)
 from prunekit.masks import apply_mask, get_mask, is_masked
 from prunekit.scope import count_to_remove
 from prunekit.targets import Target
@@ -146,7 +152,9 @@ def _targets(model):
 
 def _reference_stats(model, batch, sizes):
     """From the inputs each layer sees in ``model(batch)``, split back into the samples:
-    sums of squares folded sample by sample; float64 sum of the per-sample float32 x^T x."""
+    sums of squares folded sample by sample; float64 sum of the per-sample float32 x^T x (each
+    sample's product alone, as ``sample_products`` computes it; see test_oneshot_speed.py for
+    its agreement with a plain x^T x)."""
     seen: dict[str, list] = {name: [] for name, _ in model.named_children()}
     handles = [
         module.register_forward_hook(
@@ -166,9 +174,9 @@ def _reference_stats(model, batch, sizes):
         for rows in parts:
             sq = rows.pow(2).sum(0)
             norm = sq if norm is None else norm + sq
-            p = (rows.t() @ rows).double()
+            p = sample_products(rows[None])
             hessian = p if hessian is None else hessian + p
-        out[name] = (norm, hessian, sum(r.shape[0] for r in parts))
+        out[name] = (norm, mirror_lower_(hessian), sum(r.shape[0] for r in parts))
     return out
 
 

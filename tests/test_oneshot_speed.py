@@ -1,6 +1,7 @@
 """The one-shot runner's speed paths give the results of the plain paths.
 
 * the default chunk of stacked samples (by bytes of hidden states on a CPU);
+* SparseGPT's per-sample Hessian products in column blocks, above the diagonal only;
 * ``run(until=...)``: a statistics pass stops each block call once the layers it measures have
   their inputs, with the statistics, the propagated outputs and ``oneshot``'s masks and weights
   unchanged, and never stops a block whose layers do not run exactly once per call.
@@ -23,7 +24,12 @@ from prunekit.calibrate.sequential import (
     default_batch_tokens,
     run_sequential,
 )
-from prunekit.calibrate.stats import InputStats
+from prunekit.calibrate.stats import (
+    InputStats,
+    mirror_lower_,
+    sample_products,
+    samples_in_call,
+)
 from prunekit.masks import get_mask
 from prunekit.targets import Target
 
@@ -171,3 +177,37 @@ def test_oneshot_with_early_stops_equals_oneshot_without(
             assert torch.equal(get_mask(a), get_mask(b)), name
             assert torch.equal(a._parameters["weight"], b._parameters["weight"]), name
     assert masked == 14  # every projection of both blocks
+
+
+# --------------------------------------------------------------------------- Hessian products
+
+
+def test_blocked_sample_products_are_x_transpose_x() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 40, 230, generator=g) * torch.rand(230, generator=g) * 3
+    total = mirror_lower_(sample_products(x))  # 230 columns: blocks of 96, 96 and 38
+    exact = sum(p.double().t() @ p.double() for p in x)
+    assert torch.equal(total, total.t())
+    assert torch.allclose(total, exact, rtol=1e-5, atol=1e-4 * float(exact.abs().max()))
+    # a sample's product does not depend on the samples computed with it (exact float64 sums)
+    alone = sum(sample_products(p[None]) for p in x)
+    assert torch.equal(mirror_lower_(alone), total)
+
+
+def test_statistics_of_a_wide_layer_batched_equal_one_sample_at_a_time() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(200, 3)
+    target = Target("wide", layer)
+    samples = [torch.randn(1, 6, 200) * 2 for _ in range(4)]
+    with torch.no_grad(), InputStats([target], {"hessian"}, keep_parts=True) as one:
+        for s in samples:
+            layer(s)
+    with torch.no_grad(), InputStats([target], {"hessian"}, keep_parts=True) as batched:
+        with samples_in_call((1, 1, 1, 1)):
+            layer(torch.cat(samples))
+    assert torch.equal(one.hessian_sums[target.name], batched.hessian_sums[target.name])
+    h = batched.stats[target.name]["hessian"]
+    rows = torch.cat(samples).reshape(-1, 200).double()
+    expected = (2 * rows.t() @ rows / rows.shape[0]).float()
+    assert torch.equal(h, h.t())
+    assert torch.allclose(h, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))

@@ -3,12 +3,15 @@
 * ``"norm"``: the sum of squares of every input feature over all calibration tokens (Wanda's
   ||X_j||^2, OWL's outlier scores).
 * ``"hessian"``: H = 2/n * sum(x x^T) over the n calibration tokens (SparseGPT's layer Hessian).
-  Each call's ``x^T x`` is computed in float32 and added into a float64 sum, and H is cast to
+  Each sample's ``x^T x`` is computed in float32 and added into a float64 sum, and H is cast to
   float32 when the context closes: the float32 products have at most 48 significant bits, so
   the float64 sum is (nearly always) exact and H does not depend on how the samples were split
   or in which order they were added; under ``torch.distributed`` the ranks' sums give the same H
   as one process (:mod:`prunekit.distributed.reduce`). The sum costs float64 memory (twice the
-  float32 Hessian) while the statistics are gathered.
+  float32 Hessian) while the statistics are gathered. A sample's product is computed in column
+  blocks of :data:`HESSIAN_BLOCK`: only the blocks on and above the diagonal are multiplied and
+  summed (about half the work and half the float64 additions of a whole ``x^T x``), and the
+  blocks below are mirrored from them once, when the context closes (:func:`sample_products`).
 
 Linear and Hugging Face ``Conv1D`` inputs are read as (tokens, in_features); Conv1d / Conv2d
 (``groups=1``) inputs are unfolded into (positions, in_channels * kernel) so that the features
@@ -36,6 +39,43 @@ from torch import nn
 from prunekit.targets import Target
 
 _SAMPLES: ContextVar[tuple[int, ...] | None] = ContextVar("prunekit_samples", default=None)
+
+HESSIAN_BLOCK = 96
+"""Width of the column blocks in which each sample's ``x^T x`` is computed (see the module doc):
+narrow enough that about half the products are skipped, wide enough for fast matrix products."""
+
+
+def sample_products(samples: torch.Tensor, block: int = HESSIAN_BLOCK) -> torch.Tensor:
+    """The float64 sum over ``samples`` (samples, rows, in) of each sample's float32 ``x^T x``,
+    computed in column blocks of ``block``: only the blocks on and above the diagonal; those
+    below are left zero (:func:`mirror_lower_` fills them). A sample's product has the same bits
+    whatever other samples are passed with it, and the float64 sum is exact (module doc).
+
+    Example:
+        >>> x = torch.randn(3, 10, 5)
+        >>> full = mirror_lower_(sample_products(x, block=2), block=2)
+        >>> torch.allclose(full, sum(p.t().double() @ p.double() for p in x), atol=1e-4)
+        True
+    """
+    width = samples.shape[-1]
+    total = torch.zeros(width, width, dtype=torch.float64, device=samples.device)
+    for start in range(0, width, block):
+        end = min(start + block, width)
+        products = torch.bmm(samples[:, :, start:end].transpose(1, 2), samples[:, :, start:])
+        upper = total[start:end, start:]
+        for one in products:  # float32 products added one by one into the float64 sum
+            upper.add_(one)
+    return total
+
+
+def mirror_lower_(total: torch.Tensor, block: int = HESSIAN_BLOCK) -> torch.Tensor:
+    """Fill the blocks below the diagonal of a :func:`sample_products` sum from those above
+    (in place; returns ``total``)."""
+    width = total.shape[0]
+    for start in range(0, width, block):
+        end = min(start + block, width)
+        total[end:, start:end] = total[start:end, end:].t()
+    return total
 
 
 @contextmanager
@@ -115,7 +155,9 @@ class InputStats:
         # so that ranks can add them up as one process does (prunekit.distributed.reduce)
         self.keep_parts = keep_parts
         self.norm_parts: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
-        self.hessian_sums: dict[str, torch.Tensor] = {}  # float64 sum of x^T x (see module doc)
+        # float64 sum of x^T x (see module doc): the blocks above the diagonal while gathering,
+        # the whole matrix once the context has closed
+        self.hessian_sums: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
         self._memo: tuple | None = None  # (input tensor, kind, measured): shared by its readers
 
@@ -161,9 +203,7 @@ class InputStats:
                 return self._measure_each(parts)
         rows = samples.shape[0] * samples.shape[1]
         squares = list(samples.pow(2).sum(1)) if "norm" in self.need else []
-        product = None
-        if "hessian" in self.need:
-            return rows, squares, self._measure_each(list(samples))[2]
+        product = sample_products(samples) if "hessian" in self.need else None
         return rows, squares, product
 
     def _measure_each(self, parts: list[torch.Tensor]) -> tuple[int, list, torch.Tensor | None]:
@@ -171,9 +211,9 @@ class InputStats:
         squares = [p.pow(2).sum(0) for p in parts] if "norm" in self.need else []
         product = None
         if "hessian" in self.need:
-            for p in parts:  # each sample's float32 product, added into the float64 sum
-                one = p.t() @ p
-                product = one.double() if product is None else product.add_(one)
+            for p in parts:  # each sample's product, added into the float64 sum
+                one = sample_products(p[None])
+                product = one if product is None else product.add_(one)
         return rows, squares, product
 
     def __enter__(self) -> InputStats:
@@ -189,6 +229,7 @@ class InputStats:
         self._handles.clear()
         self._memo = None
         for name, total in self.hessian_sums.items():
+            mirror_lower_(total)  # the sums were gathered above the diagonal only
             self.stats[name]["hessian"] = hessian_from_sum(total, self.rows[name])
         if not self.keep_parts:  # nobody sums them over ranks: free the float64 copies
             self.hessian_sums = {}
