@@ -14,7 +14,21 @@ Rows, default call first:
 3. **plain loop**: a hand-written loop: AdamW lr 1e-4, constant, loss CE + KL at T=1,
    masked weights re-zeroed after every step.
 
-Verdict: the default call's perplexity is at most that of both other rows.
+Gradual rows (``--rows gradual``, or ``all``), each from the dense model: a magnitude
+``GradualPruner`` (global, default targets) on a cubic ramp to ``--gradual-sparsity`` (70 %)
+over the first half of the steps, masks updated every quarter epoch; same data and steps:
+
+4. **gradual default**: ``prunekit.finetune(model, data, lm_loss, teacher=dense, epochs=E,
+   pruner=pruner, inplace=True)``: the rate held at its peak until the ramp ends, then cosine
+   decay; T=4 (``GRADUAL_TEMPERATURE``).
+5. **gradual old defaults**: the same call as before that change: ``temperature=2`` and the
+   cosine decay starting after the warm-up (``scheduler=`` a ``LambdaLR`` over
+   ``WarmupSchedule(opt, "cosine", steps, 0.05)`` without ``hold``; same range-test rate).
+6. **gradual plain loop**: the plain loop above with the same ``GradualPruner`` stepped by
+   hand after every optimizer step.
+
+Verdict: the default call's perplexity is at most that of both other rows (one-shot and
+gradual sets each).
 
 Measured 2026-12-03 (1 thread, a shared 2-core machine; dense 5.263, 2 x 100 batches):
 
@@ -24,11 +38,13 @@ Measured 2026-12-03 (1 thread, a shared 2-core machine; dense 5.263, 2 x 100 bat
   plain loop 5.349; the default at T=1 instead of 2 gave 5.263
 
     .venv/bin/python benchmarks/llm_finetune_defaults.py [--sparsity 0.5 0.7] [--epochs 2] [--threads 1]
+    .venv/bin/python benchmarks/llm_finetune_defaults.py --rows gradual --threads 1 [--seed 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from collections.abc import Sequence
@@ -39,7 +55,9 @@ from llm_oneshot import SEQ_LEN, load_text, trained_model
 import prunekit
 from prunekit.eval import perplexity
 from prunekit.masks import reapply_masks
+from prunekit.train import GradualPruner, PolynomialSchedule
 from prunekit.train.distill import kd_loss
+from prunekit.train.lr import WarmupSchedule
 
 
 def lm_loss(model, batch):
@@ -69,6 +87,106 @@ def plain_loop(model, dense, data, epochs: int, lr: float = 1e-4):
             opt.step()
             reapply_masks(model)
     return model.eval()
+
+
+def gradual_schedule(final: float, data, epochs: int) -> PolynomialSchedule:
+    """Cubic ramp to ``final`` over the first half of the steps, masks updated every quarter
+    epoch (as the MNIST benchmark's gradual rows)."""
+    steps = epochs * len(data)
+    return PolynomialSchedule(
+        final_sparsity=final, end_step=steps // 2, frequency=max(1, len(data) // 4)
+    )
+
+
+def old_schedule(steps: int, warmup: float = 0.05):
+    """``finetune``'s schedule before a pruner held the rate: warm-up then cosine decay from the
+    first step after it, as a torch scheduler factory (``WarmupSchedule`` without ``hold``)."""
+
+    def factory(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        shape = WarmupSchedule(opt, "cosine", steps, warmup)
+        return torch.optim.lr_scheduler.LambdaLR(opt, shape.factor)
+
+    return factory
+
+
+def gradual_finetune(model, dense, data, final: float, epochs: int, old: bool):
+    """``GradualPruner`` (global magnitude, default targets) inside ``finetune``: its defaults,
+    or (``old``) T=2 and the decay starting after the warm-up, as before the pruner hold."""
+    pruner = GradualPruner(model, gradual_schedule(final, data, epochs))
+    extra = {"temperature": 2.0, "scheduler": old_schedule(epochs * len(data))} if old else {}
+    return prunekit.finetune(
+        model, data, lm_loss, teacher=dense, epochs=epochs, pruner=pruner, inplace=True,
+        progress=False, **extra,
+    )  # fmt: skip
+
+
+def plain_gradual_loop(model, dense, data, final: float, epochs: int, lr: float = 1e-4):
+    """The plain loop (AdamW, constant rate, CE + KL at T=1) with the same ``GradualPruner``
+    stepped by hand after every optimizer step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    pruner = GradualPruner(model, gradual_schedule(final, data, epochs), optimizer=opt)
+    model.train()
+    for _ in range(epochs):
+        for batch in data:
+            out = model(input_ids=batch["input_ids"], labels=batch["input_ids"])
+            with torch.no_grad():
+                teacher = dense(input_ids=batch["input_ids"]).logits
+            loss = out.loss + kd_loss(out.logits, teacher, 1.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            pruner.step()
+    return model.eval()
+
+
+def zero_fraction(model) -> float:
+    """Fraction of zeros over the default targets (every Linear but ``lm_head``)."""
+    weights = [
+        m.weight
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")
+    ]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    return zeros / sum(w.numel() for w in weights)
+
+
+GRADUAL_ROWS = ("gradual default", "gradual old defaults", "gradual plain loop")
+
+
+def compare_gradual(dense, data, val_ids, sparsity: float, args: argparse.Namespace) -> int:
+    """The gradual rows (from the dense model) at one final sparsity; prints them and returns
+    the number of failed verdicts."""
+    rows = []
+    for name in GRADUAL_ROWS:
+        torch.manual_seed(args.seed)
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        lr = None
+        if name == "gradual default":
+            result = gradual_finetune(model, dense, data, sparsity, args.epochs, old=False)
+            model, lr = result.model, result.lr
+        elif name == "gradual old defaults":
+            result = gradual_finetune(model, dense, data, sparsity, args.epochs, old=True)
+            model, lr = result.model, result.lr
+        else:
+            model = plain_gradual_loop(model, dense, data, sparsity, args.epochs)
+        seconds = time.perf_counter() - start
+        ppl = perplexity(model.eval(), val_ids, SEQ_LEN, batch_size=32)
+        rows.append((name, ppl))
+        lr_text = f", lr {lr:.2e}" if lr else ""
+        print(f"{name:20s}: perplexity {ppl:.3f} (sparsity {zero_fraction(model):.1%}, "
+              f"{seconds:.0f} s{lr_text})", flush=True)  # fmt: skip
+    default = rows[0][1]
+    fails = 0
+    print(f"\nchar Llama, gradual magnitude to {sparsity:.0%} (cubic, first half of the steps), "
+          f"{args.epochs} x {args.batches} batches of {args.batch_size} x {SEQ_LEN} chars, "
+          f"seed {args.seed}")  # fmt: skip
+    for name, ppl in rows[1:]:
+        ok = default <= ppl
+        fails += not ok
+        print(f"{rows[0][0]} {default:.3f} <= {name} {ppl:.3f}: {'PASS' if ok else 'FAIL'}")
+    print()
+    return fails
 
 
 def compare(dense, data, val_ids, sparsity: float, args: argparse.Namespace) -> int:
@@ -120,6 +238,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=600, help="training steps of the dense model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rows", choices=("all", "oneshot", "gradual"), default="all",
+        help="one-shot rows, gradual rows, or both",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gradual-sparsity", type=float, nargs="+", default=[0.7],
+        help="final sparsities of the gradual rows",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     train_ids, val_ids, chars = load_text()
@@ -128,8 +254,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     dense_ppl = perplexity(dense, val_ids, SEQ_LEN, batch_size=32)
     print(f"dense validation perplexity: {dense_ppl:.3f}", flush=True)
     fails = 0
-    for sparsity in args.sparsity:
-        fails += compare(dense, data, val_ids, sparsity, args)
+    if args.rows in ("all", "oneshot"):
+        for sparsity in args.sparsity:
+            fails += compare(dense, data, val_ids, sparsity, args)
+    if args.rows in ("all", "gradual"):
+        for sparsity in args.gradual_sparsity:
+            fails += compare_gradual(dense, data, val_ids, sparsity, args)
     return 1 if fails else 0
 
 
