@@ -355,3 +355,64 @@ def test_an_explicit_round_to_measures_no_candidates(monkeypatch) -> None:
     monkeypatch.setattr(latency_module, "measure", candidate_measure(None, calls))
     report = pg.prune_structured(model, IMG, target_macs=0.5, round_to=8, progress=False)
     assert "hardware" not in report.settings and calls == [["dense", "pruned"]]
+
+
+def test_choose_needs_speed_and_no_worse_outputs() -> None:
+    from prunekit.graph.hardware import choose
+
+    ms = {"uniform": 10.0, "whole": 9.0, "time": 8.0, "time-whole": 9.9}
+    # the fastest wins when its outputs are as close to dense as uniform's
+    assert (
+        choose(ms, {"uniform": 0.2, "whole": 0.2, "time": 0.21, "time-whole": 0.1}, "uniform")
+        == "time"
+    )
+    # a faster candidate with clearly worse outputs does not replace uniform ...
+    err = {"uniform": 0.2, "whole": 0.2, "time": 0.3, "time-whole": 0.1}
+    assert choose(ms, err, "uniform") == "whole"
+    # ... nor one less than 3 % faster, however good
+    assert choose({"uniform": 10.0, "a": 9.8}, {"uniform": 0.2, "a": 0.0}, "uniform") == "uniform"
+    assert choose({"uniform": 10.0, "a": 5.0}, {"uniform": 0.2, "a": 0.5}, "uniform") == "uniform"
+
+
+def test_output_error_is_relative_over_every_output_and_keeps_modes() -> None:
+    from prunekit.graph.hardware import output_error
+
+    class Two(nn.Module):
+        def __init__(self, scale: float) -> None:
+            super().__init__()
+            self.bn, self.scale = nn.BatchNorm1d(4), scale
+
+        def forward(self, x):
+            return {"a": x.sum(1), "b": (self.bn(x) * self.scale, torch.arange(3))}
+
+    x = torch.randn(8, 4)
+    dense, other = Two(1.0), Two(1.5)
+    with torch.no_grad():
+        ref = torch.cat([x.sum(1), dense.bn.eval()(x).flatten()]).double()
+        diff = torch.cat([torch.zeros(8), 0.5 * dense.bn(x).flatten()]).double()
+    dense.train()
+    got = output_error(dense, other, x)
+    assert got == pytest.approx(float(diff.norm() / ref.norm()), rel=1e-6)
+    assert dense.training and other.training  # modes restored
+    assert torch.equal(dense.bn.running_mean, torch.zeros(4))  # ran in eval: no stat updates
+
+
+def test_a_faster_candidate_with_worse_outputs_is_not_kept(monkeypatch, lanes_8) -> None:
+    from prunekit.graph import hardware
+
+    model = convnet([32, 64, 48, 32])
+    monkeypatch.setattr(latency_module, "measure", candidate_measure("time", []))
+    times = {"0": 50.0, "2": 1.0, "4": 1.0, "6": 1.0, "8": 0.1}
+    monkeypatch.setattr(latency_module, "module_times", lambda *a, **k: times)
+    real = hardware.output_error
+    errors: list = []
+
+    def worse_unless_uniform(dense, net, inputs):  # the 1st distinct candidate is uniform
+        errors.append(real(dense, net, inputs))
+        return errors[-1] * (1.0 if len(errors) == 1 else 2.0)
+
+    monkeypatch.setattr(hardware, "output_error", worse_unless_uniform)
+    report = pg.prune_structured(model, IMG, target_macs=0.5, progress=False)
+    hw = report.settings["hardware"]
+    assert hw["chosen"] == "uniform" and hw["candidates"]["time"]["ms"] == 5.0
+    assert hw["candidates"]["time"]["output_error"] > hw["candidates"]["uniform"]["output_error"]

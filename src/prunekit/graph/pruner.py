@@ -171,7 +171,8 @@ def prune_structured(
             selections that all meet the target (one ratio; whole multiples; ratios weighted
             by measured time per MAC, :mod:`prunekit.graph.hardware`) are timed beside the
             dense model on ``example_inputs`` and the fastest is kept (the one-ratio selection
-            unless another is 3 % faster; ``report.settings["hardware"]`` lists them).
+            unless another is 3 % faster with outputs on ``example_inputs`` as close to the
+            dense model's, within 10 %; ``report.settings["hardware"]`` lists them).
         ignore: module name patterns (glob, or ``re:`` regex) whose output units must stay:
             every group that such a module produces is left whole.
         per_layer: ``{pattern: ratio}``: groups produced by a matching module get their own
@@ -691,9 +692,14 @@ def _hardware_pick(
     settings["hardware"] = {
         "chosen": chosen,
         "dense_ms": dense_ms,
-        "candidates": {n: {"ms": ms[n], "macs_ratio": macs[n]} for n in plans},
+        "candidates": {
+            n: {"ms": ms[n], "macs_ratio": macs[n], "output_error": got["error"][n]} for n in plans
+        },
     }
-    shown = ", ".join(f"{n} {ms[n]:.3g} ms at {100 * macs[n]:.1f} % MACs" for n in plans)
+    shown = ", ".join(
+        f"{n} {ms[n]:.3g} ms at {100 * macs[n]:.1f} % MACs (output error {got['error'][n]:.3g})"
+        for n in plans
+    )
     notes.append(
         f"hardware-aware widths: measured candidates (dense {dense_ms:.3g} ms): {shown}; "
         f"kept {chosen!r}"
