@@ -234,7 +234,7 @@ def doc_figure(found: dict[tuple[str, int], dict[str, str]], threads: int) -> st
         md_table(head, rows) + f"\n\n{threads} thread(s); random weights; speedup: median of "
         "round medians, dense and pruned timed alternately; the latency ratio is measured again "
         "after the search. Time that does not shrink: the share of dense time the smallest "
-        "channel-pruned model (round_to=1, about 1 % of the MACs) still takes; the speedup "
+        "channel-pruned model (ratio 0.99, round_to=1) still takes; the speedup "
         "if that time stayed and the rest scaled with the reached MACs is what widths alone "
         "can be expected to give; the target is 0.85x the MAC ratio.",
     )

@@ -211,6 +211,46 @@ def test_unreachable_latency_says_so_and_changes_nothing(monkeypatch) -> None:
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+def test_unreachable_latency_when_fewer_macs_run_slower(monkeypatch) -> None:
+    # narrow layers that run slower (oneDNN below its vector width): the latency ratio stops
+    # falling at half the MACs and rises below it, so the target is out of reach although the
+    # closest try is not the smallest model; it must say so, not return a 0.72 model silently
+    model = convnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dense = pg.count(model, IMG).macs
+
+    def measure(models, example_inputs, *, threads=None, **_):
+        def ms(m) -> float:
+            share = pg.count(m, example_inputs).macs / dense
+            return 10.0 if share == 1 else (7.2 if share >= 0.4 else 7.4)
+
+        ms_ = {n: ms(m) for n, m in models.items()}
+        return {"ms": ms_, "batch": 1, "threads": 1, "repeats": 1, "device": "cpu"}
+
+    monkeypatch.setattr(latency_module, "measure", measure)
+    with pytest.raises(ValueError, match=r"cannot be reached.*ratio 0\.72"):
+        pg.prune_structured(model, IMG, target_latency=0.5, inplace=True, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_latency_target_missed_within_reach_warns(monkeypatch) -> None:
+    model = convnet()
+    dense = pg.count(model, IMG).macs
+
+    def measure(
+        models, example_inputs, *, threads=None, **_
+    ):  # a jump: 0.8 or 0.3, nothing between
+        ratio = {n: 1.0 if n == "dense" else (0.8 if pg.count(m, example_inputs).macs > 0.3 * dense else 0.3)
+                 for n, m in models.items()}  # fmt: skip
+        return {"ms": {n: 10 * r for n, r in ratio.items()}, "batch": 1, "threads": 1,
+                "repeats": 1, "device": "cpu"}  # fmt: skip
+
+    monkeypatch.setattr(latency_module, "measure", measure)
+    with pytest.warns(UserWarning, match="target_latency=0.5 not reached"):
+        report = pg.prune_structured(model, IMG, target_latency=0.5, round_to=1, progress=False)
+    assert report.latency.ratio in (0.8, 0.3)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

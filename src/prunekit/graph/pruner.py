@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -808,14 +809,27 @@ def _search_latency(
         m = m_next
     best = min(tries, key=lambda t: abs(t[1].ratio / asked - 1))
     reached, lat, selection = best
-    if lat.ratio > asked * (1 + LATENCY_TOLERANCE) and reached <= floor + 1e-9:
+    steps = ", ".join(f"{100 * mm:.1f} % -> {t.ratio:.2f}" for mm, t, _ in tries)
+    too_slow = lat.ratio > asked * (1 + LATENCY_TOLERANCE)
+    if too_slow and any(mm <= floor + 1e-9 for mm, _, _ in tries):
+        # the smallest model was tried and nothing came within reach (a smaller MAC count can
+        # even measure slower: the closest try need not be the smallest model)
+        fastest = min(tries, key=lambda t: t[1].ratio)[1]
         raise ValueError(
             f"target_latency={asked} cannot be reached by removing "
-            f"{sorted({g.kind for g in groups})} units: the smallest model measures "
-            f"{lat.pruned_ms:.3g} ms against {lat.dense_ms:.3g} ms dense (ratio {lat.ratio:.2f}, "
-            f"batch {lat.batch}, {lat.threads} threads). Nothing was changed."
+            f"{sorted({g.kind for g in groups})} units: the fastest model tried measures "
+            f"{fastest.pruned_ms:.3g} ms against {fastest.dense_ms:.3g} ms dense (ratio "
+            f"{fastest.ratio:.2f}, batch {fastest.batch}, {fastest.threads} threads; MACs -> "
+            f"latency ratio: {steps}), down to the smallest model these units allow. Nothing "
+            "was changed."
         )
-    steps = ", ".join(f"{100 * mm:.1f} % -> {t.ratio:.2f}" for mm, t, _ in tries)
+    if abs(lat.ratio / asked - 1) > LATENCY_TOLERANCE:
+        warnings.warn(
+            f"prunekit: target_latency={asked} not reached within "
+            f"{100 * LATENCY_TOLERANCE:.0f} %: the closest measured ratio is {lat.ratio:.2f} "
+            f"after {len(tries)} tries (MACs -> latency ratio: {steps})",
+            stacklevel=3,
+        )
     note = (
         f"target_latency {asked}: measured latency ratio {lat.ratio:.2f} at {100 * reached:.1f} % "
         f"of dense MACs, after {len(tries)} tries (MACs -> latency ratio: {steps})"
