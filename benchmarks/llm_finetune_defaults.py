@@ -78,8 +78,13 @@ def windows(ids: torch.Tensor, count: int, batch: int, seed: int) -> list[dict[s
     return out
 
 
-def plain_loop(model, dense, data, epochs: int, lr: float = 1e-4):
+def plain_loop(model, dense, data, epochs: int, lr: float = 1e-4, pruner_schedule=None):
+    """AdamW at a constant rate, CE + KL at T=1; masks re-applied after every step, or (with
+    ``pruner_schedule``) a ``GradualPruner`` on that schedule stepped after every step."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    pruner = (
+        None if pruner_schedule is None else GradualPruner(model, pruner_schedule, optimizer=opt)
+    )
     model.train()
     for _ in range(epochs):
         for batch in data:
@@ -90,7 +95,10 @@ def plain_loop(model, dense, data, epochs: int, lr: float = 1e-4):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            reapply_masks(model)
+            if pruner is None:
+                reapply_masks(model)
+            else:
+                pruner.step()
     return model.eval()
 
 
@@ -126,22 +134,8 @@ def gradual_finetune(model, dense, data, final: float, epochs: int, old: bool):
 
 
 def plain_gradual_loop(model, dense, data, final: float, epochs: int, lr: float = 1e-4):
-    """The plain loop (AdamW, constant rate, CE + KL at T=1) with the same ``GradualPruner``
-    stepped by hand after every optimizer step."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    pruner = GradualPruner(model, gradual_schedule(final, data, epochs), optimizer=opt)
-    model.train()
-    for _ in range(epochs):
-        for batch in data:
-            out = model(input_ids=batch["input_ids"], labels=batch["input_ids"])
-            with torch.no_grad():
-                teacher = dense(input_ids=batch["input_ids"]).logits
-            loss = out.loss + kd_loss(out.logits, teacher, 1.0)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            pruner.step()
-    return model.eval()
+    """The plain loop with the same ``GradualPruner`` stepped by hand after every step."""
+    return plain_loop(model, dense, data, epochs, lr, gradual_schedule(final, data, epochs))
 
 
 def zero_fraction(model) -> float:
