@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from prunekit.calibrate import sparsegpt as sg
+from prunekit.scope import lowest_k
 
 
 def hessian_of(x: torch.Tensor) -> torch.Tensor:
@@ -335,10 +336,10 @@ def test_an_all_zero_hessian_prunes_every_input() -> None:
 
 def test_lowest() -> None:
     scores = torch.tensor([[3.0, -1.0, 2.0], [0.5, 7.0, float("-inf")]])
-    assert not sg._lowest(scores, 0).any()
-    assert sg._lowest(scores, 0).shape == (2, 3)
-    assert sg._lowest(scores, 2).tolist() == [[False, True, False], [False, False, True]]
-    assert sg._lowest(scores, 3).tolist() == [[False, True, False], [True, False, True]]
+    assert not lowest_k(scores, 0).any()
+    assert lowest_k(scores, 0).shape == (2, 3)
+    assert lowest_k(scores, 2).tolist() == [[False, True, False], [False, False, True]]
+    assert lowest_k(scores, 3).tolist() == [[False, True, False], [True, False, True]]
 
 
 # --------------------------------------------------------------------------- one-thread factorisation

@@ -205,6 +205,42 @@ def test_row_scope_ties_break_by_column() -> None:
         assert {c for c in range(200) if not keep[r, c]} == set(by_score_then_column[:80])
 
 
+def by_score_then_index(values: list[float], k: int) -> set[int]:
+    """The k lowest of ``values``, equal values lowest index first; NaN above everything."""
+    key = [(1, 0.0, i) if math.isnan(v) else (0, v, i) for i, v in enumerate(values)]
+    return {i for _, _, i in sorted(key)[:k]}
+
+
+@pytest.mark.parametrize("k", [0, 1, 37, 100, 199, 200])
+def test_lowest_k_takes_ties_in_index_order(k: int) -> None:
+    gen = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 4, (200,), generator=gen).float()
+    scores[::17] = float("-inf")
+    got = scope.lowest_k(scores, k)
+    assert {i for i in range(200) if got[i]} == by_score_then_index(scores.tolist(), k)
+    matrix = scores.reshape(8, 25)  # flat order is row-major
+    assert torch.equal(scope.lowest_k(matrix, k), got.reshape(8, 25))
+
+
+def test_lowest_k_with_nan_scores_takes_them_last() -> None:
+    scores = torch.tensor([2.0, float("nan"), 1.0, float("nan"), 0.0])
+    for k in range(6):
+        got = scope.lowest_k(scores, k)
+        assert {i for i in range(5) if got[i]} == by_score_then_index(scores.tolist(), k), k
+
+
+@pytest.mark.parametrize("k", [0, 1, 9, 30, 31])
+def test_lowest_k_per_row_against_a_sort(k: int) -> None:
+    gen = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 5, (6, 31), generator=gen).float()
+    scores[1] = torch.randn(31, generator=gen)
+    scores[2, 3] = float("nan")  # a NaN row takes the sorting path
+    got = scope.lowest_k_per_row(scores, k)
+    for r in range(6):
+        chosen = {c for c in range(31) if got[r, c]}
+        assert chosen == by_score_then_index(scores[r].tolist(), k), (r, k)
+
+
 @pytest.mark.parametrize("how", ["none", "mean", "l2", "max"])
 def test_normalize_divides_by_what_it_says(how: str) -> None:
     values = [0.5, -2.0, 3.0, 1.5]

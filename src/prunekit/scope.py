@@ -41,12 +41,63 @@ def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
     return scores / scale if scale > 0 else scores
 
 
+def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask (shape of ``scores``) of exactly the ``k`` lowest scores; equal scores at the
+    cut go in index order (row-major), lowest index first.
+
+    A k-th value threshold (a selection, linear time) rather than a sort or a top-k, which are
+    several times slower for the large ``k`` that pruning asks; NaN scores count as highest.
+
+    Example:
+        >>> lowest_k(torch.tensor([3.0, 1.0, 2.0, 1.0]), 2).tolist()
+        [False, True, False, True]
+    """
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    if k <= 0 or n == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    cut = torch.kthvalue(flat, k).values
+    if torch.isnan(cut):  # fewer than k numbers: NaNs sort last, so take them in index order
+        order = torch.argsort(flat, stable=True)
+        chosen = torch.zeros(n, dtype=torch.bool, device=flat.device)
+        chosen[order[:k]] = True
+        return chosen.reshape(scores.shape)
+    below = flat < cut
+    ties = flat == cut
+    need = k - int(below.sum())
+    return (below | (ties & (torch.cumsum(ties, 0) <= need))).reshape(scores.shape)
+
+
+def lowest_k_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` lowest scores of every row of a 2-D ``scores`` (equal scores at a
+    row's cut in column order); the row-wise :func:`lowest_k`.
+
+    Example:
+        >>> lowest_k_per_row(torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 0.0]]), 1).tolist()
+        [[False, True, False], [True, False, False]]
+    """
+    rows, cols = scores.shape
+    if k <= 0 or rows == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= cols:
+        return torch.ones_like(scores, dtype=torch.bool)
+    cut = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    if torch.isnan(cut).any():  # a row with fewer than k numbers: sort those rows
+        order = torch.argsort(scores, dim=1, stable=True)
+        ranks = torch.empty_like(order)
+        ranks.scatter_(1, order, torch.arange(cols, device=scores.device).expand(rows, cols))
+        return ranks < k
+    below = scores < cut
+    ties = scores == cut
+    need = k - below.sum(1, keepdim=True)
+    return below | (ties & (torch.cumsum(ties, 1) <= need))
+
+
 def lowest_k_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask (bool, flat) that removes exactly the ``k`` lowest of a flat score vector."""
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        keep[torch.topk(scores.reshape(-1), k, largest=False, sorted=False).indices] = False
-    return keep
+    return ~lowest_k(scores.reshape(-1), k)
 
 
 def count_to_remove(sparsity: float, units: int) -> int:
@@ -80,12 +131,11 @@ def select_rows(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """
     rows, cols = scores.shape
     total = count_to_remove(sparsity, rows * cols)
-    per_row = torch.full((rows,), total // rows, dtype=torch.long, device=scores.device)
-    per_row[: total - int(per_row.sum())] += 1
-    order = torch.argsort(scores, dim=1, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(cols, device=scores.device).expand(rows, cols))
-    return ranks >= per_row[:, None]
+    base, extra = divmod(total, rows)
+    prune = torch.empty_like(scores, dtype=torch.bool)
+    prune[:extra] = lowest_k_per_row(scores[:extra], base + 1)
+    prune[extra:] = lowest_k_per_row(scores[extra:], base)
+    return ~prune
 
 
 def owl_allocation(

@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 from prunekit.analysis.allocate import Allocation, allocate
 from prunekit.calibrate.data import calibration
 from prunekit.calibrate.sequential import find_blocks, run_sequential
-from prunekit.calibrate.sparsegpt import SparseGPTFailure, _lowest, inverse_hessian_factor
+from prunekit.calibrate.sparsegpt import SparseGPTFailure, inverse_hessian_factor
 from prunekit.calibrate.stats import (
     InputStats,
     check_calibratable,
@@ -79,6 +79,7 @@ from prunekit.distributed.solve import assign, sparsegpt_cost
 from prunekit.masks import raw_parameter
 from prunekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from prunekit.prune import ALLOCATORS, compute_masks, split_by_pattern
+from prunekit.scope import lowest_k
 from prunekit.scores import Criterion, get_criterion
 from prunekit.targets import Target, per_layer_overrides, resolve_targets
 
@@ -311,7 +312,7 @@ def sparsegpt_grid(
         P1 = torch.zeros_like(W1, dtype=torch.bool)
         for c, total in enumerate(totals):
             k = round(total * end / cols) - round(total * start / cols)
-            P1[c * rows : (c + 1) * rows] = _lowest(saliency[c * rows : (c + 1) * rows], k)
+            P1[c * rows : (c + 1) * rows] = lowest_k(saliency[c * rows : (c + 1) * rows], k)
         P1 |= must[:, start:end]  # frozen entries beyond a block's share: compensated too
         for i in range(end - start):
             w = W1[:, i]

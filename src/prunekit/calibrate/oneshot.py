@@ -22,7 +22,12 @@ from prunekit.calibrate.progress import (
     model_digest,
 )
 from prunekit.calibrate.sequential import find_blocks, run_sequential
-from prunekit.calibrate.sparsegpt import SparseGPTFailure, sparsegpt_prune
+from prunekit.calibrate.sparsegpt import (
+    SparseGPTFailure,
+    SparseGPTResult,
+    sparsegpt_prune,
+    sparsegpt_prune_shared,
+)
 from prunekit.calibrate.stats import (
     InputStats,
     check_calibratable,
@@ -146,16 +151,16 @@ class _Pruner:
             self.allocated[t.name] = pattern.sparsity if isinstance(pattern, NM) else sparsity
         if self.method == "sparsegpt":
             if is_distributed():  # each layer solved by its owner, then broadcast
-                for t in targets:
-                    if self.owners[t.name] == rank():
-                        self._sparsegpt(t, stats[t.name]["hessian"], pattern, sparsity)
+                mine = [t for t in targets if self.owners[t.name] == rank()]
+                for group in same_hessian(mine, stats):
+                    self._sparsegpt_group(group, stats, pattern, sparsity)
                 for t in targets:
                     note = share_result(t, self.owners[t.name], self.fallbacks.get(t.name))
                     if note is not None:
                         self.fallbacks[t.name] = note
                 return
-            for t in targets:
-                self._sparsegpt(t, stats[t.name]["hessian"], pattern, sparsity)
+            for group in same_hessian(targets, stats):
+                self._sparsegpt_group(group, stats, pattern, sparsity)
             return
         keeps = compute_masks(
             targets,
@@ -169,6 +174,41 @@ class _Pruner:
         )
         for t in targets:
             apply_mask(t.module, t.param_name, keeps[t.name])
+
+    def _sparsegpt_group(
+        self, group: list[Target], stats: dict, pattern: Pattern, sparsity: float
+    ) -> None:
+        """Layers that read the same input share one sweep (the bits of separate solves); when
+        the shared solve fails, each layer is solved (or falls back) on its own."""
+        hessian = stats[group[0].name]["hessian"]
+        if len(group) > 1:
+            matrices = [t.as_matrix(t.weight()) for t in group]
+            nm = (pattern.n, pattern.m) if isinstance(pattern, NM) else None
+            try:
+                results = sparsegpt_prune_shared(
+                    matrices,
+                    hessian,
+                    sparsity,
+                    nm,
+                    frozen=[m == 0 for m in matrices],
+                    block_size=self.block_size,
+                    damp=self.damp,
+                    name=", ".join(t.name for t in group),
+                )
+            except SparseGPTFailure:
+                results = None
+            if results is not None:
+                for t, result in zip(group, results, strict=True):
+                    self._store(t, result)
+                return
+        for t in group:
+            self._sparsegpt(t, stats[t.name]["hessian"], pattern, sparsity)
+
+    def _store(self, t: Target, result: SparseGPTResult) -> None:
+        weight = t.weight()
+        with torch.no_grad():
+            raw_parameter(t.module, t.param_name).copy_(t.from_matrix(result.weight, weight.shape))
+        apply_mask(t.module, t.param_name, t.from_matrix(result.keep, weight.shape))
 
     def _sparsegpt(
         self, t: Target, hessian: torch.Tensor, pattern: Pattern, sparsity: float
@@ -195,9 +235,29 @@ class _Pruner:
             )
             apply_mask(t.module, t.param_name, keeps[t.name])
             return
-        with torch.no_grad():
-            raw_parameter(t.module, t.param_name).copy_(t.from_matrix(result.weight, weight.shape))
-        apply_mask(t.module, t.param_name, t.from_matrix(result.keep, weight.shape))
+        self._store(t, result)
+
+
+def same_hessian(targets: list[Target], stats: dict) -> list[list[Target]]:
+    """``targets`` grouped by equal Hessians (layers that read the same input, such as q / k / v
+    or gate / up), in first-seen order; a layer without one is a group of its own."""
+    groups: list[list[Target]] = []
+    for t in targets:
+        h = stats.get(t.name, {}).get("hessian")
+        for group in groups:
+            other = stats.get(group[0].name, {}).get("hessian")
+            if (
+                h is not None
+                and other is not None
+                and h.shape == other.shape
+                and h.device == other.device
+                and torch.equal(h, other)
+            ):
+                group.append(t)
+                break
+        else:
+            groups.append([t])
+    return groups
 
 
 def oneshot(

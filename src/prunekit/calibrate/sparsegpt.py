@@ -33,13 +33,13 @@ O(out * in^2) for the column sweep, about a tenth of the layer's time on one thr
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from prunekit.scope import count_to_remove
+from prunekit.scope import count_to_remove, lowest_k
 
 
 class SparseGPTFailure(RuntimeError):
@@ -77,7 +77,11 @@ def fixed_threads(device: torch.device, enabled: bool = True) -> Iterator[None]:
 
 
 def inverse_hessian_factor(
-    hessian: torch.Tensor, damp: float, name: str = "layer", deterministic: bool = True
+    hessian: torch.Tensor,
+    damp: float,
+    name: str = "layer",
+    deterministic: bool = True,
+    stacklevel: int = 3,
 ) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damping)^-1, raising the damping until it factorises.
 
@@ -100,19 +104,12 @@ def inverse_hessian_factor(
                 warnings.warn(
                     f"prunekit: SparseGPT raised the damping of {name} from {damp:g} to "
                     f"{fraction:g} to factorise its Hessian",
-                    stacklevel=3,
+                    stacklevel=stacklevel,
                 )
             return factor, fraction
     raise SparseGPTFailure(
         f"the Hessian of {name} does not factorise even with damping {fraction:g}"
     )
-
-
-def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    prune = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        prune[torch.topk(scores.reshape(-1), k, largest=False).indices] = True
-    return prune.reshape(scores.shape)
 
 
 def sparsegpt_prune(
@@ -149,66 +146,182 @@ def sparsegpt_prune(
         >>> int((out.weight == 0).sum())
         64
     """
+    return _prune_stacked(
+        [weight],
+        hessian,
+        sparsity,
+        nm,
+        frozen=None if frozen is None else [frozen],
+        block_size=block_size,
+        damp=damp,
+        name=name,
+        deterministic=deterministic,
+        sub_block=sub_block,
+    )[0]
+
+
+def sparsegpt_prune_shared(
+    weights: Sequence[torch.Tensor],
+    hessian: torch.Tensor,
+    sparsity: float | Sequence[float] = 0.5,
+    nm: tuple[int, int] | None = None,
+    *,
+    frozen: Sequence[torch.Tensor | None] | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    name: str = "layer",
+    deterministic: bool = True,
+    sub_block: int = 16,
+) -> list[SparseGPTResult]:
+    """:func:`sparsegpt_prune` of several layers that read the same input (one Hessian), such
+    as a Llama block's q / k / v projections: their rows are swept together, so the column loop
+    runs once for all of them. Each layer keeps its own count of removed weights (``sparsity``:
+    one value, or one per layer) and its own ``frozen`` mask; every row-mixing step (top-k
+    choice, matrix products) runs per layer on the same shapes as a solve of that layer alone,
+    so the results have the same bits as separate :func:`sparsegpt_prune` calls.
+
+    Example:
+        >>> x = torch.randn(64, 16)
+        >>> q, k = torch.randn(8, 16), torch.randn(4, 16)
+        >>> both = sparsegpt_prune_shared([q, k], 2 * x.T @ x / 64, 0.5)
+        >>> torch.equal(both[1].weight, sparsegpt_prune(k, 2 * x.T @ x / 64, 0.5).weight)
+        True
+    """
+    return _prune_stacked(
+        weights,
+        hessian,
+        sparsity,
+        nm,
+        frozen=frozen,
+        block_size=block_size,
+        damp=damp,
+        name=name,
+        deterministic=deterministic,
+        sub_block=sub_block,
+    )
+
+
+def _prune_stacked(
+    weights: Sequence[torch.Tensor],
+    hessian: torch.Tensor,
+    sparsity: float | Sequence[float],
+    nm: tuple[int, int] | None,
+    *,
+    frozen: Sequence[torch.Tensor | None] | None,
+    block_size: int,
+    damp: float,
+    name: str,
+    deterministic: bool,
+    sub_block: int,
+) -> list[SparseGPTResult]:
+    """The body of both public entry points (one stack depth below either, so that a damping
+    warning names their caller)."""
     with torch.no_grad():  # a with block, not the decorator: mutmut mutates the body
-        W = weight.detach().clone().float()
+        if not weights:
+            raise ValueError(f"{name}: no weights to prune")
+        cols = weights[0].shape[1]
+        if any(w.dim() != 2 or w.shape[1] != cols for w in weights):
+            shapes = [tuple(w.shape) for w in weights]
+            raise ValueError(f"{name}: the weights must be (out, {cols}) matrices, got {shapes}")
+        levels = [sparsity] * len(weights) if isinstance(sparsity, (int, float)) else sparsity
+        if len(levels) != len(weights):
+            raise ValueError(f"{name}: {len(levels)} sparsities for {len(weights)} weights")
+        frozen = [None] * len(weights) if frozen is None else frozen
+        W = torch.cat([w.detach().float() for w in weights]).clone()
         H = hessian.detach().clone().float().to(W.device)
-        rows, cols = W.shape
         if H.shape != (cols, cols):
             raise ValueError(f"{name}: Hessian shape {tuple(H.shape)} does not match {cols} inputs")
-        if nm is not None:
-            block_size = max(nm[1], block_size - block_size % nm[1])
-            sub_block = max(nm[1], sub_block - sub_block % nm[1])  # N:M groups never straddle
-        must_prune = (
-            torch.zeros_like(W, dtype=torch.bool) if frozen is None else frozen.clone().bool()
+        must_prune = torch.cat(
+            [
+                torch.zeros(w.shape, dtype=torch.bool, device=W.device)
+                if f is None
+                else f.to(W.device).bool()
+                for w, f in zip(weights, frozen, strict=True)
+            ]
         )
+        slices, row = [], 0
+        for w, level in zip(weights, levels, strict=True):
+            slices.append((row, row + w.shape[0], count_to_remove(level, w.numel())))
+            row += w.shape[0]
+        W, pruned, used_damp = _sweep(
+            W, H, slices, nm, must_prune, block_size, damp, name, deterministic, sub_block
+        )
+        return [
+            SparseGPTResult(W[r0:r1].to(w.dtype), ~pruned[r0:r1], used_damp)
+            for (r0, r1, _), w in zip(slices, weights, strict=True)
+        ]
 
-        dead = torch.diagonal(H) == 0
-        H[dead, dead] = 1.0
-        W[:, dead] = 0.0
-        must_prune[:, dead] = True  # inputs that never fire: their weights go first
-        factor, used_damp = inverse_hessian_factor(H, damp, name, deterministic)
-        pruned = torch.zeros_like(W, dtype=torch.bool)
-        total = count_to_remove(sparsity, W.numel())
 
-        zero = W.new_zeros(())
-        for start in range(0, cols, block_size):
-            end = min(start + block_size, cols)
-            W1 = W[:, start:end].clone()
-            Err1 = torch.empty_like(W1)
-            F1 = factor[start:end, start:end]
-            d1 = torch.diagonal(F1)
-            frozen1 = must_prune[:, start:end]
-            if nm is None:
+def _sweep(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    slices: list[tuple[int, int, int]],
+    nm: tuple[int, int] | None,
+    must_prune: torch.Tensor,
+    block_size: int,
+    damp: float,
+    name: str,
+    deterministic: bool,
+    sub_block: int,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The column sweep over the stacked rows ``W`` (changed in place): ``slices`` holds each
+    layer's (first row, end row, weights to remove). Returns (W, pruned mask, damping used)."""
+    cols = W.shape[1]
+    if nm is not None:
+        block_size = max(nm[1], block_size - block_size % nm[1])
+        sub_block = max(nm[1], sub_block - sub_block % nm[1])  # N:M groups never straddle
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    must_prune[:, dead] = True  # inputs that never fire: their weights go first
+    # the warning names the caller of sparsegpt_prune[_shared]: 5 frames up from the warn call
+    factor, used_damp = inverse_hessian_factor(H, damp, name, deterministic, stacklevel=5)
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+
+    zero = W.new_zeros(())
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        W1 = W[:, start:end].clone()
+        Err1 = torch.empty_like(W1)
+        F1 = factor[start:end, start:end]
+        d1 = torch.diagonal(F1)
+        frozen1 = must_prune[:, start:end]
+        if nm is None:
+            # frozen entries beyond the block's share go too, compensated like the chosen ones
+            scores = (W1**2 / d1[None, :] ** 2).masked_fill(frozen1, float("-inf"))
+            P1 = torch.empty_like(W1, dtype=torch.bool)
+            for r0, r1, total in slices:  # each layer its own share of the block
                 k = round(total * end / cols) - round(total * start / cols)
-                # frozen entries beyond the block's share go too, compensated like the chosen ones
-                P1 = _lowest((W1**2 / d1[None, :] ** 2).masked_fill(frozen1, float("-inf")), k)
-                P1 |= frozen1
-            else:
-                P1 = torch.zeros_like(W1, dtype=torch.bool)
-            width = end - start
-            for s0 in range(0, width, sub_block):
-                s1 = min(s0 + sub_block, width)
-                for i in range(s0, s1):
-                    if nm is not None and i % nm[1] == 0:
-                        n, m = nm
-                        group = (W1[:, i : i + m] ** 2 / d1[None, i : i + m] ** 2).masked_fill(
-                            frozen1[:, i : i + m], float("-inf")
-                        )
-                        drop = torch.topk(group, m - n, dim=1, largest=False).indices
-                        P1[:, i : i + m].scatter_(1, drop, True)
-                        P1[:, i : i + m] |= frozen1[:, i : i + m]
-                    # the pruned entries' error (w - q) / [H^-1]_ii, spread over the later columns
-                    # of the sub-block; column i itself keeps w, so Q1 is read off W1 at the end
-                    err = torch.where(P1[:, i], W1[:, i], zero) / F1[i, i]
-                    Err1[:, i] = err
-                    W1[:, i + 1 : s1] -= torch.outer(err, F1[i, i + 1 : s1])
-                if s1 < width:  # the sub-block's errors reach the rest of the block at once
-                    W1[:, s1:] -= Err1[:, s0:s1] @ F1[s0:s1, s1:]
-            W[:, start:end] = W1.masked_fill(P1, 0.0)
-            pruned[:, start:end] = P1 | frozen1
-            W[:, end:] -= Err1 @ factor[start:end, end:]
+                P1[r0:r1] = lowest_k(scores[r0:r1], k)
+            P1 |= frozen1
+        else:
+            P1 = torch.zeros_like(W1, dtype=torch.bool)
+        width = end - start
+        for s0 in range(0, width, sub_block):
+            s1 = min(s0 + sub_block, width)
+            for i in range(s0, s1):
+                if nm is not None and i % nm[1] == 0:
+                    n, m = nm
+                    group = (W1[:, i : i + m] ** 2 / d1[None, i : i + m] ** 2).masked_fill(
+                        frozen1[:, i : i + m], float("-inf")
+                    )
+                    drop = torch.topk(group, m - n, dim=1, largest=False).indices
+                    P1[:, i : i + m].scatter_(1, drop, True)
+                    P1[:, i : i + m] |= frozen1[:, i : i + m]
+                # the pruned entries' error (w - q) / [H^-1]_ii, spread over the later columns
+                # of the sub-block; column i itself keeps w, so Q1 is read off W1 at the end
+                err = torch.where(P1[:, i], W1[:, i], zero) / F1[i, i]
+                Err1[:, i] = err
+                W1[:, i + 1 : s1] -= torch.outer(err, F1[i, i + 1 : s1])
+            if s1 < width:  # the sub-block's errors reach the rest of the block at once
+                for r0, r1, _ in slices:  # per layer: the products of a layer solved alone
+                    W1[r0:r1, s1:] -= Err1[r0:r1, s0:s1] @ F1[s0:s1, s1:]
+        W[:, start:end] = W1.masked_fill(P1, 0.0)
+        pruned[:, start:end] = P1 | frozen1
+        for r0, r1, _ in slices:
+            W[r0:r1, end:] -= Err1[r0:r1] @ factor[start:end, end:]
 
-        W[pruned] = 0.0
-        if not torch.isfinite(W).all():
-            raise SparseGPTFailure(f"{name}: the SparseGPT update produced non-finite weights")
-        return SparseGPTResult(W.to(weight.dtype), ~pruned, used_damp)
+    W[pruned] = 0.0
+    if not torch.isfinite(W).all():
+        raise SparseGPTFailure(f"{name}: the SparseGPT update produced non-finite weights")
+    return W, pruned, used_damp

@@ -62,9 +62,8 @@ def sample_products(samples: torch.Tensor, block: int = HESSIAN_BLOCK) -> torch.
     for start in range(0, width, block):
         end = min(start + block, width)
         products = torch.bmm(samples[:, :, start:end].transpose(1, 2), samples[:, :, start:])
-        upper = total[start:end, start:]
-        for one in products:  # float32 products added one by one into the float64 sum
-            upper.add_(one)
+        # each float32 product converted and summed in float64 (exact, so in any order)
+        total[start:end, start:] = products.sum(0, dtype=torch.float64)
     return total
 
 
