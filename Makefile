@@ -28,7 +28,12 @@ test: lint
 # they ran on to benchmarks/results/latest.md. BENCH=quick: the quick ones only (about a minute);
 # BENCH="name ...": those (tools/run_benchmarks.py --help lists them).
 BENCH ?= all
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.prunekit-bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,hf,demo,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) tools/run_benchmarks.py --only $(BENCH)
 
 # Mutation testing (not CI): mutmut changes the code of the modules in [tool.mutmut] of
