@@ -44,6 +44,11 @@ Measured 2026-12-03 (1 thread, a shared 2-core machine; dense 5.263, 2 x 100 bat
 
     .venv/bin/python benchmarks/llm_finetune_defaults.py [--sparsity 0.5 0.7] [--epochs 2] [--threads 1]
     .venv/bin/python benchmarks/llm_finetune_defaults.py --rows gradual --threads 1 [--seed 1]
+    .venv/bin/python benchmarks/llm_finetune_defaults.py --seed 0 1 --threads 1   # documented
+
+``--seed`` takes several seeds (every selected row runs once per seed). The documented run,
+default settings with ``--seed 0 1 --threads 1`` (``make bench BENCH=llm_finetune_defaults``),
+also prints docs/training.md's ``training-finetune-llm`` block.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ import time
 from collections.abc import Sequence
 
 import torch
+from figures import figure, md_table
 from llm_oneshot import SEQ_LEN, load_text, trained_model
 
 import prunekit
@@ -152,9 +158,10 @@ def zero_fraction(model) -> float:
 GRADUAL_ROWS = ("gradual default", "gradual old defaults", "gradual plain loop")
 
 
-def compare_gradual(dense, data, val_ids, sparsity: float, args: argparse.Namespace) -> int:
-    """The gradual rows (from the dense model) at one final sparsity; prints them and returns
-    the number of failed verdicts."""
+def compare_gradual(dense, data, val_ids, sparsity: float, args: argparse.Namespace,
+                    found: list[dict]) -> int:  # fmt: skip
+    """The gradual rows (from the dense model) at one final sparsity; prints them, appends them
+    to ``found`` and returns the number of failed verdicts."""
     rows = []
     for name in GRADUAL_ROWS:
         torch.manual_seed(args.seed)
@@ -172,6 +179,8 @@ def compare_gradual(dense, data, val_ids, sparsity: float, args: argparse.Namesp
         seconds = time.perf_counter() - start
         ppl = perplexity(model.eval(), val_ids, SEQ_LEN, batch_size=32)
         rows.append((name, ppl))
+        found.append({"rows": "gradual", "sparsity": sparsity, "seed": args.seed, "name": name,
+                      "perplexity": ppl, "lr": lr})  # fmt: skip
         lr_text = f", lr {lr:.2e}" if lr else ""
         print(f"{name:20s}: perplexity {ppl:.3f} (sparsity {zero_fraction(model):.1%}, "
               f"{seconds:.0f} s{lr_text})", flush=True)  # fmt: skip
@@ -188,16 +197,19 @@ def compare_gradual(dense, data, val_ids, sparsity: float, args: argparse.Namesp
     return fails
 
 
-def compare(dense, data, val_ids, sparsity: float, args: argparse.Namespace) -> int:
-    """The three rows at one sparsity; prints them and returns the number of failed verdicts."""
+def compare(dense, data, val_ids, sparsity: float, args: argparse.Namespace,
+            found: list[dict]) -> int:  # fmt: skip
+    """The three rows at one sparsity; prints them, appends them to ``found`` and returns the
+    number of failed verdicts."""
     rows = []
     for name in ("default", "old defaults", "plain loop"):
         torch.manual_seed(args.seed)
         pruned = prunekit.prune(dense, sparsity).model
         if not rows:
-            print(
-                f"one-shot {sparsity:.0%}: {perplexity(pruned, val_ids, SEQ_LEN, batch_size=32):.3f}"
-            )
+            oneshot_ppl = perplexity(pruned, val_ids, SEQ_LEN, batch_size=32)
+            print(f"one-shot {sparsity:.0%}: {oneshot_ppl:.3f}")
+            found.append({"rows": "oneshot", "sparsity": sparsity, "seed": args.seed,
+                          "name": "no recovery", "perplexity": oneshot_ppl, "lr": None})  # fmt: skip
         start = time.perf_counter()
         lr = None
         if name == "default":
@@ -214,6 +226,8 @@ def compare(dense, data, val_ids, sparsity: float, args: argparse.Namespace) -> 
         seconds = time.perf_counter() - start
         ppl = perplexity(model, val_ids, SEQ_LEN, batch_size=32)
         rows.append((name, ppl, lr, seconds))
+        found.append({"rows": "oneshot", "sparsity": sparsity, "seed": args.seed, "name": name,
+                      "perplexity": ppl, "lr": lr})  # fmt: skip
         lr_text = f", lr {lr:.2e}" if lr else ""
         print(f"{name:12s}: perplexity {ppl:.3f} ({seconds:.0f} s{lr_text})", flush=True)
     default = rows[0][1]
@@ -228,7 +242,47 @@ def compare(dense, data, val_ids, sparsity: float, args: argparse.Namespace) -> 
     return fails
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+FIGURE_HEAD = ("recovery", "sparsity", "no recovery", "default", "old defaults", "plain loop")
+DOCUMENTED = {"sparsity": [0.5, 0.7], "epochs": 2, "batches": 100, "batch_size": 16,
+              "steps": 600, "threads": 1, "seed": [0, 1], "rows": "all",
+              "gradual_sparsity": [0.7]}  # fmt: skip
+
+
+def doc_figure(found: list[dict], dense_ppl: float, args: argparse.Namespace) -> str:
+    """docs/training.md's ``training-finetune-llm`` block: validation perplexity of each row,
+    one line per set (one-shot at each sparsity, gradual at each final sparsity), the seeds'
+    values side by side (``seed 0 / seed 1``)."""
+    sets: dict[tuple[str, float], dict[str, dict[int, float]]] = {}
+    for r in found:  # a gradual row's column is its name without "gradual "
+        cells = sets.setdefault((r["rows"], r["sparsity"]), {})
+        cells.setdefault(r["name"].removeprefix("gradual "), {})[r["seed"]] = r["perplexity"]
+    body = []
+    for (kind, sparsity), cells in sorted(
+        sets.items(), key=lambda kv: (kv[0][0] != "oneshot", kv[0][1])
+    ):
+        label = "one-shot magnitude" if kind == "oneshot" else "gradual magnitude (`GradualPruner`)"
+        line = [label, f"{sparsity:.0%}".replace("%", " %")]
+        for col in FIGURE_HEAD[2:]:
+            by_seed = cells.get(col)
+            if not by_seed:
+                line.append("-")
+            elif col == "no recovery":
+                line.append(f"{next(iter(by_seed.values())):.3f}")  # the same for every seed
+            else:
+                line.append(" / ".join(f"{by_seed[k]:.3f}" for k in sorted(by_seed)))
+        body.append(line)
+    seeds = " / ".join(str(k) for k in sorted({r["seed"] for r in found}))
+    note = (
+        f"Character Llama, validation perplexity (dense {dense_ppl:.3f}); {args.epochs} epochs x "
+        f"{args.batches} batches of {args.batch_size} x {SEQ_LEN} characters with the dense model "
+        f"as teacher; seeds {seeds} (data windows and order). Old defaults: AdamW 1e-4, no "
+        "schedule, T=2 (gradual: T=2 and the decay starting after the warm-up); plain loop: "
+        "AdamW 1e-4, CE + KL at T=1 (gradual: the same `GradualPruner` stepped by hand)."
+    )
+    return figure("training-finetune-llm", md_table(FIGURE_HEAD, body) + "\n\n" + note)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7])
     parser.add_argument("--epochs", type=int, default=2)
@@ -236,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=600, help="training steps of the dense model")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, nargs="+", default=[0], help="one run per seed")
     parser.add_argument(
         "--rows", choices=("all", "oneshot", "gradual"), default="all",
         help="one-shot rows, gradual rows, or both",
@@ -245,20 +299,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--gradual-sparsity", type=float, nargs="+", default=[0.7],
         help="final sparsities of the gradual rows",
     )  # fmt: skip
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     train_ids, val_ids, chars = load_text()
     dense = trained_model(train_ids, len(chars), args.steps).eval()
-    data = windows(train_ids, args.batches, args.batch_size, args.seed)
     dense_ppl = perplexity(dense, val_ids, SEQ_LEN, batch_size=32)
     print(f"dense validation perplexity: {dense_ppl:.3f}", flush=True)
-    fails = 0
-    if args.rows in ("all", "oneshot"):
-        for sparsity in args.sparsity:
-            fails += compare(dense, data, val_ids, sparsity, args)
-    if args.rows in ("all", "gradual"):
-        for sparsity in args.gradual_sparsity:
-            fails += compare_gradual(dense, data, val_ids, sparsity, args)
+    fails, found = 0, []
+    for seed in args.seed:
+        one = argparse.Namespace(**{**vars(args), "seed": seed})
+        data = windows(train_ids, args.batches, args.batch_size, seed)
+        if len(args.seed) > 1:
+            print(f"== seed {seed}", flush=True)
+        if args.rows in ("all", "oneshot"):
+            for sparsity in args.sparsity:
+                fails += compare(dense, data, val_ids, sparsity, one, found)
+        if args.rows in ("all", "gradual"):
+            for sparsity in args.gradual_sparsity:
+                fails += compare_gradual(dense, data, val_ids, sparsity, one, found)
+    if {k: getattr(args, k) for k in DOCUMENTED} == DOCUMENTED:  # the documented run only
+        doc_figure(found, dense_ppl, args)
     return 1 if fails else 0
 
 

@@ -1,0 +1,104 @@
+"""The benchmarks' ``doc_figure`` functions print blocks that fit the docs' tables.
+
+Each is called with small made-up results (no benchmark runs): the printed block must parse
+with ``benchmarks/figures.py``'s ``blocks()``, carry the id that the docs hold, and have the
+header columns of the table that is in the docs now, so that ``make bench`` replaces a table
+with one of the same layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+figures = pytest.importorskip("figures")
+
+
+def header(table: str) -> list[str]:
+    """The header cells of the Markdown table a block starts with."""
+    return [c.strip() for c in table.strip().splitlines()[0].strip("|").split("|")]
+
+
+def doc_block(path: str, fig_id: str) -> str:
+    held = figures.blocks((ROOT / path).read_text())
+    assert fig_id in held, f"{path} holds no block {fig_id!r}"
+    return held[fig_id]
+
+
+def printed_block(capsys, fig_id: str) -> str:
+    held = figures.blocks(capsys.readouterr().out)
+    assert list(held) == [fig_id]
+    return held[fig_id]
+
+
+def test_mnist_finetune_defaults_figure(capsys):
+    bench = pytest.importorskip("mnist_finetune_defaults")
+    rows = [
+        {"method": m, "sparsity": s, "seed": k, "head_pruned": False,
+         "accuracy": 0.99 + k / 1000 + (m == "gradual") / 500}
+        for m in bench.ROWS for s in bench.SPARSITIES for k in (0, 1, 2)
+    ]  # fmt: skip
+    # a head-pruned row (--include-head) stays out of the table
+    rows.append({"method": "default", "sparsity": 0.98, "seed": 0, "head_pruned": True,
+                 "accuracy": 0.5})  # fmt: skip
+    assert bench.documented(bench.parse_args([]), rows)
+    assert not bench.documented(bench.parse_args(["--seeds", "0"]), rows)
+    assert not bench.documented(bench.parse_args([]), rows[3:])  # a row missing
+    bench.doc_figure(rows, 0.9944, 8)
+    block = printed_block(capsys, "training-finetune-mnist")
+    assert header(block) == header(doc_block("docs/training.md", "training-finetune-mnist"))
+    lines = block.splitlines()
+    assert lines[2].startswith("| 98 % | 99.10 (99.00 / 99.10 / 99.20) |")
+    assert "| +0.00 | 99.30 (99.20 / 99.30 / 99.40) |" in lines[2]
+    assert lines[3].endswith("| +0.20 |")  # gradual - gradual plain loop, paired by seed
+    assert "dense 99.44" in block
+
+
+def test_llm_finetune_defaults_figure(capsys):
+    bench = pytest.importorskip("llm_finetune_defaults")
+    found = []
+    for seed in (0, 1):
+        for sparsity in (0.5, 0.7):
+            found.append({"rows": "oneshot", "sparsity": sparsity, "seed": seed,
+                          "name": "no recovery", "perplexity": 6.777, "lr": None})  # fmt: skip
+            for name, ppl in (("default", 5.25), ("old defaults", 5.35), ("plain loop", 5.36)):
+                found.append({"rows": "oneshot", "sparsity": sparsity, "seed": seed,
+                              "name": name, "perplexity": ppl + seed / 100, "lr": 1e-3})  # fmt: skip
+        for name, ppl in zip(bench.GRADUAL_ROWS, (5.22, 5.25, 5.33), strict=True):
+            found.append({"rows": "gradual", "sparsity": 0.7, "seed": seed, "name": name,
+                          "perplexity": ppl + seed / 100, "lr": 1e-3})  # fmt: skip
+    args = argparse.Namespace(epochs=2, batches=100, batch_size=16)
+    bench.doc_figure(found, 5.263, args)
+    block = printed_block(capsys, "training-finetune-llm")
+    assert header(block) == header(doc_block("docs/training.md", "training-finetune-llm"))
+    lines = block.splitlines()
+    assert (
+        lines[2]
+        == "| one-shot magnitude | 50 % | 6.777 | 5.250 / 5.260 | 5.350 / 5.360 | 5.360 / 5.370 |"
+    )
+    assert lines[4].startswith("| gradual magnitude (`GradualPruner`) | 70 % | - | 5.220 / 5.230 |")
+    assert "dense 5.263" in block and "seeds 0 / 1" in block
+
+
+def test_llm_finetune_defaults_documented_run_matches_make_bench():
+    """The arguments ``make bench`` passes are the documented run's (the block is printed)."""
+    bench = pytest.importorskip("llm_finetune_defaults")
+    runner = sys.modules.get("run_benchmarks")
+    if runner is None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "run_benchmarks", ROOT / "tools" / "run_benchmarks.py"
+        )
+        runner = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(runner)
+    entry = next(b for b in runner.BENCHMARKS if b.name == "llm_finetune_defaults")
+    assert entry.figures == ("training-finetune-llm",)
+    parsed = bench.parse_args(list(entry.args[1:]))
+    assert {k: getattr(parsed, k) for k in bench.DOCUMENTED} == bench.DOCUMENTED
