@@ -45,6 +45,32 @@ HESSIAN_BLOCK = 96
 narrow enough that about half the products are skipped, wide enough for fast matrix products."""
 
 
+Products = list[tuple[int, torch.Tensor]]
+"""The blocks on and above the diagonal of a float64 x^T x sum: (first column of the block,
+its rows ``[start, start + b)`` x columns ``[start, width)``)."""
+
+
+def upper_products(samples: torch.Tensor, block: int = HESSIAN_BLOCK) -> Products:
+    """The float64 sum over ``samples`` (samples, rows, in) of each sample's float32 ``x^T x``,
+    as its column blocks of ``block`` on and above the diagonal (:data:`Products`); the blocks
+    below are never computed (:func:`mirror_lower_` fills them in a whole sum)."""
+    width = samples.shape[-1]
+    blocks = []
+    for start in range(0, width, block):
+        end = min(start + block, width)
+        products = torch.bmm(samples[:, :, start:end].transpose(1, 2), samples[:, :, start:])
+        # each float32 product converted and summed in float64 (exact, so in any order)
+        blocks.append((start, products.sum(0, dtype=torch.float64)))
+    return blocks
+
+
+def add_products_(total: torch.Tensor, blocks: Products) -> torch.Tensor:
+    """Add :func:`upper_products` blocks into a float64 (in x in) sum, in place."""
+    for start, part in blocks:
+        total[start : start + part.shape[0], start:].add_(part)
+    return total
+
+
 def sample_products(samples: torch.Tensor, block: int = HESSIAN_BLOCK) -> torch.Tensor:
     """The float64 sum over ``samples`` (samples, rows, in) of each sample's float32 ``x^T x``,
     computed in column blocks of ``block``: only the blocks on and above the diagonal; those
@@ -59,12 +85,7 @@ def sample_products(samples: torch.Tensor, block: int = HESSIAN_BLOCK) -> torch.
     """
     width = samples.shape[-1]
     total = torch.zeros(width, width, dtype=torch.float64, device=samples.device)
-    for start in range(0, width, block):
-        end = min(start + block, width)
-        products = torch.bmm(samples[:, :, start:end].transpose(1, 2), samples[:, :, start:])
-        # each float32 product converted and summed in float64 (exact, so in any order)
-        total[start:end, start:] = products.sum(0, dtype=torch.float64)
-    return total
+    return add_products_(total, upper_products(samples, block))
 
 
 def mirror_lower_(total: torch.Tensor, block: int = HESSIAN_BLOCK) -> torch.Tensor:
@@ -179,16 +200,18 @@ class InputStats:
             if "hessian" in self.need:
                 total = self.hessian_sums.get(target.name)
                 if total is None:
-                    self.hessian_sums[target.name] = product.clone()
-                else:
-                    total.add_(product)
+                    width = product[0][1].shape[1] if product else 0  # the first block: all columns
+                    total = x.new_zeros((width, width), dtype=torch.float64)
+                    self.hessian_sums[target.name] = total
+                add_products_(total, product)
             self.rows[target.name] += rows
 
         return record
 
-    def _measure(self, target: Target, x: torch.Tensor) -> tuple[int, list, torch.Tensor | None]:
-        """(rows, per-sample sums of squares, float64 sum of the per-sample x^T x) of one
-        call's input ``x``, which holds the samples of :func:`samples_in_call` (or one)."""
+    def _measure(self, target: Target, x: torch.Tensor) -> tuple[int, list, Products | None]:
+        """(rows, per-sample sums of squares, float64 sum of the per-sample x^T x as
+        :func:`upper_products` blocks) of one call's input ``x``, which holds the samples of
+        :func:`samples_in_call` (or one)."""
         sizes = _SAMPLES.get()
         if sizes is None or len(sizes) < 2 or sum(sizes) != x.shape[0]:
             sizes = (x.shape[0],)
@@ -202,17 +225,21 @@ class InputStats:
                 return self._measure_each(parts)
         rows = samples.shape[0] * samples.shape[1]
         squares = list(samples.pow(2).sum(1)) if "norm" in self.need else []
-        product = sample_products(samples) if "hessian" in self.need else None
+        product = upper_products(samples) if "hessian" in self.need else None
         return rows, squares, product
 
-    def _measure_each(self, parts: list[torch.Tensor]) -> tuple[int, list, torch.Tensor | None]:
+    def _measure_each(self, parts: list[torch.Tensor]) -> tuple[int, list, Products | None]:
         rows = sum(p.shape[0] for p in parts)
         squares = [p.pow(2).sum(0) for p in parts] if "norm" in self.need else []
         product = None
         if "hessian" in self.need:
             for p in parts:  # each sample's product, added into the float64 sum
-                one = sample_products(p[None])
-                product = one if product is None else product.add_(one)
+                one = upper_products(p[None])
+                if product is None:
+                    product = one
+                else:
+                    for (_, mine), (_, theirs) in zip(product, one, strict=True):
+                        mine.add_(theirs)
         return rows, squares, product
 
     def __enter__(self) -> InputStats:
