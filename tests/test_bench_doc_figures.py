@@ -102,3 +102,42 @@ def test_llm_finetune_defaults_documented_run_matches_make_bench():
     assert entry.figures == ("training-finetune-llm",)
     parsed = bench.parse_args(list(entry.args[1:]))
     assert {k: getattr(parsed, k) for k in bench.DOCUMENTED} == bench.DOCUMENTED
+
+
+def test_cli_chain_figure(capsys):
+    bench = pytest.importorskip("cli_chain")
+    reports = {
+        "structured": {
+            "settings": {"ratio": 0.45805, "round_to": 16, "uniform": True},
+            "groups": [{"kind": "channel", "units": 1536, "kept": 832}] * 6,
+            "params_before": 22713216, "params_after": 19464960, "params_ratio": 0.857,
+            "macs_before": 171196416, "macs_after": 119291904, "macs_ratio": 0.697,
+            "plain_loadable": True,
+        },
+        "Wanda 50 %": {"sparsity": 0.5, "settings": {"calibration": "32 x 256 tokens"},
+                       "plain_loadable": True},
+        "int8": {"settings": {"bits": 8, "granularity": "per_channel", "symmetric": True}},
+        "quality": {"measures": [
+            {"measure": "sts_spearman", "model": 81.2472, "reference": 86.7163, "ratio": 0.9369},
+            {"measure": "fidelity", "model": 0.5418, "reference": None, "ratio": None},
+            {"measure": "params", "model": 19464960.0, "reference": 22713216.0, "ratio": 0.857},
+            {"measure": "sparsity", "model": 0.4903, "reference": 0.0, "ratio": None},
+        ]},
+        "ONNX": {"max_abs_diff": 2.62e-6, "atol": 1e-4},
+    }  # fmt: skip
+    assert [step for step, _ in bench.CHAIN] == list(reports)
+    steps = [
+        {"step": step, "shown": f"prunekit {' '.join(argv)}",
+         "result": bench.summary(step, reports[step], 78_000_000), "wall": 224.0, "cpu": 68.0}
+        for step, argv in bench.CHAIN
+    ]  # fmt: skip
+    bench.doc_figure(steps)
+    block = printed_block(capsys, "cli-chain")
+    doc = doc_block("docs/cli.md", "cli-chain")
+    assert header(block) == header(doc)
+    rows = block.splitlines()[2:7]
+    assert [r.split(" | ")[0] for r in rows] == [r.split(" | ")[0] for r in doc.splitlines()[2:7]]
+    assert "MLP width 1536 -> 832 in every layer" in rows[0] and "(69.7 %)" in rows[0]
+    assert "Spearman 81.2472, dense 86.7163 (0.9369 of dense)" in rows[3]
+    assert "max abs diff 2.62e-06 (tolerance 0.0001), 78 MB" in rows[4]
+    assert rows[1].endswith("| 3 min 44 s (1 min 8 s) |")

@@ -101,6 +101,8 @@ BENCHMARKS = [
     Bench("mnist_train_time", ("benchmarks/mnist_train_time.py",), "docs/training.md"),
     Bench("digits_train_time", ("benchmarks/digits_train_time.py",), "docs/training.md"),
     Bench("minilm_distill_train", ("benchmarks/minilm_distill_train.py",), "docs/training.md"),
+    Bench("cli_chain", ("benchmarks/cli_chain.py",), "docs/cli.md command chain on MiniLM",
+          figures=("cli-chain",)),
     Bench("distributed_oneshot", ("benchmarks/distributed_oneshot.py",), "docs/distributed.md",
           figures=("distributed-oneshot",)),
     Bench("streaming_oneshot", ("benchmarks/streaming_oneshot.py", "--hidden", "1024",
