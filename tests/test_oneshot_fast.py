@@ -414,3 +414,39 @@ def test_magnitude_oneshot_runs_no_block_forward() -> None:
         assert w[~keep].abs().max() == 0
         dense = original.fc.weight.abs()
         assert dense[keep].min() >= dense[~keep].max()
+
+
+def test_input_groups_and_owners_keep_layers_with_one_input_on_one_rank() -> None:
+    """InputStats names the layers that read one tensor in every call; sparsegpt_owners gives
+    each such group to one rank (costed as its stacked rows), every other layer on its own."""
+    from prunekit.distributed.solve import assign, sparsegpt_cost, sparsegpt_owners
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 4), nn.Linear(6, 3), nn.Linear(4, 2)
+            self.sometimes = nn.Linear(6, 5)
+
+        def forward(self, x: torch.Tensor, split: bool = False) -> torch.Tensor:
+            h = self.a(x) + self.b(x).sum(-1, keepdim=True)
+            # `sometimes` reads x in the first call and a copy of it in the second
+            s = self.sometimes(x.clone() if split else x).sum(-1, keepdim=True)
+            return self.c(h) + s
+
+    net = Shared()
+    targets = [Target(n, m, "weight") for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad(), InputStats(targets, {"hessian"}) as collected:
+        net(torch.randn(3, 6))
+        net(torch.randn(3, 6), split=True)
+    assert collected.input_groups() == [
+        ["a.weight", "b.weight"],
+        ["c.weight"],
+        ["sometimes.weight"],
+    ]
+    owners = sparsegpt_owners(targets, collected.input_groups(), world=2)
+    assert owners["a.weight"] == owners["b.weight"]
+    jobs = [sparsegpt_cost(7, 6), sparsegpt_cost(2, 4), sparsegpt_cost(5, 6)]
+    expected = assign(jobs, world=2)
+    assert [owners["a.weight"], owners["c.weight"], owners["sometimes.weight"]] == expected
+    alone = sparsegpt_owners(targets, world=2)
+    assert list(alone.values()) == assign([sparsegpt_cost(*t.weight().shape) for t in targets], 2)

@@ -550,7 +550,7 @@ def _reduced(collected: InputStats, targets: list[Target], pruner: _Pruner | Non
         return collected.stats
     owners = None
     if pruner is not None and pruner.method == "sparsegpt" and "hessian" in collected.need:
-        owners = sparsegpt_owners(targets)
+        owners = sparsegpt_owners(targets, collected.input_groups())
         pruner.owners.update(owners)
     return reduce_collected(collected, targets, owners)
 

@@ -179,7 +179,9 @@ class InputStats:
         # the whole matrix once the context has closed
         self.hessian_sums: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
-        self._memo: tuple | None = None  # (input tensor, kind, measured): shared by its readers
+        self._memo: tuple | None = None  # (input tensor, kind, measured, first reader)
+        # each target's first reader of its input in every call so far (itself when not shared)
+        self._leader: dict[str, str] = {}
 
     def _hook(self, target: Target):
         def record(module: nn.Module, inputs: tuple) -> None:
@@ -188,8 +190,10 @@ class InputStats:
             memo = self._memo
             if memo is None or memo[0] is not x or memo[1] != key or key[1] == "conv":
                 # a new input tensor (or a convolution, whose unfolding is per layer)
-                memo = (x, key, self._measure(target, x.detach()))
+                memo = (x, key, self._measure(target, x.detach()), target.name)
                 self._memo = memo
+            if self._leader.setdefault(target.name, memo[3]) != memo[3]:
+                self._leader[target.name] = target.name  # shared in some calls only: its own
             rows, squares, product = memo[2]
             entry = self.stats[target.name]
             if "norm" in self.need:
@@ -241,6 +245,24 @@ class InputStats:
                     for (_, mine), (_, theirs) in zip(product, one, strict=True):
                         mine.add_(theirs)
         return rows, squares, product
+
+    def input_groups(self) -> list[list[str]]:
+        """Names of the targets that read one input tensor in every call (a Llama block's
+        q / k / v, gate / up), in target order; a target whose input is its own is alone.
+
+        Example:
+            >>> with InputStats(targets, need={"hessian"}) as collected:  # doctest: +SKIP
+            ...     block(x)
+            >>> collected.input_groups()                                 # doctest: +SKIP
+            [['q_proj.weight', 'k_proj.weight', 'v_proj.weight'], ['o_proj.weight'], ...]
+        """
+        groups: dict[str, list[str]] = {}
+        for t in self.targets:
+            leader = self._leader.get(t.name, t.name)
+            if self._leader.get(leader, leader) != leader:  # its leader joined another group
+                leader = t.name
+            groups.setdefault(leader, []).append(t.name)
+        return list(groups.values())
 
     def __enter__(self) -> InputStats:
         for t in self.targets:

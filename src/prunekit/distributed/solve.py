@@ -48,13 +48,23 @@ def assign(costs: Sequence[float], world: int | None = None) -> list[int]:
     return owners
 
 
-def sparsegpt_owners(targets: Sequence[Target]) -> dict[str, int]:
-    """``{layer name: rank}`` for SparseGPT solves of ``targets`` (one block's layers)."""
-    costs = []
-    for t in targets:
-        rows, cols = t.as_matrix(t.weight()).shape
-        costs.append(sparsegpt_cost(rows, cols))
-    return {t.name: r for t, r in zip(targets, assign(costs), strict=True)}
+def sparsegpt_owners(
+    targets: Sequence[Target],
+    groups: Sequence[Sequence[str]] | None = None,
+    world: int | None = None,
+) -> dict[str, int]:
+    """``{layer name: rank}`` for SparseGPT solves of ``targets`` (one block's layers).
+
+    ``groups``: names of layers that read one input (``InputStats.input_groups``); each group
+    goes to one rank, which sweeps its layers together (one factorisation, the cost of the
+    stacked rows). Without it every layer is a job of its own."""
+    shapes = {t.name: t.as_matrix(t.weight()).shape for t in targets}
+    jobs = [list(g) for g in groups] if groups is not None else [[n] for n in shapes]
+    missing = set(shapes) - {n for job in jobs for n in job}
+    jobs = [[n for n in job if n in shapes] for job in jobs] + [[n] for n in shapes if n in missing]
+    jobs = [job for job in jobs if job]
+    costs = [sparsegpt_cost(sum(shapes[n][0] for n in job), shapes[job[0]][1]) for job in jobs]
+    return {n: r for job, r in zip(jobs, assign(costs, world), strict=True) for n in job}
 
 
 def share_result(target: Target, owner: int, note: str | None) -> str | None:
