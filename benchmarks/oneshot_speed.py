@@ -52,6 +52,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from figures import figure, md_table  # noqa: E402
 
 CONFIGS = [("50%", 0.5, "unstructured"), ("70%", 0.7, "unstructured"), ("2:4", None, "2:4")]
 SEQ_LEN = 128
@@ -270,6 +271,8 @@ def compare(args: argparse.Namespace) -> dict:
         ]
         for name, ok in verdicts:
             print(f"  {'PASS' if ok else 'MISS'}  {name}")
+        if args.methods == ["sparsegpt", "wanda"] and args.repeat >= 3 and args.threads == 1:
+            doc_figure(rows, args.threads, args.repeat)  # the documented run
     return {
         "machine": machine(),
         "dense_ppl": dense_ppl,
@@ -278,6 +281,43 @@ def compare(args: argparse.Namespace) -> dict:
         "checks": dict(verdicts),
         "llmc_skipped": missing,
     }
+
+
+def doc_figure(rows: list[dict], threads: int, repeat: int) -> str:
+    """README's ``oneshot-speed`` block: per method and pattern, both libraries' wall time and
+    perplexity on the character Llama."""
+    head = ["method", "sparsity", "prunekit s", "llm-compressor s", "time / llm-compressor's",
+            "perplexity: prunekit / llm-compressor"]  # fmt: skip
+    cells = [
+        [r["method"], r["config"], f"{r['prunekit_s']:.2f}", f"{r['llmc_s']:.2f}",
+         f"**{r['time_ratio']:.2f}**", f"{r['prunekit_ppl']:.4f} / {r['llmc_ppl']:.4f}"]
+        for r in rows
+    ]  # fmt: skip
+    version = rows[0].get("llmc_version", "?")
+    return figure(
+        "oneshot-speed",
+        md_table(head, cells) + f"\n\nCharacter Llama (2.9 M parameters), 128 x {SEQ_LEN} "
+        f"calibration tokens, {threads} thread(s); the fastest of {repeat} alternating runs of "
+        f"each; llm-compressor {version} with its defaults (sequential pipeline, one sample per "
+        "forward) in its own virtualenv; perplexity on the held-out 10 % of the text.",
+    )
+
+
+def large_figure(rows: list[dict], samples: int, threads: int) -> str:
+    """README's ``oneshot-speed-large`` block: seconds per block and peak memory growth on the
+    random Llama (hidden 1024, 8 blocks)."""
+    head = ["method (50 %)", "wall s", "s per block", "peak memory growth MiB"]
+    cells = [
+        [r["method"], f"{r['wall_time_s']:.1f}", f"{r['s_per_block']:.2f}",
+         f"{r['peak_memory_mb']:.0f}"]
+        for r in rows
+    ]  # fmt: skip
+    return figure(
+        "oneshot-speed-large",
+        md_table(head, cells) + f"\n\nRandom Llama: hidden 1024, intermediate 2816, 8 blocks, "
+        f"16 / 8 heads; {samples} x {SEQ_LEN} random tokens; {threads} thread(s), one fresh "
+        "process per method.",
+    )
 
 
 def _line(row: dict) -> str:
@@ -372,6 +412,8 @@ def random_llama(args: argparse.Namespace) -> dict:
             f"s per block, peak memory growth {row['peak_memory_mb']:.0f} MiB",
             flush=True,
         )
+    if args.src is None and args.methods == ["sparsegpt", "wanda"] and args.samples == 128:
+        large_figure(rows, args.samples, args.threads)  # the documented run
     return {"machine": machine(), "rows": rows, "samples": args.samples}
 
 

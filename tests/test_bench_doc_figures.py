@@ -97,6 +97,7 @@ def test_llm_finetune_defaults_documented_run_matches_make_bench():
             "run_benchmarks", ROOT / "tools" / "run_benchmarks.py"
         )
         runner = importlib.util.module_from_spec(spec)
+        sys.modules["run_benchmarks"] = runner  # dataclasses look their module up there
         spec.loader.exec_module(runner)
     entry = next(b for b in runner.BENCHMARKS if b.name == "llm_finetune_defaults")
     assert entry.figures == ("training-finetune-llm",)
@@ -141,3 +142,24 @@ def test_cli_chain_figure(capsys):
     assert "Spearman 81.2472, dense 86.7163 (0.9369 of dense)" in rows[3]
     assert "max abs diff 2.62e-06 (tolerance 0.0001), 78 MB" in rows[4]
     assert rows[1].endswith("| 3 min 44 s (1 min 8 s) |")
+
+
+def test_oneshot_speed_figures(capsys):
+    bench = pytest.importorskip("oneshot_speed")
+    rows = [
+        {"method": m, "config": c, "prunekit_s": 2.0, "prunekit_ppl": 5.3, "llmc_s": 5.0,
+         "llmc_ppl": 5.31, "llmc_version": "0.0", "time_ratio": 0.4, "ppl_ratio": 0.998}
+        for m in ("sparsegpt", "wanda") for c in ("50%", "70%", "2:4")
+    ]  # fmt: skip
+    bench.doc_figure(rows, 1, 3)
+    block = printed_block(capsys, "oneshot-speed")
+    assert header(block)[:4] == ["method", "sparsity", "prunekit s", "llm-compressor s"]
+    assert "| sparsegpt | 50% | 2.00 | 5.00 | **0.40** | 5.3000 / 5.3100 |" in block
+    assert len(block.splitlines()[2:8]) == 6 and "fastest of 3" in block
+    large = [{"method": "sparsegpt", "wall_time_s": 80.0, "s_per_block": 10.0,
+              "peak_memory_mb": 800.0}]  # fmt: skip
+    bench.large_figure(large, 128, 1)
+    block = printed_block(capsys, "oneshot-speed-large")
+    assert "| sparsegpt | 80.0 | 10.00 | 800 |" in block and "128 x 128" in block
+    doc_block("README.md", "oneshot-speed")
+    doc_block("README.md", "oneshot-speed-large")
