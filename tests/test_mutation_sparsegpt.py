@@ -417,3 +417,60 @@ def test_sparsegpt_prune_passes_deterministic_on(deterministic: bool, thread_spy
     sg.sparsegpt_prune(torch.ones(2, 4), h, 0.5, deterministic=deterministic)
     assert thread_spy == ([1, 1, 1] if deterministic else [2, 2, 2])
     assert torch.get_num_threads() == 2
+
+
+# --------------------------------------------------------------------------- one sweep, several layers
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_shared_sweep_has_the_bits_of_separate_solves(nm) -> None:
+    """Layers that read one input are swept together; each keeps its own count, frozen mask and
+    the exact weights of a solve on its own (odd row counts, several blocks, two thread counts)."""
+    x = inputs(800, 200, seed=7)
+    x[:, 11] = 0.0  # a dead input
+    h = hessian_of(x)
+    gen = torch.Generator().manual_seed(8)
+    weights = [torch.randn(rows, 200, generator=gen) for rows in (37, 5, 64)]
+    weights[0][3, :50] = 0.0
+    frozen = [w == 0 for w in weights]
+    levels = [0.5, 0.7, 0.3]
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            shared = sg.sparsegpt_prune_shared(weights, h, levels, nm, frozen=frozen, block_size=64)
+            assert len(shared) == 3
+            for w, f, s, got in zip(weights, frozen, levels, shared, strict=True):
+                alone = sg.sparsegpt_prune(w, h, s, nm, frozen=f, block_size=64)
+                assert got.weight.shape == w.shape
+                assert torch.equal(got.weight, alone.weight)
+                assert torch.equal(got.keep, alone.keep)
+                if nm is None:
+                    assert int((~got.keep).sum()) == sg.count_to_remove(s, w.numel())
+    finally:
+        torch.set_num_threads(before)
+    one_level = sg.sparsegpt_prune_shared(weights[:2], h, 0.6, frozen=[None, frozen[1]])
+    for w, got in zip(weights[:2], one_level, strict=True):
+        assert torch.equal(got.weight, sg.sparsegpt_prune(w, h, 0.6).weight)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (([],), "no weights to prune"),
+        (
+            ([torch.randn(4, 16), torch.randn(3, 7)],),
+            r"\(out, 16\) matrices, got \[\(4, 16\), \(3, 7\)\]",
+        ),
+        (([torch.randn(4, 16), torch.randn(16)],), "matrices"),
+        (([torch.randn(4, 16)] * 3, None, [0.5, 0.5]), "2 sparsities for 3 weights"),
+        (([torch.randn(4, 16)] * 2, None, 0.5, None, [None]), "1 frozen masks for 2 weights"),
+    ],
+)
+def test_shared_sweep_refuses_what_does_not_fit(args, message) -> None:
+    h = hessian_of(inputs(64, 16, seed=1))
+    weights, rest = args[0], list(args[1:])
+    hessian = h if not rest or rest[0] is None else rest[0]
+    extra = dict(zip(["sparsity", "nm", "frozen"], rest[1:], strict=False))
+    with pytest.raises(ValueError, match=message):
+        sg.sparsegpt_prune_shared(weights, hessian, **extra)

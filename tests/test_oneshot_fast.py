@@ -23,7 +23,6 @@ from prunekit.calibrate.sequential import plain_weights, plan_chunks, run_sequen
 from prunekit.calibrate.sparsegpt import (
     inverse_hessian_factor,
     sparsegpt_prune,
-    sparsegpt_prune_shared,
 )
 from prunekit.calibrate.stats import (
     InputStats,
@@ -132,35 +131,6 @@ def test_sparsegpt_sweep_changes_weights_like_the_loop_on_a_wide_layer() -> None
     assert torch.allclose(got.weight, expected_w, rtol=1e-5, atol=1e-5)
     kept = got.keep & (w != 0)
     assert not torch.equal(got.weight[kept], w[kept])  # the survivors were updated
-
-
-@pytest.mark.parametrize("nm", [None, (2, 4)])
-def test_shared_sweep_has_the_bits_of_separate_solves(nm) -> None:
-    """Layers that read one input are swept together; each keeps its own count, frozen mask and
-    the exact weights of a solve on its own (odd row counts, several blocks, two thread counts)."""
-    _, h = _problem(4, 200, seed=7, dead=(11,))
-    gen = torch.Generator().manual_seed(8)
-    weights = [torch.randn(rows, 200, generator=gen) for rows in (37, 5, 64)]
-    weights[0][3, :50] = 0.0
-    frozen = [w == 0 for w in weights]
-    levels = [0.5, 0.7, 0.3]
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            shared = sparsegpt_prune_shared(weights, h, levels, nm, frozen=frozen, block_size=64)
-            for w, f, s, got in zip(weights, frozen, levels, shared, strict=True):
-                alone = sparsegpt_prune(w, h, s, nm, frozen=f, block_size=64)
-                assert torch.equal(got.weight, alone.weight)
-                assert torch.equal(got.keep, alone.keep)
-                if nm is None:
-                    assert int((~got.keep).sum()) == count_to_remove(s, w.numel())
-    finally:
-        torch.set_num_threads(before)
-    with pytest.raises(ValueError, match="2 sparsities for 3 weights"):
-        sparsegpt_prune_shared(weights, h, [0.5, 0.5])
-    with pytest.raises(ValueError, match="matrices"):
-        sparsegpt_prune_shared([weights[0], torch.randn(3, 7)], h)
 
 
 def test_oneshot_solves_layers_with_one_input_together(monkeypatch) -> None:

@@ -217,6 +217,7 @@ def test_lowest_k_takes_ties_in_index_order(k: int) -> None:
     scores = torch.randint(0, 4, (200,), generator=gen).float()
     scores[::17] = float("-inf")
     got = scope.lowest_k(scores, k)
+    assert got.dtype == torch.bool and got.shape == (200,)
     assert {i for i in range(200) if got[i]} == by_score_then_index(scores.tolist(), k)
     matrix = scores.reshape(8, 25)  # flat order is row-major
     assert torch.equal(scope.lowest_k(matrix, k), got.reshape(8, 25))
@@ -227,15 +228,26 @@ def test_lowest_k_with_nan_scores_takes_them_last() -> None:
     for k in range(6):
         got = scope.lowest_k(scores, k)
         assert {i for i in range(5) if got[i]} == by_score_then_index(scores.tolist(), k), k
+    # many NaNs and ties: the cut falls among the NaNs, taken in index order
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 3, (300,), generator=gen).float()
+    scores[torch.randperm(300, generator=gen)[:120]] = float("nan")
+    for k in (150, 181, 299):
+        got = scope.lowest_k(scores, k)
+        assert got.dtype == torch.bool and got.shape == (300,)
+        assert {i for i in range(300) if got[i]} == by_score_then_index(scores.tolist(), k), k
 
 
 @pytest.mark.parametrize("k", [0, 1, 9, 30, 31])
-def test_lowest_k_per_row_against_a_sort(k: int) -> None:
+@pytest.mark.parametrize("nans", [1, 25])
+def test_lowest_k_per_row_against_a_sort(k: int, nans: int) -> None:
     gen = torch.Generator().manual_seed(k)
     scores = torch.randint(0, 5, (6, 31), generator=gen).float()
     scores[1] = torch.randn(31, generator=gen)
-    scores[2, 3] = float("nan")  # a NaN row takes the sorting path
+    # NaNs in row 2: with 25 of them, a cut beyond the 6 numbers takes the sorting path
+    scores[2, torch.randperm(31, generator=gen)[:nans]] = float("nan")
     got = scope.lowest_k_per_row(scores, k)
+    assert got.dtype == torch.bool and got.shape == (6, 31)
     for r in range(6):
         chosen = {c for c in range(31) if got[r, c]}
         assert chosen == by_score_then_index(scores[r].tolist(), k), (r, k)

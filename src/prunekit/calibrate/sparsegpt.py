@@ -227,6 +227,8 @@ def _prune_stacked(
         if len(levels) != len(weights):
             raise ValueError(f"{name}: {len(levels)} sparsities for {len(weights)} weights")
         frozen = [None] * len(weights) if frozen is None else frozen
+        if len(frozen) != len(weights):
+            raise ValueError(f"{name}: {len(frozen)} frozen masks for {len(weights)} weights")
         W = torch.cat([w.detach().float() for w in weights]).clone()
         H = hessian.detach().clone().float().to(W.device)
         if H.shape != (cols, cols):
