@@ -157,6 +157,20 @@ def test_oneshot_command_on_hf_folder_with_tokenizer(llama_dir, tmp_path) -> Non
     )
 
 
+def test_prune_file_whole_model_row_counts_every_tensor_as_stats_does(
+    weights_file, tmp_path, capsys
+) -> None:
+    """The "whole model" totals of prune on a bare file include its biases and embeddings, as
+    `prunekit stats` on the written file counts them."""
+    out = tmp_path / "out.safetensors"
+    assert main(["prune", str(weights_file), "--sparsity", "0.5", "--out", str(out), "--json"]) == 0
+    pruned = json.loads(capsys.readouterr().out)
+    assert main(["stats", str(out), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert pruned["model_params"] == stats["model_params"] == 16 * 32 + 16 + 10 * 32 + 8 * 36
+    assert pruned["model_zeros"] == stats["model_zeros"]
+
+
 def test_cli_reports_broken_files_without_a_traceback(tmp_path, capsys) -> None:
     broken = tmp_path / "bad.safetensors"
     broken.write_bytes(b"\xff" * 64)

@@ -123,6 +123,19 @@ def _tree_from_tensors(tensors: dict[str, torch.Tensor]) -> nn.Module:
     return root
 
 
+def _file_counts(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(parameters, zeros) of a bare file's tensors, counted as :func:`prunekit.file_stats`
+    counts them: floating tensors only, BatchNorm statistics left out."""
+    from prunekit.file_stats import _BUFFER_LEAVES
+
+    params = zeros = 0
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and name.rpartition(".")[2] not in _BUFFER_LEAVES:
+            params += tensor.numel()
+            zeros += tensor.numel() - int(torch.count_nonzero(tensor))
+    return params, zeros
+
+
 def _prune_file(args: argparse.Namespace, source: Path, out: Path) -> SparsityReport:
     tensors = load_file(str(source))
     tree = _tree_from_tensors(tensors)
@@ -147,6 +160,9 @@ def _prune_file(args: argparse.Namespace, source: Path, out: Path) -> SparsityRe
     for name, module in tree.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             tensors[f"{name}.weight" if name != "weight_" else "weight"] = module.weight.detach()
+    # "whole model" is the file's, as `prunekit stats FILE` counts it (biases, norms and
+    # embeddings included, buffers left out), not only the matrices that were candidates
+    report.model_params, report.model_zeros = _file_counts(tensors)
     settings = {"prunekit_version": __version__, **report.to_dict()["settings"]}
     meta = {"prunekit": json.dumps({**settings, "run": run_record(args)})}
     out.parent.mkdir(parents=True, exist_ok=True)
