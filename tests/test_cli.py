@@ -171,6 +171,20 @@ def test_prune_file_whole_model_row_counts_every_tensor_as_stats_does(
     assert pruned["model_zeros"] == stats["model_zeros"]
 
 
+def test_oneshot_refuses_a_binary_calibration_file(llama_dir, tmp_path, capsys) -> None:
+    """A binary --calib file (here gzip) is refused before any model is loaded, saying why,
+    instead of calibrating on replacement characters."""
+    import gzip
+
+    calib = tmp_path / "text.txt.gz"
+    calib.write_bytes(gzip.compress(b"w1 w2 w3 " * 100))
+    out = tmp_path / "sparse"
+    assert main(["oneshot", str(llama_dir), "--calib", str(calib), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--calib {calib}: not a UTF-8 text file" in err and "gzip-compressed" in err
+    assert not out.exists()
+
+
 def test_cli_reports_broken_files_without_a_traceback(tmp_path, capsys) -> None:
     broken = tmp_path / "bad.safetensors"
     broken.write_bytes(b"\xff" * 64)

@@ -165,6 +165,21 @@ def test_compress_bad_input_is_one_line_and_writes_nothing(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flag", ["--calib", "--data", "--eval"])
+def test_compress_refuses_binary_text_files(llama_folder, tmp_path, capsys, flag) -> None:
+    """--calib, --data and --eval perplexity: files must be UTF-8 text: refused up front,
+    naming the flag and the file, nothing written."""
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(b"w1 w2 \xff\x00\x01" * 64)
+    value = f"perplexity:{binary}" if flag == "--eval" else str(binary)
+    out = tmp_path / "run"
+    args = ["compress", str(llama_folder), "--recipe", "llm-2of4-int8", "--out", str(out)]
+    assert main([*args, "--seq-len", "16", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} {value}: not a UTF-8 text file (binary data at byte 6" in err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_compress_goal_search_exit_status(llama_folder, text_file, tmp_path, capsys) -> None:
     """A goal recipe runs its search from the CLI; an unreachable goal exits 3 with the
     closest model written."""

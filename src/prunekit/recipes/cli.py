@@ -217,9 +217,15 @@ def run_compress(args: argparse.Namespace) -> int:
         )
     check_writable(args.out)  # an existing run folder is resumed; it must be writable
     _check_eval_spec(args.eval_spec)
+    from prunekit.cli import check_text_file
+
     for flag, value in (("--calib", args.calib), ("--data", args.data)):
         if value is not None and not Path(value).is_file():
             raise ValueError(f"{flag} {value}: no such file")
+        check_text_file(value, flag)
+    kind, _, arg = (args.eval_spec or "").partition(":")
+    if kind in ("perplexity", "sts"):
+        check_text_file(arg, "--eval", shown=args.eval_spec)
     needs = recipe.needs()
     if "data" in needs and args.data is None:
         raise ValueError(
