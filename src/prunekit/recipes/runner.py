@@ -260,6 +260,7 @@ def compress(
         "out": out is not None,
     }
     check_inputs(recipe, available)
+    check_layer_patterns(recipe, model)
     metric = as_metric(evaluate)
     _check_goal_inputs(recipe, metric is not None, example_inputs is not None)
     if recipe.knob is not None and inplace:
@@ -328,6 +329,38 @@ def compress(
         report.files = write_report(report, out_path)
         _log(progress, f"report written to {report.files.get('html') or report.files['md']}")
     return report
+
+
+def check_layer_patterns(recipe: Recipe, model: nn.Module) -> None:
+    """Raise :class:`RecipeError` naming every ``prune`` / ``oneshot`` stage whose ``targets``,
+    ``ignore`` or ``per_layer`` patterns match no layer of ``model``, before anything runs.
+
+    No stage adds layers, so a pattern that matches nothing in the input model cannot match
+    later either; the verbs would raise the same error, but only when their stage comes up,
+    after the dense model was measured and the stages before it ran.
+    """
+    from prunekit.targets import per_layer_overrides, resolve_targets
+
+    problems = []
+    for stage in recipe.stages:
+        kwargs = stage.kwargs
+        if stage.verb not in ("prune", "oneshot") or not any(
+            kwargs.get(key) for key in ("targets", "ignore", "per_layer")
+        ):
+            continue
+        try:
+            chosen = resolve_targets(
+                model,
+                kwargs.get("targets"),
+                kwargs.get("ignore"),
+                embeddings=stage.verb == "prune",  # as each verb resolves them
+            )
+            if isinstance(kwargs.get("per_layer"), dict):
+                per_layer_overrides(chosen, kwargs["per_layer"])
+        except ValueError as exc:
+            problems.append(f"stage {stage.index}, {stage.verb}: {exc}")
+    if problems:
+        raise RecipeError(recipe.source, problems)
 
 
 def _check_goal_inputs(recipe: Recipe, has_metric: bool, has_example: bool) -> None:
