@@ -165,7 +165,8 @@ def prune_structured(
             fluctuation + lstsq scores 85.63 global against 83.69 local, docs/structured.md).
         round_to: keep channel counts a multiple of this; heads are not rounded. None (default):
             the multiple this device's kernels run fast (:func:`prunekit.graph.latency.
-            default_round_to`: 8 on CPU and CUDA). A group is never rounded below ``min_keep``
+            default_round_to`: on CPU 16 with AVX-512 and 8 otherwise, 8 on CUDA; half of it for
+            a group narrower than two multiples). A group is never rounded below ``min_keep``
             nor above its width; a group whose width is not a multiple may keep its full width.
             ``round_to=1`` turns rounding off. With ``target_macs`` / ``target_params``, None
             also makes the widths hardware-aware when ``measure_latency`` is on: a few
