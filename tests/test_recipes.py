@@ -296,6 +296,15 @@ def test_report_files_are_written_and_self_contained(tmp_path) -> None:
     assert "02-finetune" in str(report) and "dense" in str(report)
 
 
+def test_report_json_lists_the_report_files(tmp_path) -> None:
+    recipe = {"stages": [{"prune": {"sparsity": 0.5}}], "measure": {"latency": False}}
+    report = compress(SmallCNN(), recipe, out=tmp_path / "run", progress=False)
+    data = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert data["files"] == report.files
+    assert sorted(report.files) == ["html", "json", "md"]
+    assert all(Path(path).is_file() for path in report.files.values())
+
+
 def test_teacher_dense_is_the_model_before_the_first_stage(tmp_path, monkeypatch) -> None:
     model, batches = _task()
     seen = {}

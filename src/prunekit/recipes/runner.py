@@ -326,6 +326,8 @@ def compress(
     if out_path is not None:
         from prunekit.analysis.pipeline_report import write_report
 
+        # known before they are written, so that report.json lists them too
+        report.files = {kind: str(out_path / f"report.{kind}") for kind in ("json", "md", "html")}
         report.files = write_report(report, out_path)
         _log(progress, f"report written to {report.files.get('html') or report.files['md']}")
     return report
