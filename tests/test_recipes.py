@@ -305,6 +305,24 @@ def test_report_json_lists_the_report_files(tmp_path) -> None:
     assert all(Path(path).is_file() for path in report.files.values())
 
 
+def test_accuracy_takes_a_dataset_or_one_pair_as_well_as_batches() -> None:
+    """A map-style Dataset is batched (listing it would run single samples without their batch
+    dimension) and one (inputs, labels) pair is one batch; anything else is refused, saying
+    what is accepted."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x, y = torch.randn(300, 1, 8, 8), torch.randint(0, 10, (300,))
+    expected = metrics.accuracy([(x[:150], y[:150]), (x[150:], y[150:])])(model)
+    dataset = TensorDataset(x, y)
+    assert metrics.accuracy(dataset)(model) == expected
+    assert metrics.accuracy((x, y))(model) == expected
+    assert metrics.accuracy(DataLoader(dataset, batch_size=64))(model) == expected
+    with pytest.raises(ValueError, match="item 0 is a Tensor.*map-style Dataset"):
+        metrics.accuracy([x])
+
+
 def test_teacher_dense_is_the_model_before_the_first_stage(tmp_path, monkeypatch) -> None:
     model, batches = _task()
     seen = {}

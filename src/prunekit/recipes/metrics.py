@@ -60,15 +60,42 @@ def as_metric(evaluate: Any) -> Metric | None:
     return Metric(evaluate, name=getattr(evaluate, "__name__", "quality"))
 
 
-def accuracy(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Metric:
-    """Top-1 accuracy over ``(inputs, labels)`` batches.
+def _labelled_batches(data: Any) -> list[tuple[Any, torch.Tensor]]:
+    """``(inputs, labels)`` batches from batches, a map-style ``Dataset`` of samples (batched
+    here; listing it would give single samples, run without their batch dimension) or one
+    ``(inputs, labels)`` pair of tensors."""
+    from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        data = DataLoader(data, batch_size=ACCURACY_BATCH)
+    elif isinstance(data, tuple) and len(data) == 2 and all(map(torch.is_tensor, data)):
+        data = [data]
+    batches = list(data)
+    for i, batch in enumerate(batches):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise ValueError(
+                f"accuracy needs (inputs, labels) batches; item {i} is a "
+                f"{type(batch).__name__}. Accepted: an iterable of (inputs, labels) batches (a "
+                "DataLoader, a list), a map-style Dataset of (input, label) samples, or one "
+                "(inputs, labels) pair of tensors"
+            )
+    return batches
+
+
+ACCURACY_BATCH = 256  # batch size when accuracy() is given a Dataset of single samples
+
+
+def accuracy(batches: Any) -> Metric:
+    """Top-1 accuracy over ``(inputs, labels)`` batches: a ``DataLoader`` or list of batches,
+    a map-style ``Dataset`` of ``(input, label)`` samples (batched 256 at a time), or one
+    ``(inputs, labels)`` pair of tensors.
 
     Example:
         >>> metric = accuracy([(torch.randn(4, 8), torch.tensor([0, 1, 0, 1]))])
         >>> 0.0 <= metric(torch.nn.Linear(8, 2)) <= 1.0
         True
     """
-    batches = list(batches)
+    batches = _labelled_batches(batches)
 
     @torch.no_grad()
     def fn(model: nn.Module) -> float:
