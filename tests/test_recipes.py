@@ -323,6 +323,15 @@ def test_accuracy_takes_a_dataset_or_one_pair_as_well_as_batches() -> None:
         metrics.accuracy([x])
 
 
+def test_a_loss_module_as_loss_fn_is_refused_before_anything_runs(tmp_path) -> None:
+    """loss_fn is loss_fn(model, batch); nn.CrossEntropyLoss() would fail only in the finetune
+    stage, after the dense model was measured and the stages before it ran."""
+    model, batches = _task()
+    with pytest.raises(TypeError, match=r"loss_fn\(model, batch\).*CrossEntropyLoss"):
+        compress(model, GOOD, data=batches, loss_fn=nn.CrossEntropyLoss(), out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_teacher_dense_is_the_model_before_the_first_stage(tmp_path, monkeypatch) -> None:
     model, batches = _task()
     seen = {}

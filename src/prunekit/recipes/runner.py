@@ -260,6 +260,12 @@ def compress(
         "out": out is not None,
     }
     check_inputs(recipe, available)
+    if isinstance(loss_fn, nn.Module):  # nn.CrossEntropyLoss() and friends take (logits, y)
+        raise TypeError(
+            f"loss_fn is called as loss_fn(model, batch) -> loss, got the module "
+            f"{type(loss_fn).__name__}(); wrap it: loss_fn=lambda model, batch: "
+            f"torch.nn.{type(loss_fn).__name__}()(model(batch[0]), batch[1])"
+        )
     check_layer_patterns(recipe, model)
     metric = as_metric(evaluate)
     _check_goal_inputs(recipe, metric is not None, example_inputs is not None)
