@@ -231,6 +231,18 @@ def test_bits_rules_from_json_or_yaml_lists_equal_tuples(tmp_path) -> None:
         prunekit.save(net, tmp_path / "c", compressed=True, bits={"*": [4, "group:32", 1]})
 
 
+def test_bits_patterns_that_decide_no_weight_are_refused(tmp_path) -> None:
+    """A bits pattern that matches no weight, or only weights an earlier pattern takes, would
+    leave them in float32 without a word: refused, naming the pattern and the weights."""
+    net = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4))
+    with pytest.raises(ValueError, match=r"'fc1\*' matches no weight.*0\.weight, 1\.weight"):
+        prunekit.save(net, tmp_path / "a", compressed=True, bits={"fc1*": 4})
+    with pytest.raises(ValueError, match=r"'0\.\*' decides no weight.*first matching pattern"):
+        prunekit.save(net, tmp_path / "b", compressed=True, bits={"*": 8, "0.*": 4})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    prunekit.save(net, tmp_path / "c", compressed=True, bits={"0.*": 4, "*": 8})  # fine
+
+
 def test_size_report_without_gzip_and_with_progress(monkeypatch, capsys) -> None:
     from prunekit.compress import size as size_module
 

@@ -460,6 +460,8 @@ def encode_state(
         True
     """
     rules = check_compress_args(True, bits, granularity, index)
+    if isinstance(bits, dict):
+        _check_bit_patterns(rules, tensors)
     record = quantization or {}
     quantized: dict[str, QuantizedTensor] = record.get("layers", {})
     out: dict[str, torch.Tensor] = {}
@@ -635,6 +637,31 @@ def _stored_masks(
     if kept_zeros:
         meta["kept_zeros"] = kept_zeros
     return kept
+
+
+def _check_bit_patterns(rules: list[tuple[str, int, str]], tensors: dict[str, Any]) -> None:
+    """Every pattern of a ``bits`` mapping must decide some weight's bits: one that matches
+    nothing (a typo, another model's names) or whose weights an earlier pattern already takes
+    (the first matching pattern wins) would silently leave weights in float32."""
+    names = [n for n, t in tensors.items() if t.is_floating_point() and t.dim() >= 2]
+    used = {next((r[0] for r in rules if matches(r[0], n)), None) for n in names}
+    problems = []
+    for pattern, _, _ in rules:
+        if pattern in used:
+            continue
+        if any(matches(pattern, n) for n in names):
+            problems.append(
+                f"{pattern!r} decides no weight: an earlier pattern matches every weight it "
+                "matches (the first matching pattern wins; put it before the broader one)"
+            )
+        else:
+            problems.append(f"{pattern!r} matches no weight")
+    if problems:
+        raise ValueError(
+            f"bits pattern {'; '.join(problems)}. The weights bits applies to (floating, two or "
+            f"more dimensions): {', '.join(names) or '(none)'}. Patterns are globs, or regular "
+            "expressions with a 're:' prefix."
+        )
 
 
 def _bit_rules(bits: Any, granularity: str) -> list[tuple[str, int, str]]:
