@@ -134,14 +134,17 @@ def test_missing_inputs_are_named_before_anything_runs(tmp_path) -> None:
 
 
 def test_layer_patterns_that_match_nothing_are_named_before_anything_runs(tmp_path) -> None:
-    """targets / ignore / per_layer patterns are checked against the model before the dense
-    model is measured, every stage at once, each with its place; nothing is written."""
+    """targets / ignore / per_layer patterns and a save's bits patterns are checked against
+    the model before the dense model is measured, every stage at once, each with its place;
+    nothing is written."""
     recipe = {
         "stages": [
             {"prune": {"sparsity": 0.5, "targets": ["embeddings.word_embeddings"]}},
             {"prune": {"sparsity": 0.6, "ignore": ["*.attn"]}},
             {"prune": {"sparsity": 0.7, "per_layer": {"fc9": 0.9}}},
             {"prune": {"sparsity": 0.8, "targets": ["fc1"]}},  # fine
+            {"quantize": {"bits": 8, "ignore": ["lm_head"]}},
+            {"save": {"compressed": True, "bits": {"*word_embeddings*": 4, "*": 8}}},
         ],
         "measure": {"latency": False},
     }
@@ -154,7 +157,14 @@ def test_layer_patterns_that_match_nothing_are_named_before_anything_runs(tmp_pa
     with pytest.raises(RecipeError) as err:
         compress(SmallCNN(), recipe, evaluate=evaluate, out=tmp_path / "run", progress=False)
     places = [p.split(":")[0] for p in err.value.problems]
-    assert places == ["stage 1, prune", "stage 2, prune", "stage 3, prune"]
+    assert places == [
+        "stage 1, prune",
+        "stage 2, prune",
+        "stage 3, prune",
+        "stage 5, quantize",
+        "stage 6, save",
+    ]
+    assert "bits pattern '*word_embeddings*' matches no weight" in err.value.problems[4]
     assert "'embeddings.word_embeddings' matches no prunable layer" in err.value.problems[0]
     assert "conv1, conv2, fc1, head" in err.value.problems[0]  # what is accepted
     assert "per_layer pattern 'fc9'" in err.value.problems[2]

@@ -340,23 +340,36 @@ def compress(
 
 
 def check_layer_patterns(recipe: Recipe, model: nn.Module) -> None:
-    """Raise :class:`RecipeError` naming every ``prune`` / ``oneshot`` stage whose ``targets``,
-    ``ignore`` or ``per_layer`` patterns match no layer of ``model``, before anything runs.
+    """Raise :class:`RecipeError` naming every stage whose name patterns match no layer of
+    ``model``, before anything runs: ``targets``, ``ignore`` and ``per_layer`` of ``prune``,
+    ``oneshot`` and ``quantize`` stages, and a ``save`` stage's ``bits`` mapping.
 
-    No stage adds layers, so a pattern that matches nothing in the input model cannot match
-    later either; the verbs would raise the same error, but only when their stage comes up,
-    after the dense model was measured and the stages before it ran.
+    No stage adds layers or renames weights, so a pattern that matches nothing in the input
+    model cannot match later either; the verbs would raise the same error, but only when their
+    stage comes up, after the dense model was measured and the stages before it ran.
     """
+    from prunekit.compress.io import (
+        _bit_rules,
+        _check_bit_patterns,
+        _dedupe_shared,
+        effective_state,
+    )
     from prunekit.targets import per_layer_overrides, resolve_targets
 
     problems = []
+    weights = None
     for stage in recipe.stages:
         kwargs = stage.kwargs
-        if stage.verb not in ("prune", "oneshot") or not any(
-            kwargs.get(key) for key in ("targets", "ignore", "per_layer")
-        ):
-            continue
         try:
+            if stage.verb == "save" and isinstance(kwargs.get("bits"), dict):
+                if weights is None:  # the tensors a compressed save encodes
+                    weights, _ = _dedupe_shared(effective_state(model)[0])
+                rules = _bit_rules(kwargs["bits"], kwargs.get("granularity", "per_channel"))
+                _check_bit_patterns(rules, weights)
+            if stage.verb not in ("prune", "oneshot", "quantize") or not any(
+                kwargs.get(key) for key in ("targets", "ignore", "per_layer")
+            ):
+                continue
             chosen = resolve_targets(
                 model,
                 kwargs.get("targets"),
