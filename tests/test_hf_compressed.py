@@ -170,6 +170,30 @@ def test_masks_are_baked_in(tmp_path) -> None:
     assert torch.equal(_logits(restored), _logits(masked))
 
 
+@pytest.mark.parametrize("structured", [False, True])
+def test_a_plain_folder_of_a_masked_model_holds_no_masks(structured, tmp_path) -> None:
+    """Without ``compressed``, a model that still has masks is saved with its effective weights
+    under the architecture's names: plain transformers loads it with no unexpected keys, and
+    from_pretrained rebuilds it (after structured pruning too)."""
+    model = tiny_llama()
+    if structured:
+        model = prunekit.prune_structured(model, INPUTS, ratio=0.5, progress=False).model
+    masked = prunekit.prune(model, 0.6).model
+    folder = prunekit.save_pretrained(masked, tmp_path / "m")
+    stored = load_file(str(folder / "model.safetensors"))
+    assert not any(k.endswith("_mask") for k in stored)
+    restored = prunekit.from_pretrained(folder)
+    assert_same_weights(restored, prunekit.finalize(masked))
+    assert torch.equal(_logits(restored), _logits(masked))
+    assert any(k.endswith("_mask") for k in masked.state_dict()) is not False  # still masked
+    if not structured:
+        plain, info = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, output_loading_info=True
+        )
+        assert not info["unexpected_keys"] and not info["missing_keys"]
+        assert torch.equal(_logits(plain.eval()), _logits(masked))
+
+
 def test_bad_arguments_are_refused_before_writing(tmp_path) -> None:
     model = magnitude_pruned()
     out = tmp_path / "bad"

@@ -231,7 +231,9 @@ def save_pretrained(
     Reload with :func:`from_pretrained`.
 
     By default the weights are a plain ``model.safetensors``, and plain
-    ``AutoModel.from_pretrained`` works when ``prunekit.json`` says ``plain_loadable``.
+    ``AutoModel.from_pretrained`` works when ``prunekit.json`` says ``plain_loadable``. Masks
+    (``prunekit.prune`` without ``finalize``) are baked in there too: the file holds the masked
+    weights under the architecture's own names, and no mask buffers.
 
     ``compressed=True`` stores every floating weight with two or more dimensions as in
     ``prunekit.save(compressed=True)``: its non-zero values plus the smallest index, as integer
@@ -286,8 +288,14 @@ def _save_pretrained(
     index: str,
 ) -> Path:
     from prunekit._version import __version__
-    from prunekit.compress.io import _atomic_dir_write, check_compress_args, write_text
+    from prunekit.compress.io import (
+        _atomic_dir_write,
+        check_compress_args,
+        effective_state,
+        write_text,
+    )
     from prunekit.compress.validate import INTEGRITY_KEY, integrity_record
+    from prunekit.masks import masked_parameters
 
     check_compress_args(compressed, bits, granularity, index)
     if source is not None and not Path(source).is_dir():
@@ -317,11 +325,18 @@ def _save_pretrained(
     if compressed:
         tensors, weights_meta = _encode_weights(model, bits, granularity, index)
         meta.update(weights_meta)
+    # a plain folder of a masked model (prunekit.prune without finalize): effective weights, no
+    # mask buffers, so that AutoModel and from_pretrained read the architecture's own tensors
+    masked = None
+    if not compressed and any(True for _ in masked_parameters(model)):
+        masked = effective_state(model)[0]
 
     def write(folder: Path) -> None:
         if compressed:
             _save_configs(model, folder)
             save_file(tensors, str(folder / COMPRESSED_WEIGHTS_FILE), metadata={"format": "pt"})
+        elif masked:  # the masks baked in, as in the compressed path: the architecture's keys
+            model.save_pretrained(folder, safe_serialization=True, state_dict=masked)
         else:
             model.save_pretrained(folder, safe_serialization=True)
         if source is not None:  # tokenizer, README, sentence-transformers modules, ...
