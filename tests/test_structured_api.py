@@ -155,6 +155,8 @@ def test_inplace_and_tuple_unpacking(net) -> None:
         ({"per_layer": {"2": 1.5}}, r"per_layer\['2'\] must be a number"),
         ({"per_layer": {"nope": 0.5}}, "per_layer pattern 'nope' matches no module"),
         ({"target_macs": -1}, "target_macs must be a positive number"),
+        ({"target_macs": 1.5}, r"target_macs=1.5 is above 1, .* a count is a whole number"),
+        ({"target_params": 2.25}, "give a fraction of the dense model in"),
         ({"importance": "taylor"}, "needs a loss"),
         ({"unit": "layer", "importance": "l2"}, "unknown layer importance 'l2'"),
     ],

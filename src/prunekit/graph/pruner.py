@@ -104,6 +104,12 @@ def _check_target(value: Any, what: str) -> float | None:
             f"{what} must be a positive number: a fraction of the dense model in (0, 1], or an "
             f"absolute count above 1; got {value!r}"
         )
+    if value > 1 and float(value) != int(value):
+        raise ValueError(
+            f"{what}={value!r} is above 1, so it would be read as an absolute count, and a count "
+            "is a whole number: give a fraction of the dense model in (0, 1] (0.5: half) or a "
+            "whole count"
+        )
     return float(value)
 
 
