@@ -99,7 +99,7 @@ class LatencyTable:
             for r in rows
         ]
         lines.append(
-            f"dense {self.dense_ms:.4g} ms, batch {self.batch}, {self.threads} threads, "
+            f"dense {self.dense_ms:.4g} ms, batch {self.batch}, {self.threads} thread{'' if self.threads == 1 else 's'}, "
             f"{self.device}, {self.cpu}"
         )
         return "\n".join(lines)

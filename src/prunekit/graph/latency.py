@@ -92,7 +92,7 @@ class Latency:
         return (
             f"latency {self.dense_ms:.3g} ms -> {self.pruned_ms:.3g} ms "
             f"({self.speedup:.2f}x faster; median of {self.repeats}, batch {self.batch}, "
-            f"{self.threads} threads, {self.device})"
+            f"{self.threads} thread{'' if self.threads == 1 else 's'}, {self.device})"
         )
 
 

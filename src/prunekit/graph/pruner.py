@@ -826,7 +826,7 @@ def _search_latency(
             f"target_latency={asked} cannot be reached by removing "
             f"{sorted({g.kind for g in groups})} units: the fastest model tried measures "
             f"{fastest.pruned_ms:.3g} ms against {fastest.dense_ms:.3g} ms dense (ratio "
-            f"{fastest.ratio:.2f}, batch {fastest.batch}, {fastest.threads} threads; MACs -> "
+            f"{fastest.ratio:.2f}, batch {fastest.batch}, {fastest.threads} thread{'' if fastest.threads == 1 else 's'}; MACs -> "
             f"latency ratio: {steps}), down to the smallest model these units allow. Nothing "
             "was changed."
         )
