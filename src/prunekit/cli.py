@@ -55,6 +55,7 @@ from prunekit.cli_commands.common import (
     Parser,
     check_not_inside,
     check_output,
+    check_text_file,
     check_writable,
     examples,
     fraction,
@@ -329,33 +330,6 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         report, meta = _prune_file(args, source, out), None
     _print_written(args, report, out, meta)
     return 0
-
-
-def check_text_file(path: str | os.PathLike | None, flag: str, shown: str | None = None) -> None:
-    """Refuse a ``--calib`` / ``--data`` / ``--eval`` text file that is not UTF-8 text.
-
-    Calibration text is decoded leniently (bad bytes become replacement characters), so a
-    binary file given by mistake (an archive, a checkpoint, an image) would otherwise calibrate
-    the model on noise without a word; training and evaluation text would fail later with a
-    codec error that names no flag. A final multi-byte character cut short is not an error.
-    ``shown`` is how the file appears in the message after ``flag`` (default: the path).
-    """
-    if path is None:
-        return
-    data = Path(path).read_bytes()
-    hint = "; it is gzip-compressed: decompress it first" if data[:2] == b"\x1f\x8b" else ""
-    bad = [data.find(b"\x00")]  # NUL: valid UTF-8, but never in text
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        bad.append(exc.start if exc.reason != "unexpected end of data" else -1)
-    position = min((b for b in bad if b >= 0), default=-1)
-    if position >= 0:
-        raise CliError(
-            f"{flag} {shown or path}: not a UTF-8 text file (binary data at byte {position:,}"
-            f"{hint}); "
-            "give plain UTF-8 text"
-        )
 
 
 def _cmd_oneshot(args: argparse.Namespace) -> int:

@@ -217,7 +217,7 @@ def run_compress(args: argparse.Namespace) -> int:
         )
     check_writable(args.out)  # an existing run folder is resumed; it must be writable
     _check_eval_spec(args.eval_spec)
-    from prunekit.cli import check_text_file
+    from prunekit.cli_commands.common import check_text_file
 
     for flag, value in (("--calib", args.calib), ("--data", args.data)):
         if value is not None and not Path(value).is_file():
