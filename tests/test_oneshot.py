@@ -171,10 +171,14 @@ def test_oneshot_falls_back_to_magnitude_when_sparsegpt_fails(calib, monkeypatch
     def fail(*args, **kwargs):
         raise SparseGPTFailure("forced failure")
 
-    monkeypatch.setattr(sys.modules["prunekit.calibrate.oneshot"], "sparsegpt_prune", fail)
+    monkeypatch.setattr(sys.modules["prunekit.calibrate.oneshot"], "sparsegpt_prune_shared", fail)
+    model = tiny_llama()
     with pytest.warns(UserWarning, match="by magnitude instead"):
-        report = oneshot(tiny_llama(), calib, method="sparsegpt", progress=False)
+        report = oneshot(model, calib, method="sparsegpt", progress=False)
     assert report.sparsity == 0.5 and report.details["fallbacks"]
+    # every layer fell back, those that share an input (q / k / v, gate / up) included
+    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert {f"{n}.weight" for n in layers if n != "lm_head"} <= set(report.details["fallbacks"])
 
 
 def test_owl_average_equals_target_and_stays_within_lambda(calib) -> None:

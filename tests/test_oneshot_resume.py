@@ -272,7 +272,7 @@ def test_finished_checkpoint_loads_without_calibration(
         checkpoint=folder,
         progress=False,
     )
-    for name in ("run_sequential", "collect_input_stats", "sparsegpt_prune"):
+    for name in ("run_sequential", "collect_input_stats", "sparsegpt_prune_shared"):
         monkeypatch.setattr(oneshot_module, name, lambda *a, **k: pytest.fail("recomputed"))
     again = oneshot(
         small_llama(),

@@ -22,12 +22,7 @@ from prunekit.calibrate.progress import (
     model_digest,
 )
 from prunekit.calibrate.sequential import find_blocks, run_sequential
-from prunekit.calibrate.sparsegpt import (
-    SparseGPTFailure,
-    SparseGPTResult,
-    sparsegpt_prune,
-    sparsegpt_prune_shared,
-)
+from prunekit.calibrate.sparsegpt import SparseGPTFailure, sparsegpt_prune_shared
 from prunekit.calibrate.stats import (
     InputStats,
     check_calibratable,
@@ -179,63 +174,46 @@ class _Pruner:
         self, group: list[Target], stats: dict, pattern: Pattern, sparsity: float
     ) -> None:
         """Layers that read the same input share one sweep (the bits of separate solves); when
-        the shared solve fails, each layer is solved (or falls back) on its own."""
-        hessian = stats[group[0].name]["hessian"]
+        the shared solve fails, each layer is solved (or falls back to magnitude) on its own."""
         if len(group) > 1:
-            matrices = [t.as_matrix(t.weight()) for t in group]
-            nm = (pattern.n, pattern.m) if isinstance(pattern, NM) else None
             try:
-                results = sparsegpt_prune_shared(
-                    matrices,
-                    hessian,
-                    sparsity,
-                    nm,
-                    frozen=[m == 0 for m in matrices],
-                    block_size=self.block_size,
-                    damp=self.damp,
-                    name=", ".join(t.name for t in group),
-                )
-            except SparseGPTFailure:
-                results = None
-            if results is not None:
-                for t, result in zip(group, results, strict=True):
-                    self._store(t, result)
+                self._solve(group, stats[group[0].name]["hessian"], pattern, sparsity)
                 return
+            except SparseGPTFailure:
+                pass  # the failure may be one layer's: the others still get SparseGPT below
         for t in group:
-            self._sparsegpt(t, stats[t.name]["hessian"], pattern, sparsity)
+            try:
+                self._solve([t], stats[t.name]["hessian"], pattern, sparsity)
+            except SparseGPTFailure as exc:
+                warnings.warn(
+                    f"prunekit: {exc}; pruning {t.name} by magnitude instead", stacklevel=4
+                )
+                self.fallbacks[t.name] = str(exc)
+                keeps = compute_masks(
+                    [t], get_criterion("magnitude"), {}, pattern, sparsity, {}, "local"
+                )
+                apply_mask(t.module, t.param_name, keeps[t.name])
 
-    def _store(self, t: Target, result: SparseGPTResult) -> None:
-        weight = t.weight()
-        with torch.no_grad():
-            raw_parameter(t.module, t.param_name).copy_(t.from_matrix(result.weight, weight.shape))
-        apply_mask(t.module, t.param_name, t.from_matrix(result.keep, weight.shape))
-
-    def _sparsegpt(
-        self, t: Target, hessian: torch.Tensor, pattern: Pattern, sparsity: float
+    def _solve(
+        self, group: list[Target], hessian: torch.Tensor, pattern: Pattern, sparsity: float
     ) -> None:
-        weight = t.weight()
-        matrix = t.as_matrix(weight)
-        nm = (pattern.n, pattern.m) if isinstance(pattern, NM) else None
-        try:
-            result = sparsegpt_prune(
-                matrix,
-                hessian,
-                sparsity,
-                nm,
-                frozen=matrix == 0,
-                block_size=self.block_size,
-                damp=self.damp,
-                name=t.name,
-            )
-        except SparseGPTFailure as exc:
-            warnings.warn(f"prunekit: {exc}; pruning {t.name} by magnitude instead", stacklevel=4)
-            self.fallbacks[t.name] = str(exc)
-            keeps = compute_masks(
-                [t], get_criterion("magnitude"), {}, pattern, sparsity, {}, "local"
-            )
-            apply_mask(t.module, t.param_name, keeps[t.name])
-            return
-        self._store(t, result)
+        """SparseGPT on ``group`` (one Hessian), the updated weights and masks written back."""
+        matrices = [t.as_matrix(t.weight()) for t in group]
+        results = sparsegpt_prune_shared(
+            matrices,
+            hessian,
+            sparsity,
+            (pattern.n, pattern.m) if isinstance(pattern, NM) else None,
+            frozen=[m == 0 for m in matrices],
+            block_size=self.block_size,
+            damp=self.damp,
+            name=", ".join(t.name for t in group),
+        )
+        for t, result in zip(group, results, strict=True):
+            shape = t.weight().shape
+            with torch.no_grad():
+                raw_parameter(t.module, t.param_name).copy_(t.from_matrix(result.weight, shape))
+            apply_mask(t.module, t.param_name, t.from_matrix(result.keep, shape))
 
 
 def same_hessian(targets: list[Target], stats: dict) -> list[list[Target]]:

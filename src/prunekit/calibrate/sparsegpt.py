@@ -229,7 +229,7 @@ def _prune_stacked(
         frozen = [None] * len(weights) if frozen is None else frozen
         if len(frozen) != len(weights):
             raise ValueError(f"{name}: {len(frozen)} frozen masks for {len(weights)} weights")
-        W = torch.cat([w.detach().float() for w in weights]).clone()
+        W = torch.cat([w.detach().float() for w in weights])  # a new tensor: the inputs stay
         H = hessian.detach().clone().float().to(W.device)
         if H.shape != (cols, cols):
             raise ValueError(f"{name}: Hessian shape {tuple(H.shape)} does not match {cols} inputs")
