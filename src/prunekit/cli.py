@@ -127,11 +127,11 @@ def _tree_from_tensors(tensors: dict[str, torch.Tensor]) -> nn.Module:
 def _file_counts(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(parameters, zeros) of a bare file's tensors, counted as :func:`prunekit.file_stats`
     counts them: floating tensors only, BatchNorm statistics left out."""
-    from prunekit.file_stats import _BUFFER_LEAVES
+    from prunekit.file_stats import looks_like_buffer
 
     params = zeros = 0
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and name.rpartition(".")[2] not in _BUFFER_LEAVES:
+        if not looks_like_buffer(name, tensor):
             params += tensor.numel()
             zeros += tensor.numel() - int(torch.count_nonzero(tensor))
     return params, zeros

@@ -50,6 +50,12 @@ __all__ = ["file_stats", "natural_key"]
 _BUFFER_LEAVES = ("running_mean", "running_var", "num_batches_tracked")
 
 
+def looks_like_buffer(name: str, tensor: torch.Tensor) -> bool:
+    """A saved tensor that is not a parameter, judged from the file alone: not floating point,
+    or a BatchNorm statistic (``running_mean``, ``running_var``, ``num_batches_tracked``)."""
+    return not tensor.is_floating_point() or name.rpartition(".")[2] in _BUFFER_LEAVES
+
+
 def natural_key(name: str) -> tuple:
     """Sort key that compares the numbers in a name as numbers: ``layer.2`` < ``layer.10``."""
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name))
@@ -171,7 +177,7 @@ def file_stats(path: str | os.PathLike) -> SparsityReport:
             return False
         if reference and name in reference[2]:
             return True
-        return not tensor.is_floating_point() or name.rpartition(".")[2] in _BUFFER_LEAVES
+        return looks_like_buffer(name, tensor)
 
     rows: list[tuple[tuple, LayerStats]] = []
     total = zeros = 0
