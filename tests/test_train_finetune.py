@@ -459,3 +459,30 @@ def test_killed_checkpoint_writer_leaves_a_whole_point(tmp_path) -> None:
         # the next write cleans up what the kill left (older points, temporaries)
         write_point(folder, epoch + 1, {"epoch": epoch + 1})
         assert [p.name for p in folder.iterdir()] == [f"epoch-{epoch + 1:06d}"]
+
+
+def test_a_torch_loss_module_is_called_on_the_output_and_the_target(dense) -> None:
+    # nn.CrossEntropyLoss() takes (output, target), not (model, batch): finetune calls it on the
+    # model's output and the batch's target, and trains exactly as the (model, batch) function.
+    want = finetune(dense, DATA, ce, epochs=2, lr=1e-2, progress=False).model
+    got = finetune(dense, DATA, nn.CrossEntropyLoss(), epochs=2, lr=1e-2, progress=False).model
+    assert all(torch.equal(a, b) for a, b in zip(want.parameters(), got.parameters(), strict=True))
+    # a mapping batch: the model gets the other keys, the loss gets "labels"
+    keyed = [{"x": x, "labels": y} for x, y in DATA]
+
+    class Keyed(nn.Module):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    got = finetune(Keyed(dense), keyed, nn.CrossEntropyLoss(), epochs=2, lr=1e-2, progress=False)
+    assert all(
+        torch.equal(a, b) for a, b in zip(want.parameters(), got.model.parameters(), strict=True)
+    )
+    # no target to take: a clear error that says what is accepted, before any step
+    triples = [(x, y, y) for x, y in DATA]
+    with pytest.raises(TypeError, match=r"CrossEntropyLoss.*\(input, target\).*'labels'"):
+        finetune(dense, triples, nn.CrossEntropyLoss(), lr=1e-2, progress=False)

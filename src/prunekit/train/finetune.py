@@ -132,6 +132,38 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _target_of(batch: Any, loss: nn.Module) -> Any:
+    """The target of a batch for a torch loss module: ``batch[1]`` of an ``(input, target)``
+    pair, or a mapping's ``"labels"`` / ``"label"``."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[1]
+    if isinstance(batch, Mapping):
+        for key in LABEL_KEYS:
+            if key in batch:
+                return batch[key]
+    shape = f"a {type(batch).__name__}"
+    if isinstance(batch, (tuple, list)):
+        shape = f"a {len(batch)}-item {type(batch).__name__}"
+    elif isinstance(batch, Mapping):
+        shape += f" with keys {sorted(map(str, batch))}"
+    raise TypeError(
+        f"loss_fn={type(loss).__name__}() is called as loss(output, target), with the target "
+        "taken from an (input, target) batch or a mapping batch's 'labels' / 'label'; this "
+        f"batch is {shape}. Pass loss_fn=<callable(model, batch) -> scalar loss> instead."
+    )
+
+
+def _module_loss(loss: nn.Module, forward: ForwardFn, logits_of: Callable[[Any], Any]) -> LossFn:
+    """Adapt a torch loss module (``nn.CrossEntropyLoss()``, ``loss(output, target)``) to
+    ``loss_fn(model, batch)``: ``loss(logits_of(forward(model, batch)), target)``."""
+
+    def task(model: nn.Module, batch: Any) -> torch.Tensor:
+        target = _target_of(batch, loss)
+        return loss(logits_of(forward(model, batch)), target)
+
+    return task
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -372,8 +404,12 @@ def finetune(
         model: the model to train.
         data: an iterable of batches (a ``DataLoader``, a list), re-iterated every epoch.
             Tensors in a batch are moved to the model's device.
-        loss_fn: ``loss_fn(model, batch) -> scalar`` task loss (as in ``prunekit.prune``).
-            Optional with a teacher (pure distillation).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` task loss (as in ``prunekit.prune``), or
+            a torch loss module such as ``nn.CrossEntropyLoss()`` (any ``nn.*Loss``), which
+            is called as ``loss_fn(logits, target)``: the logits of ``forward_fn(model,
+            batch)`` (through ``logits_fn``) and the target ``batch[1]`` of an ``(input,
+            target)`` batch or ``batch["labels"]`` (or ``"label"``) of a mapping batch; other
+            batches raise a ``TypeError``. Optional with a teacher (pure distillation).
         teacher: the dense model to distil from (run in eval mode, without gradients).
         epochs: passes over ``data``; ``max_steps`` stops earlier.
         lr: peak learning rate of the default optimizer (AdamW), or ``"auto"`` (the default):
@@ -498,6 +534,8 @@ def finetune(
         teacher_was_training = teacher.training
     forward = forward_fn or default_forward
     logits_of = logits_fn or default_logits
+    if isinstance(loss_fn, nn.modules.loss._Loss):  # nn.CrossEntropyLoss(): (output, target)
+        loss_fn = _module_loss(loss_fn, forward, logits_of)
     device = _model_device(model)
     was_training = model.training
     sign = 1.0 if mode == "max" else -1.0
