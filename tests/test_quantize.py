@@ -159,3 +159,24 @@ def test_nonfinite_weight_refused_by_prune() -> None:
     # left out by name, the rest prunes to the exact count
     report = prunekit.prune(net, sparsity=0.5, method="random", ignore=["0"])
     assert [(r.name, r.params, r.zeros) for r in report.layers] == [("2.weight", 128, 64)]
+
+
+def test_the_report_counts_the_zeros_of_the_quantized_weights() -> None:
+    # Row 0's scale is 100 / 127: its small weights round to 0 on the int8 grid. The report
+    # counts the zeros the model has after quantization (what the stage table measures), and
+    # says how many of them the rounding made.
+    net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.full((8, 16), 0.25))
+        net[0].weight[0, 0] = 100.0
+        net[0].weight[0, 1:4] = 0.0  # pruned before: stay zero
+        net[0].weight[0, 4:10] = 0.3  # rounds to 0 (0.3 < half a step of 0.787)
+    report = quantize(net, bits=8)
+    row = report.layer("0")
+    after = int((report.model[0].weight == 0).sum())
+    assert after == 3 + 6 + 6  # the 3 zeros, the six 0.3 and the six 0.25 left in row 0
+    assert row.zeros == after
+    assert row.rounded_to_zero == 12 and row.zeros_kept
+    assert report.to_dict()["layers"][0]["zeros"] == after
+    text = str(report)
+    assert "rounded to 0" in text and f"{after:,}" in text.splitlines()[3]

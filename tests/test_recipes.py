@@ -275,6 +275,24 @@ def test_pipeline_measures_every_stage(tmp_path) -> None:
     assert all(len(torch.unique(row)) <= 255 for row in result.fc1.weight)
 
 
+def test_the_quantize_stage_counts_the_weights_the_grid_rounded_to_zero() -> None:
+    # Row 0 of fc1 gets a scale of 100 / 127: its other pruned-and-kept weights round to 0. The
+    # quantize row, and the layer table of the quantize stage, count the model after rounding.
+    model = SmallCNN()
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = 100.0
+    recipe = {
+        "stages": [{"prune": {"sparsity": 0.5, "scope": "local"}}, {"quantize": {"bits": 8}}],
+        "measure": {"latency": False},
+    }
+    report = compress(model, recipe, progress=False)
+    pruned, quantized = (stage.metrics["nonzeros"] for stage in report.stages)
+    assert quantized < pruned  # the rounding made zeros
+    assert quantized == sum(int(torch.count_nonzero(p)) for p in report.model.parameters())
+    zeros = int((report.model.fc1.weight == 0).sum())
+    assert re.search(rf"fc1\.weight .* {zeros:,} +[1-9]\d* +yes", report.stages[1].summary)
+
+
 def test_report_files_are_written_and_self_contained(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     model, batches = _task()

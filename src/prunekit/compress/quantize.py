@@ -281,12 +281,22 @@ def fake_quant_forward(
 
 @dataclass
 class QuantLayer:
+    """One quantized weight: its error, and its zeros as it is after quantization.
+
+    Attributes:
+        zeros: zeros of the quantized (effective) weight, the layer as the model now holds it:
+            those it had before plus the weights the grid rounded to 0.
+        rounded_to_zero: weights that were non-zero and rounded to 0 (counted in ``zeros``).
+        zeros_kept: every weight that was zero before is still exactly zero.
+    """
+
     name: str
     shape: tuple[int, ...]
     rel_error: float
     max_abs_error: float
     zeros: int
     zeros_kept: bool
+    rounded_to_zero: int = 0
 
 
 @dataclass
@@ -318,7 +328,15 @@ class QuantizeReport:
 
     def __str__(self) -> str:
         shown = ", ".join(f"{k}={v}" for k, v in self.settings.items())
-        header = ("layer", "shape", "rel. error", "max abs error", "zeros", "zeros kept")
+        header = (
+            "layer",
+            "shape",
+            "rel. error",
+            "max abs error",
+            "zeros",
+            "rounded to 0",
+            "zeros kept",
+        )
         rows = [
             (
                 r.name,
@@ -326,6 +344,7 @@ class QuantizeReport:
                 f"{100 * r.rel_error:.3f} %",
                 f"{r.max_abs_error:.3g}",
                 f"{r.zeros:,}",
+                f"{r.rounded_to_zero:,}",
                 "yes" if r.zeros_kept else "NO",
             )
             for r in self.layers
@@ -423,11 +442,13 @@ def _quantize_target(
         layers[t.name] = q
     else:
         layers.pop(t.name, None)
+    after = int((t.weight() == 0).sum())  # as the model holds it now: rounded weights too
     return QuantLayer(
         t.name,
         tuple(weight.shape),
         rel,
         float(diff.max()) if diff.numel() else 0.0,
-        int(zero.sum()),
+        after,
         kept,
+        rounded_to_zero=int(((deq == 0) & ~zero).sum()),
     )
