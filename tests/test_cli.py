@@ -112,7 +112,7 @@ def test_stats_reads_prunekit_save_folder(tmp_path, capsys) -> None:
     assert "0.weight *" in text and "50.00 %" in text and "__prunekit_mask__" not in text
 
 
-def test_oneshot_command_on_hf_folder_with_tokenizer(llama_dir, tmp_path) -> None:
+def test_oneshot_command_on_hf_folder_with_tokenizer(llama_dir, tmp_path, capsys) -> None:
     tokenizers = pytest.importorskip("tokenizers")
     words = [f"w{i}" for i in range(60)]
     vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
@@ -146,6 +146,8 @@ def test_oneshot_command_on_hf_folder_with_tokenizer(llama_dir, tmp_path) -> Non
         str(out),
     ]
     assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "prunekit oneshot (method=sparsegpt" in printed and "prunekit prune" not in printed
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     up = model.model.layers[1].mlp.up_proj.weight.detach()
     # exactly two of every four consecutive inputs kept (SparseGPT's updates leave them non-zero)

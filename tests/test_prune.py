@@ -278,3 +278,18 @@ def test_embedding_tables_only_when_named() -> None:
     assert "emb.weight" in str(prunekit.stats(pruned))
     with pytest.raises(ValueError, match="data-free"):
         prunekit.prune(model, 0.5, targets=["emb"], method="wanda", data=[x])
+
+
+def test_the_report_title_names_the_verb_that_ran() -> None:
+    net = mlp()
+    calib = [torch.randn(4, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    reports = {
+        "prune": prunekit.prune(net, 0.5),
+        "oneshot": prunekit.oneshot(net, calib, method="wanda", sparsity=0.5, progress=False),
+        "prune_at_init": prunekit.prune_at_init(net, 0.5, "random"),
+    }
+    titles = {verb: str(report).splitlines()[0] for verb, report in reports.items()}
+    assert all(title.startswith(f"prunekit {verb} (method=") for verb, title in titles.items()), (
+        titles
+    )
+    assert all(report.to_dict()["verb"] == verb for verb, report in reports.items())

@@ -144,12 +144,15 @@ class SparsityReport:
 
 @dataclass(repr=False)
 class PruneReport(SparsityReport):
-    """What ``prunekit.prune`` returns: the table, the settings, and the pruned model."""
+    """What ``prunekit.prune`` (and ``oneshot``, ``prune_at_init``) returns: the table, the
+    settings, and the pruned model."""
 
     model: nn.Module | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     """Method-specific detail not shown in the table (e.g. ``oneshot``'s per-layer allocation)."""
+    verb: str = "prune"
+    """The verb that made the report (``"prune"``, ``"oneshot"``, ...): the table's title."""
 
     _TITLE_KEYS = ("method", "pattern", "sparsity", "scope", "allocation")
 
@@ -157,16 +160,26 @@ class PruneReport(SparsityReport):
         """Unpack as ``model, report = prunekit.prune(...)``, like ``prune_structured``."""
         return iter((self.model, self))
 
+    def named(self, verb: str) -> PruneReport:
+        """Set the verb the table's title names (a verb built on ``prune``); return self."""
+        self.verb = verb
+        return self
+
     def _title(self) -> str:
         shown = ", ".join(f"{k}={v}" for k, v in self.settings.items() if k in self._TITLE_KEYS)
-        return f"prunekit prune ({shown})"
+        return f"prunekit {self.verb} ({shown})"
 
     def __str__(self) -> str:
         extra = [f"{k}: {v}" for k, v in self.settings.items() if k not in self._TITLE_KEYS]
         return "\n".join([super().__str__(), *extra])
 
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "settings": dict(self.settings), "details": dict(self.details)}
+        return {
+            **super().to_dict(),
+            "verb": self.verb,
+            "settings": dict(self.settings),
+            "details": dict(self.details),
+        }
 
 
 def _count_zeros(tensor: torch.Tensor) -> int:

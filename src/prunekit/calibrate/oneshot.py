@@ -451,7 +451,14 @@ def oneshot(
             "stages": len(stages),
         }
     return PruneReport(
-        rows, params, zeros, skipped, model=model, settings=settings, details=details
+        rows,
+        params,
+        zeros,
+        skipped,
+        model=model,
+        settings=settings,
+        details=details,
+        verb="oneshot",
     )
 
 

@@ -94,7 +94,7 @@ def prune_at_init(
             data=[example_input],
             loss_fn=loss_fn or _not_used,
             **common,
-        )
+        ).named("prune_at_init")
     if method == "snip":
         if data is None or loss_fn is None:
             raise ValueError(
@@ -109,5 +109,5 @@ def prune_at_init(
             loss_fn=loss_fn,
             max_batches=max_batches,
             **common,
-        )
-    return prune(model, sparsity, method=method, **common)
+        ).named("prune_at_init")
+    return prune(model, sparsity, method=method, **common).named("prune_at_init")
