@@ -133,6 +133,16 @@ def test_missing_inputs_are_named_before_anything_runs(tmp_path) -> None:
         compress(nn.Linear(4, 4), {"stages": ["save"]}, progress=False)
 
 
+def test_a_shipped_recipe_is_named_by_its_name_not_its_installed_path() -> None:
+    with pytest.raises(RecipeError) as err:
+        compress(nn.Linear(4, 4), "llm-2of4-int8", progress=False)
+    message = str(err.value)
+    assert message.startswith("recipe llm-2of4-int8: 2 problems"), message
+    assert "builtin" not in message and ".yaml" not in message
+    recipe = load_recipe("cnn-small")
+    assert (recipe.source, recipe.name) == ("cnn-small", "cnn-small")
+
+
 def test_layer_patterns_that_match_nothing_are_named_before_anything_runs(tmp_path) -> None:
     """targets / ignore / per_layer patterns and a save's bits patterns are checked against
     the model before the dense model is measured, every stage at once, each with its place;

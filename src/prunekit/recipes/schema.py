@@ -161,10 +161,12 @@ def _read(recipe: Any) -> tuple[Any, str, str | None]:
         isinstance(recipe, str) and "\n" not in recipe and ":" not in recipe
     ):
         path = Path(recipe)
+        source = str(path)
         if not path.is_file():
             shipped = builtin_dir() / f"{path.name}.yaml"
             if shipped.is_file() and path.suffix == "":
-                path = shipped
+                # named as `prunekit recipes` lists it, not by where the package is installed
+                path, source = shipped, path.name
             else:
                 names = ", ".join(list_recipes()) or "none"
                 raise RecipeError(
@@ -172,7 +174,7 @@ def _read(recipe: Any) -> tuple[Any, str, str | None]:
                     [f"no such file, and not a shipped recipe (shipped: {names})"],
                 )
         text = path.read_text()
-        return _parse_text(text, str(path)), str(path), text
+        return _parse_text(text, source), source, text
     if isinstance(recipe, str):
         return _parse_text(recipe, "<string>"), "<string>", recipe
     raise RecipeError(
