@@ -303,6 +303,60 @@ def test_the_quantize_stage_counts_the_weights_the_grid_rounded_to_zero() -> Non
     assert re.search(rf"fc1\.weight .* {zeros:,} +[1-9]\d* +yes", report.stages[1].summary)
 
 
+class _Timed:
+    """A bench row of synthetic timings: only the quartiles and the median are read."""
+
+    def __init__(self, median: float, p25: float, p75: float) -> None:
+        self.median_ms, self.p25_ms, self.p75_ms = median, p25, p75
+
+
+def test_noisy_latency_is_flagged_in_the_table_and_the_report(monkeypatch) -> None:
+    from prunekit.analysis.pipeline_report import NOISY_SPREAD, html_page, markdown
+    from prunekit.recipes.measure import MeasureSettings, latency
+    from prunekit.recipes.runner import CompressReport, StageResult
+
+    timings = {  # (model, batch): median, quartiles; nothing is timed
+        ("model", 1): _Timed(1.0, 0.8, 1.2),  # spread 40 % of the median: noisy
+        ("dense", 1): _Timed(2.0, 1.98, 2.02),
+        ("model", 4): _Timed(3.0, 2.97, 3.03),  # 2 %: quiet
+        ("dense", 4): _Timed(6.0, 5.94, 6.06),
+    }
+
+    class FakeReport:
+        def row(self, model: str, batch: int) -> _Timed:
+            return timings[model, batch]
+
+    bench_module = sys.modules["prunekit.runtime.bench"]  # prunekit.runtime.bench: the function
+    monkeypatch.setattr(bench_module, "bench", lambda *args, **kwargs: FakeReport())
+    settings = MeasureSettings(batch_sizes=[1, 4], repeats=10)
+    measured = latency(nn.Linear(2, 2), nn.Linear(2, 2), torch.zeros(1, 2), settings)
+    assert measured["1"]["spread"] == pytest.approx(0.4)
+    assert measured["1"]["dense_spread"] == pytest.approx(0.02)
+    assert measured["4"]["spread"] == pytest.approx(0.02) and 0.02 < NOISY_SPREAD
+
+    def report_with(lat: dict) -> CompressReport:
+        dense = {"params": 6, "nonzeros": 6, "fp32_bytes": 100, "file_bytes": 100}
+        metrics = {**dense, "latency": lat}
+        recipe = load_recipe({"stages": [{"prune": {"sparsity": 0.5}}]})
+        stage = StageResult("01-prune", "prune", {"sparsity": 0.5}, 0.1, metrics)
+        return CompressReport(
+            nn.Linear(2, 2), recipe, dense, [stage], settings={"torch_threads": 1}
+        )
+
+    noisy = report_with(measured)
+    table = str(noisy)
+    row = next(line for line in table.splitlines() if line.startswith("01-prune"))
+    assert "~1.00 ms (0.50x)" in row and "~3.00 ms" not in row  # only batch 1 is marked
+    note = "over 10% of their median (01-prune b1: 40%)"
+    assert note in table
+    assert note in markdown(noisy) and note in html_page(noisy, {})
+    assert noisy.rows()[1]["latency_b1_spread"] == pytest.approx(0.4)
+    quiet = report_with({"4": measured["4"]})
+    assert "~" not in str(quiet) and "noisy" not in markdown(quiet)
+    older = report_with({"1": {"ms": 1.0, "dense_ms": 2.0, "ratio": 0.5}})  # no spread recorded
+    assert "noisy" not in str(older)
+
+
 def test_report_files_are_written_and_self_contained(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     model, batches = _task()

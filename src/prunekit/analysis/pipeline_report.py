@@ -18,6 +18,11 @@ from typing import Any
 
 from prunekit.compress.durable import write_text_atomic
 
+NOISY_SPREAD = 0.10
+"""A latency is marked noisy (``~`` in the table, and a note) when the interquartile range of
+the model's or the dense model's repeated calls exceeds this fraction of their median (about a
+7 % coefficient of variation for normal noise): the medians, and so their ratio, may be off."""
+
 
 def _fmt_int(n: int | None) -> str:
     if n is None:
@@ -73,7 +78,32 @@ def _ratios(m: dict[str, Any], dense: dict[str, Any], report: Any) -> dict[str, 
     for batch, lat in (m.get("latency") or {}).items():
         row[f"latency_b{batch}_ms"] = lat["ms"]
         row[f"latency_b{batch}_ratio"] = lat["ratio"]
+        spreads = [lat[k] for k in ("spread", "dense_spread") if lat.get(k) is not None]
+        if spreads:  # not in checkpoints written before the spread was recorded
+            row[f"latency_b{batch}_spread"] = max(spreads)
     return row
+
+
+def _noisy(spread: float | None) -> bool:
+    return spread is not None and not spread <= NOISY_SPREAD  # NaN / inf count as noisy
+
+
+def noise_note(report: Any) -> str | None:
+    """A line naming every noisy latency of the stage table (see :data:`NOISY_SPREAD`), or
+    None when every one was steady enough or none was measured."""
+    found = []
+    for row in table_rows(report):
+        for key, spread in row.items():
+            if key.startswith("latency_b") and key.endswith("_spread") and _noisy(spread):
+                batch = key[len("latency_b") : -len("_spread")]
+                found.append(f"{row['stage']} b{batch}: {spread:.0%}")
+    if not found:
+        return None
+    return (
+        f"latency ~: noisy timing, the interquartile range of the repeated calls is over "
+        f"{NOISY_SPREAD:.0%} of their median ({'; '.join(found)}); the medians and their ratio "
+        "may be off: measure again on an idle machine"
+    )
 
 
 def _columns(report: Any) -> list[tuple[str, str]]:
@@ -121,7 +151,8 @@ def _cells(row: dict[str, Any], report: Any) -> dict[str, str]:
         if key.startswith("latency_b") and key.endswith("_ms"):
             batch = key[len("latency_b") : -len("_ms")]
             ratio = row.get(f"latency_b{batch}_ratio")
-            cells[f"lat{batch}"] = f"{row[key]:.2f} ms ({ratio:.2f}x)"
+            mark = "~" if _noisy(row.get(f"latency_b{batch}_spread")) else ""
+            cells[f"lat{batch}"] = f"{mark}{row[key]:.2f} ms ({ratio:.2f}x)"
     return cells
 
 
@@ -150,6 +181,9 @@ def text_table(report: Any) -> str:
             f"latency: median, dense timed in the same call, {report.settings.get('torch_threads')} "
             "threads"
         )
+    noise = noise_note(report)
+    if noise:
+        notes.append(noise)
     return "\n".join(
         [title, line(header), rule, *(line(b) for b in body), rule, *notes, *goal_lines(report)]
     )
@@ -176,6 +210,9 @@ def markdown(report: Any) -> str:
         out += [report.recipe.description.strip(), ""]
     out += ["| " + " | ".join(t for _, t in cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(r.get(k, "-") for k, _ in cols) + " |" for r in rows]
+    noise = noise_note(report)
+    if noise:
+        out += ["", noise]
     goal = goal_lines(report)
     if goal:
         out += ["", "## Goal", "", "```", *goal, "```"]
@@ -331,6 +368,9 @@ def html_page(report: Any, images: dict[str, str]) -> str:
         "safetensors file; latency: median, the dense model timed in the same call; quality in "
         "brackets: retained fraction of dense.</p>"
     )
+    noise = noise_note(report)
+    if noise:
+        parts.append(f"<p class='note'><b>{esc(noise)}</b></p>")
     goal = goal_lines(report)
     if goal:
         parts.append("<h2>Goal</h2><pre>" + esc("\n".join(goal)) + "</pre>")

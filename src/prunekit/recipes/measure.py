@@ -113,7 +113,9 @@ def layer_rows(model: nn.Module) -> list[dict[str, Any]]:
 def latency(
     model: nn.Module, dense: nn.Module, example_inputs: Any, settings: MeasureSettings
 ) -> dict[str, dict[str, float]]:
-    """Median latency of ``model`` and ``dense`` at each batch size, timed side by side."""
+    """Median latency of ``model`` and ``dense`` at each batch size, timed side by side, with
+    the spread of each one's repeated calls (interquartile range / median: ``spread``,
+    ``dense_spread``), which the report uses to flag a noisy measurement."""
     from prunekit.runtime.bench import bench
 
     report = bench(
@@ -133,8 +135,16 @@ def latency(
             "ms": row.median_ms,
             "dense_ms": ref.median_ms,
             "ratio": row.median_ms / ref.median_ms if ref.median_ms > 0 else float("nan"),
+            "spread": _spread(row),
+            "dense_spread": _spread(ref),
         }
     return out
+
+
+def _spread(row: Any) -> float:
+    """Interquartile range over the median of one model's timed calls."""
+    iqr = row.p75_ms - row.p25_ms
+    return iqr / row.median_ms if row.median_ms > 0 else float("inf")
 
 
 def measure(
