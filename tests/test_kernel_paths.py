@@ -82,7 +82,19 @@ def _cases() -> list[tuple[int, int, int, int]]:
         (64, 384, 32, 2),
         (37, 1000, 65, 2),
         (23, 66, 130, 1),
+        # several blocks of 64 output rows and epilogue tiles of 16 with a remainder
+        (150, 300, 20, 2),
     ]
+
+
+# The many-row kernels cut the packed inputs into column chunks that fit L1; the chunks are
+# forced (64 columns each, pk_set_chunk_bytes) on these batched cases, whose widths give 2 to
+# 16 chunks with a partial last one, and must give the unchunked scalar result.
+CHUNK_BYTES = 256
+
+
+def _chunked_cases() -> list[tuple[int, int, int, int]]:
+    return [c for c in _cases() if c[2] > 1 and c[1] > 64]
 
 
 ACTS = (None, "relu", "gelu")  # the epilogue; one per case, in turn
@@ -137,24 +149,33 @@ def outputs_of_build(march: str) -> tuple[str, dict]:
             assert lib is not None, f"-march={march}: {kernels.why_unavailable()}"
             results = {}
             for i, (rows, in_f, batch, threads) in enumerate(_cases()):
-                act = ACTS[i % len(ACTS)]
-                for fmt in ("csr", "tiles", "bitmap", "nm"):
-                    w, codes, scale, bias, x = _weights(rows, in_f, fmt == "nm")
-                    nm = (2, 4 if in_f % 2 == 0 else 8) if fmt == "nm" else None
-                    for kind in ("f32", "i8"):
-                        if kind == "f32":
-                            layer = SparseLinear.from_dense(
-                                w, bias, format=fmt, nm=nm, activation=act
-                            )
-                        else:
-                            layer = SparseLinear.from_dense(
-                                codes, bias, format=fmt, scale=scale, nm=nm, activation=act
-                            )
-                        key = (rows, in_f, batch, threads, fmt, kind)
-                        results[key] = run_kernel(layer, x[:batch], threads)
+                _run_case(results, i, rows, in_f, batch, threads, ())
+            before = lib.lib.pk_set_chunk_bytes(CHUNK_BYTES)
+            try:
+                for rows, in_f, batch, threads in _chunked_cases():
+                    i = _cases().index((rows, in_f, batch, threads))
+                    _run_case(results, i, rows, in_f, batch, threads, ("chunked",))
+            finally:
+                lib.lib.pk_set_chunk_bytes(before)
             return lib.isa, results
         finally:
             kernels.reset()
+
+
+def _run_case(results: dict, i: int, rows: int, in_f: int, batch: int, threads: int, tag) -> None:
+    act = ACTS[i % len(ACTS)]
+    for fmt in ("csr", "tiles", "bitmap", "nm"):
+        w, codes, scale, bias, x = _weights(rows, in_f, fmt == "nm")
+        nm = (2, 4 if in_f % 2 == 0 else 8) if fmt == "nm" else None
+        for kind in ("f32", "i8"):
+            if kind == "f32":
+                layer = SparseLinear.from_dense(w, bias, format=fmt, nm=nm, activation=act)
+            else:
+                layer = SparseLinear.from_dense(
+                    codes, bias, format=fmt, scale=scale, nm=nm, activation=act
+                )
+            key = (rows, in_f, batch, threads, fmt, kind, *tag)
+            results[key] = run_kernel(layer, x[:batch], threads)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +188,7 @@ def scalar() -> dict:
 
 
 def dense_reference(key: tuple) -> torch.Tensor:
-    rows, in_f, batch, threads, fmt, kind = key
+    rows, in_f, batch, threads, fmt, kind = key[:6]
     w, codes, scale, bias, x = _weights(rows, in_f, fmt == "nm")
     weight = w if kind == "f32" else codes.double() * scale.double().unsqueeze(1)
     y = x[:batch].double() @ weight.double().T + bias.double()
@@ -216,15 +237,17 @@ def test_vector_path_matches_scalar(name: str, march: str, isa: str, needs, scal
             assert fmt == "bitmap" and isa != "avx512+vbmi2", f"{key}: no kernel ran"
             continue
         ran.append(fmt)
-        # the scalar build has no bitmap kernel: its csr result is the reference for bitmap
-        ref = scalar[key if fmt != "bitmap" else (*key[:4], "csr", key[5])]
+        # the scalar build has no bitmap kernel: its csr result is the reference for bitmap;
+        # a chunked result is held to the unchunked one
+        ref = scalar[(*key[:4], "csr" if fmt == "bitmap" else fmt, key[5])]
         torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
     expected = {"csr", "tiles", "nm", "bitmap"} if isa == "avx512+vbmi2" else {"csr", "tiles", "nm"}
     assert set(ran) == expected
     with capsys.disabled():
         print(
             f"\nkernel path {name} (-march={march}): ran {', '.join(sorted(set(ran)))} "
-            f"x f32/int8 on {len(_cases())} shapes, equal to the scalar build"
+            f"x f32/int8 on {len(_cases())} shapes ({len(_chunked_cases())} also in forced "
+            "column chunks), equal to the scalar build"
         )
 
 

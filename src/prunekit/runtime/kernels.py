@@ -43,7 +43,7 @@ import torch  # noqa: F401  imported first: the kernels then bind to torch's Ope
 
 __all__ = ["KernelLibrary", "load", "why_unavailable", "cache_dir"]
 
-_ABI_VERSION = 6
+_ABI_VERSION = 7
 _SOURCE = "sparse_kernels.c"
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -184,6 +184,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pk_plan_size.restype = i64
     lib.pk_run.argtypes = [ptr, i64, ptr, ptr, ptr, i32]
     lib.pk_run.restype = i32
+    lib.pk_set_chunk_bytes.argtypes = [i64]
+    lib.pk_set_chunk_bytes.restype = i64
 
 
 def _library_path(cc: list[str], source: bytes, march: str) -> tuple[Path | None, str]:
