@@ -143,6 +143,11 @@ def test_a_shipped_recipe_is_named_by_its_name_not_its_installed_path() -> None:
     assert (recipe.source, recipe.name) == ("cnn-small", "cnn-small")
 
 
+def test_a_missing_path_that_ends_in_a_shipped_name_is_not_the_shipped_recipe(tmp_path) -> None:
+    with pytest.raises(RecipeError, match="no such file, and not a shipped recipe"):
+        load_recipe(str(tmp_path / "cnn-small"))
+
+
 def test_layer_patterns_that_match_nothing_are_named_before_anything_runs(tmp_path) -> None:
     """targets / ignore / per_layer patterns and a save's bits patterns are checked against
     the model before the dense model is measured, every stage at once, each with its place;

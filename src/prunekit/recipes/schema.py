@@ -164,7 +164,8 @@ def _read(recipe: Any) -> tuple[Any, str, str | None]:
         source = str(path)
         if not path.is_file():
             shipped = builtin_dir() / f"{path.name}.yaml"
-            if shipped.is_file() and path.suffix == "":
+            # a bare name only: 'foo/cnn-small' is a missing file, not the shipped cnn-small
+            if shipped.is_file() and path.suffix == "" and str(path) == path.name:
                 # named as `prunekit recipes` lists it, not by where the package is installed
                 path, source = shipped, path.name
             else:
