@@ -420,3 +420,35 @@ def test_input_groups_and_owners_keep_layers_with_one_input_on_one_rank() -> Non
     assert [owners["a.weight"], owners["c.weight"], owners["sometimes.weight"]] == expected
     alone = sparsegpt_owners(targets, world=2)
     assert list(alone.values()) == assign([sparsegpt_cost(*t.weight().shape) for t in targets], 2)
+
+
+def test_hf_calibration_runs_without_a_cache_and_stacks_samples() -> None:
+    """A Hugging Face model calibrated on bare input-id tensors (not only on dicts) runs with
+    use_cache=False: no per-sample cache reaches the blocks, so the samples stack into one
+    block call; bare tensors and dicts of the same ids give the same pruned weights."""
+    from conftest import tiny_llama
+    from prunekit.calibrate.sequential import capture_block_inputs, find_blocks
+
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 64, (1, 6), generator=gen) for _ in range(5)]
+    _, blocks = find_blocks(model)
+    for data in (ids, [{"input_ids": x} for x in ids]):
+        inputs = capture_block_inputs(model, blocks, data)
+        for _, kwargs in inputs:
+            assert kwargs.get("past_key_values", kwargs.get("cache")) is None
+        assert plan_chunks(inputs, batch_tokens=1000) == [[0, 1, 2, 3, 4]]
+    calls = []
+    hook = blocks[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        bare = copy.deepcopy(model)
+        oneshot(bare, ids, method="sparsegpt", sparsity=0.5, progress=False, inplace=True)
+    finally:
+        hook.remove()
+    # the five samples' capture (one call each, through the model) and then stacked calls only
+    assert len(calls) <= 5 + 3, len(calls)
+    named = copy.deepcopy(model)
+    data = [{"input_ids": x} for x in ids]
+    oneshot(named, data, method="sparsegpt", sparsity=0.5, progress=False, inplace=True)
+    for (name, a), b in zip(bare.state_dict().items(), named.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -38,6 +38,7 @@ then stops as soon as all of them have been entered, so the layers after them (a
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -125,11 +126,28 @@ def to_device(obj: Any, device: torch.device | str | None) -> Any:
     return obj
 
 
-def _without_cache(model: nn.Module, sample: Any) -> Any:
-    if isinstance(sample, dict) and hasattr(model, "config") and "use_cache" not in sample:
-        if getattr(model.config, "use_cache", None) is not None:
-            return {**sample, "use_cache": False}
-    return sample
+def _takes_use_cache(model: nn.Module) -> bool:
+    if getattr(getattr(model, "config", None), "use_cache", None) is None:
+        return False
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _call_without_cache(model: nn.Module, sample: Any) -> Any:
+    """Run the model on one sample with ``use_cache=False`` where it takes that argument, for
+    a dict, a tuple or a bare tensor of input ids alike: a key / value cache built per sample
+    is work thrown away, and each sample's own cache object reaches the blocks as an argument
+    that differs between samples, so they could not be stacked into one call."""
+    if not _takes_use_cache(model) or (isinstance(sample, dict) and "use_cache" in sample):
+        return run_model(model, sample)
+    if isinstance(sample, dict):
+        return model(**sample, use_cache=False)
+    if isinstance(sample, (tuple, list)):
+        return model(*sample, use_cache=False)
+    return model(sample, use_cache=False)
 
 
 @torch.no_grad()
@@ -141,7 +159,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, data: Iterable
     try:
         for sample in data:
             try:
-                run_model(model, _without_cache(model, sample))
+                _call_without_cache(model, sample)
             except _StopForward:
                 pass
             else:
