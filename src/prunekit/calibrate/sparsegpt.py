@@ -299,12 +299,16 @@ def _sweep(
         else:
             P1 = torch.zeros_like(W1, dtype=torch.bool)
         width = end - start
+        # the column loop works on the block transposed: each column a contiguous row, so
+        # that a step is three small ops on contiguous memory (where, divide, rank-1 update)
+        Wt, Et = W1.t().contiguous(), Err1.t()
+        Pt = P1.t()
         for s0 in range(0, width, sub_block):
             s1 = min(s0 + sub_block, width)
             for i in range(s0, s1):
                 if nm is not None and i % nm[1] == 0:
                     n, m = nm
-                    group = (W1[:, i : i + m] ** 2 / d1[None, i : i + m] ** 2).masked_fill(
+                    group = (Wt[i : i + m].t() ** 2 / d1[None, i : i + m] ** 2).masked_fill(
                         frozen1[:, i : i + m], float("-inf")
                     )
                     drop = torch.topk(group, m - n, dim=1, largest=False).indices
@@ -312,12 +316,13 @@ def _sweep(
                     P1[:, i : i + m] |= frozen1[:, i : i + m]
                 # the pruned entries' error (w - q) / [H^-1]_ii, spread over the later columns
                 # of the sub-block; column i itself keeps w, so Q1 is read off W1 at the end
-                err = torch.where(P1[:, i], W1[:, i], zero) / F1[i, i]
-                Err1[:, i] = err
-                W1[:, i + 1 : s1] -= torch.outer(err, F1[i, i + 1 : s1])
+                err = torch.where(Pt[i], Wt[i], zero).div_(F1[i, i])
+                Et[i] = err
+                Wt[i + 1 : s1] -= torch.outer(F1[i, i + 1 : s1], err)
             if s1 < width:  # the sub-block's errors reach the rest of the block at once
                 for r0, r1, _ in slices:  # per layer: the products of a layer solved alone
-                    W1[r0:r1, s1:] -= Err1[r0:r1, s0:s1] @ F1[s0:s1, s1:]
+                    Wt[s1:, r0:r1] -= (Err1[r0:r1, s0:s1] @ F1[s0:s1, s1:]).t()
+        W1 = Wt.t()
         W[:, start:end] = W1.masked_fill(P1, 0.0)
         pruned[:, start:end] = P1 | frozen1
         for r0, r1, _ in slices:
