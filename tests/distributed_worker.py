@@ -51,7 +51,8 @@ ONESHOT = {
     "wanda-whole": dict(method="wanda", sequential=False),
     "sparsegpt-whole": dict(method="sparsegpt", sequential=False),
     "sparsegpt-sensitivity": dict(method="sparsegpt", allocation="sensitivity", sparsity=0.6),
-    "wanda-sensitivity": dict(method="wanda", allocation="sensitivity"),
+    # 0.6: at 0.5 the tiny random model allocates uniformly, which would test nothing
+    "wanda-sensitivity": dict(method="wanda", allocation="sensitivity", sparsity=0.6),
     "magnitude-sensitivity": dict(method="magnitude", allocation="sensitivity"),
     "wanda-sensitivity-whole": dict(method="wanda", allocation="sensitivity", sequential=False),
     "sparsegpt-owl": dict(method="sparsegpt", allocation="owl", owl_lambda=0.1),
