@@ -136,12 +136,13 @@ def _takes_use_cache(model: nn.Module) -> bool:
     return "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def _call_without_cache(model: nn.Module, sample: Any) -> Any:
-    """Run the model on one sample with ``use_cache=False`` where it takes that argument, for
-    a dict, a tuple or a bare tensor of input ids alike: a key / value cache built per sample
-    is work thrown away, and each sample's own cache object reaches the blocks as an argument
-    that differs between samples, so they could not be stacked into one call."""
-    if not _takes_use_cache(model) or (isinstance(sample, dict) and "use_cache" in sample):
+def _call_without_cache(model: nn.Module, sample: Any, takes_use_cache: bool) -> Any:
+    """Run the model on one sample with ``use_cache=False`` where it takes that argument
+    (``takes_use_cache``, from :func:`_takes_use_cache`), for a dict, a tuple or a bare tensor
+    of input ids alike: a key / value cache built per sample is work thrown away, and each
+    sample's own cache object reaches the blocks as an argument that differs between samples,
+    so they could not be stacked into one call."""
+    if not takes_use_cache or (isinstance(sample, dict) and "use_cache" in sample):
         return run_model(model, sample)
     if isinstance(sample, dict):
         return model(**sample, use_cache=False)
@@ -156,10 +157,11 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, data: Iterable
     store: list = []
     first = blocks[0]
     blocks[0] = _Catcher(first, store)
+    takes_use_cache = _takes_use_cache(model)
     try:
         for sample in data:
             try:
-                _call_without_cache(model, sample)
+                _call_without_cache(model, sample, takes_use_cache)
             except _StopForward:
                 pass
             else:
