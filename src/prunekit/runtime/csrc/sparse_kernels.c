@@ -445,12 +445,16 @@ PK_EXPORT int64_t pk_set_chunk_bytes(int64_t bytes) {
     return before;
 }
 
-static int64_t chunk_columns(int64_t stride, int64_t in_pad, int64_t weight_bytes,
-                             double row_nnz) {
+/* Read PRUNEKIT_CHUNK_BYTES once, by the calling thread before any parallel region. */
+static void read_chunk_budget(void) {
     if (chunk_bytes < 0) {
         const char *env = getenv("PRUNEKIT_CHUNK_BYTES");
         chunk_bytes = env ? atoll(env) : 32768;
     }
+}
+
+static int64_t chunk_columns(int64_t stride, int64_t in_pad, int64_t weight_bytes,
+                             double row_nnz) {
     const int forced = forced_chunk_bytes >= 0;
     const int64_t budget = forced ? forced_chunk_bytes : chunk_bytes;
     if (budget <= 0 || (!forced && weight_bytes > PK_CHUNK_MAX_WEIGHT)) return in_pad;
@@ -493,6 +497,7 @@ static int spmm_many(const many_weight *w, int64_t batch, const float *x, float 
     const int64_t nnz = nm ? rows * w->row_nnz : w->rowptr[rows];
     const int64_t weight_bytes = nnz * (w->int8 ? 1 : 4) + (nm ? rows * w->row_bytes
                                                               : nnz * (w->kind == PK_K_CSR32 ? 4 : 2));
+    read_chunk_budget();
 #pragma omp parallel num_threads(nthreads)
     {
         int part, nparts;
