@@ -251,13 +251,100 @@ def test_latency_target_missed_within_reach_warns(monkeypatch) -> None:
     assert report.latency.ratio in (0.8, 0.3)
 
 
+# --------------------------------------------------------------------------- depth
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class Tower(nn.Module):
+    def __init__(self, n: int = 10) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(Residual() for _ in range(n))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def per_block_measure(fixed_ms: float, calls: list):
+    """A model's latency: ``fixed_ms`` plus 1 ms per block it still has."""
+
+    def measure(models, example_inputs, *, threads=None, **_):
+        calls.append(sorted(models))
+        ms = {name: fixed_ms + len(m.blocks) for name, m in models.items()}
+        return {"ms": ms, "batch": 4, "threads": 1, "repeats": 1, "device": "cpu"}
+
+    return measure
+
+
+def test_depth_target_latency_removes_the_lowest_scored_blocks(monkeypatch) -> None:
+    model = Tower().eval()
+    idle = [1, 2, 4, 6, 7, 9]
+    with torch.no_grad():
+        for i in idle:  # these blocks return their input: influence 0, they go first
+            model.blocks[i].down.weight.zero_()
+            model.blocks[i].down.bias.zero_()
+    calls: list = []
+    monkeypatch.setattr(latency_module, "measure", per_block_measure(2.0, calls))
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    report = pg.prune_structured(model, x, unit="layer", target_latency=0.5, progress=False)
+    # dense: 2 + 10 = 12 ms; 0.5 is 6 ms: exactly 6 blocks removed, the idle ones
+    assert sorted(report.removed_layers) == sorted(f"blocks.{i}" for i in idle)
+    assert len(report.model.blocks) == 4
+    assert report.latency.ratio == pytest.approx(0.5)
+    torch.testing.assert_close(report.model(x), model(x))
+    assert 1 <= len(calls) <= 8 and all(c == ["dense", "pruned"] for c in calls)
+    assert "target_latency 0.5" in report.notes[-1] and "6 of 10 blocks" in report.notes[-1]
+    assert report.settings["target_latency"] == 0.5
+
+
+@pytest.mark.parametrize("asked", [0.3, 0.62, 0.9])
+def test_depth_target_latency_lands_on_the_closest_count(monkeypatch, asked: float) -> None:
+    calls: list = []
+    monkeypatch.setattr(latency_module, "measure", per_block_measure(0.0, calls))
+    report = pg.prune_structured(Tower().eval(), torch.randn(4, 16), unit="layer",
+                                 target_latency=asked, progress=False)  # fmt: skip
+    assert len(report.model.blocks) == round(10 * asked)  # 1 ms per block, nothing fixed
+    assert report.latency.ratio == pytest.approx(round(10 * asked) / 10)
+
+
+def test_depth_target_latency_out_of_reach_says_so_and_changes_nothing(monkeypatch) -> None:
+    model = Tower().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(latency_module, "measure", per_block_measure(10.0, []))
+    # dense 20 ms; with every block but one gone (min_keep=1) still 11 ms: 0.55
+    with pytest.raises(
+        ValueError, match=r"target_latency=0.5 cannot be reached by removing layers"
+    ):
+        pg.prune_structured(model, torch.randn(4, 16), unit="layer", target_latency=0.5,
+                            inplace=True, progress=False)  # fmt: skip
+    assert len(model.blocks) == 10
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_width_out_of_reach_points_at_depth(monkeypatch) -> None:
+    dense = pg.count(convnet(), IMG).macs
+    monkeypatch.setattr(latency_module, "measure", fake_measure(dense, 0.9))
+    with pytest.raises(ValueError, match="unit='layer' removes whole blocks"):
+        pg.prune_structured(convnet(), IMG, target_latency=0.5, progress=False)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"target_latency": 1.5}, "target_latency must be a number in"),
         ({"target_latency": 0.0}, "target_latency must be a latency fraction"),
         ({"target_latency": 0.5, "target_macs": 0.5}, "not both"),
-        ({"target_latency": 0.5, "unit": "layer"}, "works with channel / head units"),
         ({"threads": 0}, "threads must be a positive integer"),
     ],
 )

@@ -16,6 +16,7 @@ Removal deletes the block from its container (Hugging Face ``layer_idx`` and
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from prunekit.compress.structured import remove_blocks
 from prunekit.graph.count import count
 from prunekit.graph.importance import batch_input, default_loss
+from prunekit.graph.latency import LATENCY_TOLERANCE, LATENCY_TRIES, Latency, measure_pair
 from prunekit.graph.plan import resolve_target
 from prunekit.graph.report import GroupRow, StructuredReport
 from prunekit.graph.surgery import verify
@@ -190,8 +192,10 @@ def prune_layers(
     inplace: bool,
     progress: bool,
     settings: dict[str, Any],
+    target_latency: float | None = None,
+    threads: int | None = None,
 ):
-    from prunekit.graph.hf import note_structure, remember_original_config
+    from prunekit.graph.hf import note_structure
 
     if importance not in LAYER_IMPORTANCE:
         raise ValueError(
@@ -225,7 +229,18 @@ def prune_layers(
         return sizes[c] - sum(1 for i in chosen if blocks[i][0] == c) - 1 >= min_keep
 
     chosen: list[int] = []
-    if target_macs is None and target_params is None:
+    latency = None
+    if target_latency is not None:
+        sequence: list[int] = []
+        for j in order:
+            if allowed(sequence, j):
+                sequence.append(j)
+        chosen, latency, note = _search_depth_latency(
+            model, example_inputs, blocks, sizes, sequence, target_latency, threads
+        )
+        notes.append(note)
+        settings["target_latency"] = target_latency
+    elif target_macs is None and target_params is None:
         k = int(round(ratio * len(blocks)))
         for j in order:
             if len(chosen) >= k:
@@ -267,27 +282,10 @@ def prune_layers(
                 if v is not None
             }
         )
-    removed = defaultdict(list)
-    for j in chosen:
-        removed[blocks[j][0]].append(blocks[j][1])
-    step = {
-        "kind": "depth",
-        "removed": [
-            {"container": c, "indices": sorted(idx), "before": sizes[c]}
-            for c, idx in removed.items()
-        ],
-    }
-
-    def apply(target: nn.Module) -> None:
-        remember_original_config(target)
-        for entry in step["removed"]:
-            remove_blocks(target, entry["container"], entry["indices"])
-
-    candidate = copy_model(model, "prune_structured", VERIFY_COPY)
-    apply(candidate)
-    verify(candidate, model, example_inputs)
+    step = _depth_step(blocks, sizes, chosen)
+    candidate = _without_blocks(model, step, example_inputs)
     if inplace:
-        apply(model)
+        _remove(model, step)
         candidate = model
     note_structure(candidate, step)
     after = count(candidate, example_inputs)
@@ -295,8 +293,126 @@ def prune_layers(
         (blocks[j][2] for j in chosen),
         key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")],
     )
-    rows = [
-        GroupRow(c, "layer", sizes[c], sizes[c] - len(removed.get(c, [])), [c])
-        for c in by_container
-    ]
-    return StructuredReport(candidate, before, after, rows, names, settings, notes)
+    gone = {e["container"]: len(e["indices"]) for e in step["removed"]}
+    rows = [GroupRow(c, "layer", sizes[c], sizes[c] - gone.get(c, 0), [c]) for c in by_container]
+    report = StructuredReport(candidate, before, after, rows, names, settings, notes)
+    if latency is not None:
+        report.latency = latency  # the search's side-by-side measurement of this very model
+    return report
+
+
+def _depth_step(blocks: list, sizes: dict[str, int], chosen: list[int]) -> dict[str, Any]:
+    """The structure record of removing blocks ``chosen`` (indices into ``blocks``)."""
+    removed: dict[str, list[int]] = defaultdict(list)
+    for j in chosen:
+        removed[blocks[j][0]].append(blocks[j][1])
+    return {
+        "kind": "depth",
+        "removed": [
+            {"container": c, "indices": sorted(idx), "before": sizes[c]}
+            for c, idx in removed.items()
+        ],
+    }
+
+
+def _remove(target: nn.Module, step: dict[str, Any]) -> None:
+    from prunekit.graph.hf import remember_original_config
+
+    remember_original_config(target)
+    for entry in step["removed"]:
+        remove_blocks(target, entry["container"], entry["indices"])
+
+
+def _without_blocks(model: nn.Module, step: dict[str, Any], example_inputs: Any) -> nn.Module:
+    """A copy of ``model`` without the blocks of ``step``, checked to run on the inputs."""
+    candidate = copy_model(model, "prune_structured", VERIFY_COPY)
+    _remove(candidate, step)
+    verify(candidate, model, example_inputs)
+    return candidate
+
+
+def _next_count(tries: dict[int, Latency], asked: float, last: int, most: int) -> int | None:
+    """The next number of blocks to remove: interpolated between the closest tries on either
+    side of ``asked`` once it is bracketed, extrapolated from the last try before. None: no
+    untried count is left that could come closer."""
+    slow = [k for k, t in tries.items() if t.ratio > asked]  # too few blocks removed
+    fast = [k for k, t in tries.items() if t.ratio <= asked]
+    if slow and fast:
+        lo, hi = max(slow), min(fast)
+        if hi - lo <= 1:
+            return None
+        r_lo, r_hi = tries[lo].ratio, tries[hi].ratio
+        step = (r_lo - asked) / max(r_lo - r_hi, 1e-9) * (hi - lo)
+        return min(max(lo + round(step), lo + 1), hi - 1)
+    r = tries[last].ratio
+    per_block = max((1.0 - r) / last, 1e-3) if last else 1e-3  # latency share of one block
+    wanted = round((1.0 - asked) / per_block)
+    if slow:
+        return None if last >= most else min(max(wanted, last + 1), most)
+    return None if last <= 1 else min(max(wanted, 1), last - 1)
+
+
+def _search_depth_latency(
+    model: nn.Module,
+    example_inputs: Any,
+    blocks: list,
+    sizes: dict[str, int],
+    sequence: list[int],
+    asked: float,
+    threads: int | None,
+) -> tuple[list[int], Latency, str]:
+    """The first k blocks of ``sequence`` (lowest scores first) for the k whose measured latency
+    ratio comes closest to ``asked``: a first guess from the blocks' MAC share, then steps
+    interpolated from the measured ratios (at most ``LATENCY_TRIES`` models timed)."""
+    if not sequence:
+        raise ValueError(
+            f"target_latency={asked} cannot be reached by removing layers: no block may go "
+            "(min_keep). Nothing was changed."
+        )
+    before = count(model, example_inputs)
+    macs = {r.name: r.macs for r in before.layers}
+
+    def block_macs(name: str) -> int:
+        return sum(m for n, m in macs.items() if n == name or n.startswith(name + "."))
+
+    left, k = before.macs, 0
+    while k < len(sequence) and left > asked * before.macs:
+        left -= block_macs(blocks[sequence[k]][2])
+        k += 1
+    k = max(k, 1)
+    tries: dict[int, Latency] = {}
+    for _ in range(LATENCY_TRIES):
+        candidate = _without_blocks(model, _depth_step(blocks, sizes, sequence[:k]), example_inputs)
+        tries[k] = measure_pair(
+            model, candidate, example_inputs, threads, budget_s=3.0, min_repeats=5
+        )
+        del candidate
+        if abs(tries[k].ratio / asked - 1) <= LATENCY_TOLERANCE:
+            break
+        following = _next_count(tries, asked, k, len(sequence))
+        if following is None or following in tries:
+            break
+        k = following
+    best = min(tries, key=lambda n: abs(tries[n].ratio / asked - 1))
+    lat = tries[best]
+    steps = ", ".join(f"{n} -> {t.ratio:.2f}" for n, t in tries.items())
+    if lat.ratio > asked * (1 + LATENCY_TOLERANCE) and len(sequence) in tries:
+        raise ValueError(
+            f"target_latency={asked} cannot be reached by removing layers: without all "
+            f"{len(sequence)} removable blocks the model measures {tries[len(sequence)].pruned_ms:.3g} "
+            f"ms against {tries[len(sequence)].dense_ms:.3g} ms dense (blocks removed -> latency "
+            f"ratio: {steps}). Nothing was changed."
+        )
+    if abs(lat.ratio / asked - 1) > LATENCY_TOLERANCE:
+        warnings.warn(
+            f"prunekit: target_latency={asked} not reached within "
+            f"{100 * LATENCY_TOLERANCE:.0f} %: the closest measured ratio is {lat.ratio:.2f} with "
+            f"{best} blocks removed (blocks removed -> latency ratio: {steps})",
+            stacklevel=4,
+        )
+    note = (
+        f"target_latency {asked}: measured latency ratio {lat.ratio:.2f} with {best} of "
+        f"{len(blocks)} blocks removed, after {len(tries)} tries (blocks removed -> latency "
+        f"ratio: {steps})"
+    )
+    return sequence[:best], lat, note

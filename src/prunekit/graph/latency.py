@@ -34,6 +34,9 @@ CPU_LANES = {"AVX512": 16, "AVX2": 8}
 DEFAULT_ROUND_TO: dict[str, int] = {"cuda": 8}
 FALLBACK_ROUND_TO = 8
 
+LATENCY_TOLERANCE = 0.05  # relative distance to the asked latency ratio that ends a search
+LATENCY_TRIES = 8  # pruned models built and timed by a target_latency search, at most
+
 
 def cpu_round_to() -> int:
     """16 where torch's CPU kernels use AVX-512, 8 otherwise (AVX2 and anything unmeasured)."""
@@ -173,6 +176,47 @@ def measure(
         "repeats": repeats,
         "device": report.settings["device"],
     }
+
+
+def measure_pair(
+    dense: nn.Module,
+    pruned: nn.Module,
+    example_inputs: Any,
+    threads: int | None,
+    dense_alone: dict[str, Any] | None = None,
+    budget_s: float = 1.0,
+    min_repeats: int = 3,
+) -> Latency:
+    """Dense and pruned timed side by side (or the pruned alone, when ``dense`` was pruned in
+    place and ``dense_alone`` holds its earlier :func:`measure` of it).
+
+    Example:
+        >>> import torch
+        >>> lat = measure_pair(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4), torch.randn(2, 8),
+        ...                    threads=1, budget_s=0.01)
+        >>> lat.batch, lat.threads
+        (2, 1)
+    """
+    if dense_alone is not None:
+        got = measure({"pruned": pruned}, example_inputs, threads=threads)
+        dense_ms = dense_alone["ms"]["dense"]
+    else:
+        got = measure(
+            {"dense": dense, "pruned": pruned},
+            example_inputs,
+            threads=threads,
+            budget_s=budget_s,
+            min_repeats=min_repeats,
+        )
+        dense_ms = got["ms"]["dense"]
+    return Latency(
+        dense_ms=dense_ms,
+        pruned_ms=got["ms"]["pruned"],
+        batch=got["batch"],
+        threads=got["threads"],
+        repeats=got["repeats"],
+        device=got["device"],
+    )
 
 
 def module_times(

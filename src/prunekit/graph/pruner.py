@@ -18,7 +18,7 @@ from prunekit.graph.depth import prune_layers
 from prunekit.graph.groups import Group, build_groups
 from prunekit.graph.importance import NORMALIZATIONS, REDUCTIONS, get_importance, score_groups
 from prunekit.graph.importance import normalize as normalize_scores
-from prunekit.graph.latency import Latency, default_round_to
+from prunekit.graph.latency import LATENCY_TOLERANCE, LATENCY_TRIES, Latency, default_round_to
 from prunekit.graph.plan import CostModel, Selection, resolve_target, restore, select
 from prunekit.graph.reconstruct import ReconstructConfig, copy_changed, reconstruct_
 from prunekit.graph.reconstruct import resolve as resolve_reconstruct
@@ -207,9 +207,12 @@ def prune_structured(
         inplace: change ``model`` itself (after the pruned copy was verified).
         progress: progress bars for data passes.
         target_latency: prune until the *measured* latency on ``example_inputs`` is this fraction
-            of the dense model's, in (0, 1) (channel / head units): MAC targets are tried and
-            the pruned model timed against dense until the ratio is within 5 % (at most 8
-            tries; the report says what was reached). Time it at the batch you will serve.
+            of the dense model's, in (0, 1): channel / head units try MAC targets, and
+            ``unit="layer"`` numbers of removed blocks (lowest scores first), timing the pruned
+            model against dense until the ratio is within 5 % (at most 8 tries; the report
+            says what was reached). Time it at the batch you will serve. Where fixed costs
+            keep widths from reaching the ratio (a CIFAR ResNet-56 at 0.72x with every
+            prunable channel gone), the error says so; removing blocks can reach it.
         measure_latency: time dense and pruned on ``example_inputs`` (about a second each) and
             put the result in ``report.latency``; False skips it.
         threads: torch intra-op threads for every latency measurement (None: the current
@@ -266,11 +269,6 @@ def prune_structured(
         if target_macs is not None:
             raise ValueError(
                 "give target_latency or target_macs, not both (target_latency searches the MACs)"
-            )
-        if units == {"layer"}:
-            raise ValueError(
-                "target_latency works with channel / head units; for unit='layer' use "
-                "target_macs or target_params"
             )
     if threads is not None and (
         isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
@@ -333,7 +331,7 @@ def prune_structured(
 
         dense_ms = (
             _latency.measure({"dense": model}, example_inputs, threads=threads)
-            if measure_latency and inplace
+            if measure_latency and inplace and target_latency is None
             else None
         )
         report = prune_layers(
@@ -352,9 +350,13 @@ def prune_structured(
             inplace=inplace,
             progress=progress,
             settings=settings,
+            target_latency=target_latency,
+            threads=threads,
         )
-        if measure_latency:
-            report.latency = _measure_pair(model, report.model, example_inputs, threads, dense_ms)
+        if measure_latency and report.latency is None:
+            report.latency = _latency.measure_pair(
+                model, report.model, example_inputs, threads, dense_ms
+            )
         return report
 
     # with a repair, rank units by what the repair cannot restore (FLAP's fluctuation):
@@ -474,7 +476,7 @@ def prune_structured(
             candidate = _surgery_verified(
                 model, graph, selection.roots(groups), example_inputs, False, pin_outputs
             )
-            measured = _measure_pair(
+            measured = _latency.measure_pair(
                 model, candidate, example_inputs, threads, budget_s=3.0, min_repeats=5
             )
             del candidate
@@ -555,7 +557,7 @@ def prune_structured(
     )
     after = count(pruned, example_inputs)
     if measure_latency and latency is None:
-        latency = _measure_pair(model, pruned, example_inputs, threads, dense_ms)
+        latency = _latency.measure_pair(model, pruned, example_inputs, threads, dense_ms)
     rows = [
         GroupRow(
             g.name,
@@ -724,42 +726,7 @@ def _hardware_pick(
     return selection, reached, latency
 
 
-def _measure_pair(
-    dense: nn.Module,
-    pruned: nn.Module,
-    example_inputs: Any,
-    threads: int | None,
-    dense_alone: dict[str, Any] | None = None,
-    budget_s: float = 1.0,
-    min_repeats: int = 3,
-) -> Latency:
-    """Dense and pruned timed side by side (or the pruned alone, when ``dense`` was pruned in
-    place and ``dense_alone`` holds its earlier measurement)."""
-    if dense_alone is not None:
-        got = _latency.measure({"pruned": pruned}, example_inputs, threads=threads)
-        dense_ms = dense_alone["ms"]["dense"]
-    else:
-        got = _latency.measure(
-            {"dense": dense, "pruned": pruned},
-            example_inputs,
-            threads=threads,
-            budget_s=budget_s,
-            min_repeats=min_repeats,
-        )
-        dense_ms = got["ms"]["dense"]
-    return Latency(
-        dense_ms=dense_ms,
-        pruned_ms=got["ms"]["pruned"],
-        batch=got["batch"],
-        threads=got["threads"],
-        repeats=got["repeats"],
-        device=got["device"],
-    )
-
-
-LATENCY_TOLERANCE = 0.05  # relative distance to the asked latency ratio that ends the search
 LATENCY_CORRECTIONS = 2  # re-allocations under a corrected budget when the measurement is over
-LATENCY_TRIES = 8
 
 
 def _search_latency(
@@ -789,7 +756,9 @@ def _search_latency(
         candidate = _surgery_verified(
             model, graph, selection.roots(groups), example_inputs, False, pin_outputs
         )
-        lat = _measure_pair(model, candidate, example_inputs, threads, budget_s=3.0, min_repeats=5)
+        lat = _latency.measure_pair(
+            model, candidate, example_inputs, threads, budget_s=3.0, min_repeats=5
+        )
         del candidate
         tries.append((reached, lat, selection))
         r = lat.ratio
@@ -827,8 +796,9 @@ def _search_latency(
             f"{sorted({g.kind for g in groups})} units: the fastest model tried measures "
             f"{fastest.pruned_ms:.3g} ms against {fastest.dense_ms:.3g} ms dense (ratio "
             f"{fastest.ratio:.2f}, batch {fastest.batch}, {fastest.threads} thread{'' if fastest.threads == 1 else 's'}; MACs -> "
-            f"latency ratio: {steps}), down to the smallest model these units allow. Nothing "
-            "was changed."
+            f"latency ratio: {steps}), down to the smallest model these units allow: the "
+            "rest of the time does not shrink with the widths. unit='layer' removes whole "
+            "blocks, and their fixed costs with them. Nothing was changed."
         )
     if abs(lat.ratio / asked - 1) > LATENCY_TOLERANCE:
         warnings.warn(
