@@ -21,6 +21,10 @@ For batch 32 and batch 1, with ``--threads`` (default 2) torch threads:
    widths (per-op overhead, pinned channels such as option-A shortcuts, attention). With that
    share fixed and the rest scaled by the MACs, the speedup widths alone can be expected to
    give; a miss below that is marked ``FAIL (floor)``.
+4. depth (``--no-depth`` skips it): ``unit="layer"`` with ``target_macs=0.5`` (speedup against
+   the MAC ratio, as in 1) and with ``target_latency=0.5`` (as in 2): removing whole blocks
+   removes their fixed costs too, which widths cannot. Labelled rows after the default ones;
+   the verdicts of 1 and 2 stay on the default unit.
 
     .venv/bin/python benchmarks/structured_speed.py                    # everything
     .venv/bin/python benchmarks/structured_speed.py --models resnet56 --batches 32
@@ -223,12 +227,15 @@ def doc_figure(found: dict[tuple[str, int], dict[str, str]], threads: int) -> st
     MAC cut and measured speedup, and where ``target_latency=0.5`` landed."""
     rows = [
         [name, batch, cells.get("mac_x", "-"), cells.get("speed", "-"), cells.get("share", "-"),
-         cells.get("floor", "-"), cells.get("bound", "-"), cells.get("latency", "-")]
+         cells.get("floor", "-"), cells.get("bound", "-"), cells.get("latency", "-"),
+         cells.get("depth_speed", "-"), cells.get("depth_latency", "-")]
         for (name, batch), cells in found.items()
     ]  # fmt: skip
     head = ["model", "batch", "fewer MACs (`target_macs=0.5`)", "speedup",
             "speedup / MAC ratio", "time that does not shrink", "speedup if the rest scaled with the MACs",
-            "`target_latency=0.5`: latency / dense (MACs)"]  # fmt: skip
+            "`target_latency=0.5`: latency / dense (MACs)",
+            "`unit=\"layer\"`, `target_macs=0.5`: speedup at fewer MACs (/ MAC ratio)",
+            "`unit=\"layer\"`, `target_latency=0.5`: latency / dense (MACs)"]  # fmt: skip
     return figure(
         "structured-speed",
         md_table(head, rows) + f"\n\n{threads} thread(s); random weights; speedup: median of "
@@ -236,8 +243,50 @@ def doc_figure(found: dict[tuple[str, int], dict[str, str]], threads: int) -> st
         "after the search. Time that does not shrink: the share of dense time the smallest "
         "channel-pruned model (ratio 0.99, round_to=1) still takes; the speedup "
         "if that time stayed and the rest scaled with the reached MACs is what widths alone "
-        "can be expected to give; the target is 0.85x the MAC ratio.",
+        "can be expected to give; the target is 0.85x the MAC ratio. The last two columns "
+        "remove whole blocks instead (depth; lowest block influence first), which takes "
+        "their fixed costs along.",
     )
+
+
+def depth_rows(dense: nn.Module, x: object, name: str, batch: int, args, rows: list,
+               cells: dict) -> None:  # fmt: skip
+    """Part 4: ``unit="layer"`` at ``target_macs=0.5`` and at ``target_latency=0.5`` (labelled
+    rows, no verdict on the defaults)."""
+    for label, kwargs in (
+        ("layer, target_macs=0.5", {"target_macs": 0.5}),
+        ("layer, target_latency=0.5", {"target_latency": 0.5, "threads": args.threads}),
+    ):
+        start = time.time()
+        try:
+            report = prunekit.prune_structured(dense, x, unit="layer", progress=False, **kwargs)
+        except ValueError as exc:
+            rows.append([name, batch, label] + ["-"] * 5 + ["unreachable", "-",
+                         f"{time.time() - start:.0f}", "-"])  # fmt: skip
+            print(f"{name} batch {batch}: unit={label} -> {exc}", flush=True)
+            continue
+        took = time.time() - start
+        d_ms, p_ms, best = timed(dense, report.model, x, args)
+        mac_x = report.macs_before / report.macs_after
+        speed = d_ms / p_ms
+        if "target_macs" in kwargs:
+            ok = speed >= 0.85 * mac_x
+            measure = f"{speed / mac_x:.2f}"
+            cells["depth_speed"] = f"{speed:.2f}x at {mac_x:.2f}x ({speed / mac_x:.2f})"
+        else:
+            ok = abs(p_ms / d_ms / 0.5 - 1) <= 0.10
+            measure = f"ratio {p_ms / d_ms:.3f}"
+            cells["depth_latency"] = f"{p_ms / d_ms:.3f} ({report.macs_ratio:.3f})"
+        rows.append([name, batch, label, f"{report.macs_ratio:.3f}", f"{mac_x:.2f}x",
+                     f"{d_ms:.2f}", f"{p_ms:.2f}", f"{speed:.2f}x", measure, f"{1 / best:.2f}x",
+                     f"{took:.0f}", "pass" if ok else "miss"])  # fmt: skip
+        print(
+            f"{name} batch {batch}: unit={label}: {len(report.removed_layers)} blocks "
+            f"removed, MACs x{report.macs_ratio:.3f}, speedup {speed:.2f}x (latency ratio "
+            f"{p_ms / d_ms:.3f}) -> {'pass' if ok else 'miss'}"
+            + (f"; {report.notes[-1]}" if "target_latency" in kwargs else ""),
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -259,6 +308,12 @@ def main() -> None:
         "the time that does not shrink with the widths, and the speedup at the reached MACs "
         "that a time of floor + the rest scaled by the MACs would give (what widths alone can "
         "be expected to give; a miss below it is marked 'FAIL (floor)')",
+    )
+    parser.add_argument(
+        "--no-depth",
+        dest="depth",
+        action="store_false",
+        help="skip the depth rows (unit='layer' with target_macs=0.5 and target_latency=0.5)",
     )
     parser.add_argument(
         "--round-to", type=int, default=None, help="pass round_to (default: leave it out)"
@@ -344,6 +399,8 @@ def main() -> None:
                         f"(bar {0.85 * mac_x:.2f}x)",
                         flush=True,
                     )
+            if args.depth:
+                depth_rows(dense, x, name, batch, args, rows, cells)
             if args.no_latency_target:
                 continue
             start = time.time()
@@ -414,6 +471,7 @@ def main() -> None:
         and not (args.no_latency_target or args.latency_only)
         and args.round_to is None
         and args.floor
+        and args.depth
         and (args.reps, args.rounds) == (10, 5)
     )
     if full:  # the documented run; a partial one must not overwrite the table
