@@ -99,7 +99,7 @@ BENCHMARKS = [
           "--calib-samples", "32"), "docs/analysis.md", figures=("analysis-allocation",)),
     Bench("minilm_allocation", ("benchmarks/minilm_allocation.py",), "docs/analysis.md MiniLM row",
           figures=("analysis-allocation-minilm",)),
-    Bench("mnist_finetune_defaults", ("benchmarks/mnist_finetune_defaults.py",),
+    Bench("mnist_finetune_defaults", ("benchmarks/mnist_finetune_defaults.py", "--threads", "1"),
           "docs/training.md finetune defaults (MNIST CNN)", figures=("training-finetune-mnist",)),
     Bench("llm_finetune_defaults", ("benchmarks/llm_finetune_defaults.py", "--seed", "0", "1",
           "--threads", "1"), "docs/training.md finetune defaults (character Llama)",
