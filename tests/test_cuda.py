@@ -69,7 +69,7 @@ def test_oneshot_blocks_on_cuda_match_cpu(method: str, calib) -> None:
     cpu = prunekit.oneshot(tiny_llama(), calib, method=method, progress=False)
     model = tiny_llama()
     seen = DeviceSeen(model)
-    gpu = prunekit.oneshot(model, calib, method=method, device="cuda", progress=False)
+    gpu = prunekit.oneshot(model, calib, method=method, device="cuda", inplace=True, progress=False)
     seen.remove()
     assert "cuda" in seen.devices  # the blocks really computed on the GPU ...
     assert all(p.device.type == "cpu" for p in gpu.model.parameters())  # ... and came back

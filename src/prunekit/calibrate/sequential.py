@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.calibrate.stats import run_model, samples_in_call
+from prunekit.calibrate.stats import input_device, run_model, samples_in_call, to_device
 from prunekit.masks import MASK_SUFFIX, MaskedModule
 
 BATCH_TOKENS = 8192
@@ -111,21 +111,6 @@ def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, nn.Mo
     return best
 
 
-def to_device(obj: Any, device: torch.device | str | None) -> Any:
-    """Move every tensor inside nested tuples / lists / dicts to ``device``."""
-    if device is None:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
 def _takes_use_cache(model: nn.Module) -> bool:
     if getattr(getattr(model, "config", None), "use_cache", None) is None:
         return False
@@ -144,6 +129,7 @@ def _call_without_cache(model: nn.Module, sample: Any, takes_use_cache: bool) ->
     so they could not be stacked into one call."""
     if not takes_use_cache or (isinstance(sample, dict) and "use_cache" in sample):
         return run_model(model, sample)
+    sample = to_device(sample, input_device(model))
     if isinstance(sample, dict):
         return model(**sample, use_cache=False)
     if isinstance(sample, (tuple, list)):

@@ -288,8 +288,34 @@ def hessian_from_sum(total: torch.Tensor, rows: int) -> torch.Tensor:
     return (total * (2.0 / rows)).float()
 
 
+def to_device(obj: Any, device: torch.device | str | None) -> Any:
+    """Move every tensor inside nested tuples / lists / dicts to ``device``."""
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def input_device(model: nn.Module) -> torch.device | None:
+    """The device of the model's first parameter (its embedding, for a language model): where
+    a calibration sample must be for the model to take it. None for a model without parameters."""
+    first = next(model.parameters(), None)
+    if first is None or first.device.type == "meta":  # a skeleton: its parts load elsewhere
+        return None
+    return first.device
+
+
 def run_model(model: nn.Module, sample: Any) -> Any:
-    """Call the model on one sample: a dict of keyword arguments, a tuple, or a tensor."""
+    """Call the model on one sample: a dict of keyword arguments, a tuple, or a tensor, moved
+    to the model's :func:`input_device` first (calibration sets are built on the CPU)."""
+    sample = to_device(sample, input_device(model))
     if isinstance(sample, dict):
         return model(**sample)
     if isinstance(sample, (tuple, list)):
