@@ -307,6 +307,15 @@ def _collect(model, data, batch_tokens, sparsity=0.5):
     return seen
 
 
+def _matmul_ignores_row_count() -> bool:
+    """Whether this machine's float32 matrix product gives a row the same bits whatever the
+    number of rows (true of this project's CI CPUs; an Intel Xeon with AMX, torch 2.11, gave
+    15-row and 5-row products that differ in the last bits)."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(15, 8, generator=g), torch.randn(8, 8, generator=g)
+    return torch.equal(torch.nn.functional.linear(x, w)[:5], torch.nn.functional.linear(x[:5], w))
+
+
 @pytest.mark.parametrize("mix", [False, True], ids=["stackable", "mixing-falls-back"])
 def test_stacked_blocks_equal_one_sample_per_call(mix) -> None:
     torch.manual_seed(0)
@@ -314,9 +323,14 @@ def test_stacked_blocks_equal_one_sample_per_call(mix) -> None:
     data = [torch.randn(1, 5, 4) for _ in range(7)]
     slow = _collect(copy.deepcopy(dense), data, batch_tokens=0)
     fast = _collect(copy.deepcopy(dense), data, batch_tokens=15)
+    bitwise = _matmul_ignores_row_count()
     for index in slow:
         for key in ("norm", "hessian"):
-            assert torch.equal(slow[index][key], fast[index][key]), (index, key)
+            if bitwise or index == 0:  # block 0 sees the captured inputs themselves
+                assert torch.equal(slow[index][key], fast[index][key]), (index, key)
+            else:  # the earlier blocks' stacked outputs: equal up to float rounding
+                torch.testing.assert_close(slow[index][key], fast[index][key], rtol=1e-5,
+                                           atol=1e-6, msg=str((index, key)))  # fmt: skip
 
 
 def test_chunks_split_where_arguments_differ_and_at_the_token_budget() -> None:

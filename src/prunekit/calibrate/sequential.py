@@ -19,7 +19,10 @@ the CPU.
 Speed: consecutive samples whose other block arguments agree (same rotary embeddings, masks...)
 are stacked along dim 0 and run through the block together, in chunks of at most
 ``batch_tokens`` tokens (memory stays bounded); the statistics hooks still see them sample by
-sample (:func:`prunekit.calibrate.stats.samples_in_call`). The default chunk depends on where
+sample (:func:`prunekit.calibrate.stats.samples_in_call`). The outputs are those of one sample
+per call bit for bit where the matrix products give a row the same bits whatever the row count
+(the CPUs this project is tested on); elsewhere (an Intel Xeon with AMX, torch 2.11) they agree
+up to float rounding. The default chunk depends on where
 the block runs: on a CPU, as many tokens as keep one chunk's hidden states within
 :data:`CPU_BATCH_BYTES` (1024 tokens of a 256-wide float32 model), so that the chunk's
 activations stay in the core's caches (larger chunks ran a Llama block up to 3x slower per
