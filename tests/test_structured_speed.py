@@ -332,6 +332,19 @@ def test_depth_target_latency_out_of_reach_says_so_and_changes_nothing(monkeypat
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.parametrize("overhead", [0.0, 0.6])
+def test_a_speedup_short_of_the_mac_ratio_points_at_depth(monkeypatch, overhead: float) -> None:
+    model, x = Tower().eval(), torch.randn(4, 16)
+    dense = pg.count(model, x).macs
+    monkeypatch.setattr(latency_module, "measure", fake_measure(dense, overhead))
+    report = pg.prune_structured(model, x, target_macs=0.5, round_to=1, progress=False)
+    hints = [n for n in report.notes if "unit='layer' removes whole blocks" in n]
+    if overhead == 0.0:  # the time follows the MACs: nothing to say
+        assert not hints
+    else:  # 0.6 + 0.4 * ~0.5 of the time is left: about 1.25x at about 2x fewer MACs
+        assert len(hints) == 1 and "10 removable" in hints[0]
+
+
 def test_width_out_of_reach_points_at_depth(monkeypatch) -> None:
     dense = pg.count(convnet(), IMG).macs
     monkeypatch.setattr(latency_module, "measure", fake_measure(dense, 0.9))

@@ -558,6 +558,10 @@ def prune_structured(
     after = count(pruned, example_inputs)
     if measure_latency and latency is None:
         latency = _latency.measure_pair(model, pruned, example_inputs, threads, dense_ms)
+    if latency is not None and after.macs > 0:
+        hint = _depth_hint(pruned, example_inputs, latency, before.macs / after.macs)
+        if hint:
+            notes.append(hint)
     rows = [
         GroupRow(
             g.name,
@@ -570,6 +574,30 @@ def prune_structured(
         for g in groups
     ]
     return StructuredReport(pruned, before, after, rows, [], settings, notes, latency)
+
+
+SPEED_SHORTFALL = 0.85  # a measured speedup below this share of the MAC ratio gets a depth hint
+
+
+def _depth_hint(pruned: nn.Module, example_inputs: Any, latency: Latency, mac_x: float) -> str:
+    """A note when the measured speedup falls well short of the MAC ratio and the model has
+    blocks that ``unit="layer"`` could remove ("" otherwise)."""
+    if mac_x < 1.25 or latency.speedup >= SPEED_SHORTFALL * mac_x:
+        return ""
+    from prunekit.graph.depth import find_blocks
+
+    try:
+        blocks = find_blocks(pruned, example_inputs)
+    except (RuntimeError, ValueError, TypeError):
+        return ""
+    if not blocks:
+        return ""
+    return (
+        f"measured speedup {latency.speedup:.2f}x at {mac_x:.2f}x fewer MACs: much of the time "
+        "(per-layer costs, layers whose width is pinned) does not shrink with the widths here. "
+        f"unit='layer' removes whole blocks ({len(blocks)} removable) and their fixed costs "
+        "with them; with target_latency= it searches by measured latency"
+    )
 
 
 def _drop_ignored(groups: list[Group], patterns: list[str]) -> list[Group]:
