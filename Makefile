@@ -60,5 +60,11 @@ mutation-head: $(STAMP)
 	cd $(MUTATION_HEAD_DIR) && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(abspath $(VENV))/bin/mutmut run --max-children $(MUTATION_JOBS) $(foreach m,$(MUTANTS),'$(m)'); \
 	status=$$?; $(abspath $(PY)) tools/mutation_report.py --survivors; exit $$status
 
+# On a machine with a CUDA GPU and its own torch (not this CPU .venv): the verbs on the GPU
+# against the same calls on the CPU (tests/test_cuda.py, and the one-shot device test).
+GPU_PYTHON ?= python3
+gpu-check:
+	cd tests && PYTHONPATH=../src $(GPU_PYTHON) -m pytest -q -rs -p no:cacheprovider test_cuda.py test_oneshot.py -k cuda
+
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis mutants
