@@ -14,6 +14,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.calibrate.data import CalibrationSet, calibration
+from prunekit.calibrate.precision import (
+    calibration_dtype_name,
+    compute_autocast,
+    resolve_calibration_dtype,
+)
 from prunekit.calibrate.progress import (
     OneshotProgress,
     Stage,
@@ -28,6 +33,7 @@ from prunekit.calibrate.stats import (
     check_calibratable,
     check_targets_run,
     collect_input_stats,
+    input_device,
     run_model,
 )
 from prunekit.distributed import barrier, is_distributed, is_main, rank, shard_samples
@@ -115,6 +121,9 @@ class _Pruner:
     per_layer: dict[str, float] = field(default_factory=dict)
     owners: dict[str, int] = field(default_factory=dict)
     """Under torch.distributed: the rank that solves each SparseGPT layer."""
+    compute_dtype: torch.dtype | None = None
+    """The autocast dtype of the calibration forwards (None: the model's own dtype, no
+    autocast); see :mod:`prunekit.calibrate.precision`."""
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -259,6 +268,7 @@ def oneshot(
     block_size: int = 128,
     damp: float = 0.01,
     device: str | torch.device | None = None,
+    calibration_dtype: str | torch.dtype | None = None,
     seed: int = 0,
     inplace: bool = False,
     progress: bool = True,
@@ -296,6 +306,15 @@ def oneshot(
         owl_lambda: OWL's lambda, the largest deviation from the target sparsity.
         block_size, damp: SparseGPT's column block size and damping fraction.
         device: run each block there (e.g. ``"cuda"``) and move it back; the rest stays put.
+        calibration_dtype: ``None`` / ``"float32"`` (default: the calibration forwards run in
+            the model's dtype, results independent of the CPU), ``"bfloat16"`` (the forwards'
+            matrix products run under ``torch.autocast`` in bfloat16: faster where the CPU has
+            native bfloat16 dot products (AVX512-BF16, AMX) or on a GPU, with a warning on a
+            CPU without them) or ``"float16"`` (blocks on CUDA only). The statistics (Wanda's
+            norms, SparseGPT's Hessians) are still computed in float32 / float64 from the
+            layer inputs cast up, and the hidden states passed between blocks keep the
+            model's dtype; see :mod:`prunekit.calibrate.precision`. The sensitivity
+            measurement of ``allocation="sensitivity"`` runs in the model's dtype.
         inplace: prune ``model`` itself (recommended for large models); default: a copy. If
             the call is interrupted (``KeyboardInterrupt``, an error), the block in progress is
             rolled back, and a model with finished blocks carries
@@ -336,6 +355,9 @@ def oneshot(
         calib = calibration(calib)
     if len(calib) == 0:
         raise ValueError("calib holds no sample")
+    dtype_name = calibration_dtype_name(calibration_dtype)  # ValueError naming what is accepted
+    run_on = device if device is not None else input_device(model)
+    compute_dtype = resolve_calibration_dtype(dtype_name, run_on)
     local = shard_samples(calib)  # under torch.distributed: this rank's contiguous share
     progress = progress and is_main()
     check_marker(model, checkpoint, propagate)
@@ -371,6 +393,7 @@ def oneshot(
         progress,
     )
     pruner.per_layer = dict(overrides)
+    pruner.compute_dtype = compute_dtype
     found = find_blocks(model, blocks) if sequential else None
     if found is None:
         stages = [Stage("all", usable)]
@@ -400,6 +423,8 @@ def oneshot(
             "calibration": [len(calib), data_digest(calib)],
             "model_sha256": model_digest(model, usable),
         }
+        if compute_dtype is not None:  # absent on the default path: older checkpoints resume
+            fingerprint["calibration_dtype"] = dtype_name
     tracker = OneshotProgress(model, stages, checkpoint, fingerprint or {}, inplace)
     tracker.writer = is_main()  # under torch.distributed only rank 0 writes the checkpoint
     tracker.open()  # validates an existing checkpoint against the model before any change
@@ -436,6 +461,7 @@ def oneshot(
         "sparsity": sparsity,
         "allocation": allocation,
         "calibration": calib.description,
+        "calibration_dtype": dtype_name,
         "wall_time_s": round(elapsed, 3),
         "peak_memory_mb": round(memory.peak_mb, 1),
     }
@@ -509,18 +535,22 @@ def _prune_all_at_once(
 ) -> None:
     wanted = pruner.need | ({"norm"} if allocation == "owl" else set())
     stats = {}
+    # the whole model's forwards in the calibration dtype (the statistics stay in float32)
+    autocast = compute_autocast(pruner.compute_dtype, input_device(model))
     if wanted and is_distributed():
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad(), InputStats(targets, wanted, keep_parts=True) as collected:
                 for sample in calib:
-                    run_model(model, sample)
+                    with autocast:
+                        run_model(model, sample)
         finally:
             model.train(was_training)
         stats = _reduced(collected, targets, pruner)
     elif wanted:
-        stats = collect_input_stats(model, targets, calib, wanted, progress=pruner.progress)
+        with autocast:
+            stats = collect_input_stats(model, targets, calib, wanted, progress=pruner.progress)
     per_layer = [pruner.sparsity] * len(targets)
     if allocation == "owl":
         per_layer = pruner.owl([[t] for t in targets], stats)
@@ -598,6 +628,7 @@ def _prune_sequentially(
             propagate="dense",
             device=device,
             progress=bar("oneshot (OWL pass)"),
+            compute_dtype=pruner.compute_dtype,
         )
         used = [i for i, g in enumerate(groups) if g]
         for i, s in zip(used, pruner.owl([groups[i] for i in used], stats), strict=True):
@@ -636,6 +667,7 @@ def _prune_sequentially(
             propagate=propagate,
             device=device,
             progress=bar(f"oneshot {pruner.method}"),
+            compute_dtype=pruner.compute_dtype,
         )
     else:  # magnitude: the masks depend on the weights alone, no calibration pass is needed
         wrap = bar(f"oneshot {pruner.method}")

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.calibrate.precision import compute_autocast
 from prunekit.calibrate.stats import input_device, run_model, samples_in_call, to_device
 from prunekit.masks import MASK_SUFFIX, MaskedModule
 
@@ -172,15 +173,29 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def call_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    """Run one block and return its hidden-state output (first element of a tuple output)."""
-    out = block(*args, **kwargs)
+def call_block(
+    block: nn.Module, args: tuple, kwargs: dict, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Run one block and return its hidden-state output (first element of a tuple output).
+
+    ``compute_dtype`` (e.g. ``torch.bfloat16``): the block runs under ``torch.autocast`` to that
+    dtype on the device of its hidden-state input, and its output is cast back to the dtype of
+    that input (:mod:`prunekit.calibrate.precision`); None runs it as it is.
+    """
+    if compute_dtype is None:
+        out = block(*args, **kwargs)
+    else:
+        hidden = _hidden(args, kwargs)
+        with compute_autocast(compute_dtype, hidden.device):
+            out = block(*args, **kwargs)
     if isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor):
         raise TypeError(
             f"{type(block).__name__} returned {type(out).__name__}; expected a tensor or a tuple"
         )
+    if compute_dtype is not None and out.is_floating_point():
+        out = out.to(hidden.dtype)
     return out
 
 
@@ -258,11 +273,18 @@ class _UntilEntered:
         if self.armed and len(self.entered) == len(self.modules):
             raise _StopBlock
 
-    def call(self, block: nn.Module, inputs: list, chunk: list[int], device: Any) -> None:
+    def call(
+        self,
+        block: nn.Module,
+        inputs: list,
+        chunk: list[int],
+        device: Any,
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
         """Run one chunk through ``block`` (outputs dropped), stopping early once armed."""
         self.entered = {}
         try:
-            run_chunk(block, inputs, chunk, device)
+            run_chunk(block, inputs, chunk, device, compute_dtype)
         except _StopBlock:
             return
         if not self.armed:
@@ -310,21 +332,26 @@ def plan_chunks(inputs: list, batch_tokens: int) -> list[list[int]]:
 
 
 def run_chunk(
-    block: nn.Module, inputs: list, chunk: list[int], device: torch.device | str | None = None
+    block: nn.Module,
+    inputs: list,
+    chunk: list[int],
+    device: torch.device | str | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
     """Run the samples ``chunk`` of ``inputs`` through ``block`` in one call (stacked along
-    dim 0) and return each sample's output on the device its input came from."""
+    dim 0) and return each sample's output on the device its input came from
+    (``compute_dtype``: as in :func:`call_block`)."""
     args, kwargs = inputs[chunk[0]]
     home_device = _hidden(args, kwargs).device
     if len(chunk) == 1:
         moved_args, moved_kwargs = to_device((args, kwargs), device)
-        return [call_block(block, moved_args, moved_kwargs).to(home_device)]
+        return [call_block(block, moved_args, moved_kwargs, compute_dtype).to(home_device)]
     parts = [_hidden(*inputs[i]) for i in chunk]
     sizes = tuple(p.shape[0] for p in parts)
     stacked_args, stacked_kwargs = _with_hidden(args, kwargs, torch.cat(parts))
     moved_args, moved_kwargs = to_device((stacked_args, stacked_kwargs), device)
     with samples_in_call(sizes):
-        out = call_block(block, moved_args, moved_kwargs)
+        out = call_block(block, moved_args, moved_kwargs, compute_dtype)
     if out.shape[0] != sum(sizes):
         raise ValueError(
             f"{type(block).__name__} returned {out.shape[0]} rows of dim 0 for {sum(sizes)} "
@@ -334,7 +361,12 @@ def run_chunk(
 
 
 def _stacking_agrees(block: nn.Module, inputs: list, chunks: list, device: Any) -> bool:
-    """Whether a stacked call gives the outputs of one call per sample (first two samples)."""
+    """Whether a stacked call gives the outputs of one call per sample (first two samples).
+
+    Run in the block's own dtype (no autocast) whatever the calibration's compute dtype: the
+    check asks whether the block's other arguments broadcast over stacked samples, which does
+    not depend on the precision of its products, and float32's tolerance stays tight here where
+    a bfloat16 run would differ by its own rounding (and fall back to one sample per call)."""
     first = next((c for c in chunks if len(c) > 1), None)
     if first is None:
         return True
@@ -385,6 +417,7 @@ def run_sequential(
     device: torch.device | str | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
     batch_tokens: int | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> None:
     """Visit every block with its calibration inputs.
 
@@ -396,7 +429,9 @@ def run_sequential(
     outputs (the runner then runs the block again when its outputs are needed).
     ``batch_tokens``: the most tokens run through a block in one call (samples stacked; 0 runs
     one sample per call; default :func:`default_batch_tokens`); the outputs are the same as one
-    sample per call (see the module docstring).
+    sample per call (see the module docstring). ``compute_dtype`` (e.g. ``torch.bfloat16``):
+    every block call runs under ``torch.autocast`` to it and its outputs are cast back to the
+    dtype of the block's inputs (:mod:`prunekit.calibrate.precision`); None: as they are.
     """
     if propagate not in ("pruned", "dense"):
         raise ValueError(f"propagate must be 'pruned' or 'dense', got {propagate!r}")
@@ -433,10 +468,10 @@ def run_sequential(
                     if until is not None:
                         with _UntilEntered(until) as stopper:
                             for chunk in chunks:
-                                stopper.call(block, inputs, chunk, device)
+                                stopper.call(block, inputs, chunk, device, compute_dtype)
                         return
                     for chunk in chunks:
-                        outputs.extend(run_chunk(block, inputs, chunk, device))
+                        outputs.extend(run_chunk(block, inputs, chunk, device, compute_dtype))
 
             on_block(index, block, run)
             last = index == len(blocks) - 1  # nothing reads the last block's outputs

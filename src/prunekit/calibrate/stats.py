@@ -23,6 +23,10 @@ still those of one sample at a time, with the same bits: the per-sample sums of 
 folded in sample order, and the per-sample float32 ``x^T x`` products are folded into a float64
 sum of the call, which is added to each layer's total. Layers that read the same input tensor (a Llama block's q / k / v
 projections, gate / up) share one computation of it.
+
+Under ``torch.autocast`` (``oneshot(calibration_dtype="bfloat16")``,
+:mod:`prunekit.calibrate.precision`) the statistics are computed with autocast switched off, from
+the inputs cast up to float32: the same float32 products and float64 sums as without it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunekit.calibrate.precision import no_autocast
 from prunekit.targets import Target
 
 _SAMPLES: ContextVar[tuple[int, ...] | None] = ContextVar("prunekit_samples", default=None)
@@ -189,8 +194,10 @@ class InputStats:
             key = (x._version, "conv" if isinstance(module, (nn.Conv1d, nn.Conv2d)) else "rows")
             memo = self._memo
             if memo is None or memo[0] is not x or memo[1] != key or key[1] == "conv":
-                # a new input tensor (or a convolution, whose unfolding is per layer)
-                memo = (x, key, self._measure(target, x.detach()), target.name)
+                # a new input tensor (or a convolution, whose unfolding is per layer); measured
+                # with autocast off (a reduced-precision calibration forward may run under it)
+                with no_autocast(x.device):
+                    memo = (x, key, self._measure(target, x.detach()), target.name)
                 self._memo = memo
             if self._leader.setdefault(target.name, memo[3]) != memo[3]:
                 self._leader[target.name] = target.name  # shared in some calls only: its own
