@@ -79,6 +79,7 @@ from prunekit.calibrate.oneshot import (
     _reduced,
     round_nm_allocation,
 )
+from prunekit.calibrate.precision import calibration_dtype_name, resolve_calibration_dtype
 from prunekit.calibrate.sequential import (
     _hidden,
     _with_hidden,
@@ -250,6 +251,7 @@ def oneshot_from_pretrained(
     block_size: int = 128,
     damp: float = 0.01,
     seed: int = 0,
+    calibration_dtype: str | torch.dtype | None = None,
     max_activation_mb: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -273,6 +275,9 @@ def oneshot_from_pretrained(
             ``sensitivity_grid`` as in :func:`prunekit.oneshot`); unstructured only.
         per_layer: ``{pattern: sparsity}`` overrides, as in :func:`prunekit.oneshot`
             (unstructured only), e.g. an allocation measured elsewhere.
+        calibration_dtype: as in :func:`prunekit.oneshot`: ``"bfloat16"`` runs the block
+            forwards of the pruning (and OWL) pass under ``torch.autocast``; the statistics stay
+            float32 / float64 and the activations keep the checkpoint's dtype.
         max_activation_mb: keep at most this many MB of activations in memory; the rest spill
             to a temporary folder beside ``out`` (None: all in memory).
         overwrite: replace an existing ``out``.
@@ -284,8 +289,8 @@ def oneshot_from_pretrained(
     visible to all) and rank 0 alone writes ``out``. The result equals one process's.
 
     Returns:
-        A summary: ``{"blocks", "targets", "sparsity", "allocation", "allocated",
-        "fallbacks", "activations_spilled", "shards", "bytes_written"}``.
+        A summary: ``{"blocks", "targets", "sparsity", "allocation", "calibration_dtype",
+        "allocated", "fallbacks", "activations_spilled", "shards", "bytes_written"}``.
 
     Example:
         >>> oneshot_from_pretrained("llama-70b", calib, "llama-70b-2of4", method="sparsegpt",
@@ -303,6 +308,8 @@ def oneshot_from_pretrained(
         owl_allocation([0.0], [1], sparsity, owl_lambda)  # validates lambda against sparsity
     if (per_layer or allocation == "sensitivity") and not isinstance(parsed, Unstructured):
         raise ValueError("per_layer and allocation='sensitivity' work with unstructured sparsity")
+    dtype_name = calibration_dtype_name(calibration_dtype)
+    compute_dtype = resolve_calibration_dtype(dtype_name, "cpu")  # blocks load on the CPU
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
     if not isinstance(calib, CalibrationSet):
@@ -358,9 +365,10 @@ def oneshot_from_pretrained(
     try:
         frames = _capture(model, blocks, local, acts)
 
-        def visit(desc: str, on_block) -> None:
+        def visit(desc: str, on_block, dtype: torch.dtype | None = compute_dtype) -> None:
             """Load every block in turn, let ``on_block(index, block, run)`` work on it and
-            return its outputs (the next block's inputs), then send it back to meta."""
+            return its outputs (the next block's inputs), then send it back to meta; the
+            block forwards run under autocast to ``dtype`` (None: the checkpoint's dtype)."""
             bar = tqdm(range(n), desc=desc, unit="block", disable=not progress)
             for index in bar:
                 block = blocks[index]
@@ -370,7 +378,7 @@ def oneshot_from_pretrained(
                     outs = []
                     for i, (args, kwargs) in enumerate(frames):
                         a, k = _with_hidden(args, kwargs, acts.get(i))
-                        outs.append(call_block(block, a, k))
+                        outs.append(call_block(block, a, k, dtype))
                     return outs
 
                 for i, hidden in enumerate(on_block(index, block, run)):
@@ -414,7 +422,8 @@ def oneshot_from_pretrained(
                 samples,
                 pruner,
                 allocation_grid(sensitivity_grid, sparsity),
-                visit,
+                # in the model's dtype, as oneshot's sensitivity measurement in memory
+                lambda desc, on_block: visit(desc, on_block, None),
                 _Activations(limit, spill / "sensitivity"),
             )
             pruner.per_layer.update(measured)
@@ -471,6 +480,7 @@ def oneshot_from_pretrained(
         "targets": len(chosen),
         "sparsity": sparsity,
         "allocation": allocation,
+        "calibration_dtype": dtype_name,
         "allocated": dict(pruner.allocated),
         "fallbacks": dict(pruner.fallbacks),
         "activations_spilled": acts.spilled,

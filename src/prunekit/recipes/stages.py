@@ -269,8 +269,11 @@ STAGES: dict[str, StageSpec] = {
                 "damp": _non_negative,
                 "owl_lambda": _non_negative,
                 "owl_threshold": _positive,
+                "calibration_dtype": _choice(
+                    _const("prunekit.calibrate.precision", "CALIBRATION_DTYPES")
+                ),
             },
-            overrides={"pattern": str, "device": str | None},
+            overrides={"pattern": str, "device": str | None, "calibration_dtype": str | None},
             needs_fn=lambda kwargs: ["calib"],
             reasons={"calib": "one-shot pruning is calibrated on sample inputs"},
         ),
