@@ -89,6 +89,22 @@ BAD_RECIPES = [
         "positive integers",
     ),
     ("stages: [save]\ncolour: 3", "key 'colour'", "unknown key"),
+    # an N:M pattern fixes the sparsity: the verb refuses another one, so the recipe does
+    (
+        "stages:\n  - prune: {pattern: '2:4', sparsity: 0.7}",
+        "stage 1, prune, key 'sparsity', line 2",
+        "fixes the sparsity at 0.5",
+    ),
+    (
+        "stages:\n  - oneshot: {method: wanda, pattern: '2:4', sparsity: 0.6}",
+        "stage 1, oneshot, key 'sparsity'",
+        "leave sparsity out",
+    ),
+    (
+        "goal: {file: 0.5}\nstages:\n  - prune: {pattern: '1:4', sparsity: search}",
+        "stage 1, prune, key 'sparsity', line 3",
+        "cannot be searched with pattern '1:4'",
+    ),
     ("stages:\n  - prune: {sparsity: 0.5\n", "line", "not valid YAML"),
     ("{not json", "line", "not valid YAML"),
 ]

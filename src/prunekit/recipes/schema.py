@@ -368,7 +368,10 @@ def _check_stages(raw: Any, problems: _Problems) -> list[Stage]:
             problems.add(("stages", i, verb), "the keywords must be a mapping")
             continue
         checked = {k: _stand_in(verb, k, v) for k, v in kwargs.items()}
-        for key, message in spec.validate(checked):
+        found = spec.validate(checked)
+        bad = {key for key, _ in found}
+        found += [(k, m) for k, m in spec.together(kwargs) if k not in bad]
+        for key, message in found:
             problems.add(("stages", i, verb, *((key,) if key else ())), message)
         stages.append(Stage(verb=verb, kwargs=dict(kwargs), index=i + 1))
     return stages

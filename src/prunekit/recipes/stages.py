@@ -86,6 +86,29 @@ def _pattern(value: Any) -> None:
     parse_pattern(value)
 
 
+def _sparsity_and_pattern(kwargs: dict[str, Any]) -> list[tuple[str, str]]:
+    """An N:M pattern fixes the sparsity (1 - N/M): ``prune`` and ``oneshot`` refuse another
+    one when their stage comes up, and a searched one could never change; refuse both here."""
+    from prunekit.patterns import NM, parse_pattern
+    from prunekit.recipes.goal import is_search
+
+    sparsity, pattern = kwargs.get("sparsity"), kwargs.get("pattern")
+    if sparsity is None or not isinstance(pattern, str):
+        return []
+    try:
+        parsed = parse_pattern(pattern)
+    except ValueError:
+        return []  # the pattern's own check reports it
+    if not isinstance(parsed, NM):
+        return []
+    fixed = f"pattern {pattern!r} fixes the sparsity at {parsed.sparsity:g}"
+    if is_search(sparsity):
+        return [("sparsity", f"cannot be searched with {fixed}; search an unstructured one")]
+    if isinstance(sparsity, int | float) and abs(sparsity - parsed.sparsity) > 1e-9:
+        return [("sparsity", f"{fixed}, got {sparsity!r}; leave sparsity out with N:M")]
+    return []
+
+
 def _bits(value: Any) -> None:
     if value is None:
         return
@@ -143,6 +166,8 @@ class StageSpec:
     overrides: dict[str, Any] = field(default_factory=dict)  # annotation overrides
     needs_fn: Callable[[dict[str, Any]], list[str]] = lambda kwargs: []
     reasons: dict[str, str] = field(default_factory=dict)
+    # keys checked together, on the keywords as written ('search' included): (key, message)
+    together: Callable[[dict[str, Any]], list[tuple[str, str]]] = lambda kwargs: []
     _model: Any = None
 
     def verb(self) -> Callable[..., Any]:
@@ -252,6 +277,7 @@ STAGES: dict[str, StageSpec] = {
             },
             overrides={"method": str, "pattern": str},
             needs_fn=_prune_needs,
+            together=_sparsity_and_pattern,
             reasons={
                 "data": "the criterion collects statistics or gradients",
                 "loss_fn": "a gradient criterion",
@@ -275,6 +301,7 @@ STAGES: dict[str, StageSpec] = {
             },
             overrides={"pattern": str, "device": str | None, "calibration_dtype": str | None},
             needs_fn=lambda kwargs: ["calib"],
+            together=_sparsity_and_pattern,
             reasons={"calib": "one-shot pruning is calibrated on sample inputs"},
         ),
         StageSpec(
