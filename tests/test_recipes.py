@@ -59,6 +59,8 @@ BAD_RECIPES = [
     ("stages:\n  - oneshot: {method: wanda, allocation: lucky}", "key 'allocation'", "'owl'"),
     ("stages:\n  - prune_structured: {target_macs: 0}", "key 'target_macs'", "(0, 1]"),
     ("stages:\n  - prune_structured: {unit: [head, fin]}", "key 'unit'", "'fin'"),
+    ("stages:\n  - prune_structured: {target_latency: 3}", "key 'target_latency'", "[0, 1)"),
+    ("stages:\n  - oneshot: {pattern: 'block:4x4'}", "stage 1, oneshot, key 'pattern'", "N:M"),
     ("stages:\n  - finetune: {epochs: 0}", "stage 1, finetune, key 'epochs'", ">= 1"),
     ("stages:\n  - finetune: {teacher: bert}", "key 'teacher'", "'dense'"),
     ("stages:\n  - finetune: {lr: fast}", "stage 1, finetune, key 'lr'", "'auto'"),

@@ -86,6 +86,13 @@ def _pattern(value: Any) -> None:
     parse_pattern(value)
 
 
+def _oneshot_pattern(value: Any) -> None:
+    from prunekit.patterns import NM, Unstructured, parse_pattern
+
+    if not isinstance(parse_pattern(value), Unstructured | NM):
+        raise ValueError(f"oneshot takes 'unstructured' or 'N:M' (e.g. '2:4'), got {value!r}")
+
+
 def _sparsity_and_pattern(kwargs: dict[str, Any]) -> list[tuple[str, str]]:
     """An N:M pattern fixes the sparsity (1 - N/M): ``prune`` and ``oneshot`` refuse another
     one when their stage comes up, and a searched one could never change; refuse both here."""
@@ -290,7 +297,7 @@ STAGES: dict[str, StageSpec] = {
                 "sparsity": _sparsity,
                 "method": _choice(_const("prunekit.calibrate.oneshot", "METHODS")),
                 "allocation": _choice(_const("prunekit.calibrate.oneshot", "ALLOCATIONS")),
-                "pattern": _pattern,
+                "pattern": _oneshot_pattern,
                 "block_size": _at_least_one,
                 "damp": _non_negative,
                 "owl_lambda": _non_negative,
@@ -311,6 +318,7 @@ STAGES: dict[str, StageSpec] = {
                 "ratio": _sparsity,
                 "target_macs": _fraction,
                 "target_params": _fraction,
+                "target_latency": _sparsity,  # a ratio to dense, in [0, 1) as the verb checks
                 "unit": _choice(_const("prunekit.graph.pruner", "UNITS")),
                 "scope": _choice(_const("prunekit.graph.pruner", "SCOPES")),
                 "importance": _choice(_structured_importance),
