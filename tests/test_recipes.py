@@ -91,6 +91,7 @@ BAD_RECIPES = [
         "positive integers",
     ),
     ("stages: [save]\ncolour: 3", "key 'colour'", "unknown key"),
+    ("stages: [save]\nmeasure: {batch_sizes: []}", "key 'measure.batch_sizes'", "at least one"),
     # an N:M pattern fixes the sparsity: the verb refuses another one, so the recipe does
     (
         "stages:\n  - prune: {pattern: '2:4', sparsity: 0.7}",

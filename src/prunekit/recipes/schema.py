@@ -332,6 +332,12 @@ def _check_measure(measure: Any, problems: _Problems) -> None:
             problems.add(("measure", key), f"unknown key; accepted: {', '.join(MEASURE_KEYS)}")
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             problems.add(("measure", key), f"must be {kind.__name__}, got {value!r}")
+        elif key == "batch_sizes" and not value:
+            problems.add(
+                ("measure", key),
+                "must list at least one batch size (e.g. [1, 32]); "
+                "to time nothing, set latency: false",
+            )
         elif key == "batch_sizes" and not all(
             isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in value
         ):
