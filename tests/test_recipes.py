@@ -92,6 +92,12 @@ BAD_RECIPES = [
     ),
     ("stages: [save]\ncolour: 3", "key 'colour'", "unknown key"),
     ("stages: [save]\nmeasure: {batch_sizes: []}", "key 'measure.batch_sizes'", "at least one"),
+    # one message for a value that cannot be searched, not also a type error about a stand-in
+    (
+        "goal: {file: 0.5}\nstages:\n  - quantize: {bits: search}",
+        "stage 1, quantize, key 'bits', line 3",
+        "cannot be searched",
+    ),
     # an N:M pattern fixes the sparsity: the verb refuses another one, so the recipe does
     (
         "stages:\n  - prune: {pattern: '2:4', sparsity: 0.7}",

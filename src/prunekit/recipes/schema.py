@@ -373,7 +373,13 @@ def _check_stages(raw: Any, problems: _Problems) -> list[Stage]:
         if not isinstance(kwargs, dict):
             problems.add(("stages", i, verb), "the keywords must be a mapping")
             continue
-        checked = {k: _stand_in(verb, k, v) for k, v in kwargs.items()}
+        # a 'search' on a verb's keyword that cannot be searched is reported once (with the
+        # goal), not also as a type error about a stand-in value
+        checked = {
+            k: _stand_in(verb, k, v)
+            for k, v in kwargs.items()
+            if not (is_search(v) and (verb, k) not in KNOBS and k in spec.parameters())
+        }
         found = spec.validate(checked)
         bad = {key for key, _ in found}
         found += [(k, m) for k, m in spec.together(kwargs) if k not in bad]
