@@ -461,10 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--calibration-dtype",
         default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="dtype of the calibration forwards' matrix products (autocast; statistics stay "
-        "float32): bfloat16 is faster on CPUs with AVX512-BF16 / AMX and on GPUs; float16 on "
-        "CUDA only",
+        choices=["float32", "bfloat16"],
+        help="dtype of the calibration forwards' matrix products (autocast; the statistics stay "
+        "float32): bfloat16 is faster on CPUs with AVX512-BF16 / AMX, slower on others",
     )
     o.add_argument("--per-layer", default=None, help="per-layer sparsities (prunekit analyze)")
     o.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
