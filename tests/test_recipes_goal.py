@@ -235,6 +235,27 @@ def test_goal_without_search_is_checked_and_reported() -> None:
     assert "goal NOT met" in str(report)
 
 
+def test_a_missed_goal_says_which_check_missed(tmp_path, capsys) -> None:
+    """Every line with a goal's checks (progress, trials, verdict; text and Markdown) marks
+    the checks that failed, so a user need not compare each figure with its bound."""
+    recipe = {
+        "measure": {"latency": False},
+        "goal": {"nonzeros": 0.9, "quality": {"min": 2.0}},  # the floor cannot be reached
+        "stages": [{"prune": {"sparsity": "search"}}],
+    }
+    report = compress(
+        _mlp(), recipe, evaluate=_density, example_inputs=torch.randn(2, 16), out=tmp_path / "r"
+    )
+    assert report.goal_met is False
+    verdict = str(report).splitlines()[-1]
+    assert verdict.startswith("goal NOT met: "), verdict
+    assert "MISSED quality" in verdict and "MISSED nonzeros" not in verdict, verdict
+    trials = [line for line in str(report).splitlines() if "[edge]" in line or "[bisect]" in line]
+    assert trials and all("MISSED quality" in line for line in trials), trials
+    assert "goal NOT met: " in capsys.readouterr().out  # the progress line too
+    assert verdict in (tmp_path / "r" / "report.md").read_text()
+
+
 def test_goal_inputs_and_inplace_are_checked_before_work(tmp_path) -> None:
     x, out = torch.randn(2, 16), tmp_path / "r"
     with pytest.raises(RecipeError, match="quality needs evaluate"):

@@ -197,8 +197,9 @@ def goal_lines(report: Any) -> list[str]:
         lines += search.lines()
     checks = getattr(report, "goal", None)
     if checks is not None:
-        status = "met" if report.goal_met else "NOT met"
-        lines.append(f"goal {status}: " + "; ".join(c.text for c in checks))
+        from prunekit.recipes.goal import verdict
+
+        lines.append(verdict(checks))
     return lines
 
 

@@ -312,6 +312,21 @@ def goal_met(checks: list[GoalCheck]) -> bool:
     return bool(checks) and all(c.met for c in checks)
 
 
+def checks_text(checks: list[GoalCheck]) -> str:
+    """The checks on one line, each one that failed marked ``MISSED``.
+
+    Example:
+        >>> checks_text([GoalCheck("file", 0.03, 0.04, False, "file 4.00% of dense (goal <= 3.00%)")])
+        'MISSED file 4.00% of dense (goal <= 3.00%)'
+    """
+    return "; ".join(("MISSED " if c.met is False else "") + c.text for c in checks)
+
+
+def verdict(checks: list[GoalCheck]) -> str:
+    """``goal met: ...`` or ``goal NOT met: ...`` with every check, the failed ones marked."""
+    return f"goal {'met' if goal_met(checks) else 'NOT met'}: {checks_text(checks)}"
+
+
 # ------------------------------------------------------------------------------ searching
 
 
@@ -361,10 +376,10 @@ class SearchResult:
     def lines(self) -> list[str]:
         out = [f"search: {self.knob.describe()}"]
         for i, t in enumerate(self.trials, 1):
-            verdict = "; ".join(c.text for c in t.checks)
+            checks = checks_text(t.checks)
             mark = " <- chosen" if t is self.chosen else ""
             again = " (from checkpoint)" if t.reused else ""
-            out.append(f"  {i:>2}. {self.knob.key}={t.value:g} [{t.phase}]: {verdict}{mark}{again}")
+            out.append(f"  {i:>2}. {self.knob.key}={t.value:g} [{t.phase}]: {checks}{mark}{again}")
         return out
 
 
@@ -409,8 +424,10 @@ def search(
         trial = Trial(value, phase, time.perf_counter() - started, checks, reused)
         result.trials.append(trial)
         if progress:
-            verdict = "; ".join(c.text for c in checks)
-            print(f"[prunekit compress] search {knob.key}={value:g}: {verdict}", flush=True)
+            print(
+                f"[prunekit compress] search {knob.key}={value:g}: {checks_text(checks)}",
+                flush=True,
+            )
         return trial
 
     def room() -> bool:

@@ -31,7 +31,15 @@ from torch import nn
 from prunekit._version import __version__
 from prunekit.compress.durable import write_text_atomic
 from prunekit.compress.io import _atomic_dir_write, load, save
-from prunekit.recipes.goal import GoalCheck, SearchResult, Trial, check_goal, goal_met, search
+from prunekit.recipes.goal import (
+    GoalCheck,
+    SearchResult,
+    Trial,
+    check_goal,
+    goal_met,
+    search,
+    verdict,
+)
 from prunekit.recipes.measure import MeasureSettings, measure
 from prunekit.recipes.metrics import Metric, as_metric
 from prunekit.recipes.schema import Recipe, RecipeError, Stage, check_inputs, load_recipe
@@ -327,8 +335,7 @@ def compress(
             recipe.goal, report.stages[-1].metrics, run.dense_row, report.higher_is_better
         )
         report.goal_met = goal_met(report.goal)
-        status = "met" if report.goal_met else "NOT met"
-        _log(progress, f"goal {status}: " + "; ".join(c.text for c in report.goal))
+        _log(progress, verdict(report.goal))
     if out_path is not None:
         from prunekit.analysis.pipeline_report import write_report
 
