@@ -151,11 +151,19 @@ def test_oneshot_speed_figures(capsys):
          "llmc_ppl": 5.31, "llmc_version": "0.0", "time_ratio": 0.4, "ppl_ratio": 0.998}
         for m in ("sparsegpt", "wanda") for c in ("50%", "70%", "2:4")
     ]  # fmt: skip
-    bench.doc_figure(rows, 1, 3)
+    tuned = {**rows[0], "prunekit_s": 1.5, "time_ratio": 0.3, "tuned": "bf16 calibration"}
+    bench.doc_figure([tuned, *rows], 1, 3)
     block = printed_block(capsys, "oneshot-speed")
     assert header(block)[:4] == ["method", "sparsity", "prunekit s", "llm-compressor s"]
     assert "| sparsegpt | 50% | 2.00 | 5.00 | **0.40** | 5.3000 / 5.3100 |" in block
     assert len(block.splitlines()[2:8]) == 6 and "fastest of 3" in block
+    # a tuned row is labelled and comes after the default rows
+    lines = block.splitlines()
+    assert (
+        lines[8]
+        == "| sparsegpt, bf16 calibration (*tuned*) | 50% | 1.50 | 5.00 | **0.30** | 5.3000 / 5.3100 |"
+    )
+    assert "*tuned*" not in "".join(lines[2:8]) and "judged on the default rows" in block
     large = [{"method": "sparsegpt", "wall_time_s": 80.0, "s_per_block": 10.0,
               "peak_memory_mb": 800.0}]  # fmt: skip
     bench.large_figure(large, 128, 1)
