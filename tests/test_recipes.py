@@ -114,6 +114,27 @@ BAD_RECIPES = [
         "stage 1, prune, key 'sparsity', line 3",
         "cannot be searched with pattern '1:4'",
     ),
+    # prune_structured ignores ratio when a target is given: a recipe with both is refused
+    (
+        "stages:\n  - prune_structured: {ratio: 0.5, target_macs: 0.5}",
+        "stage 1, prune_structured, key 'ratio', line 2",
+        "ignored when target_macs is given",
+    ),
+    (
+        "stages:\n  - prune_structured:\n      target_params: 0.4\n      ratio: 0.3",
+        "stage 1, prune_structured, key 'ratio', line 4",
+        "ignored when target_params is given",
+    ),
+    (
+        "goal: {macs: 0.5}\nstages:\n  - prune_structured: {ratio: search, target_latency: 0.5}",
+        "stage 1, prune_structured, key 'ratio', line 3",
+        "cannot be searched with target_latency",
+    ),
+    (
+        "stages:\n  - prune_structured: {target_latency: 0.5, target_macs: 0.5}",
+        "stage 1, prune_structured, key 'target_latency', line 2",
+        "not both",
+    ),
     ("stages:\n  - prune: {sparsity: 0.5\n", "line", "not valid YAML"),
     ("{not json", "line", "not valid YAML"),
 ]

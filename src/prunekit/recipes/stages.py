@@ -116,6 +116,40 @@ def _sparsity_and_pattern(kwargs: dict[str, Any]) -> list[tuple[str, str]]:
     return []
 
 
+STRUCTURED_TARGETS = ("target_macs", "target_params", "target_latency")
+
+
+def _ratio_and_target(kwargs: dict[str, Any]) -> list[tuple[str, str]]:
+    """``prune_structured`` ignores ``ratio`` when a target is given (its docstring says so), so
+    a recipe with both would silently drop the ratio; and it refuses ``target_latency`` with
+    ``target_macs`` when its stage comes up. Refuse both when the recipe is read."""
+    from prunekit.recipes.goal import is_search
+
+    targets = [k for k in STRUCTURED_TARGETS if kwargs.get(k) is not None]
+    problems = []
+    if targets and kwargs.get("ratio") is not None:
+        given = " and ".join(targets)
+        if is_search(kwargs["ratio"]):
+            message = (
+                f"cannot be searched with {given}: the target decides how much is removed; "
+                f"search {targets[0]} instead, or leave {given} out"
+            )
+        else:
+            message = (
+                f"is ignored when {given} is given (the target decides how much is removed); "
+                f"keep one: leave ratio out, or leave {given} out"
+            )
+        problems.append(("ratio", message))
+    if kwargs.get("target_latency") is not None and kwargs.get("target_macs") is not None:
+        problems.append(
+            (
+                "target_latency",
+                "give target_latency or target_macs, not both (target_latency searches the MACs)",
+            )
+        )
+    return problems
+
+
 def _bits(value: Any) -> None:
     if value is None:
         return
@@ -327,6 +361,7 @@ STAGES: dict[str, StageSpec] = {
             },
             overrides={"importance": str | None},
             needs_fn=lambda kwargs: ["example_inputs"],
+            together=_ratio_and_target,
             reasons={"example_inputs": "the dependency graph is traced by running the model"},
         ),
         StageSpec(
