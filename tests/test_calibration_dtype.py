@@ -349,3 +349,33 @@ def test_cli_flag(llama_dir, tmp_path, capsys) -> None:
     capsys.readouterr()
     assert main([*base, "--calibration-dtype", "int8", "--out", str(tmp_path / "x")]) == 2
     assert "bfloat16" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: blocks move to the GPU")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cuda_blocks_autocast_to_the_asked_dtype(dtype) -> None:
+    model = _model()
+    entered: list[tuple[bool, str]] = []
+    for _, layer in _linears(model):
+        layer.register_forward_pre_hook(
+            lambda mod, args: entered.append(
+                (torch.is_autocast_enabled("cuda"), args[0].device.type)
+            )
+        )
+    half = oneshot(
+        model,
+        _calib(),
+        method="sparsegpt",
+        device="cuda",
+        calibration_dtype=dtype,
+        inplace=True,
+        progress=False,
+    )
+    assert (True, "cuda") in entered and half.settings["calibration_dtype"] == dtype
+    full = oneshot(_model(), _calib(), method="sparsegpt", device="cuda", progress=False)
+    ids = torch.randint(0, 64, (2, TOKENS), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        a, b, dense = half.model(ids).logits, full.model(ids).logits, _model()(ids).logits
+    assert next(half.model.parameters()).device.type == "cpu"
+    change = float((b - dense).norm())
+    assert float((a - b).norm()) < 0.2 * change
