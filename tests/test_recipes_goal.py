@@ -263,3 +263,40 @@ def test_goal_inputs_and_inplace_are_checked_before_work(tmp_path) -> None:
     with pytest.raises(ValueError, match="inplace=True cannot"):
         compress(_mlp(), RECIPE, evaluate=_density, inplace=True, out=out, progress=False)
     assert not (out / "stages").exists()
+
+
+def test_a_relative_quality_goal_shows_what_was_asked_beside_its_bound(tmp_path, capsys) -> None:
+    """goal: {quality: 0.99} is checked against 0.99 x the dense figure; every line that shows
+    the bound (progress, trials, verdict, reports) also says it is 99 % of dense, and of what."""
+    from prunekit.recipes.goal import check_goal
+
+    goal = Goal(quality=0.99)
+    (check,) = check_goal(goal, {"quality": 0.981}, {"quality": 0.992})
+    assert check.text == "quality 0.981 (goal >= 0.98208: 99% of dense 0.992)"
+    assert check.met is False and check.target == pytest.approx(0.98208)
+    # lower is better (perplexity): the bound is dense / 0.95
+    (check,) = check_goal(Goal(quality=0.95), {"quality": 5.5}, {"quality": 5.263}, False)
+    assert check.text == "quality 5.5 (goal <= 5.54: dense 5.263 / 0.95)"
+    assert check.met is True
+    # an absolute bound is shown as it was given
+    (check,) = check_goal(Goal(quality_min=0.5), {"quality": 0.6}, {"quality": 0.9})
+    assert check.text == "quality 0.6 (goal >= 0.5)"
+
+    recipe = {
+        "measure": {"latency": False},
+        "goal": {"quality": 0.9},
+        "stages": [{"prune": {"sparsity": "search"}}],
+    }
+    report = compress(
+        _mlp(), recipe, evaluate=_density, example_inputs=torch.randn(2, 16), out=tmp_path / "r"
+    )
+    asked = "(goal >= 0.9: 90% of dense 1)"  # the dense density is 1
+    lines = str(report).splitlines()
+    assert asked in lines[-1] and lines[-1].startswith("goal ")
+    trials = [line for line in lines if "[edge]" in line or "[bisect]" in line]
+    assert trials and all(asked in line for line in trials), trials
+    progress = [line for line in capsys.readouterr().out.splitlines() if "goal >=" in line]
+    assert any(line.startswith("[prunekit compress] search") for line in progress), progress
+    assert any(line.startswith("[prunekit compress] goal NOT met") for line in progress)
+    assert all(asked in line for line in progress), progress
+    assert lines[-1] in (tmp_path / "r" / "report.md").read_text()

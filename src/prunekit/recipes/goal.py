@@ -281,16 +281,27 @@ def check_goal(
             checks.append(GoalCheck("quality", math.nan, None, None, "quality: not measured"))
         else:
             met = value >= threshold if sign == ">=" else value <= threshold
+            asked = _relative_quality(goal, dense.get("quality"), higher_is_better)
             checks.append(
                 GoalCheck(
                     "quality",
                     threshold,
                     value,
                     met,
-                    f"quality {value:.6g} (goal {sign} {threshold:.6g})",
+                    f"quality {value:.6g} (goal {sign} {threshold:.6g}{asked})",
                 )
             )
     return checks
+
+
+def _relative_quality(goal: Goal, dense_quality: float | None, higher_is_better: bool) -> str:
+    """What a relative quality goal asked, to show beside the bound it gives: ``: 99% of dense
+    0.992`` (``: dense 5.263 / 0.95`` when lower is better); empty for an absolute bound."""
+    if goal.quality is None or goal.quality_min is not None or goal.quality_max is not None:
+        return ""
+    if higher_is_better:
+        return f": {100 * goal.quality:.4g}% of dense {dense_quality:.6g}"
+    return f": dense {dense_quality:.6g} / {goal.quality:g}"
 
 
 def quality_threshold(
