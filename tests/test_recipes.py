@@ -408,6 +408,91 @@ def test_noisy_latency_is_flagged_in_the_table_and_the_report(monkeypatch) -> No
     assert "noisy" not in str(older)
 
 
+def _stage_report(points: list[tuple[float, float, float]], threads: int = 1):
+    """A report whose stages sit at (file fraction, latency ratio, quality); nothing runs."""
+    from prunekit.recipes.runner import CompressReport, StageResult
+
+    dense = {"params": 6, "nonzeros": 6, "fp32_bytes": 1000, "file_bytes": 1000, "quality": 0.99}
+    verbs = ["prune_structured", "prune", "finetune", "quantize", "save", "prune", "finetune"]
+    stages = []
+    for i, (file, ratio, quality) in enumerate(points, 1):
+        metrics = {
+            **dense,
+            "file_bytes": int(file * 1000),
+            "quality": quality,
+            "latency": {"1": {"ms": ratio, "dense_ms": 1.0, "ratio": ratio}},
+        }
+        verb = verbs[i - 1]
+        stages.append(StageResult(f"{i:02d}-{verb}", verb, {}, 0.1, metrics))
+    recipe = load_recipe({"stages": [{"prune": {"sparsity": 0.5}}]})
+    return CompressReport(
+        nn.Linear(2, 2), recipe, dense, stages, settings={"torch_threads": threads}
+    )
+
+
+def test_the_thread_count_in_the_report_is_spelt_right() -> None:
+    one = str(_stage_report([(0.5, 0.5, 0.9)], threads=1))
+    assert "dense timed in the same call, 1 thread" in one and "1 threads" not in one
+    assert "2 threads" in str(_stage_report([(0.5, 0.5, 0.9)], threads=2))
+
+
+def test_quality_plot_labels_do_not_overlap(monkeypatch) -> None:
+    """Stages that land on (nearly) the same point share one label; the legend names them all."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from prunekit.analysis.pipeline_report import plots
+
+    labels: list[tuple[Axes, str, tuple[float, float]]] = []
+    legends: list[str] = []
+    annotate, legend = Axes.annotate, Figure.legend
+
+    def spy(self, text, xy, *args, **kwargs):
+        labels.append((self, str(text), xy))
+        return annotate(self, text, xy, *args, **kwargs)
+
+    def spy_legend(self, *args, **kwargs):
+        made = legend(self, *args, **kwargs)
+        legends.extend(t.get_text() for t in made.get_texts())
+        return made
+
+    monkeypatch.setattr(Axes, "annotate", spy)
+    monkeypatch.setattr(Figure, "legend", spy_legend)
+    # as in a cnn-small run: pruning far off, then four stages on top of each other
+    report = _stage_report(
+        [
+            (0.93, 0.71, 0.98),
+            (0.13, 0.95, 0.9705),
+            (0.13, 0.95, 0.99),
+            (0.05, 0.94, 0.99),
+            (0.06, 0.93, 0.99),
+        ]  # fmt: skip
+    )
+    assert "tradeoff" in plots(report)
+    axes = list(dict.fromkeys(ax for ax, _, _ in labels))
+    assert len(axes) == 2  # file size, latency at batch 1
+    for ax in axes:
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        placed = [
+            ((x - x0) / (x1 - x0), (y - y0) / (y1 - y0), text)
+            for a, text, (x, y) in labels
+            if a is ax
+        ]
+        for i, (xa, ya, ta) in enumerate(placed):
+            for xb, yb, tb in placed[i + 1 :]:
+                assert abs(xa - xb) > 0.05 or abs(ya - yb) > 0.05, (ta, tb)
+        numbers = set()
+        for _, _, text in placed:
+            for part in text.split(","):
+                low, _, high = part.partition("-")
+                numbers.update(range(int(low), int(high or low) + 1))
+        assert numbers == {0, 1, 2, 3, 4, 5}, placed  # every stage is labelled, dense is 0
+    assert legends[:6] == ["0 dense", "1 prune_structured", "2 prune", "3 finetune",
+                           "4 quantize", "5 save"]  # fmt: skip
+
+
 def test_report_files_are_written_and_self_contained(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     model, batches = _task()

@@ -177,9 +177,10 @@ def text_table(report: Any) -> str:
         f"({_fmt_bytes(report.dense.get('fp32_bytes'))})",
     ]
     if any(k.startswith("lat") for k, _ in cols):
+        threads = report.settings.get("torch_threads")
         notes.append(
-            f"latency: median, dense timed in the same call, {report.settings.get('torch_threads')} "
-            "threads"
+            f"latency: median, dense timed in the same call, {threads} "
+            f"thread{'' if threads == 1 else 's'}"
         )
     noise = noise_note(report)
     if noise:
@@ -243,6 +244,7 @@ def plots(report: Any) -> dict[str, str]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
     except ImportError:
         return {}
     out: dict[str, str] = {}
@@ -288,17 +290,75 @@ def plots(report: Any) -> dict[str, str]:
             if not pts:
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:blue")
-            for x, y, name in pts:
-                ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            for x, y, text in label_points(ax, [(x, y, _stage_number(n)) for x, y, n in pts]):
+                ax.annotate(text, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
             ax.set_xlabel(label)
             ax.set_ylabel(report.quality_name)
             ax.grid(alpha=0.3)
+        key = [Line2D([], [], linestyle="none") for _ in rows]
+        names = [
+            f"{_stage_number(r['stage'])} {r['stage'].partition('-')[2] or r['stage']}"
+            for r in rows
+        ]
+        fig.legend(
+            key, names, loc="lower center", ncol=min(len(rows), 6), fontsize=8,
+            handlelength=0, handletextpad=0, frameon=False, bbox_to_anchor=(0.5, -0.02),
+        )  # fmt: skip
         fig.suptitle("quality against size and latency, stage by stage", fontsize=10)
+        fig.tight_layout(rect=(0, 0.06 * (1 + (len(rows) - 1) // 6), 1, 1))
         out["tradeoff"] = _png(fig)
     search = getattr(report, "search", None)
     if search is not None and search.trials:
         out["search"] = _search_plot(plt, search)
     return out
+
+
+def _stage_number(stage: str) -> int:
+    """0 for the dense row, else the stage's number (``03-finetune`` -> 3)."""
+    head = stage.partition("-")[0]
+    return int(head) if head.isdigit() else 0
+
+
+def label_points(
+    ax: Any, points: list[tuple[float, float, int]], near: float = 0.08
+) -> list[tuple[float, float, str]]:
+    """One label per cluster of points that would overlap: points closer than ``near`` (a
+    fraction of the axes, after autoscaling) to a labelled one join its label, which lists
+    their numbers (``2-5``, ``1,3``). Returns (x, y, text) to annotate.
+
+    Example:
+        >>> import matplotlib.pyplot as plt
+        >>> _, ax = plt.subplots()
+        >>> _ = ax.plot([0, 1, 1.001], [0, 1, 1], "o")
+        >>> label_points(ax, [(0, 0, 0), (1, 1, 1), (1.001, 1, 2)])
+        [(0, 0, '0'), (1, 1, '1-2')]
+    """
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    sx, sy = (x1 - x0) or 1.0, (y1 - y0) or 1.0
+    groups: list[tuple[float, float, list[int]]] = []
+    for x, y, number in points:
+        for gx, gy, members in groups:
+            if abs(x - gx) / sx < near and abs(y - gy) / sy < near:
+                members.append(number)
+                break
+        else:
+            groups.append((x, y, [number]))
+    return [(x, y, _number_ranges(members)) for x, y, members in groups]
+
+
+def _number_ranges(numbers: list[int]) -> str:
+    """``[2, 3, 4, 6]`` -> ``2-4,6``."""
+    parts: list[str] = []
+    ordered = sorted(set(numbers))
+    start = prev = ordered[0]
+    for n in [*ordered[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ",".join(parts)
 
 
 def _search_plot(plt: Any, search: Any) -> str:
