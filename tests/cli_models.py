@@ -27,6 +27,27 @@ def word_tokenizer(transformers, bert: bool):
     )
 
 
+def llama_with_plain_tokenizer(llama_dir: Path, dest: Path, n_words: int) -> tuple[Path, Path]:
+    """A copy of the tiny Llama folder ``llama_dir`` at ``dest / "with-tok"`` with a word-level
+    tokenizer over ``WORDS`` (``[UNK]`` 0, then the words), and a calibration text of
+    ``n_words`` of them (seed 0) at ``dest / "calib.txt"``: (folder, text file)."""
+    import shutil
+
+    import tokenizers
+    import transformers
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    folder = dest / "with-tok"
+    shutil.copytree(llama_dir, folder)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
+    fast.save_pretrained(folder)
+    calib = dest / "calib.txt"
+    calib.write_text(text(n_words))
+    return folder, calib
+
+
 def text(n_words: int = 4000, seed: int = 0) -> str:
     g = torch.Generator().manual_seed(seed)
     return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n_words,), generator=g))

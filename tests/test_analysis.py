@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import prunekit
+from cli_models import llama_with_plain_tokenizer
 from conftest import mlp
 from conftest import tiny_llama as _tiny_llama
 from prunekit.analysis import allocate, allocate_by_sensitivity, load_per_layer, prune_to_floor
@@ -398,22 +399,9 @@ def test_prune_to_floor_reports_every_point_and_keeps_the_best() -> None:
 
 
 def test_analyze_command_writes_curves_plot_and_allocation(llama_dir, tmp_path) -> None:
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     transformers = pytest.importorskip("transformers")
-    import shutil
-
-    words = [f"w{i}" for i in range(60)]
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
-    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    folder = tmp_path / "with-tok"
-    shutil.copytree(llama_dir, folder)
-    transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]").save_pretrained(
-        folder
-    )
-    text = tmp_path / "calib.txt"
-    g = torch.Generator().manual_seed(0)
-    text.write_text(" ".join(words[i] for i in torch.randint(0, 60, (3000,), generator=g)))
+    folder, text = llama_with_plain_tokenizer(llama_dir, tmp_path, 3000)
     out = tmp_path / "analysis"
     common = ["--calib", str(text), "--n-samples", "4", "--seq-len", "16"]
     args = ["analyze", str(folder), "--out", str(out), "--sparsity", "0.6", *common]

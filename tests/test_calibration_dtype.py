@@ -324,23 +324,12 @@ def test_streamed_oneshot_takes_calibration_dtype(one_thread, tmp_path) -> None:
 
 def test_cli_flag(llama_dir, tmp_path, capsys) -> None:
     import json
-    import shutil
 
+    from cli_models import llama_with_plain_tokenizer
     from prunekit.cli import main
 
-    tokenizers = pytest.importorskip("tokenizers")
-    words = [f"w{i}" for i in range(60)]
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
-    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    folder = tmp_path / "with-tok"
-    shutil.copytree(llama_dir, folder)
-    transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]").save_pretrained(
-        folder
-    )
-    text = tmp_path / "calib.txt"
-    generator = torch.Generator().manual_seed(0)
-    text.write_text(" ".join(words[i] for i in torch.randint(0, 60, (2000,), generator=generator)))
+    pytest.importorskip("tokenizers")
+    folder, text = llama_with_plain_tokenizer(llama_dir, tmp_path, 2000)
     base = ["oneshot", str(folder), "--calib", str(text), "--n-samples", "4", "--seq-len", "16"]
     out = tmp_path / "sparse"
     assert main([*base, "--calibration-dtype", "bfloat16", "--out", str(out)]) == 0

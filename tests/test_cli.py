@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import prunekit
+from cli_models import llama_with_plain_tokenizer
 from prunekit.cli import main
 
 transformers = pytest.importorskip("transformers")
@@ -113,21 +114,8 @@ def test_stats_reads_prunekit_save_folder(tmp_path, capsys) -> None:
 
 
 def test_oneshot_command_on_hf_folder_with_tokenizer(llama_dir, tmp_path, capsys) -> None:
-    tokenizers = pytest.importorskip("tokenizers")
-    words = [f"w{i}" for i in range(60)]
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
-    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    folder = tmp_path / "with-tok"
-    import shutil
-
-    shutil.copytree(llama_dir, folder)
-    transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]").save_pretrained(
-        folder
-    )
-    text = tmp_path / "calib.txt"
-    generator = torch.Generator().manual_seed(0)
-    text.write_text(" ".join(words[i] for i in torch.randint(0, 60, (3000,), generator=generator)))
+    pytest.importorskip("tokenizers")
+    folder, text = llama_with_plain_tokenizer(llama_dir, tmp_path, 3000)
     out = tmp_path / "sparse"
     args = [
         "oneshot",
