@@ -16,7 +16,6 @@ Removal deletes the block from its container (Hugging Face ``layer_idx`` and
 
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +28,13 @@ from tqdm.auto import tqdm
 from prunekit.compress.structured import remove_blocks
 from prunekit.graph.count import count
 from prunekit.graph.importance import batch_input, default_loss
-from prunekit.graph.latency import LATENCY_TOLERANCE, LATENCY_TRIES, Latency, measure_pair
+from prunekit.graph.latency import (
+    LATENCY_TOLERANCE,
+    LATENCY_TRIES,
+    Latency,
+    measure_pair,
+    warn_if_missed,
+)
 from prunekit.graph.plan import resolve_target
 from prunekit.graph.report import GroupRow, StructuredReport
 from prunekit.graph.surgery import verify
@@ -403,13 +408,12 @@ def _search_depth_latency(
             f"ms against {tries[len(sequence)].dense_ms:.3g} ms dense (blocks removed -> latency "
             f"ratio: {steps}). Nothing was changed."
         )
-    if abs(lat.ratio / asked - 1) > LATENCY_TOLERANCE:
-        warnings.warn(
-            f"prunekit: target_latency={asked} not reached within "
-            f"{100 * LATENCY_TOLERANCE:.0f} %: the closest measured ratio is {lat.ratio:.2f} with "
-            f"{best} blocks removed (blocks removed -> latency ratio: {steps})",
-            stacklevel=4,
-        )
+    warn_if_missed(
+        asked,
+        lat.ratio,
+        f"with {best} blocks removed (blocks removed -> latency ratio: {steps})",
+        4,
+    )
     note = (
         f"target_latency {asked}: measured latency ratio {lat.ratio:.2f} with {best} of "
         f"{len(blocks)} blocks removed, after {len(tries)} tries (blocks removed -> latency "

@@ -13,6 +13,7 @@ search can be checked without timing anything.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -176,6 +177,18 @@ def measure(
         "repeats": repeats,
         "device": report.settings["device"],
     }
+
+
+def warn_if_missed(asked: float, reached: float, detail: str, stacklevel: int) -> None:
+    """Warn that a ``target_latency`` search ended farther than ``LATENCY_TOLERANCE`` from the
+    asked ratio; ``detail`` says what was tried."""
+    if abs(reached / asked - 1) > LATENCY_TOLERANCE:
+        warnings.warn(
+            f"prunekit: target_latency={asked} not reached within "
+            f"{100 * LATENCY_TOLERANCE:.0f} %: the closest measured ratio is {reached:.2f} "
+            f"{detail}",
+            stacklevel=stacklevel + 1,
+        )
 
 
 def measure_pair(

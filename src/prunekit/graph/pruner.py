@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numbers
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -828,13 +827,9 @@ def _search_latency(
             "rest of the time does not shrink with the widths. unit='layer' removes whole "
             "blocks, and their fixed costs with them. Nothing was changed."
         )
-    if abs(lat.ratio / asked - 1) > LATENCY_TOLERANCE:
-        warnings.warn(
-            f"prunekit: target_latency={asked} not reached within "
-            f"{100 * LATENCY_TOLERANCE:.0f} %: the closest measured ratio is {lat.ratio:.2f} "
-            f"after {len(tries)} tries (MACs -> latency ratio: {steps})",
-            stacklevel=3,
-        )
+    _latency.warn_if_missed(
+        asked, lat.ratio, f"after {len(tries)} tries (MACs -> latency ratio: {steps})", 3
+    )
     note = (
         f"target_latency {asked}: measured latency ratio {lat.ratio:.2f} at {100 * reached:.1f} % "
         f"of dense MACs, after {len(tries)} tries (MACs -> latency ratio: {steps})"
