@@ -81,7 +81,35 @@ def _ratios(m: dict[str, Any], dense: dict[str, Any], report: Any) -> dict[str, 
         spreads = [lat[k] for k in ("spread", "dense_spread") if lat.get(k) is not None]
         if spreads:  # not in checkpoints written before the spread was recorded
             row[f"latency_b{batch}_spread"] = max(spreads)
+        if lat.get("retimed"):  # a search trial's verdict re-timed it (recipes.goal)
+            row[f"latency_b{batch}_retimed"] = lat["retimed"]
     return row
+
+
+def retime_note(report: Any) -> str | None:
+    """A line naming every latency of the stage table that the goal search re-timed beside the
+    dense model before its verdict counted, with the timings and why; None when none was."""
+    found = []
+    for row in table_rows(report):
+        for key, retimed in row.items():
+            if not (key.startswith("latency_b") and key.endswith("_retimed")):
+                continue
+            batch = key[len("latency_b") : -len("_retimed")]
+            ratios = [r for r in retimed.get("ratios", []) if r is not None]
+            first = (retimed.get("first") or {}).get("ratio")
+            timings = (
+                f"median of {len(ratios)} timings {min(ratios):.2f}-{max(ratios):.2f}x, "
+                f"first {first:.2f}x; "
+                if ratios and first is not None
+                else ""
+            )
+            found.append(
+                f"{row['stage']} b{batch} {row[f'latency_b{batch}_ratio']:.2f}x "
+                f"({timings}{retimed.get('reason', '')})"
+            )
+    if not found:
+        return None
+    return "latency re-timed beside dense before the goal's verdict: " + "; ".join(found)
 
 
 def _noisy(spread: float | None) -> bool:
@@ -185,6 +213,9 @@ def text_table(report: Any) -> str:
     noise = noise_note(report)
     if noise:
         notes.append(noise)
+    retimed = retime_note(report)
+    if retimed:
+        notes.append(retimed)
     return "\n".join(
         [title, line(header), rule, *(line(b) for b in body), rule, *notes, *goal_lines(report)]
     )
@@ -215,6 +246,9 @@ def markdown(report: Any) -> str:
     noise = noise_note(report)
     if noise:
         out += ["", noise]
+    retimed = retime_note(report)
+    if retimed:
+        out += ["", retimed]
     goal = goal_lines(report)
     if goal:
         out += ["", "## Goal", "", "```", *goal, "```"]
@@ -432,6 +466,9 @@ def html_page(report: Any, images: dict[str, str]) -> str:
     noise = noise_note(report)
     if noise:
         parts.append(f"<p class='note'><b>{esc(noise)}</b></p>")
+    retimed = retime_note(report)
+    if retimed:
+        parts.append(f"<p class='note'>{esc(retimed)}</p>")
     goal = goal_lines(report)
     if goal:
         parts.append("<h2>Goal</h2><pre>" + esc("\n".join(goal)) + "</pre>")

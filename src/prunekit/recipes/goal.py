@@ -271,7 +271,8 @@ def check_goal(
                     goal.latency,
                     row["ratio"],
                     met,
-                    f"{name} {row['ratio']:.2f}x dense (goal <= {goal.latency:.2f}x)",
+                    f"{name} {row['ratio']:.2f}x dense (goal <= {goal.latency:.2f}x"
+                    f"{_retimed_text(row)})",
                 )
             )
     if goal.has_quality:
@@ -292,6 +293,22 @@ def check_goal(
                 )
             )
     return checks
+
+
+def _retimed_text(row: dict[str, Any]) -> str:
+    """``; re-timed: median of 5 timings 0.71-0.84x, first 0.84x`` for a latency row that
+    :func:`prunekit.recipes.measure.retime` re-measured, else empty."""
+    retimed = row.get("retimed")
+    if not isinstance(retimed, dict):
+        return ""
+    ratios = [r for r in retimed.get("ratios", []) if r is not None and not math.isnan(r)]
+    first = (retimed.get("first") or {}).get("ratio")
+    if not ratios or first is None:
+        return "; re-timed"
+    return (
+        f"; re-timed: median of {len(ratios)} timings {min(ratios):.2f}-{max(ratios):.2f}x, "
+        f"first {first:.2f}x"
+    )
 
 
 def _relative_quality(goal: Goal, dense_quality: float | None, higher_is_better: bool) -> str:
@@ -317,6 +334,83 @@ def quality_threshold(
     if higher_is_better:
         return dense_quality * goal.quality, ">="
     return dense_quality / goal.quality, "<="
+
+
+RETIME_MARGIN = 0.05
+"""A latency verdict within this fraction of the bound (or within the timing spread, when that
+is larger) is re-timed before it counts."""
+
+
+def latency_check(checks: list[GoalCheck]) -> GoalCheck | None:
+    """The goal's latency check among ``checks`` (None without a latency goal)."""
+    return next((c for c in checks if c.name.startswith("latency")), None)
+
+
+def retime_reason(
+    goal: Goal,
+    knob: Knob,
+    value: float,
+    checks: list[GoalCheck],
+    row: dict[str, Any] | None,
+    others: list[tuple[float, list[GoalCheck]]],
+) -> str | None:
+    """Why the latency of the trial at ``value`` must be timed again before its verdict counts,
+    or None. ``checks`` are its goal checks, ``row`` its measured latency row at the goal's
+    batch, ``others`` the (value, checks) of the other trials.
+
+    Only a verdict that latency decides is re-timed (every other size / speed target met), and
+    only once (a row already re-timed is final), when
+
+    * its ratio to dense is within the timing noise of the bound: ``|ratio / bound - 1|`` at most
+      the larger spread (interquartile range / median) of the two models' calls, and at least
+      :data:`RETIME_MARGIN`; or
+    * it contradicts another trial under the search's own assumption that more compression is
+      never slower: it missed the bound while a less compressed trial met it, or met it while
+      a more compressed one missed it.
+
+    Example:
+        >>> k, g = Knob(0, "prune_structured", "target_params", 0.1, 0.95, -1), Goal(latency=0.8)
+        >>> near = [GoalCheck("latency b32", 0.8, 0.81, False, "")]
+        >>> retime_reason(g, k, 0.3125, near, {"ratio": 0.81, "spread": 0.02}, [])
+        'within 5% of the bound 0.80x (the timing spread)'
+        >>> far = [GoalCheck("latency b32", 0.8, 1.2, False, "")]
+        >>> met = [GoalCheck("latency b32", 0.8, 0.7, True, "")]
+        >>> retime_reason(g, k, 0.3125, far, {"ratio": 1.2, "spread": 0.02}, [(0.525, met)])
+        'missed, but the less compressed target_params=0.525 met it (0.70x)'
+    """
+    check = latency_check(checks)
+    if goal.latency is None or check is None or check.met is None or row is None:
+        return None
+    if row.get("retimed"):
+        return None
+    if not all(c.met for c in checks if _is_target(c.name) and c is not check):
+        return None  # another target missed: latency does not decide this trial
+    spreads = [row.get("spread"), row.get("dense_spread")]
+    if any(s is not None and not math.isfinite(s) for s in spreads):
+        margin = math.inf
+    else:
+        margin = max([RETIME_MARGIN, *(s for s in spreads if s is not None)])
+    assert check.measured is not None
+    if abs(check.measured / goal.latency - 1) <= margin:
+        if math.isinf(margin):
+            return "the timing spread is not finite"
+        return f"within {margin:.0%} of the bound {goal.latency:.2f}x (the timing spread)"
+    for other_value, other_checks in others:
+        other = latency_check(other_checks)
+        if other is None or other.met is None or other_value == value:
+            continue
+        more = (other_value - value) * knob.direction > 0  # the other compresses more
+        if check.met is False and other.met and not more:
+            return (
+                f"missed, but the less compressed {knob.key}={other_value:g} met it "
+                f"({other.measured:.2f}x)"
+            )
+        if check.met and other.met is False and more:
+            return (
+                f"met, but the more compressed {knob.key}={other_value:g} missed it "
+                f"({other.measured:.2f}x)"
+            )
+    return None
 
 
 def goal_met(checks: list[GoalCheck]) -> bool:

@@ -8,9 +8,11 @@ model timed in the same call, so the ratio compares like with like.
 
 from __future__ import annotations
 
+import math
+import statistics
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +141,52 @@ def latency(
             "dense_spread": _spread(ref),
         }
     return out
+
+
+RETIME_CALLS = 4
+"""Side-by-side timings added when a search trial's latency verdict is re-timed: the verdict
+then uses the median ratio of the first timing and these (five in all)."""
+
+
+def retime(
+    model: nn.Module,
+    dense: nn.Module,
+    example_inputs: Any,
+    settings: MeasureSettings,
+    batch: int,
+    first: dict[str, Any],
+    reason: str,
+    calls: int = RETIME_CALLS,
+) -> dict[str, Any]:
+    """Time ``model`` beside ``dense`` ``calls`` more times at ``batch`` (each time as
+    :func:`latency` does) and return the latency row that a verdict should use: the medians
+    over the first timing ``first`` and these, with ``retimed`` recording why (``reason``),
+    every ratio measured and the first row.
+
+    Example:
+        >>> row = retime(net, dense, x, settings, 32, first=lat["32"], reason="near the bound")  # doctest: +SKIP
+        >>> row["ratio"], row["retimed"]["ratios"]  # doctest: +SKIP
+        (0.78, [0.84, 0.71, 0.78, 0.8, 0.76])
+    """
+    one = replace(settings, batch_sizes=[batch])
+    rows = [first] + [latency(model, dense, example_inputs, one)[str(batch)] for _ in range(calls)]
+
+    def median(key: str) -> float:
+        values = [r[key] for r in rows if r.get(key) is not None and not math.isnan(r[key])]
+        return statistics.median(values) if values else float("nan")
+
+    return {
+        "ms": median("ms"),
+        "dense_ms": median("dense_ms"),
+        "ratio": median("ratio"),
+        "spread": median("spread"),
+        "dense_spread": median("dense_spread"),
+        "retimed": {
+            "reason": reason,
+            "ratios": [r.get("ratio") for r in rows],
+            "first": {k: v for k, v in first.items() if k != "retimed"},
+        },
+    }
 
 
 def _spread(row: Any) -> float:
