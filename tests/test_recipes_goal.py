@@ -358,7 +358,10 @@ def test_a_noisy_latency_near_the_bound_is_re_timed_before_it_steers_the_search(
     assert "re-timed: median of 5 timings 0.50-0.65x, first 0.65x" in check.text
     line = next(line for line in report.search.lines() if "sparsity=0.5 " in line)
     assert "re-timed" in line and "MISSED" not in line
-    assert "re-timing sparsity=0.5 beside dense: within 10% of the bound" in capsys.readouterr().out
+    assert (
+        "re-timing sparsity=0.5 beside dense: 0.65x is within the timing spread (10%)"
+        in capsys.readouterr().out
+    )
     # bounded: every trial timed once, plus at most four more once
     assert len(calls) <= 5 * len(report.search.trials)
     retimed = [t for t in report.search.trials if "re-timed" in t.checks[0].text]
@@ -396,13 +399,15 @@ def test_retime_rules() -> None:
 
     quiet = {"spread": 0.02, "dense_spread": 0.03}
     # near the bound: within the larger spread, at least 5 %
-    assert "within 5%" in retime_reason(goal, knob, 0.3, checks(0.83), {"ratio": 0.83, **quiet}, [])
+    assert "within the timing spread (5%)" in retime_reason(
+        goal, knob, 0.3, checks(0.83), {"ratio": 0.83, **quiet}, []
+    )
     assert retime_reason(goal, knob, 0.3, checks(0.85), {"ratio": 0.85, **quiet}, []) is None
     noisy = {"spread": 0.2, "dense_spread": 0.05}
-    assert "within 20%" in retime_reason(
+    assert "within the timing spread (20%)" in retime_reason(
         goal, knob, 0.3, checks(0.95), {"ratio": 0.95, **noisy}, []
     )
-    assert "within 20%" in retime_reason(
+    assert "within the timing spread (20%)" in retime_reason(
         goal, knob, 0.3, checks(0.66), {"ratio": 0.66, **noisy}, []
     )
     # latency does not decide the trial: another target missed

@@ -372,7 +372,7 @@ def retime_reason(
         >>> k, g = Knob(0, "prune_structured", "target_params", 0.1, 0.95, -1), Goal(latency=0.8)
         >>> near = [GoalCheck("latency b32", 0.8, 0.81, False, "")]
         >>> retime_reason(g, k, 0.3125, near, {"ratio": 0.81, "spread": 0.02}, [])
-        'within 5% of the bound 0.80x (the timing spread)'
+        '0.81x is within the timing spread (5%) of the bound 0.80x'
         >>> far = [GoalCheck("latency b32", 0.8, 1.2, False, "")]
         >>> met = [GoalCheck("latency b32", 0.8, 0.7, True, "")]
         >>> retime_reason(g, k, 0.3125, far, {"ratio": 1.2, "spread": 0.02}, [(0.525, met)])
@@ -394,7 +394,10 @@ def retime_reason(
     if abs(check.measured / goal.latency - 1) <= margin:
         if math.isinf(margin):
             return "the timing spread is not finite"
-        return f"within {margin:.0%} of the bound {goal.latency:.2f}x (the timing spread)"
+        return (
+            f"{check.measured:.2f}x is within the timing spread ({margin:.0%}) of the bound "
+            f"{goal.latency:.2f}x"
+        )
     for other_value, other_checks in others:
         other = latency_check(other_checks)
         if other is None or other.met is None or other_value == value:
