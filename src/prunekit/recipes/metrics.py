@@ -142,6 +142,11 @@ def fidelity(batches: Iterable[Any]) -> Metric:
 
     Outputs with a ``last_hidden_state`` are mean-pooled over the attention mask (sentence
     embeddings); other outputs are flattened per sample.
+
+    It asks whether the model's embeddings can stand in for the dense model's, which STS does
+    not: a model whose embeddings moved as a whole (a new common direction, a rotation) scores
+    low here while it still ranks similarities as before (the shipped ``encoder-small`` on
+    MiniLM: fidelity 0.31 at 92.5 % of the dense STS Spearman; docs/recipes.md).
     """
     batches = list(batches)
 
