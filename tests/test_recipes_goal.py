@@ -203,6 +203,21 @@ def test_quality_floor_search_end_to_end_and_resume(tmp_path) -> None:
         assert torch.equal(a, b)
 
 
+def test_a_resumed_search_judges_saved_trials_by_the_current_goal(tmp_path) -> None:
+    model, x, out = _mlp(), torch.randn(2, 16), tmp_path / "run"
+    first = compress(model, RECIPE, evaluate=_density, example_inputs=x, out=out, progress=False)
+    stricter = {**RECIPE, "goal": {"quality": {"min": 0.6}, "tolerance": 0.01}}
+    again = compress(_mlp(), stricter, evaluate=_density, example_inputs=x, out=out,
+                     progress=False)  # fmt: skip
+    assert any(t.reused for t in again.search.trials)  # the first run's trials were reused ...
+    chosen = again.search.chosen.value
+    assert chosen < first.search.chosen.value
+    # ... but judged against the new floor: the most pruning that keeps density >= 0.6
+    assert again.goal_met and _density(again.model) >= 0.6
+    more = prune(_mlp(), sparsity=chosen + 0.01, scope="global", progress=False).model
+    assert _density(more) < 0.6
+
+
 def test_target_search_in_memory_matches_the_folder_run(tmp_path) -> None:
     recipe = {
         "measure": {"latency": False},

@@ -32,6 +32,7 @@ from prunekit._version import __version__
 from prunekit.compress.durable import write_text_atomic
 from prunekit.compress.io import _atomic_dir_write, load, save
 from prunekit.recipes.goal import (
+    Goal,
     GoalCheck,
     SearchResult,
     Trial,
@@ -533,8 +534,10 @@ def _search(
         chain = run.chains(concrete)[-1]
         last.clear()
         last.update(chain=chain, concrete=concrete)
-        if chain in records:
-            return [GoalCheck(**c) for c in records[chain]["checks"]], True
+        saved = records.get(chain)
+        if isinstance(saved, dict) and _measured_for(goal, saved.get("metrics")):
+            # the trial's measurements are reused; its verdict is the current goal's
+            return check_goal(goal, saved["metrics"], run.dense_row, higher_is_better), True
         start = copy_model(run.ctx.dense, "compress", _TRIAL)
 
         def finish(model: nn.Module, metrics: dict[str, Any]) -> None:
@@ -563,7 +566,11 @@ def _search(
 
         model, rows = run.execute(concrete, start, keep_before=knob.index, finish=finish)
         checks = check_goal(goal, rows[-1].metrics, run.dense_row, higher_is_better)
-        records[chain] = {"value": value, "checks": [vars(c) for c in checks]}
+        records[chain] = {
+            "value": value,
+            "checks": [vars(c) for c in checks],
+            "metrics": rows[-1].metrics,
+        }
         if out is not None:
             write_text_atomic(out / SEARCH_DIR / TRIALS_FILE, json.dumps(records, indent=1) + "\n")
         last.update(ran=True, result=(model, rows))
@@ -591,6 +598,17 @@ def _search(
         return result, chosen, kept["result"]
     start = copy_model(run.ctx.dense, "compress", _TRIAL)
     return result, chosen, run.execute(chosen, start, knob.index)
+
+
+def _measured_for(goal: Goal, metrics: Any) -> bool:
+    """Whether a saved trial's measurements can be checked against ``goal``: they exist (trial
+    records before they were kept hold only verdicts, which a changed goal would make stale),
+    and hold the latency at the goal's batch when the goal has a latency bound."""
+    if not isinstance(metrics, dict):
+        return False
+    if goal.latency is None:
+        return True
+    return str(goal.latency_batch) in (metrics.get("latency") or {})
 
 
 def _read_trials(out: Path) -> dict[str, Any]:
