@@ -264,11 +264,11 @@ class Residual(nn.Module):
 
 
 class Tower(nn.Module):
-    def __init__(self, n: int = 10) -> None:
+    def __init__(self, n: int = 10, outputs: int = 4) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.blocks = nn.ModuleList(Residual() for _ in range(n))
-        self.head = nn.Linear(16, 4)
+        self.head = nn.Linear(16, outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -343,6 +343,18 @@ def test_a_speedup_short_of_the_mac_ratio_points_at_depth(monkeypatch, overhead:
         assert not hints
     else:  # 0.6 + 0.4 * ~0.5 of the time is left: about 1.25x at about 2x fewer MACs
         assert len(hints) == 1 and "10 removable" in hints[0]
+
+
+def test_depth_target_met_within_a_hair_does_not_cost_another_block(no_timing) -> None:
+    # 20 blocks of 1,024 MACs and a head of 16: half the blocks leave 10,256 / 20,496 = 50.04 %
+    report = pg.prune_structured(Tower(20, outputs=1).eval(), torch.randn(1, 16), unit="layer",
+                                 target_macs=0.5, progress=False)  # fmt: skip
+    assert len(report.removed_layers) == 10
+    assert report.macs_ratio == pytest.approx(10256 / 20496)
+    # a head big enough to matter (64 MACs: 50.16 %) still costs another block
+    report = pg.prune_structured(Tower(20, outputs=4).eval(), torch.randn(1, 16), unit="layer",
+                                 target_macs=0.5, progress=False)  # fmt: skip
+    assert len(report.removed_layers) == 11 and report.macs_ratio <= 0.5
 
 
 def test_width_out_of_reach_points_at_depth(monkeypatch) -> None:
