@@ -352,10 +352,33 @@ def test_other_causal_lms(arch, calib) -> None:
     assert torch.isfinite(report.model(torch.randint(0, 64, (1, 12))).logits).all()
 
 
-def test_device_option_moves_each_block_and_back(calib) -> None:
-    report = oneshot(tiny_llama(), calib, method="wanda", device="cpu", progress=False)
+def test_device_option_moves_each_block_for_its_turn_only(calib, monkeypatch) -> None:
+    """Without a second device here, a spy on ``Module.to`` shows the movement: each block is
+    moved to the asked device before it runs and home after its last run, before the next
+    block moves (tests/test_cuda.py checks the real GPU round trip)."""
+    model = tiny_llama()
+    blocks = list(model.model.layers)
+    events: list[tuple] = []
+    real_to = nn.Module.to
+
+    def spy(self, *args, **kwargs):
+        if any(self is b for b in blocks):
+            events.append(("to", next(i for i, b in enumerate(blocks) if b is self)))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "to", spy)
+    for i, block in enumerate(blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: events.append(("run", i)))
+    report = oneshot(model, calib, method="wanda", device="cpu", inplace=True, progress=False)
     assert report.sparsity == 0.5
     assert all(p.device.type == "cpu" for p in report.model.parameters())
+    moved = events[events.index(("to", 0)) :]  # before it: the one-sample check of the targets
+    turns = [[e for e in moved if e[1] == i] for i in range(len(blocks))]
+    for i, turn in enumerate(turns):
+        assert turn[0] == ("to", i) and turn[-1] == ("to", i)  # there, then back home
+        assert ("run", i) in turn and turn.count(("to", i)) == 2
+        first, last = moved.index(turn[0]), len(moved) - 1 - moved[::-1].index(turn[-1])
+        assert all(e[1] == i for e in moved[first : last + 1])  # nothing else moved meanwhile
 
 
 def test_owl_with_n_m_keeps_the_average_exact(calib) -> None:
