@@ -400,6 +400,22 @@ def test_a_noisy_latency_near_the_bound_is_re_timed_before_it_steers_the_search(
     assert html.escape(note) in (tmp_path / "r" / "report.html").read_text()
 
 
+def test_a_goal_without_a_search_is_re_timed_too(monkeypatch, capsys) -> None:
+    """A recipe with a goal and no search: its one run at sparsity 0.5 (0.5x dense) first
+    timed 0.65x over the 0.6x bound; re-timed beside dense, the goal is met."""
+    import prunekit.recipes.measure as measure_module
+
+    calls: list[float] = []
+    monkeypatch.setattr(measure_module, "latency", _timed_by_density({0.5: 1.3}, 0.1, calls))
+    recipe = {**LATENCY_RECIPE, "stages": [{"prune": {"sparsity": 0.5}}]}
+    report = compress(_mlp(), recipe, example_inputs=torch.randn(2, 16), progress=True)
+    (check,) = report.goal
+    assert report.goal_met and check.measured == pytest.approx(0.5)
+    assert "re-timed: median of 5 timings 0.50-0.65x, first 0.65x" in check.text
+    assert "re-timing the compressed model beside dense" in capsys.readouterr().out
+    assert calls.count(0.5) == 5  # timed once, then four more
+
+
 def test_retime_rules() -> None:
     from prunekit.recipes.goal import retime_reason
 

@@ -348,7 +348,7 @@ def latency_check(checks: list[GoalCheck]) -> GoalCheck | None:
 
 def retime_reason(
     goal: Goal,
-    knob: Knob,
+    knob: Knob | None,
     value: float,
     checks: list[GoalCheck],
     row: dict[str, Any] | None,
@@ -402,6 +402,8 @@ def retime_reason(
         other = latency_check(other_checks)
         if other is None or other.met is None or other_value == value:
             continue
+        if knob is None:  # a single run: no other trial to contradict
+            break
         more = (other_value - value) * knob.direction > 0  # the other compresses more
         if check.met is False and other.met and not more:
             return (

@@ -34,6 +34,7 @@ from prunekit.compress.io import _atomic_dir_write, load, save
 from prunekit.recipes.goal import (
     Goal,
     GoalCheck,
+    Knob,
     SearchResult,
     Trial,
     check_goal,
@@ -331,7 +332,10 @@ def compress(
             report.model, report.stages = kept
     if recipe.knob is None or out_path is not None:
         start = model if inplace else copy_model(dense, "compress", _WORKING)
-        report.model, report.stages = run.execute(concrete, start)
+        finish = None
+        if recipe.knob is None and recipe.goal is not None:  # a search re-times its trials
+            finish = _retimer(run, recipe.goal, report.higher_is_better)
+        report.model, report.stages = run.execute(concrete, start, finish=finish)
     if recipe.goal is not None and report.stages:
         report.goal = check_goal(
             recipe.goal, report.stages[-1].metrics, run.dense_row, report.higher_is_better
@@ -540,30 +544,14 @@ def _search(
             return check_goal(goal, saved["metrics"], run.dense_row, higher_is_better), True
         start = copy_model(run.ctx.dense, "compress", _TRIAL)
 
-        def finish(model: nn.Module, metrics: dict[str, Any]) -> None:
-            """Re-time a latency verdict that timing noise may have decided (once)."""
-            batch = str(goal.latency_batch)
-            row = (metrics.get("latency") or {}).get(batch)
-            checks = check_goal(goal, metrics, run.dense_row, higher_is_better)
-            others = [
+        def others() -> list[tuple[float, list[GoalCheck]]]:
+            return [
                 (r["value"], [GoalCheck(**c) for c in r["checks"]])
                 for c, r in records.items()
                 if c != chain and isinstance(r, dict) and "value" in r
             ]
-            reason = retime_reason(goal, knob, value, checks, row, others)
-            if reason is None:
-                return
-            _log(run.ctx.progress, f"re-timing {knob.key}={value:g} beside dense: {reason}")
-            metrics["latency"][batch] = retime(
-                model,
-                run.ctx.dense,
-                run.ctx.example_inputs,
-                run.settings,
-                goal.latency_batch,
-                row,
-                reason,
-            )
 
+        finish = _retimer(run, goal, higher_is_better, knob, value, others)
         model, rows = run.execute(concrete, start, keep_before=knob.index, finish=finish)
         checks = check_goal(goal, rows[-1].metrics, run.dense_row, higher_is_better)
         records[chain] = {
@@ -598,6 +586,40 @@ def _search(
         return result, chosen, kept["result"]
     start = copy_model(run.ctx.dense, "compress", _TRIAL)
     return result, chosen, run.execute(chosen, start, knob.index)
+
+
+def _retimer(
+    run: _Run,
+    goal: Goal,
+    higher_is_better: bool,
+    knob: Knob | None = None,
+    value: float = 0.0,
+    others: Callable[[], list[tuple[float, list[GoalCheck]]]] = list,
+) -> Callable[[nn.Module, dict[str, Any]], None]:
+    """The ``finish`` of :meth:`_Run.execute` that re-times, once, a latency verdict timing
+    noise may have decided (:func:`retime_reason`): a search trial (``knob``, ``value`` and the
+    other trials' checks from ``others()``) or a recipe's only run (no knob)."""
+
+    def finish(model: nn.Module, metrics: dict[str, Any]) -> None:
+        batch = str(goal.latency_batch)
+        row = (metrics.get("latency") or {}).get(batch)
+        checks = check_goal(goal, metrics, run.dense_row, higher_is_better)
+        reason = retime_reason(goal, knob, value, checks, row, others())
+        if reason is None:
+            return
+        what = f"{knob.key}={value:g}" if knob is not None else "the compressed model"
+        _log(run.ctx.progress, f"re-timing {what} beside dense: {reason}")
+        metrics["latency"][batch] = retime(
+            model,
+            run.ctx.dense,
+            run.ctx.example_inputs,
+            run.settings,
+            goal.latency_batch,
+            row,
+            reason,
+        )
+
+    return finish
 
 
 def _measured_for(goal: Goal, metrics: Any) -> bool:
