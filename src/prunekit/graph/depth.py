@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.compress.structured import remove_blocks
-from prunekit.graph.count import count
+from prunekit.graph.count import CountReport, count
 from prunekit.graph.importance import batch_input, default_loss
 from prunekit.graph.latency import (
     LATENCY_TOLERANCE,
@@ -241,7 +241,7 @@ def prune_layers(
             if allowed(sequence, j):
                 sequence.append(j)
         chosen, latency, note = _search_depth_latency(
-            model, example_inputs, blocks, sizes, sequence, target_latency, threads
+            model, example_inputs, blocks, sizes, sequence, before, target_latency, threads
         )
         notes.append(note)
         settings["target_latency"] = target_latency
@@ -254,14 +254,8 @@ def prune_layers(
                 chosen.append(j)
         settings["ratio"] = ratio
     else:
-        cost = {r.name: r for r in before.layers}
         want_macs = _with_slack(resolve_target(target_macs, before.macs))
         want_params = _with_slack(resolve_target(target_params, before.params))
-
-        def block_cost(name: str) -> tuple[int, int]:
-            rows = [r for n, r in cost.items() if n == name or n.startswith(name + ".")]
-            return sum(r.macs for r in rows), sum(r.params for r in rows)
-
         macs, params = before.macs, before.params
         for j in order:
             if (want_macs is None or macs <= want_macs) and (
@@ -269,7 +263,7 @@ def prune_layers(
             ):
                 break
             if allowed(chosen, j):
-                m, p = block_cost(blocks[j][2])
+                m, p = _block_cost(before, blocks[j][2])
                 chosen.append(j)
                 macs, params = macs - m, params - p
         if not (
@@ -310,6 +304,12 @@ DEPTH_TARGET_SLACK = 1e-3
 """Blocks are whole: a MAC / parameter target counts as met within this fraction above it, so
 that the few MACs of a layer outside the blocks (a pooler, a head) do not cost another block
 (MiniLM at ``target_macs=0.5``: 3 of 6 layers removed leave 50.02 % of the MACs)."""
+
+
+def _block_cost(counted: CountReport, name: str) -> tuple[int, int]:
+    """(MACs, parameters) of the block ``name`` in a :func:`count` report of the model."""
+    rows = [r for r in counted.layers if r.name == name or r.name.startswith(name + ".")]
+    return sum(r.macs for r in rows), sum(r.params for r in rows)
 
 
 def _with_slack(want: float | None) -> float | None:
@@ -373,6 +373,7 @@ def _search_depth_latency(
     blocks: list,
     sizes: dict[str, int],
     sequence: list[int],
+    before: CountReport,
     asked: float,
     threads: int | None,
 ) -> tuple[list[int], Latency, str]:
@@ -384,15 +385,9 @@ def _search_depth_latency(
             f"target_latency={asked} cannot be reached by removing layers: no block may go "
             "(min_keep). Nothing was changed."
         )
-    before = count(model, example_inputs)
-    macs = {r.name: r.macs for r in before.layers}
-
-    def block_macs(name: str) -> int:
-        return sum(m for n, m in macs.items() if n == name or n.startswith(name + "."))
-
-    left, k = before.macs, 0
+    left, k = before.macs, 0  # ``before``: the dense model's count
     while k < len(sequence) and left > asked * before.macs:
-        left -= block_macs(blocks[sequence[k]][2])
+        left -= _block_cost(before, blocks[sequence[k]][2])[0]
         k += 1
     k = max(k, 1)
     tries: dict[int, Latency] = {}
