@@ -529,7 +529,7 @@ def _search(
     knob, goal = recipe.knob, recipe.goal
     assert knob is not None and goal is not None
     out = run.ctx.out
-    records = _read_trials(out) if out is not None else {}
+    records = _rejudged(_read_trials(out), goal, run, higher_is_better) if out is not None else {}
     last: dict[str, Any] = {}  # the trial just run
     kept: dict[str, Any] = {}  # what is kept of the best trial so far
 
@@ -538,17 +538,15 @@ def _search(
         chain = run.chains(concrete)[-1]
         last.clear()
         last.update(chain=chain, concrete=concrete)
-        saved = records.get(chain)
-        if isinstance(saved, dict) and _measured_for(goal, saved.get("metrics")):
-            # the trial's measurements are reused; its verdict is the current goal's
-            return check_goal(goal, saved["metrics"], run.dense_row, higher_is_better), True
+        if chain in records:
+            return [GoalCheck(**c) for c in records[chain]["checks"]], True
         start = copy_model(run.ctx.dense, "compress", _TRIAL)
 
         def others() -> list[tuple[float, list[GoalCheck]]]:
             return [
                 (r["value"], [GoalCheck(**c) for c in r["checks"]])
                 for c, r in records.items()
-                if c != chain and isinstance(r, dict) and "value" in r
+                if c != chain
             ]
 
         finish = _retimer(run, goal, higher_is_better, knob, value, others)
@@ -620,6 +618,22 @@ def _retimer(
         )
 
     return finish
+
+
+def _rejudged(
+    records: dict[str, Any], goal: Goal, run: _Run, higher_is_better: bool
+) -> dict[str, Any]:
+    """The saved trials of an earlier search, each judged by the current ``goal`` from its
+    measurements (the goal may have changed since); trials that cannot be (no measurements
+    kept, no latency at the goal's batch) are left out, to run again if the search needs them."""
+    kept = {}
+    for chain, record in records.items():
+        if isinstance(record, dict) and "value" in record:
+            metrics = record.get("metrics")
+            if _measured_for(goal, metrics):
+                checks = check_goal(goal, metrics, run.dense_row, higher_is_better)
+                kept[chain] = {**record, "checks": [vars(c) for c in checks]}
+    return kept
 
 
 def _measured_for(goal: Goal, metrics: Any) -> bool:
