@@ -89,20 +89,16 @@ def _ratios(m: dict[str, Any], dense: dict[str, Any], report: Any) -> dict[str, 
 def retime_note(report: Any) -> str | None:
     """A line naming every latency of the stage table that the goal search re-timed beside the
     dense model before its verdict counted, with the timings and why; None when none was."""
+    from prunekit.recipes.goal import retimed_timings
+
     found = []
     for row in table_rows(report):
         for key, retimed in row.items():
             if not (key.startswith("latency_b") and key.endswith("_retimed")):
                 continue
             batch = key[len("latency_b") : -len("_retimed")]
-            ratios = [r for r in retimed.get("ratios", []) if r is not None]
-            first = (retimed.get("first") or {}).get("ratio")
-            timings = (
-                f"median of {len(ratios)} timings {min(ratios):.2f}-{max(ratios):.2f}x, "
-                f"first {first:.2f}x; "
-                if ratios and first is not None
-                else ""
-            )
+            timings = retimed_timings(retimed)
+            timings = f"{timings}; " if timings else ""
             found.append(
                 f"{row['stage']} b{batch} {row[f'latency_b{batch}_ratio']:.2f}x "
                 f"({timings}{retimed.get('reason', '')})"

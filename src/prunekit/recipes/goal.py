@@ -295,20 +295,30 @@ def check_goal(
     return checks
 
 
+def retimed_timings(retimed: dict[str, Any]) -> str:
+    """The timings of a re-timed latency row's ``retimed`` record
+    (:func:`prunekit.recipes.measure.retime`): ``median of 5 timings 0.71-0.84x, first 0.84x``,
+    or empty when they were not kept.
+
+    Example:
+        >>> retimed_timings({"ratios": [0.84, 0.71, 0.78], "first": {"ratio": 0.84}})
+        'median of 3 timings 0.71-0.84x, first 0.84x'
+    """
+    ratios = [r for r in retimed.get("ratios", []) if r is not None and not math.isnan(r)]
+    first = (retimed.get("first") or {}).get("ratio")
+    if not ratios or first is None:
+        return ""
+    return f"median of {len(ratios)} timings {min(ratios):.2f}-{max(ratios):.2f}x, first {first:.2f}x"
+
+
 def _retimed_text(row: dict[str, Any]) -> str:
     """``; re-timed: median of 5 timings 0.71-0.84x, first 0.84x`` for a latency row that
     :func:`prunekit.recipes.measure.retime` re-measured, else empty."""
     retimed = row.get("retimed")
     if not isinstance(retimed, dict):
         return ""
-    ratios = [r for r in retimed.get("ratios", []) if r is not None and not math.isnan(r)]
-    first = (retimed.get("first") or {}).get("ratio")
-    if not ratios or first is None:
-        return "; re-timed"
-    return (
-        f"; re-timed: median of {len(ratios)} timings {min(ratios):.2f}-{max(ratios):.2f}x, "
-        f"first {first:.2f}x"
-    )
+    timings = retimed_timings(retimed)
+    return f"; re-timed: {timings}" if timings else "; re-timed"
 
 
 def _relative_quality(goal: Goal, dense_quality: float | None, higher_is_better: bool) -> str:
