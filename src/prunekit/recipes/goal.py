@@ -308,7 +308,9 @@ def retimed_timings(retimed: dict[str, Any]) -> str:
     first = (retimed.get("first") or {}).get("ratio")
     if not ratios or first is None:
         return ""
-    return f"median of {len(ratios)} timings {min(ratios):.2f}-{max(ratios):.2f}x, first {first:.2f}x"
+    return (
+        f"median of {len(ratios)} timings {min(ratios):.2f}-{max(ratios):.2f}x, first {first:.2f}x"
+    )
 
 
 def _retimed_text(row: dict[str, Any]) -> str:
