@@ -21,13 +21,13 @@ For SparseGPT and Wanda at 50 %, 70 % and 2:4 the script times
   interpreter, or when llm-compressor does not import there, the comparison is skipped with a
   message and only prunekit's figures are printed.
 
-After those default rows come labelled *tuned* rows (``--no-tuned`` leaves them out): each
-method at 50 % with ``calibration_dtype="bfloat16"`` (the block forwards' matrix products in
-bfloat16 under ``torch.autocast``, the statistics still float32 / float64; opt-in, since its
-results depend on the CPU, and faster only on a CPU with native bfloat16 dot products such as
-AVX512-BF16 or AMX), timed like the default rows and compared with llm-compressor's run of the
-same default row (llm-compressor has no such option). The targets are judged on the default
-rows alone.
+The default ``calibration_dtype="auto"`` runs the block forwards' matrix products in bfloat16
+under ``torch.autocast`` (statistics still float32 / float64) on a CPU with native bfloat16 dot
+products (AVX512-BF16, AMX), in float32 elsewhere; the figure names the dtype the default rows
+used. After those default rows come labelled non-default rows (``--no-tuned`` leaves them out):
+each method at 50 % with ``calibration_dtype="float32"`` (results independent of the CPU's
+bfloat16 support), timed like the default rows and compared with llm-compressor's run of the
+same default row. The targets are judged on the default rows alone.
 
 Both run with ``--threads`` torch threads (default 1); ``--repeat N`` times each run N times,
 prunekit's and llm-compressor's runs alternating (so that both see the same load on a shared
@@ -63,8 +63,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from figures import figure, md_table  # noqa: E402
 
 CONFIGS = [("50%", 0.5, "unstructured"), ("70%", 0.7, "unstructured"), ("2:4", None, "2:4")]
-TUNED = [("50%", 0.5, "unstructured", {"calibration_dtype": "bfloat16"}, "bf16 calibration")]
-"""The tuned rows, after the default ones: (config label, sparsity, pattern, extra oneshot
+TUNED = [("50%", 0.5, "unstructured", {"calibration_dtype": "float32"}, "float32 calibration")]
+"""The non-default rows, after the default ones: (config label, sparsity, pattern, extra oneshot
 arguments, row label)."""
 SEQ_LEN = 128
 DEFAULT_LLMC = "/work/venvs/llmc/bin/python"
@@ -223,7 +223,8 @@ def compare(args: argparse.Namespace) -> dict:
         from prunekit.calibrate.precision import native_bf16_cpu
 
         print(
-            f"tuned rows: bfloat16 calibration; native bfloat16 dot products: {native_bf16_cpu()}"
+            "non-default rows: float32 calibration; native bfloat16 dot products (the default "
+            f"'auto' calibrates in bfloat16 where they exist): {native_bf16_cpu()}"
         )
         runs += [(m, *tuned) for m in args.methods for tuned in TUNED]
     rows = []
@@ -248,7 +249,7 @@ def compare(args: argparse.Namespace) -> dict:
                         continue
                     pruned = copy.deepcopy(model)
                     started = time.perf_counter()
-                    prunekit.oneshot(
+                    report = prunekit.oneshot(
                         pruned,
                         calib,
                         method=method,
@@ -267,6 +268,7 @@ def compare(args: argparse.Namespace) -> dict:
                 "prunekit_s": ours_s,
                 "prunekit_ppl": ours_ppl,
                 "prunekit_runs_s": times,
+                "calibration_dtype": report.settings["calibration_dtype"],
             }
             if tuned:
                 row.update(tuned=tuned, options=options)
@@ -320,13 +322,19 @@ def doc_figure(rows: list[dict], threads: int, repeat: int) -> str:
         for r in rows
     ]  # fmt: skip
     version = rows[0].get("llmc_version", "?")
-    tuned = ""
+    used = sorted({r["calibration_dtype"] for r in rows if not r.get("tuned")})
+    from prunekit.calibrate.precision import native_bf16_cpu
+
+    native = "has" if native_bf16_cpu() else "lacks"
+    tuned = (
+        f" The default rows calibrated in {' / '.join(used)} (`calibration_dtype=\"auto\"`; "
+        f"this CPU {native} native bfloat16 dot products)."
+    )
     if any(r.get("tuned") for r in rows):
-        tuned = (
-            ' Rows marked *tuned* pass `calibration_dtype="bfloat16"` (opt-in: block forwards '
-            "in bfloat16 under autocast, statistics in float32; faster on CPUs with native "
-            "bfloat16 dot products) and are compared with llm-compressor's run of the default "
-            "row; the targets are judged on the default rows."
+        tuned += (
+            ' Rows marked *non-default* pass `calibration_dtype="float32"` (results independent '
+            "of the CPU's bfloat16 support) and are compared with llm-compressor's run of the "
+            "default row; the targets are judged on the default rows."
         )
     return figure(
         "oneshot-speed",
@@ -338,8 +346,11 @@ def doc_figure(rows: list[dict], threads: int, repeat: int) -> str:
 
 
 def _method_cell(row: dict) -> str:
-    """The method, with the label of a tuned row (``sparsegpt, bf16 calibration (tuned)``)."""
-    return f"{row['method']}, {row['tuned']} (*tuned*)" if row.get("tuned") else row["method"]
+    """The method, with the label of a non-default row (``sparsegpt, float32 calibration
+    (*non-default*)``)."""
+    if row.get("tuned"):
+        return f"{row['method']}, {row['tuned']} (*non-default*)"
+    return row["method"]
 
 
 def large_figure(rows: list[dict], samples: int, threads: int) -> str:
@@ -469,7 +480,7 @@ def main() -> int:
         "--no-tuned",
         dest="tuned",
         action="store_false",
-        help="leave out the tuned rows (calibration_dtype='bfloat16')",
+        help="leave out the non-default rows (calibration_dtype='float32')",
     )
     parser.add_argument("--random-llama", action="store_true")
     parser.add_argument("--samples", type=int, default=128, help="random Llama: calibration")

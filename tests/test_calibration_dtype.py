@@ -4,7 +4,9 @@ full precision from the upcast inputs, the default path untouched.
 * bfloat16 gives masks with exactly the asked sparsity and a pruned model close to float32's;
 * the statistics are float32 / float64 and equal those computed by hand from the layers'
   actual (upcast) inputs, with autocast off inside the hooks;
-* ``None``, ``"float32"`` and ``torch.float32`` give the same bits, and never enter autocast;
+* ``"float32"`` and ``torch.float32`` give the same bits, and never enter autocast; so does the
+  default ``"auto"`` (or None) on a CPU without native bfloat16, while on one with it (and on a
+  bfloat16 GPU) "auto" autocasts a float32 model to bfloat16 and leaves other dtypes alone;
 * bad values raise before anything changes; slow-bfloat16 CPUs are warned about once;
 * stacked block calls still happen under bfloat16 (block calls counted);
 * the dtype reaches the report, the checkpoint fingerprint, the CLI, recipes and streaming.
@@ -157,9 +159,12 @@ def test_statistics_are_full_precision_from_the_upcast_inputs(one_thread) -> Non
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_default_is_float32_bit_for_bit_and_never_autocasts(one_thread, method) -> None:
+def test_float32_and_auto_without_native_bf16_are_bit_for_bit_and_never_autocast(
+    one_thread, method, monkeypatch
+) -> None:
+    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: False)  # "auto" then means float32
     states = []
-    for dtype in (None, "float32", torch.float32):
+    for dtype in ("float32", torch.float32, None, "auto"):
         model = _model()
         entered: set[bool] = set()
         for _, layer in _linears(model):
@@ -225,11 +230,45 @@ def test_aliases_name_the_same_dtypes() -> None:
         ("BFloat16", "bfloat16"),
         ("torch.float16", "float16"),
         ("fp32", "float32"),
-        (None, "float32"),
+        (None, "auto"),
+        ("AUTO", "auto"),
     ]:
         assert precision.calibration_dtype_name(value) == name
     assert precision.resolve_calibration_dtype("float32", "cpu") is None
     assert precision.resolve_calibration_dtype("float16", "cuda") is torch.float16
+
+
+def test_auto_takes_bfloat16_only_for_float32_models_where_it_is_native(monkeypatch) -> None:
+    resolve = precision.resolve_calibration_dtype
+    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: True)
+    assert resolve("auto", "cpu", torch.float32) is torch.bfloat16
+    assert resolve(None, None) is torch.bfloat16  # None: auto, on the CPU, float32 model
+    for other in (torch.float64, torch.float16, torch.bfloat16, None):
+        assert resolve("auto", "cpu", other) is None
+    assert resolve("auto", "meta") is None  # no native bfloat16 known there
+    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "auto" never warns: it just stays float32
+        assert resolve("auto", "cpu", torch.float32) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve("auto", "cuda", torch.float32) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve("auto", "cuda", torch.float32) is None
+
+
+def test_default_autocasts_where_bfloat16_is_native(one_thread, monkeypatch) -> None:
+    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: True)
+    model = _model()
+    entered: set[bool] = set()
+    for _, layer in _linears(model):
+        layer.register_forward_pre_hook(lambda *_: entered.add(torch.is_autocast_enabled("cpu")))
+    report = oneshot(model, _calib(), method="wanda", inplace=True, progress=False)
+    assert True in entered  # (the up-front check that every target runs does not autocast)
+    assert report.settings["calibration_dtype"] == "bfloat16"
+    entered.clear()
+    double = oneshot(model.double(), _calib(), method="wanda", inplace=True, progress=False)
+    assert entered == {False} and double.settings["calibration_dtype"] == "float32"
 
 
 def test_slow_bfloat16_cpu_is_warned_about_once(monkeypatch) -> None:
@@ -273,10 +312,10 @@ def test_stacking_still_happens_under_bfloat16(one_thread) -> None:
 
 def test_checkpoint_of_another_calibration_dtype_is_refused(one_thread, tmp_path) -> None:
     folder = tmp_path / "ckpt"
-    oneshot(_model(), _calib(), checkpoint=folder, progress=False)
+    oneshot(_model(), _calib(), checkpoint=folder, calibration_dtype="float32", progress=False)
     with pytest.raises(ValueError, match="calibration_dtype"):
         oneshot(_model(), _calib(), checkpoint=folder, calibration_dtype="bfloat16", progress=False)
-    # the default run resumes (finished: loads) from its own checkpoint
+    # the float32 run resumes (finished: loads) from its own checkpoint
     oneshot(_model(), _calib(), checkpoint=folder, calibration_dtype="float32", progress=False)
 
 

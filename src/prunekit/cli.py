@@ -460,10 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     o.add_argument(
         "--calibration-dtype",
-        default="float32",
-        choices=["float32", "bfloat16"],
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
         help="dtype of the calibration forwards' matrix products (autocast; the statistics stay "
-        "float32): bfloat16 is faster on CPUs with AVX512-BF16 / AMX, slower on others",
+        "float32): auto (default) takes bfloat16 for a float32 model where it is native (CPUs "
+        "with AVX512-BF16 / AMX, GPUs), else float32; float32 gives results independent of "
+        "the hardware's bfloat16",
     )
     o.add_argument("--per-layer", default=None, help="per-layer sparsities (prunekit analyze)")
     o.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

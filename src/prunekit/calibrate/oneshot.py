@@ -17,7 +17,9 @@ from prunekit.calibrate.data import CalibrationSet, calibration
 from prunekit.calibrate.precision import (
     calibration_dtype_name,
     compute_autocast,
+    floating_dtype,
     resolve_calibration_dtype,
+    resolved_name,
 )
 from prunekit.calibrate.progress import (
     OneshotProgress,
@@ -268,7 +270,7 @@ def oneshot(
     block_size: int = 128,
     damp: float = 0.01,
     device: str | torch.device | None = None,
-    calibration_dtype: str | torch.dtype | None = None,
+    calibration_dtype: str | torch.dtype | None = "auto",
     seed: int = 0,
     inplace: bool = False,
     progress: bool = True,
@@ -306,15 +308,18 @@ def oneshot(
         owl_lambda: OWL's lambda, the largest deviation from the target sparsity.
         block_size, damp: SparseGPT's column block size and damping fraction.
         device: run each block there (e.g. ``"cuda"``) and move it back; the rest stays put.
-        calibration_dtype: ``None`` / ``"float32"`` (default: the calibration forwards run in
-            the model's dtype, results independent of the CPU), ``"bfloat16"`` (the forwards'
-            matrix products run under ``torch.autocast`` in bfloat16: faster where the CPU has
-            native bfloat16 dot products (AVX512-BF16, AMX) or on a GPU, with a warning on a
-            CPU without them) or ``"float16"`` (blocks on CUDA only). The statistics (Wanda's
-            norms, SparseGPT's Hessians) are still computed in float32 / float64 from the
-            layer inputs cast up, and the hidden states passed between blocks keep the
-            model's dtype; see :mod:`prunekit.calibrate.precision`. The sensitivity
-            measurement of ``allocation="sensitivity"`` runs in the model's dtype.
+        calibration_dtype: ``"auto"`` (default; None too): bfloat16 where it is native and
+            the model is float32 (a CPU with AVX512-BF16 / AMX / Arm BF16, a CUDA GPU with
+            bfloat16), else float32; ``"float32"`` (no autocast: results independent of the
+            hardware's bfloat16 support, bit for bit those of earlier releases);
+            ``"bfloat16"`` (the forwards' matrix products under ``torch.autocast`` in bfloat16
+            on any device, with a warning on a CPU where that is slower) or ``"float16"``
+            (blocks on CUDA only). The statistics (Wanda's norms, SparseGPT's Hessians) are
+            computed in float32 / float64 from the layer inputs cast up in every case, and the
+            hidden states passed between blocks keep the model's dtype; see
+            :mod:`prunekit.calibrate.precision`. The report's ``settings["calibration_dtype"]``
+            names the dtype used. The sensitivity measurement of ``allocation="sensitivity"``
+            runs in the model's dtype.
         inplace: prune ``model`` itself (recommended for large models); default: a copy. If
             the call is interrupted (``KeyboardInterrupt``, an error), the block in progress is
             rolled back, and a model with finished blocks carries
@@ -355,9 +360,10 @@ def oneshot(
         calib = calibration(calib)
     if len(calib) == 0:
         raise ValueError("calib holds no sample")
-    dtype_name = calibration_dtype_name(calibration_dtype)  # ValueError naming what is accepted
+    calibration_dtype_name(calibration_dtype)  # ValueError naming what is accepted, early
     run_on = device if device is not None else input_device(model)
-    compute_dtype = resolve_calibration_dtype(dtype_name, run_on)
+    compute_dtype = resolve_calibration_dtype(calibration_dtype, run_on, floating_dtype(model))
+    dtype_name = resolved_name(compute_dtype)
     local = shard_samples(calib)  # under torch.distributed: this rank's contiguous share
     progress = progress and is_main()
     check_marker(model, checkpoint, propagate)

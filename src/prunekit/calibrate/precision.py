@@ -10,9 +10,13 @@ forward passes in bfloat16 (``torch.autocast`` on the device the blocks run on) 
   disabled, from the layer inputs cast up to float32, exactly as on the float32 path (float32
   products summed in float64, :mod:`prunekit.calibrate.stats`).
 
-The default (``None`` or ``"float32"``) runs no autocast at all: results bit for bit those of
-a prunekit without this option, and independent of the CPU's bfloat16 support. ``"float16"``
-is accepted where the blocks run on CUDA only (CPU float16 products are emulated and slow).
+The default, ``"auto"`` (or ``None``), takes bfloat16 where it is fast and harmless: a float32
+model whose blocks run on a CPU with native bfloat16 dot products (AVX512-BF16, AMX, Arm BF16)
+or on a CUDA GPU that supports bfloat16; everywhere else float32. The result then depends on
+the hardware as float32 rounding already does (the masks of near-tied weights may differ, the
+quality does not: see the one-shot speed table in the README). ``"float32"`` runs no autocast
+at all: bit for bit the same as before this option existed. ``"float16"`` is accepted where the
+blocks run on CUDA only (CPU float16 products are emulated and slow).
 """
 
 from __future__ import annotations
@@ -24,22 +28,23 @@ from pathlib import Path
 
 import torch
 
-CALIBRATION_DTYPES = ("float32", "bfloat16", "float16")
-"""The names ``calibration_dtype`` accepts (or the ``torch.dtype`` of the same name, or None)."""
+CALIBRATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""The names ``calibration_dtype`` accepts (or the ``torch.dtype`` of the same name; None is
+``"auto"``)."""
 
 _REDUCED = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _warned_slow_bf16 = False
 
 
 def calibration_dtype_name(value: str | torch.dtype | None) -> str:
-    """The canonical name of a ``calibration_dtype`` value (``"float32"`` for None).
+    """The canonical name of a ``calibration_dtype`` value (``"auto"`` for None).
 
     Example:
         >>> calibration_dtype_name(torch.bfloat16), calibration_dtype_name(None)
-        ('bfloat16', 'float32')
+        ('bfloat16', 'auto')
     """
     if value is None:
-        return "float32"
+        return "auto"
     if isinstance(value, torch.dtype):
         name = str(value).removeprefix("torch.")
     elif isinstance(value, str):
@@ -53,37 +58,84 @@ def calibration_dtype_name(value: str | torch.dtype | None) -> str:
         raise ValueError(
             f"calibration_dtype={value!r} is not accepted; accepted: None, "
             + ", ".join(repr(n) for n in CALIBRATION_DTYPES)
-            + " (or the torch dtype of that name; 'float16' on CUDA only)"
+            + " (or the torch dtype of that name; 'float16' on CUDA only; None is 'auto')"
         )
     return name
 
 
 def resolve_calibration_dtype(
-    value: str | torch.dtype | None, device: torch.device | str | None
+    value: str | torch.dtype | None,
+    device: torch.device | str | None,
+    model_dtype: torch.dtype | None = torch.float32,
 ) -> torch.dtype | None:
     """The autocast dtype of the calibration forwards on ``device`` (where the blocks run; None:
-    the CPU), or None for the float32 path (no autocast). Raises ``ValueError`` for a value
-    that is not accepted, or float16 off CUDA; warns once when bfloat16 is asked of a CPU
-    without native bfloat16 dot products (then slower than float32, still done).
+    the CPU) for a model of ``model_dtype``, or None for the path without autocast.
+
+    ``"auto"`` gives bfloat16 for a float32 model on a device where bfloat16 products are
+    native (:func:`fast_bf16`), else None. Raises ``ValueError`` for a value that is not
+    accepted, or float16 off CUDA; warns once when bfloat16 is asked explicitly of a CPU without
+    native bfloat16 dot products (then slower than float32, still done).
 
     Example:
         >>> resolve_calibration_dtype("float32", "cpu") is None
         True
         >>> resolve_calibration_dtype("bfloat16", "cuda")
         torch.bfloat16
+        >>> resolve_calibration_dtype("auto", "cpu", torch.float64) is None
+        True
     """
     name = calibration_dtype_name(value)
     if name == "float32":
         return None
     kind = torch.device(device).type if device is not None else "cpu"
+    if name == "auto":
+        return torch.bfloat16 if model_dtype == torch.float32 and fast_bf16(kind) else None
     if name == "float16" and kind != "cuda":
         raise ValueError(
             f"calibration_dtype='float16' runs on CUDA only (the blocks run on {kind!r}); "
-            "use 'bfloat16', or 'float32' (the default)"
+            "use 'bfloat16', 'float32' or 'auto' (the default)"
         )
     if kind == "cpu" and not native_bf16_cpu():
         _warn_slow_bf16()
     return _REDUCED[name]
+
+
+def resolved_name(dtype: torch.dtype | None) -> str:
+    """The name reports give the dtype :func:`resolve_calibration_dtype` chose.
+
+    Example:
+        >>> resolved_name(None), resolved_name(torch.bfloat16)
+        ('float32', 'bfloat16')
+    """
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def floating_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of ``model``'s first floating-point parameter (None: it has none).
+
+    Example:
+        >>> floating_dtype(torch.nn.Linear(2, 2).double())
+        torch.float64
+    """
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return None
+
+
+def fast_bf16(device_type: str) -> bool:
+    """Whether bfloat16 matrix products are native, hence faster than float32 ones, on this
+    kind of device: a CPU with :func:`native_bf16_cpu`, a CUDA GPU that supports bfloat16.
+
+    Example:
+        >>> fast_bf16("cpu") == native_bf16_cpu()
+        True
+    """
+    if device_type == "cpu":
+        return native_bf16_cpu()
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return False
 
 
 def _warn_slow_bf16() -> None:

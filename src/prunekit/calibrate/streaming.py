@@ -79,7 +79,7 @@ from prunekit.calibrate.oneshot import (
     _reduced,
     round_nm_allocation,
 )
-from prunekit.calibrate.precision import calibration_dtype_name, resolve_calibration_dtype
+from prunekit.calibrate.precision import floating_dtype, resolve_calibration_dtype, resolved_name
 from prunekit.calibrate.sequential import (
     _hidden,
     _with_hidden,
@@ -251,7 +251,7 @@ def oneshot_from_pretrained(
     block_size: int = 128,
     damp: float = 0.01,
     seed: int = 0,
-    calibration_dtype: str | torch.dtype | None = None,
+    calibration_dtype: str | torch.dtype | None = "auto",
     max_activation_mb: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -275,9 +275,10 @@ def oneshot_from_pretrained(
             ``sensitivity_grid`` as in :func:`prunekit.oneshot`); unstructured only.
         per_layer: ``{pattern: sparsity}`` overrides, as in :func:`prunekit.oneshot`
             (unstructured only), e.g. an allocation measured elsewhere.
-        calibration_dtype: as in :func:`prunekit.oneshot`: ``"bfloat16"`` runs the block
-            forwards of the pruning (and OWL) pass under ``torch.autocast``; the statistics stay
-            float32 / float64 and the activations keep the checkpoint's dtype.
+        calibration_dtype: as in :func:`prunekit.oneshot` (default ``"auto"``: bfloat16 for a
+            float32 checkpoint on a CPU with native bfloat16, else no autocast); bfloat16 runs
+            the block forwards of the pruning (and OWL) pass under ``torch.autocast``; the
+            statistics stay float32 / float64 and the activations keep the checkpoint's dtype.
         max_activation_mb: keep at most this many MB of activations in memory; the rest spill
             to a temporary folder beside ``out`` (None: all in memory).
         overwrite: replace an existing ``out``.
@@ -308,8 +309,7 @@ def oneshot_from_pretrained(
         owl_allocation([0.0], [1], sparsity, owl_lambda)  # validates lambda against sparsity
     if (per_layer or allocation == "sensitivity") and not isinstance(parsed, Unstructured):
         raise ValueError("per_layer and allocation='sensitivity' work with unstructured sparsity")
-    dtype_name = calibration_dtype_name(calibration_dtype)
-    compute_dtype = resolve_calibration_dtype(dtype_name, "cpu")  # blocks load on the CPU
+    resolve_calibration_dtype(calibration_dtype, "cpu", None)  # ValueError before any work
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
     if not isinstance(calib, CalibrationSet):
@@ -325,6 +325,9 @@ def oneshot_from_pretrained(
     shard_map = _shard_map(source)
     reader = _Reader(source, shard_map)
     model, blocks_name, blocks = _skeleton(source, reader)
+    # blocks load on the CPU, in the checkpoint's dtype (the skeleton's)
+    compute_dtype = resolve_calibration_dtype(calibration_dtype, "cpu", floating_dtype(model))
+    dtype_name = resolved_name(compute_dtype)
     chosen = resolve_targets(model, targets, ignore)
     groups, rest = _block_targets(blocks_name, len(blocks), chosen)
     if rest:
