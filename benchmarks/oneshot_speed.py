@@ -327,7 +327,7 @@ def doc_figure(rows: list[dict], threads: int, repeat: int) -> str:
 
     native = "has" if native_bf16_cpu() else "lacks"
     tuned = (
-        f" The default rows calibrated in {' / '.join(used)} (`calibration_dtype=\"auto\"`; "
+        f' The default rows calibrated in {" / ".join(used)} (`calibration_dtype="auto"`; '
         f"this CPU {native} native bfloat16 dot products)."
     )
     if any(r.get("tuned") for r in rows):
