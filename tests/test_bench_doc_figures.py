@@ -148,22 +148,25 @@ def test_oneshot_speed_figures(capsys):
     bench = pytest.importorskip("oneshot_speed")
     rows = [
         {"method": m, "config": c, "prunekit_s": 2.0, "prunekit_ppl": 5.3, "llmc_s": 5.0,
-         "llmc_ppl": 5.31, "llmc_version": "0.0", "time_ratio": 0.4, "ppl_ratio": 0.998}
+         "llmc_ppl": 5.31, "llmc_version": "0.0", "time_ratio": 0.4, "ppl_ratio": 0.998,
+         "calibration_dtype": "bfloat16"}
         for m in ("sparsegpt", "wanda") for c in ("50%", "70%", "2:4")
     ]  # fmt: skip
-    tuned = {**rows[0], "prunekit_s": 1.5, "time_ratio": 0.3, "tuned": "bf16 calibration"}
+    tuned = {**rows[0], "prunekit_s": 1.5, "time_ratio": 0.3, "tuned": "float32 calibration",
+             "calibration_dtype": "float32"}  # fmt: skip
     bench.doc_figure([tuned, *rows], 1, 3)
     block = printed_block(capsys, "oneshot-speed")
     assert header(block)[:4] == ["method", "sparsity", "prunekit s", "llm-compressor s"]
     assert "| sparsegpt | 50% | 2.00 | 5.00 | **0.40** | 5.3000 / 5.3100 |" in block
     assert len(block.splitlines()[2:8]) == 6 and "fastest of 3" in block
-    # a tuned row is labelled and comes after the default rows
+    # a non-default row is labelled and comes after the default rows
     lines = block.splitlines()
-    assert (
-        lines[8]
-        == "| sparsegpt, bf16 calibration (*tuned*) | 50% | 1.50 | 5.00 | **0.30** | 5.3000 / 5.3100 |"
+    assert lines[8] == (
+        "| sparsegpt, float32 calibration (*non-default*) | 50% | 1.50 | 5.00 | **0.30** "
+        "| 5.3000 / 5.3100 |"
     )
-    assert "*tuned*" not in "".join(lines[2:8]) and "judged on the default rows" in block
+    assert "*non-default*" not in "".join(lines[2:8]) and "judged on the default rows" in block
+    assert "default rows calibrated in bfloat16" in block  # the dtype "auto" chose is named
     large = [{"method": "sparsegpt", "wall_time_s": 80.0, "s_per_block": 10.0,
               "peak_memory_mb": 800.0}]  # fmt: skip
     bench.large_figure(large, 128, 1)
