@@ -16,6 +16,8 @@ For batch 32 and batch 1, with ``--threads`` (default 2) torch threads:
    next to it (a second opinion on a busy machine; the verdict uses the medians).
 2. ``prune_structured(model, x, target_latency=0.5, threads=...)``, then the result timed
    again, independently of the search: PASS when the latency ratio is within 10 % of 0.5.
+   Where no channel widths reach it, the default unit removes whole blocks instead (the row
+   says so).
 3. the floor (``--no-floor`` skips it): the smallest model channel pruning reaches (ratio 0.99,
    ``round_to=1``) timed against dense: the share of the time that does not shrink with the
    widths (per-op overhead, pinned channels such as option-A shortcuts, attention). With that
@@ -243,7 +245,9 @@ def doc_figure(found: dict[tuple[str, int], dict[str, str]], threads: int) -> st
         "after the search. Time that does not shrink: the share of dense time the smallest "
         "channel-pruned model (ratio 0.99, round_to=1) still takes; the speedup "
         "if that time stayed and the rest scaled with the reached MACs is what widths alone "
-        "can be expected to give; the target is 0.85x the MAC ratio. The last two columns "
+        "can be expected to give; the target is 0.85x the MAC ratio. Where no widths reach "
+        '`target_latency=0.5`, the default unit removes whole blocks instead ("blocks '
+        'removed"). The last two columns '
         "remove whole blocks instead (depth; lowest block influence first), which takes "
         "their fixed costs along.",
     )
@@ -420,12 +424,14 @@ def main() -> None:
             ratio = p_ms / d_ms
             ok = abs(ratio / 0.5 - 1) <= 0.10
             verdicts.append(ok)
-            cells["latency"] = f"{ratio:.3f} ({report.macs_ratio:.3f})"
+            switched = report.settings.get("unit_switched_from") is not None
+            blocks = f", {len(report.removed_layers)} blocks removed" if switched else ""
+            cells["latency"] = f"{ratio:.3f} ({report.macs_ratio:.3f}{blocks})"
             rows.append(
                 [
                     name,
                     batch,
-                    "target_latency=0.5",
+                    "target_latency=0.5" + (" (switched to blocks)" if switched else ""),
                     f"{report.macs_ratio:.3f}",
                     f"{report.macs_before / report.macs_after:.2f}x",
                     f"{d_ms:.2f}",
@@ -443,6 +449,8 @@ def main() -> None:
                 f"{report.macs_ratio:.3f} -> {'PASS' if ok else 'FAIL'}",
                 flush=True,
             )
+            if switched:
+                print("  " + report.notes[0], flush=True)
             print("  " + report.notes[-1], flush=True)
     print()
     print(

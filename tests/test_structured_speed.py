@@ -568,3 +568,53 @@ def test_a_faster_candidate_with_worse_outputs_is_not_kept(monkeypatch, lanes_8)
     hw = report.settings["hardware"]
     assert hw["chosen"] == "uniform" and hw["candidates"]["time"]["ms"] == 5.0
     assert hw["candidates"]["time"]["output_error"] > hw["candidates"]["uniform"]["output_error"]
+
+
+def block_cost_measure(calls: list | None = None):
+    """A model's latency: 1 ms fixed per block it still has plus 2 ms scaled by its MACs: widths
+    alone get no lower than about 10 / 12 of dense; removing blocks gets anywhere."""
+
+    def measure(models, example_inputs, *, threads=None, **_):
+        if calls is not None:
+            calls.append(sorted(models))
+        dense = pg.count(Tower().eval(), example_inputs).macs
+        ms = {
+            name: len(m.blocks) + 2.0 * pg.count(m, example_inputs).macs / dense
+            for name, m in models.items()
+        }
+        return {"ms": ms, "batch": 4, "threads": 1, "repeats": 1, "device": "cpu"}
+
+    return measure
+
+
+def test_default_unit_removes_blocks_when_widths_cannot_reach_the_latency(monkeypatch) -> None:
+    model, x = Tower().eval(), torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(latency_module, "measure", block_cost_measure())
+    with pytest.warns(UserWarning, match="channel widths reach at best a latency ratio of 0.92"):
+        report = pg.prune_structured(model, x, target_latency=0.5, progress=False)
+    assert report.settings["unit"] == "layer"
+    assert report.settings["unit_switched_from"] == "channel"
+    assert "Removing whole blocks instead" in report.notes[0]
+    # dense 12 ms; 6 ms is 5 blocks gone (5 + 2 * 5/10 = 6, the head's MACs aside)
+    assert len(report.model.blocks) == 5 and len(report.removed_layers) == 5
+    assert report.latency.ratio == pytest.approx(0.5, abs=1e-3)
+    assert len(model.blocks) == 10  # a copy, as asked (inplace=False)
+
+
+def test_explicit_channel_unit_never_switches_to_blocks(monkeypatch) -> None:
+    model, x = Tower().eval(), torch.randn(4, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(latency_module, "measure", block_cost_measure())
+    for kwargs in ({"unit": "channel"}, {"round_to": 1}, {"importance": "l1"}):
+        with pytest.raises(pg.LatencyOutOfReach, match="cannot be reached by removing"):
+            pg.prune_structured(model, x, target_latency=0.5, inplace=True, progress=False,
+                                **kwargs)  # fmt: skip
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_switch_to_blocks_that_cannot_reach_either_says_both(monkeypatch) -> None:
+    model, x = Tower().eval(), torch.randn(4, 16)
+    monkeypatch.setattr(latency_module, "measure", block_cost_measure())
+    with pytest.raises(ValueError, match=r"(?s)by removing \['channel'\].*blocks instead failed"):
+        pg.prune_structured(model, x, target_latency=0.05, inplace=True, progress=False)
+    assert len(model.blocks) == 10

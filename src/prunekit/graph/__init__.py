@@ -9,7 +9,12 @@ from prunekit.graph.groups import Group, build_groups
 from prunekit.graph.hf import from_pretrained, save_pretrained
 from prunekit.graph.importance import GroupImportance, register
 from prunekit.graph.latency import Latency, default_round_to
-from prunekit.graph.pruner import StructuredPruningError, StructuredReport, prune_structured
+from prunekit.graph.pruner import (
+    LatencyOutOfReach,
+    StructuredPruningError,
+    StructuredReport,
+    prune_structured,
+)
 from prunekit.graph.trace import Graph, UnsupportedOperationError, trace
 
 __all__ = [
@@ -19,6 +24,7 @@ __all__ = [
     "GroupImportance",
     "LayerCount",
     "Latency",
+    "LatencyOutOfReach",
     "StructuredPruningError",
     "StructuredReport",
     "UnsupportedOperationError",

@@ -49,7 +49,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--ratio", type=fraction, default=0.3, help="fraction of units to remove, [0, 1)"
     )
-    p.add_argument("--unit", default="channel", help="channel, head, channel,head or layer")
+    p.add_argument(
+        "--unit",
+        default=None,
+        help="channel (the default; with --target-latency, whole layers where no widths reach "
+        "it, with a warning), head, channel,head or layer",
+    )
     p.add_argument(
         "--importance",
         default=None,
@@ -264,13 +269,13 @@ def cmd_prune_structured(args: argparse.Namespace) -> int:
             raise CliError(f"{flag} {value} measures on calibration text: give --calib-text FILE")
     uniform = _uniform(args)
     out = check_output(args.out, sources=[source], overwrite=args.overwrite)
-    units = [u.strip() for u in args.unit.split(",") if u.strip()]
+    units = [u.strip() for u in (args.unit or "").split(",") if u.strip()]
     seq_len_for(args, source)
     model = load_hf_folder(source)
     inputs = example_inputs(model, args.batch, args.seq_len, args.seed)
     calib = _calibration(source, model, args)
     options = dict(
-        unit=units if len(units) > 1 else units[0],
+        unit=(units if len(units) > 1 else units[0]) if units else None,
         importance=args.importance,
         scope=args.scope,
         round_to=args.round_to,

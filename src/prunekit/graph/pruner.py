@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import nn
 from prunekit.graph import hardware as _hardware
 from prunekit.graph import latency as _latency
 from prunekit.graph.count import count
-from prunekit.graph.depth import prune_layers
+from prunekit.graph.depth import find_blocks, prune_layers
 from prunekit.graph.groups import Group, build_groups
 from prunekit.graph.importance import NORMALIZATIONS, REDUCTIONS, get_importance, score_groups
 from prunekit.graph.importance import normalize as normalize_scores
@@ -119,7 +120,7 @@ def prune_structured(
     model: nn.Module,
     example_inputs: Any,
     ratio: float = 0.3,
-    unit: str | Iterable[str] = "channel",
+    unit: str | Iterable[str] | None = None,
     importance: str | Any | None = None,
     scope: str | None = None,
     round_to: int | None = None,
@@ -155,7 +156,11 @@ def prune_structured(
             groups together (``"global"``). Ignored when a target is given.
         unit: ``"channel"`` (conv channels, linear neurons, embedding / hidden channels, RNN hidden
             units; ``"neuron"`` is a synonym), ``"head"`` (whole attention heads), a list of both,
-            or ``"layer"`` (whole residual blocks / transformer layers: depth pruning).
+            or ``"layer"`` (whole residual blocks / transformer layers: depth pruning). None
+            (default): ``"channel"``; with ``target_latency``, when no channel widths reach the
+            latency (fixed per-layer costs, pinned widths) and the model has removable blocks,
+            whole blocks are removed instead (``unit="layer"``), with a warning and a note
+            saying how close widths came; ``unit="channel"`` never switches.
         importance: channels / heads: ``"l2"`` (default without ``reconstruct``), ``"l1"``,
             ``"taylor"`` (data, loss), ``"bn_scale"``, ``"activation"`` or ``"apoz"`` (data),
             ``"fluctuation"`` (data; the default with ``reconstruct``: the variance of what a
@@ -211,7 +216,9 @@ def prune_structured(
             model against dense until the ratio is within 5 % (at most 8 tries; the report
             says what was reached). Time it at the batch you will serve. Where fixed costs
             keep widths from reaching the ratio (a CIFAR ResNet-56 at 0.72x with every
-            prunable channel gone), the error says so; removing blocks can reach it.
+            prunable channel gone), the default ``unit`` removes blocks instead (see
+            ``unit``); an explicit channel / head unit raises ``LatencyOutOfReach`` (a
+            ``ValueError``) saying so.
         measure_latency: time dense and pruned on ``example_inputs`` (about a second each) and
             put the result in ``report.latency``; False skips it.
         threads: torch intra-op threads for every latency measurement (None: the current
@@ -245,6 +252,14 @@ def prune_structured(
         >>> pruned[0].out_features, report.params_after < report.params_before
         (32, True)
     """
+    if unit is None:
+        call = {k: v for k, v in locals().items() if k != "unit"}
+        if target_latency is None or allocation is not None:
+            return prune_structured(**call, unit="channel")
+        try:
+            return prune_structured(**call, unit="channel")
+        except LatencyOutOfReach as widths:
+            return _depth_instead(call, widths)
     refuse_accelerated(model, "prune_structured")  # sparse-kernel layers cannot be resized
     refuse_nonfinite_parameters(model, "prune_structured")  # NaN importance ranks arbitrarily
     units = _units(unit)
@@ -578,13 +593,63 @@ def prune_structured(
 SPEED_SHORTFALL = 0.85  # a measured speedup below this share of the MAC ratio gets a depth hint
 
 
+class LatencyOutOfReach(ValueError):
+    """``target_latency`` is out of reach of the units asked: ``fastest`` is the :class:`Latency`
+    of the fastest model tried. Nothing was changed."""
+
+    def __init__(self, fastest: Latency, message: str) -> None:
+        super().__init__(message)
+        self.fastest = fastest
+
+
+# arguments the depth search does not use: given away from their defaults, no switch to depth
+_WIDTH_ONLY = {
+    "per_layer": (None, {}),
+    "round_to": (None,),
+    "scope": (None, "local"),
+    "reduce": ("sum",),
+    "normalize": ("mean",),
+    "gqa": ("kv",),
+    "reconstruct": (None,),
+    "importance": (None,),
+}
+
+
+def _depth_instead(call: dict[str, Any], widths: LatencyOutOfReach) -> StructuredReport:
+    """The default unit's answer to a latency widths cannot reach: remove whole blocks, when the
+    model has some and the call uses nothing that only width pruning takes; else ``widths``."""
+    if any(call[name] not in defaults for name, defaults in _WIDTH_ONLY.items()):
+        raise widths
+    try:
+        blocks = find_blocks(call["model"], call["example_inputs"])
+    except (RuntimeError, ValueError, TypeError):
+        blocks = []
+    if not blocks:
+        raise widths
+    fastest = widths.fastest
+    reason = (
+        f"target_latency={call['target_latency']}: channel widths reach at best a latency "
+        f"ratio of {fastest.ratio:.2f} here ({fastest.pruned_ms:.3g} ms against "
+        f"{fastest.dense_ms:.3g} ms dense, batch {fastest.batch}): per-layer costs and pinned "
+        f"widths do not shrink. Removing whole blocks instead (unit='layer', {len(blocks)} "
+        "removable); pass unit='channel' to prune widths only"
+    )
+    keep = {k: v for k, v in call.items() if k not in _WIDTH_ONLY}
+    try:
+        report = prune_structured(**keep, unit="layer")
+    except ValueError as depth:
+        raise ValueError(f"{widths}\nRemoving whole blocks instead failed too: {depth}") from depth
+    warnings.warn(f"prunekit: {reason}", UserWarning, stacklevel=3)
+    report.notes.insert(0, reason)
+    report.settings["unit_switched_from"] = "channel"
+    return report
+
+
 def _depth_hint(pruned: nn.Module, example_inputs: Any, latency: Latency, mac_x: float) -> str:
     """A note when the measured speedup falls well short of the MAC ratio and the model has
     blocks that ``unit="layer"`` could remove ("" otherwise)."""
     if mac_x < 1.25 or latency.speedup >= SPEED_SHORTFALL * mac_x:
         return ""
-    from prunekit.graph.depth import find_blocks
-
     try:
         blocks = find_blocks(pruned, example_inputs)
     except (RuntimeError, ValueError, TypeError):
@@ -818,14 +883,15 @@ def _search_latency(
         # the smallest model was tried and nothing came within reach (a smaller MAC count can
         # even measure slower: the closest try need not be the smallest model)
         fastest = min(tries, key=lambda t: t[1].ratio)[1]
-        raise ValueError(
+        raise LatencyOutOfReach(
+            fastest,
             f"target_latency={asked} cannot be reached by removing "
             f"{sorted({g.kind for g in groups})} units: the fastest model tried measures "
             f"{fastest.pruned_ms:.3g} ms against {fastest.dense_ms:.3g} ms dense (ratio "
             f"{fastest.ratio:.2f}, batch {fastest.batch}, {fastest.threads} thread{'' if fastest.threads == 1 else 's'}; MACs -> "
             f"latency ratio: {steps}), down to the smallest model these units allow: the "
             "rest of the time does not shrink with the widths. unit='layer' removes whole "
-            "blocks, and their fixed costs with them. Nothing was changed."
+            "blocks, and their fixed costs with them. Nothing was changed.",
         )
     _latency.warn_if_missed(
         asked, lat.ratio, f"after {len(tries)} tries (MACs -> latency ratio: {steps})", 3
