@@ -400,10 +400,32 @@ def test_cuda_blocks_autocast_to_the_asked_dtype(dtype) -> None:
         progress=False,
     )
     assert (True, "cuda") in entered and half.settings["calibration_dtype"] == dtype
-    full = oneshot(_model(), _calib(), method="sparsegpt", device="cuda", progress=False)
+    full = oneshot(
+        _model(),
+        _calib(),
+        method="sparsegpt",
+        device="cuda",
+        calibration_dtype="float32",
+        progress=False,
+    )
     ids = torch.randint(0, 64, (2, TOKENS), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         a, b, dense = half.model(ids).logits, full.model(ids).logits, _model()(ids).logits
     assert next(half.model.parameters()).device.type == "cpu"
     change = float((b - dense).norm())
     assert float((a - b).norm()) < 0.2 * change
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: blocks move to the GPU")
+def test_cuda_default_calibrates_in_bfloat16_where_supported() -> None:
+    model = _model().cuda()
+    entered: list[bool] = []
+    for _, layer in _linears(model):
+        layer.register_forward_pre_hook(
+            lambda *_: entered.append(torch.is_autocast_enabled("cuda"))
+        )
+    report = oneshot(model, _calib(), method="wanda", inplace=True, progress=False)
+    expected = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    assert report.settings["calibration_dtype"] == expected
+    assert (True in entered) == (expected == "bfloat16")
+    assert report.zeros == pytest.approx(0.5 * report.params, abs=len(report.layers))

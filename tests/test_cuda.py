@@ -66,10 +66,12 @@ class DeviceSeen:
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_oneshot_blocks_on_cuda_match_cpu(method: str, calib) -> None:
-    cpu = prunekit.oneshot(tiny_llama(), calib, method=method, progress=False)
+    # float32 on both: the default "auto" may calibrate in bfloat16 on one and not the other
+    kwargs = {"method": method, "calibration_dtype": "float32", "progress": False}
+    cpu = prunekit.oneshot(tiny_llama(), calib, **kwargs)
     model = tiny_llama()
     seen = DeviceSeen(model)
-    gpu = prunekit.oneshot(model, calib, method=method, device="cuda", inplace=True, progress=False)
+    gpu = prunekit.oneshot(model, calib, device="cuda", inplace=True, **kwargs)
     seen.remove()
     assert "cuda" in seen.devices  # the blocks really computed on the GPU ...
     assert all(p.device.type == "cpu" for p in gpu.model.parameters())  # ... and came back
