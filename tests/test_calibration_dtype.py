@@ -14,6 +14,7 @@ full precision from the upcast inputs, the default path untouched.
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -317,6 +318,35 @@ def test_checkpoint_of_another_calibration_dtype_is_refused(one_thread, tmp_path
         oneshot(_model(), _calib(), checkpoint=folder, calibration_dtype="bfloat16", progress=False)
     # the float32 run resumes (finished: loads) from its own checkpoint
     oneshot(_model(), _calib(), checkpoint=folder, calibration_dtype="float32", progress=False)
+
+
+def test_float32_checkpoint_under_the_auto_default(one_thread, tmp_path, monkeypatch) -> None:
+    """A checkpoint of a float32 calibration (what earlier releases wrote by default: no
+    calibration_dtype in its settings) resumes under "auto" where that means float32, and where
+    "auto" means bfloat16 it is refused with the argument that resumes it."""
+    folder = tmp_path / "ckpt"
+    first = oneshot(_model(), _calib(), checkpoint=folder, calibration_dtype="float32",
+                    progress=False)  # fmt: skip
+    assert "calibration_dtype" not in json.loads((folder / "oneshot.json").read_text())["settings"]
+    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: True)  # "auto": bfloat16
+    with pytest.raises(ValueError, match=r"calibration_dtype='auto'.*bfloat16 here.*"
+                       r"pass calibration_dtype='float32' to resume"):  # fmt: skip
+        oneshot(_model(), _calib(), checkpoint=folder, progress=False)
+    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: False)  # "auto": float32
+    resumed = oneshot(_model(), _calib(), checkpoint=folder, progress=False)
+    assert resumed.details["checkpoint"]["resumed_stages"] == 2  # both blocks loaded, none re-run
+    assert resumed.settings["calibration_dtype"] == "float32"
+    a, b = first.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the other way: an "auto" checkpoint calibrated in bfloat16, resumed where "auto" is float32
+    bf16 = tmp_path / "bf16"
+    monkeypatch.setattr(precision, "_warned_slow_bf16", True)  # (asked of a "slow" CPU here)
+    oneshot(_model(), _calib(), checkpoint=bf16, calibration_dtype="bfloat16", progress=False)
+    with pytest.raises(ValueError, match="pass calibration_dtype='bfloat16' to resume"):
+        oneshot(_model(), _calib(), checkpoint=bf16, progress=False)
+    with pytest.raises(ValueError, match=r"calibration_dtype: checkpoint 'bfloat16'") as refused:
+        oneshot(_model(), _calib(), checkpoint=bf16, calibration_dtype="float32", progress=False)
+    assert "to resume it" not in str(refused.value)  # asked explicitly: no hint
 
 
 def test_recipe_stage_checks_calibration_dtype() -> None:

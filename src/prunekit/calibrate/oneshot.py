@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +17,7 @@ from tqdm.auto import tqdm
 
 from prunekit.calibrate.data import CalibrationSet, calibration
 from prunekit.calibrate.precision import (
+    CALIBRATION_DTYPES,
     calibration_dtype_name,
     compute_autocast,
     floating_dtype,
@@ -22,6 +25,9 @@ from prunekit.calibrate.precision import (
     resolved_name,
 )
 from prunekit.calibrate.progress import (
+    FORMAT,
+    META,
+    VERSION,
     OneshotProgress,
     Stage,
     check_marker,
@@ -310,7 +316,7 @@ def oneshot(
         device: run each block there (e.g. ``"cuda"``) and move it back; the rest stays put.
         calibration_dtype: ``"auto"`` (default; None too): bfloat16 where it is native and
             the model is float32 (a CPU with AVX512-BF16 / AMX / Arm BF16, a CUDA GPU with
-            bfloat16), else float32; ``"float32"`` (no autocast: results independent of the
+            bfloat16), else no autocast (the model's dtype); ``"float32"`` (no autocast: results independent of the
             hardware's bfloat16 support, bit for bit those of earlier releases);
             ``"bfloat16"`` (the forwards' matrix products under ``torch.autocast`` in bfloat16
             on any device, with a warning on a CPU where that is slower) or ``"float16"``
@@ -433,7 +439,13 @@ def oneshot(
             fingerprint["calibration_dtype"] = dtype_name
     tracker = OneshotProgress(model, stages, checkpoint, fingerprint or {}, inplace)
     tracker.writer = is_main()  # under torch.distributed only rank 0 writes the checkpoint
-    tracker.open()  # validates an existing checkpoint against the model before any change
+    try:
+        tracker.open()  # validates an existing checkpoint against the model before any change
+    except ValueError as exc:
+        hint = _auto_dtype_hint(checkpoint, calibration_dtype, dtype_name)
+        if hint:
+            raise ValueError(f"{exc}; {hint}") from exc
+        raise
     barrier()  # no rank may see a stage another rank has finished in this run
     started = time.perf_counter()
     with PeakMemory() as memory:
@@ -491,6 +503,29 @@ def oneshot(
         settings=settings,
         details=details,
         verb="oneshot",
+    )
+
+
+def _auto_dtype_hint(
+    checkpoint: str | os.PathLike | None, asked: str | torch.dtype | None, chosen: str
+) -> str:
+    """When ``calibration_dtype="auto"`` chose another dtype than the checkpoint's (e.g. a
+    float32 checkpoint of a release whose default was float32, on a CPU where "auto" is now
+    bfloat16): the value that resumes it ("" otherwise)."""
+    if checkpoint is None or calibration_dtype_name(asked) != "auto":
+        return ""
+    try:
+        meta = json.loads((Path(checkpoint) / META).read_text(encoding="utf-8"))
+        if meta["format"] != FORMAT or meta["version"] != VERSION:
+            return ""  # refused for that, whatever the dtype
+        saved = meta["settings"].get("calibration_dtype", "float32")  # absent: no autocast
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ""
+    if saved == chosen or saved not in CALIBRATION_DTYPES:
+        return ""
+    return (
+        f"calibration_dtype='auto' (the default) calibrates in {chosen} here, the checkpoint "
+        f"in {saved}: pass calibration_dtype={saved!r} to resume it"
     )
 
 

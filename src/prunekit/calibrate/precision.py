@@ -12,9 +12,11 @@ forward passes in bfloat16 (``torch.autocast`` on the device the blocks run on) 
 
 The default, ``"auto"`` (or ``None``), takes bfloat16 where it is fast and harmless: a float32
 model whose blocks run on a CPU with native bfloat16 dot products (AVX512-BF16, AMX, Arm BF16)
-or on a CUDA GPU that supports bfloat16; everywhere else float32. The result then depends on
-the hardware as float32 rounding already does (the masks of near-tied weights may differ, the
-quality does not: see the one-shot speed table in the README). ``"float32"`` runs no autocast
+or on a CUDA GPU that supports bfloat16; everywhere else no autocast (the model's own dtype).
+The result then depends on the hardware as float32 rounding already does (the masks of
+near-tied weights may differ, the quality does not: see the one-shot speed table in the
+README). A checkpoint of one dtype is not resumed in another: the error names the
+``calibration_dtype`` that resumes it. ``"float32"`` runs no autocast
 at all: bit for bit the same as before this option existed. ``"float16"`` is accepted where the
 blocks run on CUDA only (CPU float16 products are emulated and slow).
 """
