@@ -618,3 +618,19 @@ def test_switch_to_blocks_that_cannot_reach_either_says_both(monkeypatch) -> Non
     with pytest.raises(ValueError, match=r"(?s)by removing \['channel'\].*blocks instead failed"):
         pg.prune_structured(model, x, target_latency=0.05, inplace=True, progress=False)
     assert len(model.blocks) == 10
+
+
+def test_switch_to_blocks_keeps_every_bound_asked(monkeypatch) -> None:
+    """The depth latency search cannot also meet target_params: with it, no switch (the widths'
+    error stands, nothing changed); layers= narrows the blocks the note counts."""
+    model, x = Tower().eval(), torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(latency_module, "measure", block_cost_measure())
+    with pytest.raises(pg.LatencyOutOfReach, match="cannot be reached by removing"):
+        pg.prune_structured(model, x, target_latency=0.6, target_params=0.9, inplace=True,
+                            progress=False)  # fmt: skip
+    assert len(model.blocks) == 10
+    with pytest.warns(UserWarning, match=r"unit='layer', 5 removable"):
+        report = pg.prune_structured(model, x, target_latency=0.8, layers=r"re:blocks\.[0-4]",
+                                     progress=False)  # fmt: skip
+    assert report.settings["unit_switched_from"] == "channel"
+    assert set(report.removed_layers) <= {f"blocks.{i}" for i in range(5)}

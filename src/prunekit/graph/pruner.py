@@ -160,7 +160,10 @@ def prune_structured(
             (default): ``"channel"``; with ``target_latency``, when no channel widths reach the
             latency (fixed per-layer costs, pinned widths) and the model has removable blocks,
             whole blocks are removed instead (``unit="layer"``), with a warning and a note
-            saying how close widths came; ``unit="channel"`` never switches.
+            saying how close widths came; ``unit="channel"`` never switches, nor does a call
+            with an argument the depth search cannot honour (``target_params``, ``per_layer``,
+            ``round_to``, ``scope="global"``, ``reduce``, ``normalize``, ``gqa``,
+            ``reconstruct``, ``importance``).
         importance: channels / heads: ``"l2"`` (default without ``reconstruct``), ``"l1"``,
             ``"taylor"`` (data, loss), ``"bn_scale"``, ``"activation"`` or ``"apoz"`` (data),
             ``"fluctuation"`` (data; the default with ``reconstruct``: the variance of what a
@@ -602,8 +605,10 @@ class LatencyOutOfReach(ValueError):
         self.fastest = fastest
 
 
-# arguments the depth search does not use: given away from their defaults, no switch to depth
+# arguments the depth latency search does not use (target_params: it times block counts, with
+# no parameter bound): given away from their defaults, no switch to depth
 _WIDTH_ONLY = {
+    "target_params": (None,),
     "per_layer": (None, {}),
     "round_to": (None,),
     "scope": (None, "local"),
@@ -620,10 +625,14 @@ def _depth_instead(call: dict[str, Any], widths: LatencyOutOfReach) -> Structure
     model has some and the call uses nothing that only width pruning takes; else ``widths``."""
     if any(call[name] not in defaults for name, defaults in _WIDTH_ONLY.items()):
         raise widths
-    try:
-        blocks = find_blocks(call["model"], call["example_inputs"])
+    try:  # the candidates prune_layers will consider: layers= and ignore= narrow them
+        blocks = find_blocks(
+            call["model"], call["example_inputs"], _patterns(call["layers"]) or None
+        )
     except (RuntimeError, ValueError, TypeError):
         blocks = []
+    ignore = _patterns(call["ignore"])
+    blocks = [b for b in blocks if not any(matches(p, b[2]) for p in ignore)]
     if not blocks:
         raise widths
     fastest = widths.fastest
