@@ -605,7 +605,7 @@ def test_explicit_channel_unit_never_switches_to_blocks(monkeypatch) -> None:
     model, x = Tower().eval(), torch.randn(4, 16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     monkeypatch.setattr(latency_module, "measure", block_cost_measure())
-    for kwargs in ({"unit": "channel"}, {"round_to": 1}, {"importance": "l1"}):
+    for kwargs in ({"unit": "channel"}, {"round_to": 1}, {"importance": "l1"}, {"min_keep": 2}):
         with pytest.raises(pg.LatencyOutOfReach, match="cannot be reached by removing"):
             pg.prune_structured(model, x, target_latency=0.5, inplace=True, progress=False,
                                 **kwargs)  # fmt: skip
@@ -634,3 +634,9 @@ def test_switch_to_blocks_keeps_every_bound_asked(monkeypatch) -> None:
                                      progress=False)  # fmt: skip
     assert report.settings["unit_switched_from"] == "channel"
     assert set(report.removed_layers) <= {f"blocks.{i}" for i in range(5)}
+
+
+def test_depth_latency_search_refuses_a_parameter_target_it_cannot_honour() -> None:
+    with pytest.raises(ValueError, match="takes no target_params"):
+        pg.prune_structured(Tower().eval(), torch.randn(4, 16), unit="layer",
+                            target_latency=0.5, target_params=0.8, progress=False)  # fmt: skip

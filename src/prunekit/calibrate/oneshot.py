@@ -368,8 +368,9 @@ def oneshot(
         raise ValueError("calib holds no sample")
     calibration_dtype_name(calibration_dtype)  # ValueError naming what is accepted, early
     run_on = device if device is not None else input_device(model)
-    compute_dtype = resolve_calibration_dtype(calibration_dtype, run_on, floating_dtype(model))
-    dtype_name = resolved_name(compute_dtype)
+    model_dtype = floating_dtype(model)
+    compute_dtype = resolve_calibration_dtype(calibration_dtype, run_on, model_dtype)
+    dtype_name = resolved_name(compute_dtype)  # "float32": no autocast (checkpoint fingerprint)
     local = shard_samples(calib)  # under torch.distributed: this rank's contiguous share
     progress = progress and is_main()
     check_marker(model, checkpoint, propagate)
@@ -479,7 +480,7 @@ def oneshot(
         "sparsity": sparsity,
         "allocation": allocation,
         "calibration": calib.description,
-        "calibration_dtype": dtype_name,
+        "calibration_dtype": resolved_name(compute_dtype or model_dtype),
         "wall_time_s": round(elapsed, 3),
         "peak_memory_mb": round(memory.peak_mb, 1),
     }

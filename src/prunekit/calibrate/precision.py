@@ -103,7 +103,8 @@ def resolve_calibration_dtype(
 
 
 def resolved_name(dtype: torch.dtype | None) -> str:
-    """The name reports give the dtype :func:`resolve_calibration_dtype` chose.
+    """The name of a dtype :func:`resolve_calibration_dtype` chose (``"float32"`` for None, no
+    autocast: what checkpoint fingerprints record); reports name ``compute or model dtype``.
 
     Example:
         >>> resolved_name(None), resolved_name(torch.bfloat16)

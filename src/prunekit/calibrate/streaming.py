@@ -327,7 +327,6 @@ def oneshot_from_pretrained(
     model, blocks_name, blocks = _skeleton(source, reader)
     # blocks load on the CPU, in the checkpoint's dtype (the skeleton's)
     compute_dtype = resolve_calibration_dtype(calibration_dtype, "cpu", floating_dtype(model))
-    dtype_name = resolved_name(compute_dtype)
     chosen = resolve_targets(model, targets, ignore)
     groups, rest = _block_targets(blocks_name, len(blocks), chosen)
     if rest:
@@ -483,7 +482,7 @@ def oneshot_from_pretrained(
         "targets": len(chosen),
         "sparsity": sparsity,
         "allocation": allocation,
-        "calibration_dtype": dtype_name,
+        "calibration_dtype": resolved_name(compute_dtype or floating_dtype(model)),
         "allocated": dict(pruner.allocated),
         "fallbacks": dict(pruner.fallbacks),
         "activations_spilled": acts.spilled,

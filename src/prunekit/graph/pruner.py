@@ -163,7 +163,7 @@ def prune_structured(
             saying how close widths came; ``unit="channel"`` never switches, nor does a call
             with an argument the depth search cannot honour (``target_params``, ``per_layer``,
             ``round_to``, ``scope="global"``, ``reduce``, ``normalize``, ``gqa``,
-            ``reconstruct``, ``importance``).
+            ``reconstruct``, ``importance``, ``min_keep``).
         importance: channels / heads: ``"l2"`` (default without ``reconstruct``), ``"l1"``,
             ``"taylor"`` (data, loss), ``"bn_scale"``, ``"activation"`` or ``"apoz"`` (data),
             ``"fluctuation"`` (data; the default with ``reconstruct``: the variance of what a
@@ -329,6 +329,11 @@ def prune_structured(
     settings: dict[str, Any] = {"unit": "+".join(sorted(units)), "scope": scope}
 
     if units == {"layer"}:
+        if target_latency is not None and target_params is not None:
+            raise ValueError(
+                "unit='layer' with target_latency searches the number of removed blocks by "
+                "measured latency alone and takes no target_params; give one of them"
+            )
         unused = {
             "per_layer": bool(per_layer),
             "round_to": round_to is not None,
@@ -617,6 +622,7 @@ _WIDTH_ONLY = {
     "gqa": ("kv",),
     "reconstruct": (None,),
     "importance": (None,),
+    "min_keep": (1,),  # units per group there, blocks per container in depth pruning
 }
 
 
