@@ -152,6 +152,7 @@ def worker(model_name: str, case: str, out: Path) -> None:
             out,
         )
     if world > 1:
+        dist.barrier()  # no rank leaves while rank 0 still saves (gloo teardown can abort)
         dist.destroy_process_group()
 
 

@@ -350,12 +350,35 @@ def run_cli(out: Path, rank: int, port: int, argv: list[str]) -> None:
     torch.save({"rc": code, "stdout": printed.getvalue()}, out / f"cli-rank{rank}.pt")
 
 
+def run_launched(out: Path, rank: int, port: int) -> None:
+    """``prunekit.distributed.launched`` in torchrun's environment, rank 0 working a second
+    longer inside it (as when it writes ``--out``): when each rank's body ended and when each
+    left the context."""
+    import os
+    import time
+
+    from prunekit.distributed import launched
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    with launched() as joined:
+        if rank == 0:
+            time.sleep(1.0)
+        body_done = time.time()
+    left = time.time()
+    torch.save({"joined": joined, "body_done": body_done, "left": left},
+               out / f"launched-rank{rank}.pt")  # fmt: skip
+
+
 def worker(rank: int | None, out: Path, group: str, init: str | None = None, *args) -> None:
     """Run ``group`` on this rank and save the results (``init``: a ``file://`` rendezvous for
     2 processes; None: torchrun's environment)."""
     torch.set_num_threads(1)
     if group == "cli":
         run_cli(out, rank, *args)
+        return
+    if group == "launched":
+        run_launched(out, rank, *args)
         return
     if init is None:
         dist.init_process_group("gloo")
@@ -369,6 +392,7 @@ def worker(rank: int | None, out: Path, group: str, init: str | None = None, *ar
         torch.save(mine, out / f"{group}-rank{rank}.pt")
         if rank == 0:
             torch.save(ref, out / f"{group}-ref.pt")
+        dist.barrier()  # no rank tears the group down while the other still saves
     finally:
         dist.destroy_process_group()
 

@@ -294,6 +294,28 @@ def _hf_folder_with_tokenizer(folder: Path) -> Path:
     return folder
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_no_rank_leaves_the_group_while_another_still_works(tmp_path):
+    """A rank that tears the group down while rank 0 still works (writing ``--out``) can abort
+    in gloo's teardown, and torchrun then kills rank 0 mid-write: ``launched`` waits for every
+    rank before leaving (rank 1 leaves after rank 0's slower body ended)."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(worker.worker, args=(tmp_path, "launched", None, _free_port()),
+                       nprocs=2, start_method="fork")  # fmt: skip
+    rank0 = torch.load(tmp_path / "launched-rank0.pt")
+    rank1 = torch.load(tmp_path / "launched-rank1.pt")
+    assert rank0["joined"] and rank1["joined"]
+    assert rank1["left"] >= rank0["body_done"]
+
+
 def test_cli_oneshot_under_torchrun_environment(tmp_path):
     """``prunekit oneshot`` started in torchrun's environment (RANK, WORLD_SIZE, MASTER_*):
     it joins the group, rank 0 alone prints and writes --out, and the written model equals the

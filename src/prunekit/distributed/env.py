@@ -146,6 +146,9 @@ def launched(args: Any = None, backend: str | None = None) -> Iterator[bool]:
             devnull = open(os.devnull, "w")  # noqa: SIM115 - closed below
             sys.stdout = devnull
         yield True
+        # a rank that tears the group down while another still works (rank 0 writing --out)
+        # can abort in gloo's teardown, and torchrun then kills rank 0 mid-write: wait for all
+        barrier()
     finally:
         if devnull is not None:
             sys.stdout = saved
