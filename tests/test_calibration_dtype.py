@@ -357,6 +357,8 @@ def test_recipe_stage_checks_calibration_dtype() -> None:
     spec = STAGES["oneshot"]
     assert spec.validate({"calibration_dtype": "bfloat16"}) == []
     assert spec.validate({"calibration_dtype": None}) == []
+    for alias in ("auto", "AUTO", "bf16", "fp32"):  # what oneshot itself accepts
+        assert spec.validate({"calibration_dtype": alias}) == [], alias
     problems = spec.validate({"calibration_dtype": "int8"})
     assert problems and problems[0][0] == "calibration_dtype" and "'bfloat16'" in problems[0][1]
 

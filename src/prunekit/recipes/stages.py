@@ -93,6 +93,13 @@ def _oneshot_pattern(value: Any) -> None:
         raise ValueError(f"oneshot takes 'unstructured' or 'N:M' (e.g. '2:4'), got {value!r}")
 
 
+def _calibration_dtype(value: Any) -> None:
+    """The names ``oneshot`` accepts, aliases included ("auto", "bf16", "FP32", null, ...)."""
+    from prunekit.calibrate.precision import calibration_dtype_name
+
+    calibration_dtype_name(value)  # ValueError naming what is accepted
+
+
 def _sparsity_and_pattern(kwargs: dict[str, Any]) -> list[tuple[str, str]]:
     """An N:M pattern fixes the sparsity (1 - N/M): ``prune`` and ``oneshot`` refuse another
     one when their stage comes up, and a searched one could never change; refuse both here."""
@@ -336,9 +343,7 @@ STAGES: dict[str, StageSpec] = {
                 "damp": _non_negative,
                 "owl_lambda": _non_negative,
                 "owl_threshold": _positive,
-                "calibration_dtype": _choice(
-                    _const("prunekit.calibrate.precision", "CALIBRATION_DTYPES")
-                ),
+                "calibration_dtype": _calibration_dtype,
             },
             overrides={"pattern": str, "device": str | None, "calibration_dtype": str | None},
             needs_fn=lambda kwargs: ["calib"],
