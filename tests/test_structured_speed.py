@@ -640,3 +640,52 @@ def test_depth_latency_search_refuses_a_parameter_target_it_cannot_honour() -> N
     with pytest.raises(ValueError, match="takes no target_params"):
         pg.prune_structured(Tower().eval(), torch.randn(4, 16), unit="layer",
                             target_latency=0.5, target_params=0.8, progress=False)  # fmt: skip
+
+
+def jump_or_blocks_measure(depth_ratio=None):
+    """Widths (all 10 blocks kept): 0.6 of dense down to 40 % of the MACs, then 0.2, so a
+    width search ends at 0.6 without trying the smallest model. Fewer blocks: 1 ms per block
+    plus 2 ms scaled by the MACs (dense 12 ms), or ``depth_ratio`` of dense when given."""
+
+    def measure(models, example_inputs, *, threads=None, **_):
+        dense = pg.count(Tower().eval(), example_inputs).macs
+        ms = {}
+        for name, m in models.items():
+            share = pg.count(m, example_inputs).macs / dense
+            if len(m.blocks) == 10:
+                ms[name] = 12.0 * (1.0 if share > 0.999 else 0.6 if share > 0.4 else 0.2)
+            elif depth_ratio is not None:
+                ms[name] = 12.0 * depth_ratio
+            else:
+                ms[name] = len(m.blocks) + 2.0 * share
+        return {"ms": ms, "batch": 4, "threads": 1, "repeats": 1, "device": "cpu"}
+
+    return measure
+
+
+def test_default_unit_removes_blocks_when_the_width_search_misses(monkeypatch, lanes_8) -> None:
+    model, x = Tower().eval(), torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(latency_module, "measure", jump_or_blocks_measure())
+    with pytest.warns(
+        UserWarning, match="channel widths came no closer than a latency ratio of 0.60"
+    ):
+        report = pg.prune_structured(model, x, target_latency=0.5, progress=False)
+    assert report.settings["unit_switched_from"] == "channel"
+    assert len(report.model.blocks) == 5
+    assert report.latency.ratio == pytest.approx(0.5, abs=1e-3)
+    # an explicit channel unit keeps the widths' closest model, with the miss warned about
+    with pytest.warns(UserWarning, match="not reached within"):
+        widths = pg.prune_structured(model, x, target_latency=0.5, unit="channel", progress=False)
+    assert widths.latency.ratio == pytest.approx(0.6) and len(widths.model.blocks) == 10
+
+
+def test_a_width_miss_that_blocks_cannot_mend_returns_the_widths_closest(
+    monkeypatch, lanes_8
+) -> None:
+    model, x = Tower().eval(), torch.randn(4, 16)
+    monkeypatch.setattr(latency_module, "measure", jump_or_blocks_measure(depth_ratio=0.9))
+    with pytest.warns(UserWarning, match="not reached within"):
+        report = pg.prune_structured(model, x, target_latency=0.5, progress=False)
+    assert report.settings["unit"] == "channel" and "unit_switched_from" not in report.settings
+    assert report.latency.ratio == pytest.approx(0.6)
+    assert report.notes[0].startswith("removing whole blocks instead could not reach it either")

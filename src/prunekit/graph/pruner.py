@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import numbers
 import warnings
 from collections.abc import Callable, Iterable
@@ -257,12 +258,17 @@ def prune_structured(
     """
     if unit is None:
         call = {k: v for k, v in locals().items() if k != "unit"}
-        if target_latency is None or allocation is not None:
+        blocks = _switchable_blocks(call) if target_latency is not None and not allocation else []
+        if not blocks:
             return prune_structured(**call, unit="channel")
+        strict = _WIDTHS_MUST_REACH.set(True)  # a miss raises: blocks may do better
         try:
             return prune_structured(**call, unit="channel")
-        except LatencyOutOfReach as widths:
-            return _depth_instead(call, widths)
+        except LatencyOutOfReach as out_of_reach:
+            widths = out_of_reach
+        finally:
+            _WIDTHS_MUST_REACH.reset(strict)
+        return _depth_instead(call, widths, len(blocks))
     refuse_accelerated(model, "prune_structured")  # sparse-kernel layers cannot be resized
     refuse_nonfinite_parameters(model, "prune_structured")  # NaN importance ranks arbitrarily
     units = _units(unit)
@@ -600,14 +606,23 @@ def prune_structured(
 
 SPEED_SHORTFALL = 0.85  # a measured speedup below this share of the MAC ratio gets a depth hint
 
+# set while the default unit's width search runs for a model whose blocks could be removed
+# instead: a latency search that ends too slow then raises rather than returning its closest
+_WIDTHS_MUST_REACH: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "widths_must_reach", default=False
+)
+
 
 class LatencyOutOfReach(ValueError):
     """``target_latency`` is out of reach of the units asked: ``fastest`` is the :class:`Latency`
-    of the fastest model tried. Nothing was changed."""
+    of the fastest model tried; ``exhausted``: the smallest model was among them (False: the
+    search missed within reach, raised only where the default unit can remove blocks instead).
+    Nothing was changed."""
 
-    def __init__(self, fastest: Latency, message: str) -> None:
+    def __init__(self, fastest: Latency, message: str, exhausted: bool = True) -> None:
         super().__init__(message)
         self.fastest = fastest
+        self.exhausted = exhausted  # the smallest model was tried (else: the search missed)
 
 
 # arguments the depth latency search does not use (target_params: it times block counts, with
@@ -626,34 +641,48 @@ _WIDTH_ONLY = {
 }
 
 
-def _depth_instead(call: dict[str, Any], widths: LatencyOutOfReach) -> StructuredReport:
-    """The default unit's answer to a latency widths cannot reach: remove whole blocks, when the
-    model has some and the call uses nothing that only width pruning takes; else ``widths``."""
+def _switchable_blocks(call: dict[str, Any]) -> list:
+    """The blocks the default unit may remove instead of widths (prune_layers' candidates, as
+    ``layers=`` and ``ignore=`` narrow them); none when the call uses an argument only width
+    pruning takes."""
     if any(call[name] not in defaults for name, defaults in _WIDTH_ONLY.items()):
-        raise widths
-    try:  # the candidates prune_layers will consider: layers= and ignore= narrow them
+        return []
+    try:
         blocks = find_blocks(
             call["model"], call["example_inputs"], _patterns(call["layers"]) or None
         )
     except (RuntimeError, ValueError, TypeError):
-        blocks = []
+        return []
     ignore = _patterns(call["ignore"])
-    blocks = [b for b in blocks if not any(matches(p, b[2]) for p in ignore)]
-    if not blocks:
-        raise widths
+    return [b for b in blocks if not any(matches(p, b[2]) for p in ignore)]
+
+
+def _depth_instead(
+    call: dict[str, Any], widths: LatencyOutOfReach, n_blocks: int
+) -> StructuredReport:
+    """The default unit's answer to a latency the widths did not reach: remove whole blocks.
+    If blocks cannot reach it either: both reasons when widths had run out, else the widths'
+    closest model (as a channel search alone returns it, with its warning)."""
     fastest = widths.fastest
+    how = "reach at best" if widths.exhausted else "came no closer than"
     reason = (
-        f"target_latency={call['target_latency']}: channel widths reach at best a latency "
-        f"ratio of {fastest.ratio:.2f} here ({fastest.pruned_ms:.3g} ms against "
-        f"{fastest.dense_ms:.3g} ms dense, batch {fastest.batch}): per-layer costs and pinned "
-        f"widths do not shrink. Removing whole blocks instead (unit='layer', {len(blocks)} "
-        "removable); pass unit='channel' to prune widths only"
+        f"target_latency={call['target_latency']}: channel widths {how} a latency ratio of "
+        f"{fastest.ratio:.2f} here ({fastest.pruned_ms:.3g} ms against {fastest.dense_ms:.3g} ms "
+        f"dense, batch {fastest.batch}): per-layer costs and pinned widths do not shrink. "
+        f"Removing whole blocks instead (unit='layer', {n_blocks} removable); pass "
+        "unit='channel' to prune widths only"
     )
     keep = {k: v for k, v in call.items() if k not in _WIDTH_ONLY}
     try:
         report = prune_structured(**keep, unit="layer")
     except ValueError as depth:
-        raise ValueError(f"{widths}\nRemoving whole blocks instead failed too: {depth}") from depth
+        if widths.exhausted:
+            raise ValueError(
+                f"{widths}\nRemoving whole blocks instead failed too: {depth}"
+            ) from depth
+        report = prune_structured(**call, unit="channel")  # its closest model, with a warning
+        report.notes.insert(0, f"removing whole blocks instead could not reach it either: {depth}")
+        return report
     warnings.warn(f"prunekit: {reason}", UserWarning, stacklevel=3)
     report.notes.insert(0, reason)
     report.settings["unit_switched_from"] = "channel"
@@ -894,7 +923,15 @@ def _search_latency(
     reached, lat, selection = best
     steps = ", ".join(f"{100 * mm:.1f} % -> {t.ratio:.2f}" for mm, t, _ in tries)
     too_slow = lat.ratio > asked * (1 + LATENCY_TOLERANCE)
-    if too_slow and any(mm <= floor + 1e-9 for mm, _, _ in tries):
+    exhausted = any(mm <= floor + 1e-9 for mm, _, _ in tries)
+    if too_slow and not exhausted and _WIDTHS_MUST_REACH.get():
+        raise LatencyOutOfReach(
+            lat,  # the closest try
+            f"target_latency={asked} not reached by removing {sorted({g.kind for g in groups})} "
+            f"units in {len(tries)} tries (MACs -> latency ratio: {steps})",
+            exhausted=False,
+        )
+    if too_slow and exhausted:
         # the smallest model was tried and nothing came within reach (a smaller MAC count can
         # even measure slower: the closest try need not be the smallest model)
         fastest = min(tries, key=lambda t: t[1].ratio)[1]
