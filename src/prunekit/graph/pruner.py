@@ -614,10 +614,10 @@ _WIDTHS_MUST_REACH: contextvars.ContextVar[bool] = contextvars.ContextVar(
 
 
 class LatencyOutOfReach(ValueError):
-    """``target_latency`` is out of reach of the units asked: ``fastest`` is the :class:`Latency`
-    of the fastest model tried; ``exhausted``: the smallest model was among them (False: the
-    search missed within reach, raised only where the default unit can remove blocks instead).
-    Nothing was changed."""
+    """``target_latency`` is out of reach of the units asked. ``exhausted``: the smallest model
+    was tried, and ``fastest`` is the :class:`Latency` of the fastest model tried; False: the
+    search ended too slow short of it (raised only where the default unit can remove blocks
+    instead), and ``fastest`` is its closest try. Nothing was changed."""
 
     def __init__(self, fastest: Latency, message: str, exhausted: bool = True) -> None:
         super().__init__(message)
