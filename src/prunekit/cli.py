@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "float32", "bfloat16"],
         help="dtype of the calibration forwards' matrix products (autocast; the statistics stay "
         "float32): auto (default) takes bfloat16 for a float32 model where it is native (CPUs "
-        "with AVX512-BF16 / AMX, GPUs), else float32; float32 gives results independent of "
+        "with AVX512-BF16 / AMX, GPUs), else no autocast; float32 gives results independent of "
         "the hardware's bfloat16",
     )
     o.add_argument("--per-layer", default=None, help="per-layer sparsities (prunekit analyze)")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,9 +23,6 @@ from prunekit.calibrate.precision import (
     resolved_name,
 )
 from prunekit.calibrate.progress import (
-    FORMAT,
-    META,
-    VERSION,
     OneshotProgress,
     Stage,
     check_marker,
@@ -366,9 +361,9 @@ def oneshot(
         calib = calibration(calib)
     if len(calib) == 0:
         raise ValueError("calib holds no sample")
-    calibration_dtype_name(calibration_dtype)  # ValueError naming what is accepted, early
     run_on = device if device is not None else input_device(model)
     model_dtype = floating_dtype(model)
+    # ValueError naming what is accepted, before any work
     compute_dtype = resolve_calibration_dtype(calibration_dtype, run_on, model_dtype)
     dtype_name = resolved_name(compute_dtype)  # "float32": no autocast (checkpoint fingerprint)
     local = shard_samples(calib)  # under torch.distributed: this rank's contiguous share
@@ -443,7 +438,7 @@ def oneshot(
     try:
         tracker.open()  # validates an existing checkpoint against the model before any change
     except ValueError as exc:
-        hint = _auto_dtype_hint(checkpoint, calibration_dtype, dtype_name)
+        hint = _auto_dtype_hint(tracker.saved_settings, calibration_dtype, dtype_name)
         if hint:
             raise ValueError(f"{exc}; {hint}") from exc
         raise
@@ -508,25 +503,19 @@ def oneshot(
 
 
 def _auto_dtype_hint(
-    checkpoint: str | os.PathLike | None, asked: str | torch.dtype | None, chosen: str
+    saved: dict[str, Any] | None, asked: str | torch.dtype | None, chosen: str
 ) -> str:
-    """When ``calibration_dtype="auto"`` chose another dtype than the checkpoint's (e.g. a
-    float32 checkpoint of a release whose default was float32, on a CPU where "auto" is now
-    bfloat16): the value that resumes it ("" otherwise)."""
-    if checkpoint is None or calibration_dtype_name(asked) != "auto":
+    """When ``calibration_dtype="auto"`` chose another dtype than the checkpoint whose settings
+    are ``saved`` (e.g. a float32 checkpoint of a release whose default was float32, on a CPU
+    where "auto" is now bfloat16): the value that resumes it ("" otherwise)."""
+    if saved is None or calibration_dtype_name(asked) != "auto":
         return ""
-    try:
-        meta = json.loads((Path(checkpoint) / META).read_text(encoding="utf-8"))
-        if meta["format"] != FORMAT or meta["version"] != VERSION:
-            return ""  # refused for that, whatever the dtype
-        saved = meta["settings"].get("calibration_dtype", "float32")  # absent: no autocast
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return ""
-    if saved == chosen or saved not in CALIBRATION_DTYPES:
+    recorded = saved.get("calibration_dtype", "float32")  # absent: no autocast
+    if recorded == chosen or recorded not in CALIBRATION_DTYPES:
         return ""
     return (
         f"calibration_dtype='auto' (the default) calibrates in {chosen} here, the checkpoint "
-        f"in {saved}: pass calibration_dtype={saved!r} to resume it"
+        f"in {recorded}: pass calibration_dtype={recorded!r} to resume it"
     )
 
 

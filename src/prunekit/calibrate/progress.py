@@ -193,6 +193,7 @@ class OneshotProgress:
         self.resumed = 0
         self.writer = True
         """False on torch.distributed ranks other than 0: they read the folder, never write it."""
+        self.saved_settings: dict[str, Any] | None = None  # an existing checkpoint's, once read
         self._current: tuple[str, str | None, list | None] | None = None
 
     # -- the folder ---------------------------------------------------------------------------
@@ -245,7 +246,7 @@ class OneshotProgress:
         for field in ("settings", "allocation", "done"):
             if not isinstance(meta.get(field), dict):
                 raise bad(field, "an object", meta.get(field))
-        saved = meta["settings"]
+        saved = self.saved_settings = meta["settings"]
         diffs = [
             f"{key}: checkpoint {_short(saved.get(key))}, this call {_short(self.settings.get(key))}"
             for key in sorted(set(saved) | set(self.settings))

@@ -326,7 +326,8 @@ def oneshot_from_pretrained(
     reader = _Reader(source, shard_map)
     model, blocks_name, blocks = _skeleton(source, reader)
     # blocks load on the CPU, in the checkpoint's dtype (the skeleton's)
-    compute_dtype = resolve_calibration_dtype(calibration_dtype, "cpu", floating_dtype(model))
+    model_dtype = floating_dtype(model)
+    compute_dtype = resolve_calibration_dtype(calibration_dtype, "cpu", model_dtype)
     chosen = resolve_targets(model, targets, ignore)
     groups, rest = _block_targets(blocks_name, len(blocks), chosen)
     if rest:
@@ -482,7 +483,7 @@ def oneshot_from_pretrained(
         "targets": len(chosen),
         "sparsity": sparsity,
         "allocation": allocation,
-        "calibration_dtype": resolved_name(compute_dtype or floating_dtype(model)),
+        "calibration_dtype": resolved_name(compute_dtype or model_dtype),
         "allocated": dict(pruner.allocated),
         "fallbacks": dict(pruner.fallbacks),
         "activations_spilled": acts.spilled,

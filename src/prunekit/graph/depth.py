@@ -212,7 +212,7 @@ def prune_layers(
             f"layers patterns {layers} match no removable block (a block of a ModuleList / "
             "Sequential, run once, whose output has its input's shape)"
         )
-    blocks = [b for b in blocks if not any(matches(p, b[2]) for p in ignore)]
+    blocks = without_ignored(blocks, ignore)
     settings = {**settings, "importance": importance}
     before = count(model, example_inputs)
     notes = []
@@ -298,6 +298,11 @@ def prune_layers(
     if latency is not None:
         report.latency = latency  # the search's side-by-side measurement of this very model
     return report
+
+
+def without_ignored(blocks: list, ignore: list[str]) -> list:
+    """The blocks of :func:`find_blocks` whose name no ``ignore`` pattern matches."""
+    return [b for b in blocks if not any(matches(p, b[2]) for p in ignore)]
 
 
 DEPTH_TARGET_SLACK = 1e-3

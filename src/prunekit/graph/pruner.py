@@ -15,7 +15,7 @@ from torch import nn
 from prunekit.graph import hardware as _hardware
 from prunekit.graph import latency as _latency
 from prunekit.graph.count import count
-from prunekit.graph.depth import find_blocks, prune_layers
+from prunekit.graph.depth import find_blocks, prune_layers, without_ignored
 from prunekit.graph.groups import Group, build_groups
 from prunekit.graph.importance import NORMALIZATIONS, REDUCTIONS, get_importance, score_groups
 from prunekit.graph.importance import normalize as normalize_scores
@@ -653,8 +653,7 @@ def _switchable_blocks(call: dict[str, Any]) -> list:
         )
     except (RuntimeError, ValueError, TypeError):
         return []
-    ignore = _patterns(call["ignore"])
-    return [b for b in blocks if not any(matches(p, b[2]) for p in ignore)]
+    return without_ignored(blocks, _patterns(call["ignore"]))
 
 
 def _depth_instead(
