@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import math
 import pickle
 import platform
 
@@ -541,6 +542,31 @@ def test_nm_and_fused_activation_match_dense(batch: int, activation: str | None)
     torch.testing.assert_close(q(x), ref, atol=1e-4, rtol=1e-4, equal_nan=True)
     with pytest.raises(ValueError, match="activation"):
         SparseLinear.from_dense(w, format="nm", activation="tanh")
+
+
+@needs_kernels
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_fused_gelu_is_accurate_over_the_whole_range(activation: str, batch: int) -> None:
+    """The kernels' own GELU (no libm, vectorised) against float64, tails included."""
+    values = torch.linspace(-40.0, 40.0, 4001)
+    values = torch.cat([values, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.0, -88.0, -1e4])])
+    width = 64
+    values = torch.cat([values, torch.zeros(-len(values) % width)]).view(-1, width)
+    layer = SparseLinear.from_dense(torch.eye(width), torch.zeros(width), format="csr",
+                                    activation=activation)  # fmt: skip
+    x64 = values.double()
+    if activation == "gelu":
+        ref = x64 * 0.5 * torch.special.erfc(-x64 / math.sqrt(2.0))
+    else:
+        ref = 0.5 * x64 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64**3)))
+    rows = values.split(batch) if batch > 1 else [r.unsqueeze(0) for r in values]
+    got = torch.cat([layer(r) for r in rows]).double()
+    err = (got - ref).abs() / ref.abs().clamp(min=1.0)
+    assert err.max().item() < 1e-6, (
+        f"worst {err.max().item():.2e} at {values.flatten()[err.argmax()]}"
+    )
+    assert torch.isfinite(got).all()
 
 
 @needs_kernels

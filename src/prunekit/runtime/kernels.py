@@ -126,7 +126,11 @@ def _build(cc: list[str], source: bytes, out: Path, march: str) -> tuple[bool, s
         src = Path(tmp) / _SOURCE
         src.write_bytes(source)
         lib = Path(tmp) / out.name
-        flags = ["-O3", f"-march={march}", "-fPIC", "-shared", "-std=c11"]
+        if any("ziglang" in part for part in cc):  # zig names CPUs x86_64_v3, skylake_avx512
+            march = march.replace("-", "_")
+        # no-trapping-math: no FP exception is ever read, and without it GCC will not
+        # vectorise loops with float compares (the activations' clamps and selects)
+        flags = ["-O3", "-fno-trapping-math", f"-march={march}", "-fPIC", "-shared", "-std=c11"]
         base = [*cc, *flags, str(src), "-o", str(lib), "-lm"]
         ok, log = _run([*base, "-fopenmp"])
         if not ok:  # e.g. zig's clang has no OpenMP runtime: single-threaded kernels
@@ -191,7 +195,13 @@ def _declare(lib: ctypes.CDLL) -> None:
 def _library_path(cc: list[str], source: bytes, march: str) -> tuple[Path | None, str]:
     """The built library (from the cache, or built now), or None and the build log."""
     _, version = _run([*cc, "--version"])
-    parts = [source, " ".join(cc), version, _cpu_fingerprint(), f"O3 march={march} omp"]
+    parts = [
+        source,
+        " ".join(cc),
+        version,
+        _cpu_fingerprint(),
+        f"O3 no-trapping-math march={march} omp",
+    ]
     key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts))
     name = f"sparse_kernels-{key.hexdigest()[:16]}.so"
     fallback = Path(tempfile.gettempdir()) / f"prunekit-kernels-{os.getuid()}" / name
