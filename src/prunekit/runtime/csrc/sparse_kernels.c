@@ -487,9 +487,11 @@ static _Thread_local size_t part_cap = 0;
 /* Bytes of packed input one column chunk may fill: a 32 KiB L1 data cache, so that the inputs
  * a chunk's non-zeros pick stay in L1 while every output row of a block passes over it. Each
  * chunk costs every row a restart (its sums stored and reloaded, the interleaved accumulators
- * summed), which at 32 input rows and 256-column chunks eats what L1 gains; so a layer is cut
- * into at most PK_MAX_CHUNKS chunks, or none (measured on Zen 4, AVX2 build: 2048 inputs at
- * 8 rows 1.3x faster in 2 chunks, at 32 rows 8 chunks 10 % slower than none). Nor is a
+ * summed), so a layer is cut into at most PK_MAX_CHUNKS chunks, or none. The limit was 4 by
+ * an earlier measurement; re-measured with the tiled, vectorised epilogue (below), up to 16
+ * chunks pay (Zen 4, measured
+ * by benchmarks/kernel_ab.py at 70 %, 32 and 128 rows: AVX2 build 1536 x 384 0.80x the time
+ * of no chunks, 2048 x 2048 0.86x, 3072 x 768 0.83x; AVX-512 32 rows 0.80-0.89x). Nor is a
  * weight of more than PK_CHUNK_MAX_WEIGHT bytes cut: it streams from memory, and the chunks'
  * jumps from row to row slow that stream more than L1 gains (4096 x 4096 at 70 %: 20 %).
  * Nor is a row cut into pieces of fewer than PK_CHUNK_MIN_NNZ non-zeros on average: at 90 %
@@ -498,7 +500,7 @@ static _Thread_local size_t part_cap = 0;
  * per chunk, 20 % faster). PRUNEKIT_CHUNK_BYTES overrides the budget (0: never cut). */
 #define PK_CHUNK_MAX_WEIGHT (16 << 20)
 #define PK_CHUNK_MIN_NNZ 48
-#define PK_MAX_CHUNKS 4
+#define PK_MAX_CHUNKS 16
 static int64_t chunk_bytes = -1;
 
 static int64_t forced_chunk_bytes = -1; /* pk_set_chunk_bytes: -1 the rule above */
