@@ -20,8 +20,15 @@ build (``PRUNEKIT_MARCH=x86-64-v3``: AVX2 kernels on an AVX-512 CPU) are printed
 Targets (issue 16, MiniLM, 1 x 32 tokens, 2 threads): 2:4 <= 0.75x dense; Wanda 70 %
 (+ distillation) <= 0.6x dense; with int8 codes at >= 70 %, below torch's int8 dense.
 
+``--avx2-only`` restarts the script with every library held to AVX2, as on an AVX2-only CPU:
+prunekit's kernels (``PRUNEKIT_MARCH=x86-64-v3``), torch's own CPU kernels
+(``ATEN_CPU_CAPABILITY=avx2``), oneDNN (``ONEDNN_MAX_CPU_ISA=AVX2``), MKL
+(``MKL_ENABLE_INSTRUCTIONS=AVX2``) and fbgemm, torch's int8 dense baseline
+(``FBGEMM_ENABLE_INSTRUCTIONS=AVX2``: no AVX-512 VNNI). Without it, on an AVX-512 CPU the
+baselines use AVX-512 (and fbgemm VNNI) whatever ``PRUNEKIT_MARCH`` says.
+
 Run:  python benchmarks/accelerate_models.py [--threads 2] [--skip-mnist] [--skip-minilm]
-      [--minilm 50% 2:4 70%] [--distill 2000] [--sts-pairs 1500]
+      [--minilm 50% 2:4 70%] [--distill 2000] [--sts-pairs 1500] [--avx2-only]
 
 Run with the defaults (what ``make bench`` runs: both models, every MiniLM case, no
 distillation, all 1,500 STS-B pairs), it also prints docs/serving.md's figure block
@@ -58,6 +65,21 @@ MINILM_CASES = {  # label -> (Wanda sparsity, pattern)
     "70%": (0.7, "unstructured"),
 }
 MINILM_TARGETS = {"2:4": 0.75, "70%": 0.6}  # accelerated / dense latency (issue 16)
+AVX2_ONLY = {  # every library this benchmark times, held to AVX2
+    "PRUNEKIT_MARCH": "x86-64-v3",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+}
+
+
+def restart_avx2_only() -> None:
+    """Re-run this script with AVX2_ONLY in the environment (read by the libraries at load)."""
+    if all(os.environ.get(k) == v for k, v in AVX2_ONLY.items()):
+        return
+    argv = [sys.executable, *sys.argv]
+    os.execve(sys.executable, argv, {**os.environ, **AVX2_ONLY})
 
 
 def torch_int8(model: torch.nn.Module) -> torch.nn.Module:
@@ -288,7 +310,11 @@ def main() -> int:
     parser.add_argument("--sts-pairs", type=int, default=1500, help="STS-B dev pairs scored")
     parser.add_argument("--repeats", type=int, default=100, help="bench repeats for MiniLM")
     parser.add_argument("--show-layers", action="store_true", help="print accelerate's table")
+    parser.add_argument("--avx2-only", action="store_true",
+                        help="hold prunekit, torch, oneDNN, MKL and fbgemm to AVX2")  # fmt: skip
     args = parser.parse_args()
+    if args.avx2_only:
+        restart_avx2_only()
     torch.set_num_threads(args.threads)
     print(f"prunekit {prunekit.__version__}, torch {torch.__version__}, {args.threads} thread(s)")
     lib = kernels.load()
@@ -297,6 +323,8 @@ def main() -> int:
         f"kernels: -march={os.environ.get('PRUNEKIT_MARCH') or 'native'} -> "
         f"{lib.describe() if lib else 'unavailable: ' + kernels.why_unavailable()}"
     )
+    held = [f"{k}={os.environ[k]}" for k in AVX2_ONLY if k != "PRUNEKIT_MARCH" and k in os.environ]
+    print(f"baselines: {', '.join(held) if held else 'every instruction set this CPU has'}")
     rows_mnist = [] if args.skip_mnist else mnist(args)
     rows_minilm = [] if args.skip_minilm else minilm(args)
     full = (
@@ -306,6 +334,7 @@ def main() -> int:
         and not args.distill
         and args.sts_pairs == 1500
         and args.repeats == 100
+        and not args.avx2_only
     )
     if full:  # a partial run must not overwrite the documented table
         models_figure(rows_minilm + rows_mnist, args.threads)
