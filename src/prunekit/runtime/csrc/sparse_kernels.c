@@ -556,7 +556,8 @@ static int spmm_many(const many_weight *w, int64_t batch, const float *x, float 
     const size_t packed = (size_t)w->in_pad * (size_t)((first_bt + PK_VW - 1) / PK_VW * PK_VW);
     /* int8 codes: behind the packed inputs, one row of float values per thread (a row, or its
      * part in a column chunk, holds at most in_pad non-zeros) */
-    const size_t need = packed + (w->int8 ? (size_t)nthreads * (size_t)w->in_pad : 0);
+    const size_t team_max = (size_t)(nthreads > 1 ? nthreads : 1);
+    const size_t need = packed + (w->int8 ? team_max * (size_t)w->in_pad : 0);
     if (need > many_cap) {
         float *grown = (float *)realloc(many_buf, need * sizeof(float) + 64);
         if (!grown) return -3;
