@@ -54,6 +54,7 @@ from prunekit.calibrate.oneshot import oneshot
 from prunekit.runtime import kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import avx2_only  # noqa: E402
 from figures import figure, md_table  # noqa: E402
 from structured_common import cpu_features  # noqa: E402
 from train_common import find_folder, load_mnist  # noqa: E402
@@ -65,21 +66,6 @@ MINILM_CASES = {  # label -> (Wanda sparsity, pattern)
     "70%": (0.7, "unstructured"),
 }
 MINILM_TARGETS = {"2:4": 0.75, "70%": 0.6}  # accelerated / dense latency (issue 16)
-AVX2_ONLY = {  # every library this benchmark times, held to AVX2
-    "PRUNEKIT_MARCH": "x86-64-v3",
-    "ATEN_CPU_CAPABILITY": "avx2",
-    "ONEDNN_MAX_CPU_ISA": "AVX2",
-    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
-}
-
-
-def restart_avx2_only() -> None:
-    """Re-run this script with AVX2_ONLY in the environment (read by the libraries at load)."""
-    if all(os.environ.get(k) == v for k, v in AVX2_ONLY.items()):
-        return
-    argv = [sys.executable, *sys.argv]
-    os.execve(sys.executable, argv, {**os.environ, **AVX2_ONLY})
 
 
 def torch_int8(model: torch.nn.Module) -> torch.nn.Module:
@@ -314,7 +300,7 @@ def main() -> int:
                         help="hold prunekit, torch, oneDNN, MKL and fbgemm to AVX2")  # fmt: skip
     args = parser.parse_args()
     if args.avx2_only:
-        restart_avx2_only()
+        avx2_only.restart()
     torch.set_num_threads(args.threads)
     print(f"prunekit {prunekit.__version__}, torch {torch.__version__}, {args.threads} thread(s)")
     lib = kernels.load()
@@ -323,8 +309,7 @@ def main() -> int:
         f"kernels: -march={os.environ.get('PRUNEKIT_MARCH') or 'native'} -> "
         f"{lib.describe() if lib else 'unavailable: ' + kernels.why_unavailable()}"
     )
-    held = [f"{k}={os.environ[k]}" for k in AVX2_ONLY if k != "PRUNEKIT_MARCH" and k in os.environ]
-    print(f"baselines: {', '.join(held) if held else 'every instruction set this CPU has'}")
+    print(f"instruction sets: {avx2_only.describe()}")
     rows_mnist = [] if args.skip_mnist else mnist(args)
     rows_minilm = [] if args.skip_minilm else minilm(args)
     full = (

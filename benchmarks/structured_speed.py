@@ -30,6 +30,7 @@ For batch 32 and batch 1, with ``--threads`` (default 2) torch threads:
 
     .venv/bin/python benchmarks/structured_speed.py                    # everything
     .venv/bin/python benchmarks/structured_speed.py --models resnet56 --batches 32
+    .venv/bin/python benchmarks/structured_speed.py --avx2-only      # as on an AVX2-only CPU
 
 Run with every model and batch, all three parts and the default ``--reps`` / ``--rounds`` / no
 ``--round-to`` (what ``make bench`` runs), it also prints docs/structured.md's figure block
@@ -47,6 +48,7 @@ import os
 import statistics
 import time
 
+import avx2_only
 import torch
 import torch.nn.functional as F
 from figures import figure, md_table
@@ -322,10 +324,16 @@ def main() -> None:
     parser.add_argument(
         "--round-to", type=int, default=None, help="pass round_to (default: leave it out)"
     )
+    parser.add_argument(
+        "--avx2-only", action="store_true",
+        help="restart with torch, oneDNN and MKL held to AVX2, as on an AVX2-only CPU",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.avx2_only:
+        avx2_only.restart()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    print(f"machine: {machine()}; threads {args.threads}")
+    print(f"machine: {machine()}; threads {args.threads}; {avx2_only.describe()}")
     extra = {} if args.round_to is None else {"round_to": args.round_to}
     shown = "" if args.round_to is None else f", round_to={args.round_to}"
     print(
@@ -481,6 +489,7 @@ def main() -> None:
         and args.floor
         and args.depth
         and (args.reps, args.rounds) == (10, 5)
+        and not args.avx2_only
     )
     if full:  # the documented run; a partial one must not overwrite the table
         doc_figure(found, args.threads)
