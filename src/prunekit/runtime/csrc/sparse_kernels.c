@@ -489,9 +489,9 @@ static _Thread_local size_t part_cap = 0;
  * chunk costs every row a restart (its sums stored and reloaded, the interleaved accumulators
  * summed), so a layer is cut into at most PK_MAX_CHUNKS chunks, or none. The limit was 4 by
  * an earlier measurement; re-measured with the tiled, vectorised epilogue (below), up to 16
- * chunks pay (Zen 4, measured
- * by benchmarks/kernel_ab.py at 70 %, 32 and 128 rows: AVX2 build 1536 x 384 0.80x the time
- * of no chunks, 2048 x 2048 0.86x, 3072 x 768 0.83x; AVX-512 32 rows 0.80-0.89x). Nor is a
+ * chunks pay (Zen 4, benchmarks/kernel_ab.py at 70 %, 32 and 128 rows: AVX2 build
+ * 1536 x 384 0.80x the time of 4 at most, 2048 x 2048 0.86x, 3072 x 768 0.83x; AVX-512 at
+ * 32 rows 0.80-0.89x). Nor is a
  * weight of more than PK_CHUNK_MAX_WEIGHT bytes cut: it streams from memory, and the chunks'
  * jumps from row to row slow that stream more than L1 gains (4096 x 4096 at 70 %: 20 %).
  * Nor is a row cut into pieces of fewer than PK_CHUNK_MIN_NNZ non-zeros on average: at 90 %
