@@ -548,6 +548,28 @@ static int grow_parts(int64_t rows) {
     return 0;
 }
 
+/* Columns [c0, c1) of the packed block: xt[c * stride + b] = x[b * in + c] for the bt input
+ * rows, zeros in the padding rows (b >= bt) and columns (c >= in). Sixteen columns (a cache
+ * line of each input row) at a time: column by column, the bt reads of a column lie `in`
+ * floats apart, and with in = 1536 all 32 fell in two L1 sets and missed every time (the
+ * packing alone took 90 us of a 1536-input layer at 32 rows, one thread). */
+static void pack_transposed(const float *x, int64_t in, int64_t bt, int64_t stride, int64_t c0,
+                            int64_t c1, float *xt) {
+    enum { LINE = 16 };
+    for (int64_t c = c0; c < c1; c += LINE) {
+        const int64_t ce = c + LINE < c1 ? c + LINE : c1;
+        const int64_t real = ce < in ? ce : (c > in ? c : in); /* columns [c, real) exist */
+        for (int64_t b = 0; b < bt; ++b) {
+            const float *src = x + b * in;
+            for (int64_t k = c; k < real; ++k) xt[k * stride + b] = src[k];
+        }
+        for (int64_t k = c; k < ce; ++k) {
+            float *dst = xt + k * stride;
+            for (int64_t b = k < real ? bt : 0; b < stride; ++b) dst[b] = 0.f;
+        }
+    }
+}
+
 /* y (batch x rows) = act(scale * (x (batch x in) W^T) + bias). Returns 0, or -3 when the
  * packing buffer cannot be allocated. */
 static int spmm_many(const many_weight *w, int64_t batch, const float *x, float *y,
@@ -588,15 +610,7 @@ static int spmm_many(const many_weight *w, int64_t batch, const float *x, float 
             const int64_t bt = batch - b0 < PK_NB ? batch - b0 : PK_NB;
             const int nv = (int)((bt + PK_VW - 1) / PK_VW);
             const int64_t stride = (int64_t)nv * PK_VW;
-            for (int64_t c = c0; c < c1; ++c) { /* this thread's share of the packing */
-                float *dst = xt + c * stride;
-                if (c < in) {
-                    for (int64_t b = 0; b < bt; ++b) dst[b] = x[(b0 + b) * in + c];
-                    for (int64_t b = bt; b < stride; ++b) dst[b] = 0.f;
-                } else {
-                    for (int64_t b = 0; b < stride; ++b) dst[b] = 0.f;
-                }
-            }
+            pack_transposed(x + b0 * in, in, bt, stride, c0, c1, xt);
             int64_t width = chunk_columns(stride, in_pad, weight_bytes,
                                           rows > 0 ? (double)nnz / (double)rows : 0.0);
             if (width >= in_pad || grow_parts(PK_ROW_BLOCK) != 0) width = in_pad;
