@@ -375,6 +375,56 @@ static inline int64_t csr_chunk_end(const int kind, const void *cols, int64_t k,
 #define PK_TILE_ROWS 16 /* output rows per store of the epilogue */
 #define PK_AHEAD 4 /* rows of prefetch distance in the chunked CSR sweep */
 
+#if defined(__AVX2__)
+/* The 8 x 8 block tile[i0 + k][b0 + j] transposed: v[j] holds rows i0..i0+7 of column b0 + j. */
+static inline void tile_block_t(const float (*tile)[PK_NB], int i0, int64_t b0, __m256 v[8]) {
+    __m256 t[8], u[8];
+    for (int k = 0; k < 8; k += 2) {
+        const __m256 a = _mm256_loadu_ps(&tile[i0 + k][b0]);
+        const __m256 b = _mm256_loadu_ps(&tile[i0 + k + 1][b0]);
+        t[k] = _mm256_unpacklo_ps(a, b); /* a0 b0 a1 b1 | a4 b4 a5 b5 */
+        t[k + 1] = _mm256_unpackhi_ps(a, b); /* a2 b2 a3 b3 | a6 b6 a7 b7 */
+    }
+    for (int k = 0; k < 8; k += 4) { /* four rows' columns 0, 1 (then 2, 3) per lane */
+        u[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+        u[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
+        u[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+        u[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; ++j) { /* rows 0-3 with rows 4-7: low lanes column j, high j + 4 */
+        v[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
+        v[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
+    }
+}
+
+/* A full tile (PK_TILE_ROWS output rows t0..) into y (pointing at output t0 of input row 0):
+ * transposed 8 x 8 in registers and stored 8 outputs at a time, where the scalar loop reads
+ * the tile a whole row apart per value (13 us of a 384 -> 1536 layer at 32 rows). Multiply,
+ * then add, as the scalar loop does, so both give the same bits. Needs bt <= the tile's
+ * width rounded up to 8, which the packing guarantees (stride is a multiple of PK_VW). */
+static inline void store_tile(const float (*tile)[PK_NB], int64_t bt, const many_weight *w,
+                              float *y, int64_t t0) {
+    enum { HALVES = PK_TILE_ROWS / 8 };
+    __m256 sc[HALVES], bi[HALVES];
+    for (int h = 0; h < HALVES; ++h) {
+        sc[h] = w->scale ? _mm256_loadu_ps(w->scale + t0 + 8 * h) : _mm256_set1_ps(1.f);
+        bi[h] = w->bias ? _mm256_loadu_ps(w->bias + t0 + 8 * h) : _mm256_setzero_ps();
+    }
+    /* input rows outermost, so that the halves of each output line are stored back to back:
+     * y's rows are `rows` floats apart and, with widths such as 1536, all fall in a few L1
+     * sets, which evicted a line between its two halves when the halves came in turn */
+    for (int64_t b0 = 0; b0 < bt; b0 += 8) {
+        const int64_t kn = bt - b0 < 8 ? bt - b0 : 8;
+        __m256 v[HALVES][8];
+        for (int h = 0; h < HALVES; ++h) tile_block_t(tile, 8 * h, b0, v[h]);
+        for (int64_t k = 0; k < kn; ++k)
+            for (int h = 0; h < HALVES; ++h)
+                _mm256_storeu_ps(y + (b0 + k) * w->rows + 8 * h,
+                                 _mm256_add_ps(_mm256_mul_ps(v[h][k], sc[h]), bi[h]));
+    }
+}
+#endif
+
 /* Output rows r0..r1 against one packed block of bt input rows (nv vectors), over the packed
  * columns [c_lo, c_hi) only (the whole row when they span it). With several column chunks,
  * each row's sums gather in part[(r - r0) * PK_NB ...] (first chunk: stored, then added) and
@@ -440,6 +490,13 @@ static inline __attribute__((always_inline)) void many_rows(
         }
         if (r + 1 - t0 < PK_TILE_ROWS && r + 1 < r1) continue;
         const int64_t n = r + 1 - t0; /* rows t0..r of the tile, stored input row by input row */
+#if defined(__AVX2__)
+        if (n == PK_TILE_ROWS) {
+            store_tile((const float(*)[PK_NB])tile, bt, w, y + t0, t0);
+            t0 = r + 1;
+            continue;
+        }
+#endif
         for (int64_t b = 0; b < bt; ++b) {
             float *yb = y + b * w->rows + t0;
             for (int64_t i = 0; i < n; ++i) {
