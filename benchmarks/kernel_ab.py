@@ -104,7 +104,8 @@ def main() -> int:
                         "1024x1024", "2048x2048"])  # fmt: skip
     parser.add_argument("--rows", nargs="+", type=int, default=[8, 32, 128])
     parser.add_argument("--sparsity", nargs="+", type=float, default=[0.7, 0.9])
-    parser.add_argument("--format", default="csr")
+    parser.add_argument("--format", default="csr", choices=["csr", "tiles", "bitmap"],
+                        help="the sparse format timed (the weights are unstructured)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--calls", type=int, default=40)
