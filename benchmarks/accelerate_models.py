@@ -20,12 +20,10 @@ build (``PRUNEKIT_MARCH=x86-64-v3``: AVX2 kernels on an AVX-512 CPU) are printed
 Targets (issue 16, MiniLM, 1 x 32 tokens, 2 threads): 2:4 <= 0.75x dense; Wanda 70 %
 (+ distillation) <= 0.6x dense; with int8 codes at >= 70 %, below torch's int8 dense.
 
-``--avx2-only`` restarts the script with every library held to AVX2, as on an AVX2-only CPU:
-prunekit's kernels (``PRUNEKIT_MARCH=x86-64-v3``), torch's own CPU kernels
-(``ATEN_CPU_CAPABILITY=avx2``), oneDNN (``ONEDNN_MAX_CPU_ISA=AVX2``), MKL
-(``MKL_ENABLE_INSTRUCTIONS=AVX2``) and fbgemm, torch's int8 dense baseline
-(``FBGEMM_ENABLE_INSTRUCTIONS=AVX2``: no AVX-512 VNNI). Without it, on an AVX-512 CPU the
-baselines use AVX-512 (and fbgemm VNNI) whatever ``PRUNEKIT_MARCH`` says.
+``--avx2-only`` restarts the script with every library it times held to AVX2, as on an
+AVX2-only CPU (``benchmarks/avx2_only.py``): fbgemm, torch's int8 dense baseline, then runs its
+AVX2 GEMM instead of AVX-512 VNNI. Without it, on an AVX-512 CPU the baselines use AVX-512
+whatever ``PRUNEKIT_MARCH`` says.
 
 Run:  python benchmarks/accelerate_models.py [--threads 2] [--skip-mnist] [--skip-minilm]
       [--minilm 50% 2:4 70%] [--distill 2000] [--sts-pairs 1500] [--avx2-only]

@@ -326,7 +326,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--avx2-only", action="store_true",
-        help="restart with torch, oneDNN and MKL held to AVX2, as on an AVX2-only CPU",
+        help="restart with every library held to AVX2 (benchmarks/avx2_only.py), as on an AVX2-only CPU",
     )  # fmt: skip
     args = parser.parse_args()
     if args.avx2_only:
