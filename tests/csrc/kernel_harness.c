@@ -8,6 +8,7 @@
  * exits 1 on the first mismatch. */
 #include "sparse_kernels.c"
 
+#include <math.h> /* the float64 references: erf, tanh, sqrt, fabs */
 #include <stdio.h>
 
 static uint32_t seed = 12345u;

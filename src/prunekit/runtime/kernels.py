@@ -45,6 +45,9 @@ __all__ = ["KernelLibrary", "load", "why_unavailable", "cache_dir"]
 
 _ABI_VERSION = 7
 _SOURCE = "sparse_kernels.c"
+# -fno-trapping-math: no FP exception is ever read, and without it GCC will not vectorise loops
+# with float compares (the activations' clamps and selects). Part of the cache key.
+_FLAGS = ("-O3", "-fno-trapping-math", "-fPIC", "-shared", "-std=c11")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -128,10 +131,7 @@ def _build(cc: list[str], source: bytes, out: Path, march: str) -> tuple[bool, s
         lib = Path(tmp) / out.name
         if any("ziglang" in part for part in cc):  # zig names CPUs x86_64_v3, skylake_avx512
             march = march.replace("-", "_")
-        # no-trapping-math: no FP exception is ever read, and without it GCC will not
-        # vectorise loops with float compares (the activations' clamps and selects)
-        flags = ["-O3", "-fno-trapping-math", f"-march={march}", "-fPIC", "-shared", "-std=c11"]
-        base = [*cc, *flags, str(src), "-o", str(lib), "-lm"]
+        base = [*cc, *_FLAGS, f"-march={march}", str(src), "-o", str(lib), "-lm"]
         ok, log = _run([*base, "-fopenmp"])
         if not ok:  # e.g. zig's clang has no OpenMP runtime: single-threaded kernels
             ok, log_plain = _run(base)
@@ -195,13 +195,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 def _library_path(cc: list[str], source: bytes, march: str) -> tuple[Path | None, str]:
     """The built library (from the cache, or built now), or None and the build log."""
     _, version = _run([*cc, "--version"])
-    parts = [
-        source,
-        " ".join(cc),
-        version,
-        _cpu_fingerprint(),
-        f"O3 no-trapping-math march={march} omp",
-    ]
+    parts = [source, " ".join(cc), version, _cpu_fingerprint(), f"{' '.join(_FLAGS)} {march} omp"]
     key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts))
     name = f"sparse_kernels-{key.hexdigest()[:16]}.so"
     fallback = Path(tempfile.gettempdir()) / f"prunekit-kernels-{os.getuid()}" / name

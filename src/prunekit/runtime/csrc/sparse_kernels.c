@@ -28,7 +28,6 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#include <math.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -633,10 +632,11 @@ static int spmm_many(const many_weight *w, int64_t batch, const float *x, float 
                      int nthreads) {
     const int64_t first_bt = batch < PK_NB ? batch : PK_NB;
     const size_t packed = (size_t)w->in_pad * (size_t)((first_bt + PK_VW - 1) / PK_VW * PK_VW);
-    /* int8 codes: behind the packed inputs, one row of float values per thread (a row, or its
-     * part in a column chunk, holds at most in_pad non-zeros) */
+    /* int8 codes on AVX2 (the only build many_rows converts them a row at a time on): behind
+     * the packed inputs, one row of float values per thread (a row, or its part in a column
+     * chunk, holds at most in_pad non-zeros) */
     const size_t team_max = (size_t)(nthreads > 1 ? nthreads : 1);
-    const size_t need = packed + (w->int8 ? team_max * (size_t)w->in_pad : 0);
+    const size_t need = packed + (w->int8 && PK_VW == 8 ? team_max * (size_t)w->in_pad : 0);
     if (need > many_cap) {
         float *grown = (float *)realloc(many_buf, need * sizeof(float) + 64);
         if (!grown) return -3;
@@ -663,6 +663,7 @@ static int spmm_many(const many_weight *w, int64_t batch, const float *x, float 
             r1 = row_split(w->rowptr, rows, part + 1, nparts);
         }
         const int64_t c0 = in_pad * part / nparts, c1 = in_pad * (part + 1) / nparts;
+        float *conv = PK_VW == 8 ? xt + packed + part * in_pad : NULL; /* int8 rows, AVX2 */
         for (int64_t b0 = 0; b0 < batch; b0 += PK_NB) {
             const int64_t bt = batch - b0 < PK_NB ? batch - b0 : PK_NB;
             const int nv = (int)((bt + PK_VW - 1) / PK_VW);
@@ -679,7 +680,7 @@ static int spmm_many(const many_weight *w, int64_t batch, const float *x, float 
                 for (int64_t lo = 0; lo < in_pad; lo += width) {
                     const int64_t hi = lo + width < in_pad ? lo + width : in_pad;
                     many_dispatch(w, nv, rb, re, xt, bt, y + b0 * rows, lo, hi, lo == 0,
-                                  hi == in_pad, part_buf, pos_buf, xt + packed + part * in_pad);
+                                  hi == in_pad, part_buf, pos_buf, conv);
                 }
             }
             /* the activation over this thread's outputs, input row by input row: long spans
