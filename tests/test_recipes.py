@@ -609,6 +609,63 @@ def test_rerun_resumes_and_a_changed_stage_reruns_from_there(tmp_path, capsys) -
     assert record["kwargs"] == {"teacher": "dense", "epochs": 2}
 
 
+def test_changed_inputs_rerun_the_stages_that_use_them(tmp_path, capsys) -> None:
+    model, batches = _task()
+    calib = [b[0] for b in batches[:2]]
+    recipe = {
+        "stages": [
+            {"oneshot": {"method": "wanda", "sparsity": 0.5}},
+            {"finetune": {"teacher": "dense", "epochs": 1}},
+        ],
+        "measure": {"latency": False},
+    }
+    kwargs = dict(loss_fn=_ce, out=tmp_path / "run", progress=True)
+    compress(model, recipe, calib=calib, data=batches, **kwargs)
+    capsys.readouterr()
+
+    other_batches = [(x + 0.5, y) for x, y in batches]  # same shapes, other values
+    second = compress(model, recipe, calib=calib, data=other_batches, **kwargs)
+    assert [s.resumed for s in second.stages] == [True, False]  # oneshot uses no training data
+    assert "stage 2 (finetune) differs from the checkpoint" in capsys.readouterr().out
+
+    other_calib = [x * 2 for x in calib]
+    third = compress(model, recipe, calib=other_calib, data=other_batches, **kwargs)
+    assert [s.resumed for s in third.stages] == [False, False]
+    assert "calibration data (calib=) changed" in capsys.readouterr().out
+
+    again = compress(model, recipe, calib=[x * 2 for x in calib], data=other_batches, **kwargs)
+    assert [s.resumed for s in again.stages] == [True, True]
+
+
+def test_input_fingerprints_hash_values_and_leave_iterators_unread() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from prunekit.recipes.fingerprint import input_fingerprint, what_changed
+
+    x = torch.arange(12.0).reshape(6, 2)
+    assert input_fingerprint([x, {"a": 1}]) == input_fingerprint([x.clone(), {"a": 1}])
+    assert input_fingerprint([x]) != input_fingerprint([x + 1])
+    assert input_fingerprint([x]) != input_fingerprint([x.double()])
+    loader = DataLoader(TensorDataset(x), batch_size=2)
+    assert input_fingerprint(loader) == input_fingerprint(DataLoader(TensorDataset(x.clone()), 2))
+    assert input_fingerprint(loader) != input_fingerprint(DataLoader(TensorDataset(x + 1), 2))
+    assert input_fingerprint(loader) != input_fingerprint(DataLoader(TensorDataset(x), 3))
+
+    read = []
+
+    def batches():
+        read.append(1)
+        yield x
+
+    generator = batches()
+    input_fingerprint(generator)
+    assert read == [] and next(generator) is x  # not consumed
+    assert what_changed({"model": "a", "seed": "0"}, {"model": "b", "seed": "0"}) == (
+        "input model changed"
+    )
+    assert "recipe" in what_changed(None, {"model": "a"})  # checkpoint from an older prunekit
+
+
 KILL_SCRIPT = textwrap.dedent(
     """
     import os, sys, time

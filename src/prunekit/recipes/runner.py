@@ -4,16 +4,17 @@ every stage, and write the report.
 Checkpoints live under ``out/stages/NN-verb/`` (the model saved with :func:`prunekit.save`,
 compressed and exact, plus ``stage.json``), each written to a temporary name and renamed, so a
 killed run leaves only whole stages. Every stage carries a fingerprint chained from the input
-model's weights, the seed and all the stages up to it: run the same call again and it resumes at
-the first stage without a matching checkpoint; change a stage and that stage and every later one
-run again (and it says so). Each stage seeds torch, numpy and ``random`` with ``seed + stage
+model's weights, the seed, the prunekit version, the inputs the stage uses (calibration data,
+training data, example inputs: see :mod:`prunekit.recipes.fingerprint`) and all the stages up to
+it: run the same call again and it resumes at the first stage without a matching checkpoint;
+change a stage or its inputs and that stage and every later one run again (and it says what
+changed). Each stage seeds torch, numpy and ``random`` with ``seed + stage
 number`` before it starts, so a resumed run ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import random
@@ -31,6 +32,7 @@ from torch import nn
 from prunekit._version import __version__
 from prunekit.compress.durable import write_text_atomic
 from prunekit.compress.io import _atomic_dir_write, load, save
+from prunekit.recipes import fingerprint
 from prunekit.recipes.goal import (
     Goal,
     GoalCheck,
@@ -45,7 +47,7 @@ from prunekit.recipes.goal import (
 )
 from prunekit.recipes.measure import MeasureSettings, measure, retime
 from prunekit.recipes.metrics import Metric, as_metric
-from prunekit.recipes.schema import Recipe, RecipeError, Stage, check_inputs, load_recipe
+from prunekit.recipes.schema import Recipe, RecipeError, check_inputs, load_recipe
 from prunekit.recipes.stages import STAGES, run_stage
 from prunekit.runtime.copies import check_copy, copy_model
 
@@ -143,20 +145,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """A short hash of every tensor in the state dict (names, dtypes, shapes, bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()[:16]
-
-
-def _chain(previous: str, stage: Stage) -> str:
-    return hashlib.sha256(f"{previous}|{stage.fingerprint()}".encode()).hexdigest()[:16]
-
-
 def _log(progress: bool, message: str) -> None:
     if progress:
         print(f"[prunekit compress] {message}", flush=True)
@@ -177,13 +165,13 @@ def _check_out(out: Path) -> None:
 
 
 def _finished_stages(
-    out: Path, recipe: Recipe, chains: list[str], progress: bool
+    out: Path, recipe: Recipe, chains: list[str], used: list[dict[str, str]], progress: bool
 ) -> list[dict[str, Any]]:
     """The records (stage.json) of the leading stages whose checkpoints match; stale
     checkpoints are removed."""
     root = out / STAGES_DIR
     records: list[dict[str, Any]] = []
-    for stage, chain in zip(recipe.stages, chains, strict=True):
+    for stage, chain, inputs in zip(recipe.stages, chains, used, strict=True):
         record = root / stage.label / STAGE_FILE
         if not record.is_file():
             break
@@ -195,7 +183,8 @@ def _finished_stages(
             _log(
                 progress,
                 f"stage {stage.index} ({stage.verb}) differs from the checkpoint in {root} "
-                f"(recipe, seed or input model changed): stages {stage.index}.. run again",
+                f"({fingerprint.what_changed(saved.get('inputs'), inputs)}): "
+                f"stages {stage.index}.. run again",
             )
             break
         records.append(saved)
@@ -247,7 +236,10 @@ def compress(
         source: the Hugging Face folder the model was loaded from; ``save`` stages then write a
             Hugging Face folder (:func:`prunekit.save_pretrained`) with its side files
             (tokenizer, ...). Hugging Face models are saved that way even without it.
-        resume: continue from the checkpoints in ``out`` (default); False starts over.
+        resume: continue from the checkpoints in ``out`` (default) that were made from the same
+            model, recipe and inputs; False starts over. Training data that is neither a list
+            nor a ``DataLoader`` over a ``TensorDataset`` is recognised by type and length only
+            (:mod:`prunekit.recipes.fingerprint`): pass False after changing its contents.
         inplace: run the stages on ``model`` itself (not with a ``search`` value, whose trials
             each start from a copy).
         progress: print stage progress and the verbs' progress bars.
@@ -309,7 +301,14 @@ def compress(
     if out_path is not None and not resume:  # start over; this run's checkpoints are reused
         shutil.rmtree(out_path / STAGES_DIR, ignore_errors=True)
         shutil.rmtree(out_path / SEARCH_DIR, ignore_errors=True)
-    run = _Run(ctx, metric, settings, model_fingerprint(dense))
+    given = {"calib": ctx.calib, "data": data, "example_inputs": example_inputs}
+    run = _Run(
+        ctx,
+        metric,
+        settings,
+        fingerprint.model_fingerprint(dense),
+        {k: fingerprint.input_fingerprint(v) for k, v in given.items() if v is not None},
+    )
 
     _log(progress, f"measuring the dense model ({recipe.name or recipe.source})")
     run.dense_row = measure(
@@ -417,17 +416,28 @@ class _Run:
     ctx: _Context
     metric: Metric | None
     settings: MeasureSettings
-    fingerprint: str
+    model_hash: str
+    input_hashes: dict[str, str]  # calib / data / example_inputs, those given
     dense_row: dict[str, Any] = field(default_factory=dict)
     # without an out folder: model copies after the stages before the searched one, by chain
     memory: dict[str, tuple[nn.Module, StageResult]] = field(default_factory=dict)
     produced: set[str] = field(default_factory=set)  # chains whose stage ran in this call
 
-    def chains(self, recipe: Recipe) -> list[str]:
-        base = hashlib.sha256(f"{self.fingerprint}|seed={recipe.seed}".encode()).hexdigest()[:16]
-        chains, previous = [], base
+    def used_inputs(self, recipe: Recipe) -> list[dict[str, str]]:
+        """Per stage, the fingerprints its checkpoint depends on: the run's base, the stage as
+        written and the inputs (calib, data, example_inputs) that stage uses."""
+        base = fingerprint.base_fingerprint_of(self.model_hash, recipe.seed)
+        used = []
         for stage in recipe.stages:
-            previous = _chain(previous, stage)
+            needs = STAGES[stage.verb].needs(stage.kwargs)
+            inputs = {k: v for k, v in self.input_hashes.items() if k in needs}
+            used.append({**base, "stage": stage.fingerprint(), **inputs})
+        return used
+
+    def chains(self, recipe: Recipe) -> list[str]:
+        chains, previous = [], ""
+        for inputs in self.used_inputs(recipe):
+            previous = fingerprint.chain(previous, inputs)
             chains.append(previous)
         return chains
 
@@ -443,11 +453,11 @@ class _Run:
         ``finish(model, metrics)`` may amend the last stage's measurements (a search trial
         re-times its latency) before they are printed and checkpointed."""
         ctx, out_path, progress = self.ctx, self.ctx.out, self.ctx.progress
-        chains = self.chains(recipe)
+        chains, used = self.chains(recipe), self.used_inputs(recipe)
         rows: list[StageResult] = []
         done = 0
         if out_path is not None:
-            records = _finished_stages(out_path, recipe, chains, progress)
+            records = _finished_stages(out_path, recipe, chains, used, progress)
             done = len(records)
             if done:
                 last = recipe.stages[done - 1]
@@ -473,7 +483,7 @@ class _Run:
                 work = copy_model(self.memory[chains[done - 1]][0], "compress", _TRIAL)
                 rows = [copy.copy(self.memory[c][1]) for c in chains[:done]]
 
-        for stage, chain in list(zip(recipe.stages, chains, strict=True))[done:]:
+        for stage, chain, inputs in list(zip(recipe.stages, chains, used, strict=True))[done:]:
             _log(progress, f"stage {stage.index}/{len(recipe.stages)}: {stage.verb} {stage.kwargs}")
             _seed_everything(recipe.seed + stage.index)
             start = time.perf_counter()
@@ -507,7 +517,8 @@ class _Run:
             if progress:
                 print(f"[prunekit compress] {_one_line(result, self.dense_row, self.metric)}")
             if out_path is not None:
-                _write_checkpoint(out_path / STAGES_DIR / stage.label, work, result, chain)
+                folder = out_path / STAGES_DIR / stage.label
+                _write_checkpoint(folder, work, result, chain, inputs)
             elif stage.index <= keep_before:
                 self.memory[chain] = (copy_model(work, "compress", _TRIAL), result)
         return work, rows
@@ -716,9 +727,12 @@ def _one_line(result: StageResult, d: dict[str, Any], metric: Metric | None) -> 
     return ", ".join(parts)
 
 
-def _write_checkpoint(folder: Path, model: nn.Module, result: StageResult, chain: str) -> None:
+def _write_checkpoint(
+    folder: Path, model: nn.Module, result: StageResult, chain: str, inputs: dict[str, str]
+) -> None:
     record = {
         "chain": chain,
+        "inputs": inputs,
         "stage": result.label,
         "verb": result.verb,
         "kwargs": result.kwargs,
