@@ -114,6 +114,17 @@ BAD_RECIPES = [
         "stage 1, prune, key 'sparsity', line 3",
         "cannot be searched with pattern '1:4'",
     ),
+    # depth pruning refuses these when its stage comes up: the recipe is refused when read
+    (
+        "stages:\n  - prune_structured: {unit: layer, target_latency: 0.5, target_params: 0.5}",
+        "stage 1, prune_structured, key 'target_params', line 2",
+        "takes no target_params",
+    ),
+    (
+        "stages:\n  - prune_structured:\n      unit: layer\n      round_to: 8",
+        "stage 1, prune_structured, key 'round_to', line 4",
+        "does not use round_to",
+    ),
     # prune_structured ignores ratio when a target is given: a recipe with both is refused
     (
         "stages:\n  - prune_structured: {ratio: 0.5, target_macs: 0.5}",

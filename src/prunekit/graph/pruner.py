@@ -114,6 +114,48 @@ def _check_target(value: Any, what: str) -> float | None:
     return float(value)
 
 
+# keywords that depth pruning does not use, with the values that mean "not used"
+_LAYER_UNIT_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "per_layer": (None, {}),
+    "round_to": (None,),
+    "scope": (None, "local"),
+    "reduce": ("sum",),
+    "normalize": ("mean",),
+    "gqa": ("kv",),
+    "reconstruct": (None,),
+}
+
+
+def layer_unit_problems(kwargs: dict[str, Any]) -> list[tuple[str, str]]:
+    """(keyword, message) for what ``unit="layer"`` refuses among ``kwargs`` (the keywords as
+    given; missing ones are at their defaults). Shared with recipe validation, so a recipe is
+    refused when it is read rather than when its stage comes up."""
+    problems = []
+    if kwargs.get("target_latency") is not None and kwargs.get("target_params") is not None:
+        problems.append(
+            (
+                "target_params",
+                "unit='layer' with target_latency searches the number of removed blocks by "
+                "measured latency alone and takes no target_params; give one of them",
+            )
+        )
+    given = [
+        name
+        for name, unused in _LAYER_UNIT_DEFAULTS.items()
+        if name in kwargs and not any(kwargs[name] == value for value in unused)
+    ]
+    if given:
+        problems.append(
+            (
+                given[0],
+                f"unit='layer' removes whole blocks and does not use {', '.join(given)}; "
+                "leave them at their defaults (layers are chosen with ratio, target_macs, "
+                "target_params, layers=, ignore= and importance)",
+            )
+        )
+    return problems
+
+
 # --------------------------------------------------------------------------- the verb
 
 
@@ -335,27 +377,12 @@ def prune_structured(
     settings: dict[str, Any] = {"unit": "+".join(sorted(units)), "scope": scope}
 
     if units == {"layer"}:
-        if target_latency is not None and target_params is not None:
-            raise ValueError(
-                "unit='layer' with target_latency searches the number of removed blocks by "
-                "measured latency alone and takes no target_params; give one of them"
-            )
-        unused = {
-            "per_layer": bool(per_layer),
-            "round_to": round_to is not None,
-            "scope": scope_given and scope != "local",
-            "reduce": reduce != "sum",
-            "normalize": normalize != "mean",
-            "gqa": gqa != "kv",
-            "reconstruct": repair is not None,
-        }
-        given = [name for name, set_ in unused.items() if set_]
-        if given:
-            raise ValueError(
-                f"unit='layer' removes whole blocks and does not use {', '.join(given)}; "
-                "leave them at their defaults (layers are chosen with ratio, target_macs, "
-                "target_params, layers=, ignore= and importance)"
-            )
+        written = {k: v for k, v in locals().items() if k in _LAYER_UNIT_DEFAULTS}
+        written["scope"] = scope if scope_given else None  # not the default chosen above
+        written.update(target_latency=target_latency, target_params=target_params)
+        problems = layer_unit_problems(written)
+        if problems:
+            raise ValueError(problems[0][1])
 
         dense_ms = (
             _latency.measure({"dense": model}, example_inputs, threads=threads)

@@ -129,7 +129,8 @@ STRUCTURED_TARGETS = ("target_macs", "target_params", "target_latency")
 def _ratio_and_target(kwargs: dict[str, Any]) -> list[tuple[str, str]]:
     """``prune_structured`` ignores ``ratio`` when a target is given (its docstring says so), so
     a recipe with both would silently drop the ratio; and it refuses ``target_latency`` with
-    ``target_macs`` when its stage comes up. Refuse both when the recipe is read."""
+    ``target_macs``, and with ``unit: layer`` the keywords depth pruning does not use, when its
+    stage comes up. Refuse them all when the recipe is read."""
     from prunekit.recipes.goal import is_search
 
     targets = [k for k in STRUCTURED_TARGETS if kwargs.get(k) is not None]
@@ -147,6 +148,10 @@ def _ratio_and_target(kwargs: dict[str, Any]) -> list[tuple[str, str]]:
                 f"keep one: leave ratio out, or leave {given} out"
             )
         problems.append(("ratio", message))
+    if kwargs.get("unit") == "layer":
+        from prunekit.graph.pruner import layer_unit_problems
+
+        problems += layer_unit_problems(kwargs)
     if kwargs.get("target_latency") is not None and kwargs.get("target_macs") is not None:
         problems.append(
             (
