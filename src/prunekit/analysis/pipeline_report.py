@@ -83,7 +83,27 @@ def _ratios(m: dict[str, Any], dense: dict[str, Any], report: Any) -> dict[str, 
             row[f"latency_b{batch}_spread"] = max(spreads)
         if lat.get("retimed"):  # a search trial's verdict re-timed it (recipes.goal)
             row[f"latency_b{batch}_retimed"] = lat["retimed"]
+        if lat.get("accelerated"):  # timed after prunekit.accelerate (recipes.served)
+            row[f"latency_b{batch}_accelerated"] = lat["accelerated"]
     return row
+
+
+def accelerated_note(report: Any) -> str | None:
+    """A line saying which latencies were timed after ``prunekit.accelerate`` (marked ``*``)
+    and how many layers it swapped; None when none was."""
+    found = []
+    for row in table_rows(report):
+        for key, swapped in row.items():
+            if key.startswith("latency_b") and key.endswith("_accelerated"):
+                batch = key[len("latency_b") : -len("_accelerated")]
+                found.append(f"{row['stage']} b{batch} {swapped['swapped']}/{swapped['layers']}")
+    if not found:
+        return None
+    return (
+        "latency *: timed as served, after prunekit.accelerate at that batch (sparse kernels "
+        "where they are faster here; layers swapped: " + ", ".join(found) + "); the saved "
+        "model is not accelerated: call prunekit.accelerate on it to serve it"
+    )
 
 
 def retime_note(report: Any) -> str | None:
@@ -176,7 +196,8 @@ def _cells(row: dict[str, Any], report: Any) -> dict[str, str]:
             batch = key[len("latency_b") : -len("_ms")]
             ratio = row.get(f"latency_b{batch}_ratio")
             mark = "~" if _noisy(row.get(f"latency_b{batch}_spread")) else ""
-            cells[f"lat{batch}"] = f"{mark}{row[key]:.2f} ms ({ratio:.2f}x)"
+            served = "*" if row.get(f"latency_b{batch}_accelerated") else ""
+            cells[f"lat{batch}"] = f"{mark}{row[key]:.2f} ms ({ratio:.2f}x{served})"
     return cells
 
 
@@ -206,12 +227,9 @@ def text_table(report: Any) -> str:
             f"latency: median, dense timed in the same call, {threads} "
             f"thread{'' if threads == 1 else 's'}"
         )
-    noise = noise_note(report)
-    if noise:
-        notes.append(noise)
-    retimed = retime_note(report)
-    if retimed:
-        notes.append(retimed)
+    for note in (accelerated_note(report), noise_note(report), retime_note(report)):
+        if note:
+            notes.append(note)
     return "\n".join(
         [title, line(header), rule, *(line(b) for b in body), rule, *notes, *goal_lines(report)]
     )
@@ -239,12 +257,9 @@ def markdown(report: Any) -> str:
         out += [report.recipe.description.strip(), ""]
     out += ["| " + " | ".join(t for _, t in cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(r.get(k, "-") for k, _ in cols) + " |" for r in rows]
-    noise = noise_note(report)
-    if noise:
-        out += ["", noise]
-    retimed = retime_note(report)
-    if retimed:
-        out += ["", retimed]
+    for note in (accelerated_note(report), noise_note(report), retime_note(report)):
+        if note:
+            out += ["", note]
     goal = goal_lines(report)
     if goal:
         out += ["", "## Goal", "", "```", *goal, "```"]
@@ -459,6 +474,9 @@ def html_page(report: Any, images: dict[str, str]) -> str:
         "safetensors file; latency: median, the dense model timed in the same call; quality in "
         "brackets: retained fraction of dense.</p>"
     )
+    accelerated = accelerated_note(report)
+    if accelerated:
+        parts.append(f"<p class='note'>{esc(accelerated)}</p>")
     noise = noise_note(report)
     if noise:
         parts.append(f"<p class='note'><b>{esc(noise)}</b></p>")

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from prunekit.compress.io import _dedupe_shared, effective_state, save
+from prunekit.recipes import served
 
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
@@ -34,6 +35,7 @@ class MeasureSettings:
     repeats: int = 30
     threads: int | None = None
     every_stage: bool = True
+    accelerate: bool | None = None  # None: auto (see prunekit.recipes.served)
 
     @classmethod
     def from_recipe(cls, section: dict[str, Any]) -> MeasureSettings:
@@ -114,10 +116,30 @@ def layer_rows(model: nn.Module) -> list[dict[str, Any]]:
 
 def latency(
     model: nn.Module, dense: nn.Module, example_inputs: Any, settings: MeasureSettings
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Median latency of ``model`` and ``dense`` at each batch size, timed side by side, with
     the spread of each one's repeated calls (interquartile range / median: ``spread``,
-    ``dense_spread``), which the report uses to flag a noisy measurement."""
+    ``dense_spread``), which the report uses to flag a noisy measurement.
+
+    A model with sparse layers is timed as served (:mod:`prunekit.recipes.served`): after
+    ``prunekit.accelerate`` at each batch size, and its row says what was swapped
+    (``accelerated``)."""
+    if not served.serves_accelerated(model, settings.accelerate):
+        return _timed(model, dense, example_inputs, settings)
+    out = {}
+    for batch in settings.batch_sizes:
+        fast, swapped = served.served_at(model, example_inputs, batch, settings.threads)
+        one = replace(settings, batch_sizes=[batch])
+        out[str(batch)] = {**_timed(fast, dense, example_inputs, one)[str(batch)],
+                           "accelerated": swapped}  # fmt: skip
+        del fast
+    return out
+
+
+def _timed(
+    model: nn.Module, dense: nn.Module, example_inputs: Any, settings: MeasureSettings
+) -> dict[str, dict[str, Any]]:
+    """:func:`latency` of ``model`` as it is."""
     from prunekit.runtime.bench import bench
 
     report = bench(
@@ -168,19 +190,27 @@ def retime(
         >>> row["ratio"], row["retimed"]["ratios"]  # doctest: +SKIP
         (0.78, [0.84, 0.71, 0.78, 0.8, 0.76])
     """
-    one = replace(settings, batch_sizes=[batch])
-    rows = [first] + [latency(model, dense, example_inputs, one)[str(batch)] for _ in range(calls)]
+    # as the first timing was: served accelerated (accelerated once, here) or as it is
+    one = replace(settings, batch_sizes=[batch], accelerate=False)
+    timed, swapped = model, first.get("accelerated")
+    if swapped is not None:
+        timed, swapped = served.served_at(model, example_inputs, batch, settings.threads)
+    rows = [first] + [latency(timed, dense, example_inputs, one)[str(batch)] for _ in range(calls)]
 
     def median(key: str) -> float:
         values = [r[key] for r in rows if r.get(key) is not None and not math.isnan(r[key])]
         return statistics.median(values) if values else float("nan")
 
-    return {
+    row = {
         "ms": median("ms"),
         "dense_ms": median("dense_ms"),
         "ratio": median("ratio"),
         "spread": median("spread"),
         "dense_spread": median("dense_spread"),
+    }
+    if swapped is not None:
+        row["accelerated"] = swapped
+    return row | {
         "retimed": {
             "reason": reason,
             "ratios": [r.get("ratio") for r in rows],

@@ -39,6 +39,7 @@ MEASURE_KEYS = {
     "repeats": int,
     "threads": int,
     "every_stage": bool,
+    "accelerate": bool,
 }
 
 
