@@ -115,3 +115,33 @@ def test_llm_2of4_int8_keeps_two_of_every_four_on_the_int8_grid(tmp_path) -> Non
         assert _on_grid(w, w.shape[1], 127)
     for w in (result.model.embed_tokens.weight, result.lm_head.weight):
         assert _on_grid(w, w.shape[1], 127) and _max_levels(w, w.shape[1]) <= 256
+
+
+def test_encoder_fast_searches_sparsity_by_the_latency_as_served(tmp_path) -> None:
+    model = _tiny_bert()
+    calib = _sentences(8, 12, seed=1)
+    report = prunekit.compress(
+        model,
+        "encoder-fast",
+        calib=calib,
+        example_inputs=calib[0],
+        evaluate=lambda m: 1.0,  # the quality check is not what this test is about
+        out=tmp_path / "run",
+        progress=False,
+    )
+    trials = report.search.trials
+    assert trials and trials[0].value == pytest.approx(0.9)  # the fastest end is tried first
+    for trial in trials:
+        assert [c.name for c in trial.checks] == ["latency b1", "quality"]
+    # every trial's latency (only the last stage is measured) is timed after accelerate
+    latency = report.stages[-1].metrics["latency"]["1"]
+    assert latency["accelerated"]["layers"] == 13  # 12 encoder Linear + the pooler
+    chosen = report.search.chosen.value
+    linears = [
+        m for n, m in report.model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "encoder" in n
+    ]  # fmt: skip
+    for layer in linears:
+        w = layer.weight.detach()
+        assert float((w == 0).float().mean()) == pytest.approx(chosen, abs=0.01)
+        assert _on_grid(w, w.shape[1], 127)
