@@ -456,7 +456,7 @@ def _checkpoint_writer():
     def write(model, path):
         tag = "a" if model is a else "b"
         result = StageResult("01-prune", "prune", {"sparsity": 0.5}, 0.0, {"version": tag})
-        _write_checkpoint(path, model, result, chain=tag)
+        _write_checkpoint(path, model, result, chain=tag, inputs={"stage": tag})
 
     def read(path):
         if not path.exists():

@@ -112,3 +112,30 @@ def test_has_sparse_layers_counts_masked_zeros() -> None:
 def test_measure_accelerate_must_be_a_bool() -> None:
     with pytest.raises(RecipeError, match="measure.*accelerate.*must be bool"):
         load_recipe({"stages": [{"prune": {"sparsity": 0.5}}], "measure": {"accelerate": "yes"}})
+
+
+def test_without_room_for_the_accelerated_copy_the_model_is_timed_as_it_is(monkeypatch) -> None:
+    import prunekit.recipes.served as served_module
+
+    def no_room(*args, **kwargs):
+        raise MemoryError("the copy needs 9 GB, 1 GB available")
+
+    monkeypatch.setattr(served_module, "served_at", no_room)
+    recipe = {"stages": [{"prune": {"sparsity": 0.7}}], "measure": {"batch_sizes": [1]}}
+    with pytest.warns(UserWarning, match="timed without accelerate"):
+        report = compress(_mlp(), recipe, example_inputs=torch.randn(1, 64), progress=False)
+    row = report.stages[0].metrics["latency"]["1"]
+    assert "accelerated" not in row and "9 GB" in row["served_as_is"]
+    assert "latency timed without accelerate, as it is: 01-prune b1 (" in str(report)
+
+
+def test_auto_leaves_models_off_the_cpu_as_they_are() -> None:
+    from prunekit.recipes.served import serves_accelerated
+
+    model = _mlp()
+    with torch.no_grad():
+        model[0].weight.zero_()
+    assert serves_accelerated(model, None)
+    meta = _mlp().to("meta")  # stands in for a GPU model: not where the kernels run
+    assert not serves_accelerated(meta, None)
+    assert serves_accelerated(meta, True) and not serves_accelerated(model, False)

@@ -85,25 +85,33 @@ def _ratios(m: dict[str, Any], dense: dict[str, Any], report: Any) -> dict[str, 
             row[f"latency_b{batch}_retimed"] = lat["retimed"]
         if lat.get("accelerated"):  # timed after prunekit.accelerate (recipes.served)
             row[f"latency_b{batch}_accelerated"] = lat["accelerated"]
+        if lat.get("served_as_is"):  # accelerate could not run: timed as it is, and why
+            row[f"latency_b{batch}_served_as_is"] = lat["served_as_is"]
     return row
 
 
 def accelerated_note(report: Any) -> str | None:
     """A line saying which latencies were timed after ``prunekit.accelerate`` (marked ``*``)
     and how many layers it swapped; None when none was."""
-    found = []
+    found, as_is = [], []
     for row in table_rows(report):
-        for key, swapped in row.items():
+        for key, value in row.items():
             if key.startswith("latency_b") and key.endswith("_accelerated"):
                 batch = key[len("latency_b") : -len("_accelerated")]
-                found.append(f"{row['stage']} b{batch} {swapped['swapped']}/{swapped['layers']}")
-    if not found:
-        return None
-    return (
-        "latency *: timed as served, after prunekit.accelerate at that batch (sparse kernels "
-        "where they are faster here; layers swapped: " + ", ".join(found) + "); the saved "
-        "model is not accelerated: call prunekit.accelerate on it to serve it"
-    )
+                found.append(f"{row['stage']} b{batch} {value['swapped']}/{value['layers']}")
+            elif key.startswith("latency_b") and key.endswith("_served_as_is"):
+                batch = key[len("latency_b") : -len("_served_as_is")]
+                as_is.append(f"{row['stage']} b{batch} ({value})")
+    lines = []
+    if found:
+        lines.append(
+            "latency *: timed as served, after prunekit.accelerate at that batch (sparse kernels "
+            "where they are faster here; layers swapped: " + ", ".join(found) + "); the saved "
+            "model is not accelerated: call prunekit.accelerate on it to serve it"
+        )
+    if as_is:
+        lines.append("latency timed without accelerate, as it is: " + "; ".join(as_is))
+    return "\n".join(lines) or None
 
 
 def retime_note(report: Any) -> str | None:

@@ -44,10 +44,13 @@ def has_sparse_layers(model: nn.Module, zeros: float = SPARSE_ENOUGH) -> bool:
 
 
 def serves_accelerated(model: nn.Module, accelerate: bool | None) -> bool:
-    """``measure.accelerate`` resolved for this model: True / False as given, None (auto) when
-    the model has sparse layers (:func:`has_sparse_layers`)."""
+    """``measure.accelerate`` resolved for this model: True / False as given; None (auto) when
+    the model is on the CPU, where the sparse kernels run, and has sparse layers
+    (:func:`has_sparse_layers`)."""
     if accelerate is not None:
         return accelerate
+    if any(t.device.type != "cpu" for t in [*model.parameters(), *model.buffers()]):
+        return False
     with torch.no_grad():
         return has_sparse_layers(model)
 
