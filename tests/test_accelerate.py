@@ -584,3 +584,27 @@ def test_accelerate_tries_nm_only_where_the_weight_fits() -> None:
     _, report = accelerate(net, x, min_speedup=0.0)  # default: every vectorised format
     assert "nm-f32" in report.row("0").candidates_ms or LIB is None or LIB.isa == "scalar"
     assert "nm-f32" not in report.row("2").candidates_ms
+
+
+@needs_kernels
+def test_sparse_linear_takes_any_input_layout_as_linear_does() -> None:
+    """1-D inputs, several leading dims, non-contiguous views and empty batches give
+    F.linear's result and shape (the kernel reads rows of in_features from memory)."""
+    torch.manual_seed(0)
+    w = torch.randn(12, 40) * (torch.rand(12, 40) > 0.7)
+    b = torch.randn(12)
+    layer = SparseLinear.from_dense(w, b, format="csr")
+    base = torch.randn(3, 40, 5)
+    inputs = [
+        torch.randn(40),
+        torch.randn(2, 3, 40),
+        base.transpose(1, 2),  # (3, 5, 40), not contiguous
+        torch.randn(6, 80)[:, ::2],  # strided rows
+        torch.randn(0, 40),
+        torch.randn(2, 0, 40),
+    ]
+    with torch.no_grad():
+        for x in inputs:
+            got, expected = layer(x), F.linear(x, w, b)
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

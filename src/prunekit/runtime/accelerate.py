@@ -276,23 +276,23 @@ class SparseLinear(nn.Module):
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the kernel path runs once per layer and token batch: kept to a few tensor calls
+        shape = x.shape
         if (
             x.dtype == torch.float32
-            and x.device.type == "cpu"
+            and x.is_cpu
             and not (x.requires_grad and torch.is_grad_enabled())
-            and x.dim() >= 1
-            and x.shape[-1] == self.in_features
+            and shape
+            and shape[-1] == self.in_features
         ):
             plan = self._kernel_plan()
-            x2d = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-            n = x2d.shape[0]
+            n = x.numel() // self.in_features if self.in_features else 0
             if plan is not None and n:
                 run, address = plan
-                x2d = x2d.contiguous()
-                y = torch.empty(n, self.out_features, dtype=torch.float32)
-                threads = torch.get_num_threads()
-                if run(address, n, x2d.data_ptr(), None, y.data_ptr(), threads) == 0:
-                    return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+                x = x.contiguous()  # rows of in_features, whatever the leading shape
+                y = torch.empty((*shape[:-1], self.out_features), dtype=torch.float32)
+                if run(address, n, x.data_ptr(), None, y.data_ptr(), torch.get_num_threads()) == 0:
+                    return y
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return self._activate(F.linear(x, self.dense_weight().to(x.dtype), bias))
 
