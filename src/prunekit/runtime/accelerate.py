@@ -49,7 +49,7 @@ import ctypes
 import operator
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -64,6 +64,7 @@ from prunekit.runtime.accelerated import (
     decode_accelerated,
 )
 from prunekit.runtime.copies import copy_model
+from prunekit.runtime.fused import SharedInputProduct, SparseLinearSlice, shared_input_groups
 from prunekit.runtime.sparse_formats import FORMATS
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "AccelerateReport",
     "AcceleratedModelError",
     "AccelerateRow",
+    "FusedGroup",
     "SparseConv2d",
     "SparseLinear",
     "accelerate",
@@ -479,11 +481,30 @@ class AccelerateRow:
 
 
 @dataclass
+class FusedGroup:
+    """Swapped layers that read the same input, timed as one stacked sparse product
+    (``fused_ms``, fastest format ``format``) against their separate calls (``separate_ms``);
+    ``kept``: the stacked product replaced them."""
+
+    layers: list[str]
+    separate_ms: float
+    fused_ms: float
+    format: str
+    kept: bool
+    reason: str = ""  # why a faster product was not kept
+
+    @property
+    def speedup(self) -> float:
+        return self.separate_ms / self.fused_ms if self.fused_ms > 0 else float("nan")
+
+
+@dataclass
 class AccelerateReport:
     """What :func:`accelerate` returns beside the model. ``print(report)`` shows a table."""
 
     rows: list[AccelerateRow]
     settings: dict[str, Any] = field(default_factory=dict)
+    fused: list[FusedGroup] = field(default_factory=list)
 
     @property
     def swapped(self) -> list[str]:
@@ -499,6 +520,7 @@ class AccelerateReport:
         return {
             "settings": dict(self.settings),
             "rows": [{**asdict(r), "speedup": r.speedup} for r in self.rows],
+            "fused": [{**asdict(f), "speedup": f.speedup} for f in self.fused],
         }
 
     def __str__(self) -> str:
@@ -540,6 +562,13 @@ class AccelerateReport:
         if not s.get("kernels"):
             out.append(f"kernels unavailable: {s.get('why')}; every layer kept dense")
         out += [line(header), "  ".join("-" * w for w in widths), *map(line, rows)]
+        for f in self.fused:
+            why = f" ({f.reason})" if f.reason else ""
+            verdict = "stacked" if f.kept else f"kept separate{why}"
+            out.append(
+                f"same input: {' + '.join(f.layers)}: {f.separate_ms:.3f} ms separate, "
+                f"{f.fused_ms:.3f} ms as one product ({f.format}, {f.speedup:.2f}x): {verdict}"
+            )
         out.append(
             "dense/sparse ms = median latency of the dense layer / the fastest sparse kernel on a "
             "random input of the recorded shape (shape = out x in of the weight as a matrix); "
@@ -676,14 +705,161 @@ def _decide(
     return None
 
 
-def _record_input_shapes(model: nn.Module, example_inputs: Any, names: list[str]) -> dict:
-    shapes: dict[str, list[int]] = {}
+FUSE_MIN_GAIN = 1.05
+"""Siblings are stacked into one product only when that is at least this much faster."""
+
+
+def _stacked_weight(
+    members: list[SparseLinear],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The members' weights stacked row-wise (int8 codes when every member runs on codes,
+    else float32), their biases (zeros for a member without one) and the per-row scales."""
+    codes = all(m.scale is not None for m in members)
+    weights, scales = [], []
+    for m in members:
+        if codes:
+            weights.append(sparse_formats.decode(m.parts, m.format, m.out_features, m.in_features))
+            scales.append(m.scale)
+        else:
+            weights.append(m.dense_weight())
+    bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features)
+                      for m in members])  # fmt: skip
+    return torch.cat(weights), bias, torch.cat(scales) if codes else None
+
+
+def _fuse_siblings(
+    model: nn.Module, rows: list[AccelerateRow], names: list[str], formats: tuple[str, ...]
+) -> tuple[FusedGroup, list[nn.Module]] | None:
+    """Time ``names`` (layers that read the same input) as one stacked product against their
+    separate calls; stack them where that is :data:`FUSE_MIN_GAIN` faster. None when they
+    cannot be stacked (not every one swapped to a plain SparseLinear)."""
+    members = [model.get_submodule(n) for n in names]
+    by_name = {r.name: r for r in rows}
+    if not all(type(m) is SparseLinear and m.activation is None for m in members):
+        return None
+    if len({m.in_features for m in members}) != 1:
+        return None
+    weight, bias, scale = _stacked_weight(members)
+    if "nm" in formats:  # as in _candidates: only where the stacked weight is N:M sparse
+        n, m = sparse_formats.nm_fit(weight)
+        if 2 * n > m:
+            formats = tuple(f for f in formats if f != "nm")
+    if not formats:
+        return None
+    products = {
+        f: SharedInputProduct(
+            SparseLinear.from_dense(weight, bias, format=f, scale=scale),
+            [m.out_features for m in members],
+            [m.bias is not None for m in members],
+        )
+        for f in formats
+    }
+    x = torch.randn(by_name[names[0]].input_shape, dtype=torch.float32)
+    calls: dict[str, Callable[[], Any]] = {"separate": lambda: [m(x) for m in members]}
+    with torch.inference_mode():
+        reference = [m(x) for m in members]
+        for f, product in products.items():
+            slices = [SparseLinearSlice(product, i) for i in range(len(members))]
+            got = [s(x) for s in slices]
+            if not all(
+                torch.allclose(g, r, atol=1e-4, rtol=1e-4)
+                for g, r in zip(got, reference, strict=True)
+            ):
+                return None  # pragma: no cover - the stacked layer computes the same rows
+            calls[f] = lambda slices=slices: [s(x) for s in slices]
+        times = _time_calls(calls)
+    separate = times.pop("separate")
+    best = min(times, key=times.__getitem__)
+    group = FusedGroup(
+        list(names), separate, times[best], best, separate >= FUSE_MIN_GAIN * times[best]
+    )
+    if group.kept:
+        for i, name in enumerate(names):
+            _set_child(model, name, SparseLinearSlice(products[best], i))
+            others = " + ".join(n for n in names if n != name)
+            by_name[name].reason = f"faster; one product with {others}"
+    return group, members
+
+
+def _fuse_all(
+    model: nn.Module,
+    rows: list[AccelerateRow],
+    groups: list[list[str]],
+    formats: tuple[str, ...],
+    example_inputs: Any,
+) -> list[FusedGroup]:
+    """:func:`_fuse_siblings` for every group, then the model run on ``example_inputs`` again:
+    the siblings' outputs are now views of one product, and code that needs them contiguous
+    (``.view(-1)``) would fail, so if the run raises or its outputs differ, every group is
+    put back as separate layers (and says why)."""
+    with torch.inference_mode():
+        reference = _call(model, example_inputs)
+    done = [r for r in (_fuse_siblings(model, rows, g, formats) for g in groups) if r is not None]
+    if not any(group.kept for group, _ in done):
+        return [group for group, _ in done]
+    try:
+        with torch.inference_mode():
+            problem = _outputs_differ(reference, _call(model, example_inputs))
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's model means: put back
+        problem = f"the model failed with them: {type(exc).__name__}: {exc}"
+    if problem:
+        by_name = {r.name: r for r in rows}
+        for group, members in done:
+            if group.kept:
+                group.kept, group.reason = False, problem
+                for name, member in zip(group.layers, members, strict=True):
+                    _set_child(model, name, member)
+                    by_name[name].reason = "faster"
+    return [group for group, _ in done]
+
+
+def _tensors_of(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _tensors_of(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_of(v)]
+    return []
+
+
+def _outputs_differ(reference: Any, got: Any) -> str:
+    """Why two runs' outputs differ beyond float rounding ("" when they agree)."""
+    expected, actual = _tensors_of(reference), _tensors_of(got)
+    if len(expected) != len(actual):
+        return f"the model returned {len(actual)} tensors, not {len(expected)}"
+    for e, a in zip(expected, actual, strict=True):
+        if e.shape != a.shape:
+            return f"an output changed shape from {tuple(e.shape)} to {tuple(a.shape)}"
+        if e.is_floating_point():
+            err = float((e - a).abs().max()) if e.numel() else 0.0
+            if not err <= 1e-3 * (float(e.abs().max()) + 1.0):
+                return f"the outputs differ by {err:.2e}"
+        elif not torch.equal(e, a):
+            return "an integer output changed"
+    return ""
+
+
+@dataclass
+class _ExampleRun:
+    """What the example run recorded per layer: the input shape of its first call, that input
+    tensor itself (siblings share it: see :mod:`prunekit.runtime.fused`) and its call count."""
+
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    first_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+
+
+def _record_inputs(model: nn.Module, example_inputs: Any, names: list[str]) -> _ExampleRun:
+    run = _ExampleRun()
     handles = []
     for name in names:
 
         def hook(mod: nn.Module, args: tuple, _name: str = name) -> None:
-            if _name not in shapes and args and isinstance(args[0], torch.Tensor):
-                shapes[_name] = list(args[0].shape)
+            run.calls[_name] = run.calls.get(_name, 0) + 1
+            if _name not in run.shapes and args and isinstance(args[0], torch.Tensor):
+                run.shapes[_name] = list(args[0].shape)
+                run.first_inputs[_name] = args[0]
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     try:
@@ -692,7 +868,7 @@ def _record_input_shapes(model: nn.Module, example_inputs: Any, names: list[str]
     finally:
         for h in handles:
             h.remove()
-    return shapes
+    return run
 
 
 def _usable_formats(formats: Any, lib: kernels.KernelLibrary | None) -> tuple[str, ...]:
@@ -758,6 +934,7 @@ def accelerate(
     min_speedup: float = 1.1,
     int8: bool = True,
     formats: str | Sequence[str] | None = None,
+    fuse: bool = True,
     inplace: bool = False,
     progress: bool = True,
 ) -> tuple[nn.Module, AccelerateReport]:
@@ -779,6 +956,10 @@ def accelerate(
         formats: the sparse formats to try (``"csr"``, ``"bitmap"``, ``"tiles"``); None tries
             those whose kernels are vectorised on this CPU (bitmap and tiles need AVX-512) and
             keeps the fastest per layer.
+        fuse: where swapped layers read the very same input tensor (query, key and value; gate
+            and up projections), also time them stacked into one sparse product
+            (:mod:`prunekit.runtime.fused`) and keep that where it is at least
+            ``FUSE_MIN_GAIN`` times faster than the separate calls.
         inplace: modify ``model`` itself; otherwise a deep copy is modified and returned.
         progress: a per-layer progress bar, shown once the run has lasted more than a second
             (each sparse layer is encoded in every format and timed: 0.1-2 s a layer).
@@ -804,7 +985,8 @@ def accelerate(
         if threads is not None:
             torch.set_num_threads(threads)
         model.eval()
-        shapes = _record_input_shapes(model, example_inputs, [n for n, _ in layers])
+        example = _record_inputs(model, example_inputs, [n for n, _ in layers])
+        shapes = example.shapes
         for name, module in tqdm(
             layers, desc="prunekit accelerate", unit="layer", delay=1.0, leave=False,
             disable=not progress,
@@ -831,6 +1013,9 @@ def accelerate(
             sparse = _decide(row, dense, candidates, float(min_speedup))
             if sparse is not None:
                 model = _set_child(model, name, sparse)
+        groups = shared_input_groups(example.first_inputs, example.calls) if fuse else []
+        del example  # the recorded inputs
+        fused = _fuse_all(model, rows, groups, usable, example_inputs) if groups else []
     finally:
         torch.set_num_threads(previous)
         for m, mode in training:
@@ -846,7 +1031,7 @@ def accelerate(
         "torch": torch.__version__,
         "note": "timings are of this machine and these input shapes",
     }
-    return model, AccelerateReport(rows, settings)
+    return model, AccelerateReport(rows, settings, [f for f in fused if f is not None])
 
 
 def deaccelerate(model: nn.Module, *, inplace: bool = False) -> nn.Module:
