@@ -109,10 +109,17 @@ def swapped_summary(report) -> str:
         return f"0/{len(report.rows)} swapped"
     formats = Counter(r.format for r in swapped)
     speedups = [r.speedup for r in swapped]
+    stacked = [g for g in report.fused if g.kept]
+    fused = (
+        f"; {len(stacked)}/{len(report.fused)} groups of siblings stacked "
+        f"({', '.join(f'{g.speedup:.2f}x' for g in report.fused)})"
+        if report.fused
+        else ""
+    )
     return (
         f"{len(swapped)}/{len(report.rows)} swapped ("
         + ", ".join(f"{f} x{n}" for f, n in formats.most_common())
-        + f"), per-layer speedup {min(speedups):.1f}-{max(speedups):.1f}x"
+        + f"), per-layer speedup {min(speedups):.1f}-{max(speedups):.1f}x{fused}"
     )
 
 
