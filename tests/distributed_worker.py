@@ -329,6 +329,46 @@ def run_stream(out: Path, rank: int) -> tuple[dict, dict]:
     return mine, ref
 
 
+def run_timing(out: Path, rank: int) -> tuple[dict, dict]:
+    """Latencies that steer decisions, under two ranks: rank 0 times, both get its figures."""
+    import prunekit.graph.latency as latency
+    from prunekit.distributed.decide import main_decides
+    from prunekit.recipes.measure import MeasureSettings
+    from prunekit.recipes.measure import latency as recipe_latency
+
+    calls = {"bench": 0}
+    real_bench = latency.bench
+
+    def counting_bench(*args, **kwargs):
+        calls["bench"] += 1
+        return real_bench(*args, **kwargs)
+
+    latency.bench = counting_bench
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU(),
+                        nn.Linear(64, 8))  # fmt: skip
+    x = torch.randn(16, 64)
+    measured = latency.measure({"dense": net}, x, budget_s=0.05)
+    report = prunekit.prune_structured(net, x, target_latency=0.6, unit="channel", progress=False)
+    widths = [tuple(p.shape) for p in report.model.parameters()]
+    sparse = prunekit.finalize(prunekit.prune(net, sparsity=0.7, progress=False).model)
+    served = recipe_latency(sparse, net, x, MeasureSettings(batch_sizes=[1], repeats=3))
+    try:
+        main_decides(lambda: 1 / 0)
+        error = None
+    except Exception as exc:  # noqa: BLE001 - the test compares what each rank saw
+        error = f"{type(exc).__name__}: {exc}"
+    mine = {
+        "measured": measured,
+        "widths": widths,
+        "search": report.latency.ratio,
+        "served": served,
+        "bench_calls": calls["bench"],
+        "error": error,
+    }
+    return mine, {}
+
+
 def run_cli(out: Path, rank: int, port: int, argv: list[str]) -> None:
     """``prunekit`` in torchrun's environment: the command joins the group itself."""
     import contextlib
@@ -386,9 +426,9 @@ def worker(rank: int | None, out: Path, group: str, init: str | None = None, *ar
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     rank = dist.get_rank()
     try:
-        mine, ref = {"oneshot": run_oneshot, "train": run_train, "stream": run_stream}[group](
-            out, rank
-        )
+        runs = {"oneshot": run_oneshot, "train": run_train, "stream": run_stream,
+                "timing": run_timing}  # fmt: skip
+        mine, ref = runs[group](out, rank)
         torch.save(mine, out / f"{group}-rank{rank}.pt")
         if rank == 0:
             torch.save(ref, out / f"{group}-ref.pt")

@@ -353,3 +353,16 @@ def test_cli_oneshot_under_torchrun_environment(tmp_path):
     assert single.keys() == two.keys()
     assert all(torch.equal(single[k], two[k]) for k in single)
     assert float((two["model.layers.0.mlp.up_proj.weight"] == 0).float().mean()) == 0.5
+
+
+def test_latencies_that_steer_decisions_are_rank_0_s_on_every_rank(tmp_path):
+    """A target_latency search, a recipe's served latency and a plain measure, under two ranks:
+    only rank 0 times (rank 1 never calls bench), both get the same figures and so the same
+    widths; an error in rank 0's measurement is raised on rank 1 too instead of a hang."""
+    rank0, rank1, _ = _launch(tmp_path, "timing")
+    assert rank0["bench_calls"] > 0 and rank1["bench_calls"] == 0
+    for key in ("measured", "widths", "search", "served"):
+        assert rank0[key] == rank1[key], key
+    assert "accelerated" in rank0["served"]["1"]
+    assert rank0["error"].startswith("ZeroDivisionError")
+    assert rank1["error"] == "MeasurementFailed: rank 0's measurement failed: " + rank0["error"]
