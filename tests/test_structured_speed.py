@@ -683,9 +683,25 @@ def test_a_width_miss_that_blocks_cannot_mend_returns_the_widths_closest(
     monkeypatch, lanes_8
 ) -> None:
     model, x = Tower().eval(), torch.randn(4, 16)
-    monkeypatch.setattr(latency_module, "measure", jump_or_blocks_measure(depth_ratio=0.9))
+    fake, width_tries = jump_or_blocks_measure(depth_ratio=0.9), []
+
+    def counting(models, example_inputs, **kwargs):
+        pruned = models.get("pruned")
+        if pruned is not None and len(pruned.blocks) == 10:
+            width_tries.append(1)  # a candidate of the width search, timed
+        return fake(models, example_inputs, **kwargs)
+
+    monkeypatch.setattr(latency_module, "measure", counting)
     with pytest.warns(UserWarning, match="not reached within"):
         report = pg.prune_structured(model, x, target_latency=0.5, progress=False)
     assert report.settings["unit"] == "channel" and "unit_switched_from" not in report.settings
     assert report.latency.ratio == pytest.approx(0.6)
     assert report.notes[0].startswith("removing whole blocks instead could not reach it either")
+    # the widths' closest model is the search's own try, not the result of a second search
+    fallback_tries, width_tries[:] = len(width_tries), []
+    with pytest.warns(UserWarning, match="not reached within"):
+        alone = pg.prune_structured(model, x, target_latency=0.5, unit="channel", progress=False)
+    assert fallback_tries == len(width_tries) > 1
+    assert [tuple(p.shape) for p in report.model.parameters()] == [
+        tuple(p.shape) for p in alone.model.parameters()
+    ]

@@ -6,6 +6,7 @@ import contextvars
 import numbers
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -646,10 +647,17 @@ class LatencyOutOfReach(ValueError):
     search ended too slow short of it (raised only where the default unit can remove blocks
     instead), and ``fastest`` is its closest try. Nothing was changed."""
 
-    def __init__(self, fastest: Latency, message: str, exhausted: bool = True) -> None:
+    def __init__(
+        self,
+        fastest: Latency,
+        message: str,
+        exhausted: bool = True,
+        closest: _ClosestWidths | None = None,
+    ) -> None:
         super().__init__(message)
         self.fastest = fastest
         self.exhausted = exhausted  # the smallest model was tried (else: the search missed)
+        self.closest = closest  # the try a search that missed keeps (to replay it)
 
 
 # arguments the depth latency search does not use (target_params: it times block counts, with
@@ -706,7 +714,11 @@ def _depth_instead(
             raise ValueError(
                 f"{widths}\nRemoving whole blocks instead failed too: {depth}"
             ) from depth
-        report = prune_structured(**call, unit="channel")  # its closest model, with a warning
+        replay = _REPLAY_WIDTHS.set(widths.closest)  # its closest model, not searched again
+        try:
+            report = prune_structured(**call, unit="channel")  # with the search's warning
+        finally:
+            _REPLAY_WIDTHS.reset(replay)
         report.notes.insert(0, f"removing whole blocks instead could not reach it either: {depth}")
         return report
     warnings.warn(f"prunekit: {reason}", UserWarning, stacklevel=3)
@@ -908,6 +920,9 @@ def _search_latency(
     """MAC targets tried until the pruned model's measured latency ratio is within
     ``LATENCY_TOLERANCE`` of ``asked``: proportional steps until the ratio is bracketed, then
     linear interpolation between the closest tries on either side."""
+    replay = _REPLAY_WIDTHS.get()
+    if replay is not None and replay.n_groups == len(groups):  # the same trace: same groups
+        return _latency_result(asked, replay)
     dense_macs, _ = cost.evaluate(np.zeros(0, dtype=np.int64))
     floor = cost.evaluate(smallest.roots(groups))[0] / dense_macs if dense_macs else 1.0
     tries: list[tuple[float, Latency, Selection]] = []  # (MACs ratio reached, latency, selection)
@@ -956,6 +971,7 @@ def _search_latency(
             f"target_latency={asked} not reached by removing {sorted({g.kind for g in groups})} "
             f"units in {len(tries)} tries (MACs -> latency ratio: {steps})",
             exhausted=False,
+            closest=_ClosestWidths(len(groups), selection, lat, reached, len(tries), steps),
         )
     if too_slow and exhausted:
         # the smallest model was tried and nothing came within reach (a smaller MAC count can
@@ -971,14 +987,39 @@ def _search_latency(
             "rest of the time does not shrink with the widths. unit='layer' removes whole "
             "blocks, and their fixed costs with them. Nothing was changed.",
         )
-    _latency.warn_if_missed(
-        asked, lat.ratio, f"after {len(tries)} tries (MACs -> latency ratio: {steps})", 3
+    return _latency_result(
+        asked, _ClosestWidths(len(groups), selection, lat, reached, len(tries), steps)
     )
+
+
+@dataclass(frozen=True)
+class _ClosestWidths:
+    """The try a width latency search keeps: its selection (of ``n_groups`` groups), measured
+    latency, MAC ratio, and the search's tries in words."""
+
+    n_groups: int
+    selection: Selection
+    latency: Latency
+    reached: float
+    n_tries: int
+    steps: str
+
+
+# set while the default unit falls back to the widths' closest model after whole blocks also
+# missed a target_latency: the search it already ran is replayed, not run (and timed) again
+_REPLAY_WIDTHS: contextvars.ContextVar[_ClosestWidths | None] = contextvars.ContextVar(
+    "replay_widths", default=None
+)
+
+
+def _latency_result(asked: float, kept: _ClosestWidths) -> tuple[Selection, Latency, str]:
+    detail = f"after {kept.n_tries} tries (MACs -> latency ratio: {kept.steps})"
+    _latency.warn_if_missed(asked, kept.latency.ratio, detail, 4)
     note = (
-        f"target_latency {asked}: measured latency ratio {lat.ratio:.2f} at {100 * reached:.1f} % "
-        f"of dense MACs, after {len(tries)} tries (MACs -> latency ratio: {steps})"
+        f"target_latency {asked}: measured latency ratio {kept.latency.ratio:.2f} at "
+        f"{100 * kept.reached:.1f} % of dense MACs, {detail}"
     )
-    return selection, lat, note
+    return kept.selection, kept.latency, note
 
 
 def _surgery_verified(
