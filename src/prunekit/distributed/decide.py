@@ -12,14 +12,16 @@ only. An error on rank 0 is raised on every rank, not left for the others to wai
 from __future__ import annotations
 
 import contextvars
+import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import torch.distributed as dist
 
 from prunekit.distributed.env import comm_device, is_distributed, is_main
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 _INSIDE = contextvars.ContextVar("prunekit_main_decides", default=False)
 
@@ -56,3 +58,21 @@ def main_decides(measure: Callable[[], T]) -> T:
             raise failure
         raise MeasurementFailed(f"rank 0's measurement failed: {value}")
     return value
+
+
+def decided_by_main(function: Callable[P, T]) -> Callable[P, T]:
+    """Decorator: every call of ``function`` goes through :func:`main_decides`.
+
+    Example:
+        >>> @decided_by_main
+        ... def timed() -> float:
+        ...     return 1.5
+        >>> timed()
+        1.5
+    """
+
+    @functools.wraps(function)
+    def on_main(*args: P.args, **kwargs: P.kwargs) -> T:
+        return main_decides(lambda: function(*args, **kwargs))
+
+    return on_main

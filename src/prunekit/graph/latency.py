@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.distributed.decide import main_decides
+from prunekit.distributed.decide import decided_by_main
 from prunekit.runtime.bench import bench
 
 # Channel multiples. CPU: oneDNN keeps conv activations in blocked layouts whose block is the
@@ -129,6 +129,7 @@ def _repeats_for(models: dict[str, nn.Module], inputs: Any, budget_s: float, lo:
     return max(lo, min(hi, int(budget_s / took)))
 
 
+@decided_by_main  # the same figures on every rank (prunekit.distributed.decide)
 def measure(
     models: dict[str, nn.Module],
     example_inputs: Any,
@@ -155,19 +156,6 @@ def measure(
         >>> sorted(out["ms"]), out["batch"]
         (['dense'], 2)
     """
-    return main_decides(  # the same figures on every rank (prunekit.distributed.decide)
-        lambda: _measure_here(models, example_inputs, threads, budget_s, min_repeats, max_repeats)
-    )
-
-
-def _measure_here(
-    models: dict[str, nn.Module],
-    example_inputs: Any,
-    threads: int | None,
-    budget_s: float,
-    min_repeats: int,
-    max_repeats: int,
-) -> dict[str, Any]:
     previous = torch.get_num_threads()
     try:
         if threads is not None:
@@ -246,6 +234,7 @@ def measure_pair(
     )
 
 
+@decided_by_main
 def module_times(
     model: nn.Module,
     example_inputs: Any,
@@ -267,14 +256,6 @@ def module_times(
         >>> sorted(module_times(net, torch.randn(2, 8), repeats=2))
         ['0', '1']
     """
-    return main_decides(
-        lambda: _module_times_here(model, example_inputs, threads, repeats, budget_s)
-    )
-
-
-def _module_times_here(
-    model: nn.Module, example_inputs: Any, threads: int | None, repeats: int, budget_s: float
-) -> dict[str, float]:
     leaves = [(n, m) for n, m in model.named_modules() if n and not any(m.children())]
     samples: dict[str, list[float]] = {n: [] for n, _ in leaves}
     started: dict[str, float] = {}

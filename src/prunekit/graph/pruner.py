@@ -664,13 +664,7 @@ class LatencyOutOfReach(ValueError):
 # no parameter bound): given away from their defaults, no switch to depth
 _WIDTH_ONLY = {
     "target_params": (None,),
-    "per_layer": (None, {}),
-    "round_to": (None,),
-    "scope": (None, "local"),
-    "reduce": ("sum",),
-    "normalize": ("mean",),
-    "gqa": ("kv",),
-    "reconstruct": (None,),
+    **_LAYER_UNIT_DEFAULTS,
     "importance": (None,),
     "min_keep": (1,),  # units per group there, blocks per container in depth pruning
 }

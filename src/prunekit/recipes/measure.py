@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from prunekit.compress.io import _dedupe_shared, effective_state, save
-from prunekit.distributed.decide import main_decides
+from prunekit.distributed.decide import decided_by_main
 from prunekit.recipes import served
 
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
@@ -116,6 +116,7 @@ def layer_rows(model: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
+@decided_by_main
 def latency(
     model: nn.Module, dense: nn.Module, example_inputs: Any, settings: MeasureSettings
 ) -> dict[str, dict[str, Any]]:
@@ -128,12 +129,6 @@ def latency(
     (``accelerated``). Under ``torch.distributed`` rank 0 times and every rank gets its
     figures (:func:`prunekit.distributed.decide.main_decides`), so all take the same
     decisions."""
-    return main_decides(lambda: _latency_here(model, dense, example_inputs, settings))
-
-
-def _latency_here(
-    model: nn.Module, dense: nn.Module, example_inputs: Any, settings: MeasureSettings
-) -> dict[str, dict[str, Any]]:
     if not served.serves_accelerated(model, settings.accelerate):
         return _timed(model, dense, example_inputs, settings)
     out = {}
@@ -187,6 +182,7 @@ RETIME_CALLS = 4
 then uses the median ratio of the first timing and these (five in all)."""
 
 
+@decided_by_main
 def retime(
     model: nn.Module,
     dense: nn.Module,
@@ -207,21 +203,6 @@ def retime(
         >>> row["ratio"], row["retimed"]["ratios"]  # doctest: +SKIP
         (0.78, [0.84, 0.71, 0.78, 0.8, 0.76])
     """
-    return main_decides(
-        lambda: _retime_here(model, dense, example_inputs, settings, batch, first, reason, calls)
-    )
-
-
-def _retime_here(
-    model: nn.Module,
-    dense: nn.Module,
-    example_inputs: Any,
-    settings: MeasureSettings,
-    batch: int,
-    first: dict[str, Any],
-    reason: str,
-    calls: int,
-) -> dict[str, Any]:
     # as the first timing was: served accelerated (accelerated once, here) or as it is
     one = replace(settings, batch_sizes=[batch], accelerate=False)
     timed, swapped = model, first.get("accelerated")
