@@ -18,7 +18,8 @@ model reloaded from that folder.
 
 Target (issue 10): <= 10 % of the fp32 file at >= 95 % of dense STS-B dev Spearman.
 Measured (``--final-only``, 2 busy cores): 7,942,348 B = 8.74 % of the fp32 file, Spearman 83.79
-against dense 86.72 (96.6 %), latency 0.94x / 0.98x dense at batch 1 / 32; 37 min wall, 11 min
+against dense 86.72 (96.6 %), latency 0.94x / 0.98x dense at batch 1 / 32 (timed as plain modules:
+that run predates latency timed as served, after ``prunekit.accelerate``); 37 min wall, 11 min
 CPU (SparseGPT 631 s and the 32 distillation steps 540 s of it).
 
     .venv/bin/python benchmarks/recipe_minilm.py                      # the shipped recipe
