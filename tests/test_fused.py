@@ -161,3 +161,22 @@ def test_a_saved_fused_model_loads_as_the_original(tmp_path, monkeypatch) -> Non
     for name in ("q", "k", "v", "o"):
         assert torch.equal(getattr(loaded, name).weight, getattr(model, name).weight)
     assert loaded.q.bias is None and loaded.v.bias is not None
+
+
+@needs_kernels
+def test_a_llama_block_stacks_qkv_and_gate_up_with_the_same_logits(monkeypatch) -> None:
+    pytest.importorskip("transformers")
+    from conftest import tiny_llama
+
+    monkeypatch.setattr(acc_mod, "FUSE_MIN_GAIN", 0.0)
+    model = _sparse(tiny_llama(vocab_size=64), sparsity=0.7)
+    x = torch.randint(0, 64, (1, 16))
+    separate, _ = accelerate(model, x, min_speedup=0.0, fuse=False, progress=False)
+    fused, report = accelerate(model, x, min_speedup=0.0, progress=False)
+    kinds = sorted({tuple(n.rsplit(".", 1)[-1] for n in g.layers) for g in report.fused})
+    assert kinds == [("gate_proj", "up_proj"), ("q_proj", "k_proj", "v_proj")]
+    assert all(g.kept for g in report.fused)
+    with torch.no_grad():
+        for ids in (x, torch.randint(0, 64, (2, 9))):
+            torch.testing.assert_close(fused(ids).logits, separate(ids).logits, atol=1e-4,
+                                       rtol=1e-4)  # fmt: skip
