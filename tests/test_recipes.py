@@ -662,6 +662,12 @@ def test_input_fingerprints_hash_values_and_leave_iterators_unread() -> None:
     assert input_fingerprint(loader) != input_fingerprint(DataLoader(TensorDataset(x + 1), 2))
     assert input_fingerprint(loader) != input_fingerprint(DataLoader(TensorDataset(x), 3))
 
+    # tokenizer outputs are mappings without being dicts; numpy arrays are read by value
+    from collections import UserDict
+
+    assert input_fingerprint([UserDict(ids=x)]) != input_fingerprint([UserDict(ids=x + 1)])
+    assert input_fingerprint([x.numpy()]) != input_fingerprint([(x + 1).numpy()])
+
     read = []
 
     def batches():

@@ -4,18 +4,21 @@ from checkpoints that the same inputs would produce again.
 A stage's chain hashes the previous stage's chain, the stage as written and the fingerprints of
 the inputs that stage uses (``calib``, ``data``, ``example_inputs``); the first chain starts
 from the input model's weights, the seed and the prunekit version (a new version may change a
-verb's defaults). Inputs are hashed by value where that is cheap and certain: tensors, numbers
-and strings inside lists, tuples and dicts, and a ``DataLoader`` over a ``TensorDataset``. Other
-iterables (a generator, a dataset class of your own) are not iterated here, since that could
-consume them or be slow: they are fingerprinted by type and length only, and after changing
-their contents you pass ``resume=False``.
+verb's defaults). Inputs are hashed by value where that is cheap and certain: tensors, numpy
+arrays, numbers and strings inside lists, tuples and mappings (tokenizer outputs included),
+and a ``DataLoader`` over a ``TensorDataset``. Other iterables (a generator, a dataset class of
+your own) are not iterated here, since that could consume them or be slow: they are
+fingerprinted by type and length only, and after changing their contents you pass
+``resume=False``.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -101,7 +104,10 @@ def _update(digest: Any, value: Any, depth: int) -> None:
         digest.update(f"{type(value).__name__}[{len(value)}]".encode())
         for item in value:
             _update(digest, item, depth + 1)
-    elif isinstance(value, dict):
+    elif isinstance(value, np.ndarray):
+        digest.update(f"ndarray|{value.dtype}|{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, Mapping):  # dicts, and tokenizer outputs (BatchEncoding)
         digest.update(f"dict[{len(value)}]".encode())
         for key in sorted(value, key=str):
             digest.update(str(key).encode())
