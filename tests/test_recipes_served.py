@@ -139,3 +139,14 @@ def test_auto_leaves_models_off_the_cpu_as_they_are() -> None:
     meta = _mlp().to("meta")  # stands in for a GPU model: not where the kernels run
     assert not serves_accelerated(meta, None)
     assert serves_accelerated(meta, True) and not serves_accelerated(model, False)
+
+
+def test_the_progress_says_when_a_stage_is_timed_as_served(capsys) -> None:
+    recipe = {
+        "stages": [{"prune": {"sparsity": 0.1}}, {"prune": {"sparsity": 0.7}}],
+        "measure": {"batch_sizes": [1, 4], "repeats": 3},
+    }
+    compress(_mlp(), recipe, example_inputs=torch.randn(1, 64), progress=True)
+    out = capsys.readouterr().out
+    assert "timing 01-prune as served" not in out  # 10 %: timed as it is
+    assert "timing 02-prune as served: prunekit.accelerate at batch 1, 4" in out

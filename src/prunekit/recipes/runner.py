@@ -145,6 +145,15 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+def _timed_as_served(model: nn.Module, settings: MeasureSettings, example_inputs: Any) -> bool:
+    """Whether the latency of ``model`` will be timed after ``prunekit.accelerate``."""
+    from prunekit.recipes.served import serves_accelerated
+
+    return bool(settings.latency and example_inputs is not None) and serves_accelerated(
+        model, settings.accelerate
+    )
+
+
 def _log(progress: bool, message: str) -> None:
     if progress:
         print(f"[prunekit compress] {message}", flush=True)
@@ -492,6 +501,9 @@ class _Run:
             saved_path = verb_report if stage.verb == "save" else None
             last = stage is recipe.stages[-1]
             if self.settings.every_stage or last:
+                if _timed_as_served(work, self.settings, ctx.example_inputs):
+                    _log(progress, f"timing {stage.label} as served: prunekit.accelerate at "
+                                   f"batch {', '.join(map(str, self.settings.batch_sizes))}")  # fmt: skip
                 metrics = measure(
                     work,
                     dense=ctx.dense,
