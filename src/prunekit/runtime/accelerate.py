@@ -49,7 +49,7 @@ import ctypes
 import operator
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -63,6 +63,7 @@ from prunekit.runtime.accelerated import (
     AcceleratedModelError,
     decode_accelerated,
 )
+from prunekit.runtime.bench import _tensors as tensors_in
 from prunekit.runtime.copies import copy_model
 from prunekit.runtime.fused import SharedInputProduct, SparseLinearSlice, shared_input_groups
 from prunekit.runtime.sparse_formats import FORMATS
@@ -813,19 +814,9 @@ def _fuse_all(
     return [group for group, _ in done]
 
 
-def _tensors_of(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _tensors_of(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors_of(v)]
-    return []
-
-
 def _outputs_differ(reference: Any, got: Any) -> str:
     """Why two runs' outputs differ beyond float rounding ("" when they agree)."""
-    expected, actual = _tensors_of(reference), _tensors_of(got)
+    expected, actual = tensors_in(reference), tensors_in(got)
     if len(expected) != len(actual):
         return f"the model returned {len(actual)} tensors, not {len(expected)}"
     for e, a in zip(expected, actual, strict=True):
