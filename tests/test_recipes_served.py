@@ -66,7 +66,11 @@ def test_sparse_stages_are_timed_after_accelerate_at_each_batch(monkeypatch) -> 
             swapped = stage.metrics["latency"][batch]["accelerated"]
             assert swapped["layers"] == 2 and 0 <= swapped["swapped"] <= 2
     text = str(report)
-    assert "x*)" in text and "latency *: timed as served, after prunekit.accelerate" in text
+    assert "latency timed as served, after prunekit.accelerate" in text
+    any_swapped = any(
+        s.metrics["latency"][b]["accelerated"]["swapped"] for s in report.stages for b in ("1", "4")
+    )
+    assert ("x*)" in text) == any_swapped  # * marks timings with sparse kernels in them
     assert re.search(r"01-prune b1 [0-2]/2, 01-prune b4 [0-2]/2, 02-quantize b1 [0-2]/2", text)
 
 

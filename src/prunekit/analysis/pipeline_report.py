@@ -105,9 +105,9 @@ def accelerated_note(report: Any) -> str | None:
     lines = []
     if found:
         lines.append(
-            "latency *: timed as served, after prunekit.accelerate at that batch (sparse kernels "
-            "where they are faster here; layers swapped: " + ", ".join(found) + "); the saved "
-            "model is not accelerated: call prunekit.accelerate on it to serve it"
+            "latency timed as served, after prunekit.accelerate at that batch (sparse kernels "
+            "where they are faster here, * where any; layers swapped: " + ", ".join(found) + "); "
+            "the saved model is not accelerated: call prunekit.accelerate on it to serve it"
         )
     if as_is:
         lines.append("latency timed without accelerate, as it is: " + "; ".join(as_is))
@@ -204,7 +204,8 @@ def _cells(row: dict[str, Any], report: Any) -> dict[str, str]:
             batch = key[len("latency_b") : -len("_ms")]
             ratio = row.get(f"latency_b{batch}_ratio")
             mark = "~" if _noisy(row.get(f"latency_b{batch}_spread")) else ""
-            served = "*" if row.get(f"latency_b{batch}_accelerated") else ""
+            swapped = (row.get(f"latency_b{batch}_accelerated") or {}).get("swapped")
+            served = "*" if swapped else ""  # sparse kernels in the timed model
             cells[f"lat{batch}"] = f"{mark}{row[key]:.2f} ms ({ratio:.2f}x{served})"
     return cells
 
