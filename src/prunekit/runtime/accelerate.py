@@ -729,13 +729,13 @@ def _stacked_weight(
 
 
 def _fuse_siblings(
-    model: nn.Module, rows: list[AccelerateRow], names: list[str], formats: tuple[str, ...]
-) -> tuple[FusedGroup, list[nn.Module]] | None:
+    model: nn.Module, rows: dict[str, AccelerateRow], names: list[str], formats: tuple[str, ...]
+) -> tuple[FusedGroup, list[nn.Module], SharedInputProduct] | None:
     """Time ``names`` (layers that read the same input) as one stacked product against their
-    separate calls; stack them where that is :data:`FUSE_MIN_GAIN` faster. None when they
-    cannot be stacked (not every one swapped to a plain SparseLinear)."""
+    separate calls: the group (``kept`` where the product is :data:`FUSE_MIN_GAIN` faster),
+    the separate layers and the fastest product. None when they cannot be stacked (not every
+    one swapped to a plain SparseLinear). Changes nothing in ``model``."""
     members = [model.get_submodule(n) for n in names]
-    by_name = {r.name: r for r in rows}
     if not all(type(m) is SparseLinear and m.activation is None for m in members):
         return None
     if len({m.in_features for m in members}) != 1:
@@ -755,7 +755,7 @@ def _fuse_siblings(
         )
         for f in formats
     }
-    x = torch.randn(by_name[names[0]].input_shape, dtype=torch.float32)
+    x = torch.randn(rows[names[0]].input_shape, dtype=torch.float32)
     calls: dict[str, Callable[[], Any]] = {"separate": lambda: [m(x) for m in members]}
     with torch.inference_mode():
         reference = [m(x) for m in members]
@@ -774,12 +774,7 @@ def _fuse_siblings(
     group = FusedGroup(
         list(names), separate, times[best], best, separate >= FUSE_MIN_GAIN * times[best]
     )
-    if group.kept:
-        for i, name in enumerate(names):
-            _set_child(model, name, SparseLinearSlice(products[best], i))
-            others = " + ".join(n for n in names if n != name)
-            by_name[name].reason = f"faster; one product with {others}"
-    return group, members
+    return group, members, products[best]
 
 
 def _fuse_all(
@@ -789,29 +784,35 @@ def _fuse_all(
     formats: tuple[str, ...],
     example_inputs: Any,
 ) -> list[FusedGroup]:
-    """:func:`_fuse_siblings` for every group, then the model run on ``example_inputs`` again:
-    the siblings' outputs are now views of one product, and code that needs them contiguous
-    (``.view(-1)``) would fail, so if the run raises or its outputs differ, every group is
-    put back as separate layers (and says why)."""
-    with torch.inference_mode():
-        reference = _call(model, example_inputs)
-    done = [r for r in (_fuse_siblings(model, rows, g, formats) for g in groups) if r is not None]
-    if not any(group.kept for group, _ in done):
-        return [group for group, _ in done]
-    try:
+    """:func:`_fuse_siblings` for every group; the faster products then replace their
+    siblings and the model runs on ``example_inputs`` once more: the siblings' outputs are now
+    views of one product, and code that needs them contiguous (``.view(-1)``) would fail, so
+    if the run raises or its outputs differ from the separate layers', every group is put back
+    (and says why)."""
+    by_name = {r.name: r for r in rows}
+    done = [r for r in (_fuse_siblings(model, by_name, g, formats) for g in groups) if r]
+    kept = [(group, members, product) for group, members, product in done if group.kept]
+    if kept:
         with torch.inference_mode():
-            problem = _outputs_differ(reference, _call(model, example_inputs))
-    except Exception as exc:  # noqa: BLE001 - any failure of the user's model means: put back
-        problem = f"the model failed with them: {type(exc).__name__}: {exc}"
-    if problem:
-        by_name = {r.name: r for r in rows}
-        for group, members in done:
-            if group.kept:
+            reference = _call(model, example_inputs)  # the separate layers
+        for group, _, product in kept:
+            for i, name in enumerate(group.layers):
+                _set_child(model, name, SparseLinearSlice(product, i))
+        try:
+            with torch.inference_mode():
+                problem = _outputs_differ(reference, _call(model, example_inputs))
+        except Exception as exc:  # noqa: BLE001 - any failure of the user's model means: put back
+            problem = f"the model failed with them: {type(exc).__name__}: {exc}"
+        for group, members, _ in kept:
+            if problem:
                 group.kept, group.reason = False, problem
-                for name, member in zip(group.layers, members, strict=True):
+            for name, member in zip(group.layers, members, strict=True):
+                if problem:
                     _set_child(model, name, member)
-                    by_name[name].reason = "faster"
-    return [group for group, _ in done]
+                else:
+                    others = " + ".join(n for n in group.layers if n != name)
+                    by_name[name].reason = f"faster; one product with {others}"
+    return [group for group, _, _ in done]
 
 
 def _outputs_differ(reference: Any, got: Any) -> str:
@@ -1022,7 +1023,7 @@ def accelerate(
         "torch": torch.__version__,
         "note": "timings are of this machine and these input shapes",
     }
-    return model, AccelerateReport(rows, settings, [f for f in fused if f is not None])
+    return model, AccelerateReport(rows, settings, fused)
 
 
 def deaccelerate(model: nn.Module, *, inplace: bool = False) -> nn.Module:
