@@ -378,10 +378,19 @@ def prune_structured(
     settings: dict[str, Any] = {"unit": "+".join(sorted(units)), "scope": scope}
 
     if units == {"layer"}:
-        written = {k: v for k, v in locals().items() if k in _LAYER_UNIT_DEFAULTS}
-        written["scope"] = scope if scope_given else None  # not the default chosen above
-        written.update(target_latency=target_latency, target_params=target_params)
-        problems = layer_unit_problems(written)
+        problems = layer_unit_problems(
+            {
+                "per_layer": per_layer,
+                "round_to": round_to,
+                "scope": scope if scope_given else None,  # not the default chosen above
+                "reduce": reduce,
+                "normalize": normalize,
+                "gqa": gqa,
+                "reconstruct": reconstruct,
+                "target_latency": target_latency,
+                "target_params": target_params,
+            }
+        )
         if problems:
             raise ValueError(problems[0][1])
 
@@ -959,13 +968,14 @@ def _search_latency(
     steps = ", ".join(f"{100 * mm:.1f} % -> {t.ratio:.2f}" for mm, t, _ in tries)
     too_slow = lat.ratio > asked * (1 + LATENCY_TOLERANCE)
     exhausted = any(mm <= floor + 1e-9 for mm, _, _ in tries)
+    closest = _ClosestWidths(len(groups), selection, lat, reached, len(tries), steps)
     if too_slow and not exhausted and _WIDTHS_MUST_REACH.get():
         raise LatencyOutOfReach(
             lat,  # the closest try
             f"target_latency={asked} not reached by removing {sorted({g.kind for g in groups})} "
             f"units in {len(tries)} tries (MACs -> latency ratio: {steps})",
             exhausted=False,
-            closest=_ClosestWidths(len(groups), selection, lat, reached, len(tries), steps),
+            closest=closest,
         )
     if too_slow and exhausted:
         # the smallest model was tried and nothing came within reach (a smaller MAC count can
@@ -981,9 +991,7 @@ def _search_latency(
             "rest of the time does not shrink with the widths. unit='layer' removes whole "
             "blocks, and their fixed costs with them. Nothing was changed.",
         )
-    return _latency_result(
-        asked, _ClosestWidths(len(groups), selection, lat, reached, len(tries), steps)
-    )
+    return _latency_result(asked, closest)
 
 
 @dataclass(frozen=True)
