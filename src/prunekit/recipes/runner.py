@@ -443,9 +443,10 @@ class _Run:
             used.append({**base, "stage": stage.fingerprint(), **inputs})
         return used
 
-    def chains(self, recipe: Recipe) -> list[str]:
+    def chains(self, recipe: Recipe, used: list[dict[str, str]] | None = None) -> list[str]:
+        """Each stage's chain, from :meth:`used_inputs` (given, or worked out here)."""
         chains, previous = [], ""
-        for inputs in self.used_inputs(recipe):
+        for inputs in used if used is not None else self.used_inputs(recipe):
             previous = fingerprint.chain(previous, inputs)
             chains.append(previous)
         return chains
@@ -462,7 +463,8 @@ class _Run:
         ``finish(model, metrics)`` may amend the last stage's measurements (a search trial
         re-times its latency) before they are printed and checkpointed."""
         ctx, out_path, progress = self.ctx, self.ctx.out, self.ctx.progress
-        chains, used = self.chains(recipe), self.used_inputs(recipe)
+        used = self.used_inputs(recipe)
+        chains = self.chains(recipe, used)
         rows: list[StageResult] = []
         done = 0
         if out_path is not None:
