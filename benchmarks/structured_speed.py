@@ -247,7 +247,10 @@ def doc_figure(found: dict[tuple[str, int], dict[str, str]], threads: int) -> st
         "after the search. Time that does not shrink: the share of dense time the smallest "
         "channel-pruned model (ratio 0.99, round_to=1) still takes; the speedup "
         "if that time stayed and the rest scaled with the reached MACs is what widths alone "
-        "can be expected to give; the target is 0.85x the MAC ratio. Where no widths reach "
+        "can be expected to give; the target is 0.85x the MAC ratio. Where the widths' "
+        "speedup falls short of that, the default call also times whole blocks to the same "
+        'MAC target and keeps them when faster with outputs as close to dense ("blocks '
+        'removed" in the MAC column). Where no widths reach '
         '`target_latency=0.5`, the default unit removes whole blocks instead ("blocks '
         'removed"). The last two columns '
         "remove whole blocks instead (depth; lowest block influence first), which takes "
@@ -358,7 +361,9 @@ def main() -> None:
                 ok = speed >= 0.85 * mac_x
                 verdicts.append(ok)
                 widths = sorted({g.kept for g in report.groups if g.kind == "channel"})
-                cells.update(mac_x=f"{mac_x:.2f}x", speed=f"{speed:.2f}x",
+                switched = report.settings.get("unit_switched_from") == "channel"
+                blocks = f" ({len(report.removed_layers)} blocks removed)" if switched else ""
+                cells.update(mac_x=f"{mac_x:.2f}x{blocks}", speed=f"{speed:.2f}x",
                              share=f"{speed / mac_x:.2f}")  # fmt: skip
                 rows.append(
                     [
@@ -384,6 +389,15 @@ def main() -> None:
                     f"channel widths kept: {widths[:12]}{' ...' if len(widths) > 12 else ''}",
                     flush=True,
                 )
+                choice = report.settings.get("unit_choice")
+                if choice:
+                    shown = ", ".join(
+                        f"{n} {c['ms']:.3g} ms at {c['macs_ratio']:.3f} MACs, output error "
+                        f"{c['output_error']:.3g}"
+                        for n, c in choice["candidates"].items()
+                    )
+                    print(f"  widths or blocks (dense {choice['dense_ms']:.3g} ms): {shown}; "
+                          f"kept {choice['chosen']}")  # fmt: skip
                 hw = report.settings.get("hardware")
                 if hw:
                     shown = ", ".join(

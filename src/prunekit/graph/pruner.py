@@ -27,6 +27,13 @@ from prunekit.graph.reconstruct import resolve as resolve_reconstruct
 from prunekit.graph.report import GroupRow, StructuredReport
 from prunekit.graph.surgery import StructuredPruningError, apply_removal, verify
 from prunekit.graph.trace import Graph, trace
+from prunekit.graph.unit_choice import (
+    MEASURING_BLOCKS,
+    SPEED_SHORTFALL,
+    blocks_if_faster,
+    falls_short,
+    handed_back,
+)
 from prunekit.prune import refuse_nonfinite_parameters
 from prunekit.runtime.accelerated import refuse_accelerated
 from prunekit.runtime.copies import VERIFY_COPY, copy_model
@@ -204,10 +211,16 @@ def prune_structured(
             (default): ``"channel"``; with ``target_latency``, when no channel widths reach the
             latency (fixed per-layer costs, pinned widths) and the model has removable blocks,
             whole blocks are removed instead (``unit="layer"``), with a warning and a note
-            saying how close widths came; ``unit="channel"`` never switches, nor does a call
-            with an argument the depth search cannot honour (``target_params``, ``per_layer``,
-            ``round_to``, ``scope="global"``, ``reduce``, ``normalize``, ``gqa``,
-            ``reconstruct``, ``importance``, ``min_keep``).
+            saying how close widths came. With ``target_macs``, when the widths' measured
+            speedup is under 0.85 of their MAC ratio and the model has removable blocks, whole
+            blocks to the same MAC target are timed beside them, and kept (with a warning and
+            a note) if at least 3 % faster with outputs on ``example_inputs`` as close to the
+            dense model's, within 10 % (:mod:`prunekit.graph.unit_choice`;
+            ``report.settings["unit_choice"]`` holds the measurement). ``unit="channel"``
+            never switches, nor does a call with an argument the depth search cannot honour
+            (``target_params``, ``per_layer``, ``round_to``, ``scope="global"``, ``reduce``,
+            ``normalize``, ``gqa``, ``reconstruct``, ``importance``, ``min_keep``,
+            ``allocation``, ``measure_latency=False``).
         importance: channels / heads: ``"l2"`` (default without ``reconstruct``), ``"l1"``,
             ``"taylor"`` (data, loss), ``"bn_scale"``, ``"activation"`` or ``"apoz"`` (data),
             ``"fluctuation"`` (data; the default with ``reconstruct``: the variance of what a
@@ -302,6 +315,16 @@ def prune_structured(
     if unit is None:
         call = {k: v for k, v in locals().items() if k != "unit"}
         blocks = _switchable_blocks(call) if target_latency is not None and not allocation else []
+        if _weighs_blocks(call):
+            measuring = MEASURING_BLOCKS.set(True)  # its depth hint is replaced by a measurement
+            try:
+                widths_report = prune_structured(**{**call, "inplace": False}, unit="channel")
+            finally:
+                MEASURING_BLOCKS.reset(measuring)
+            if falls_short(widths_report) and _switchable_blocks(call):
+                depth_call = {k: v for k, v in call.items() if k not in _WIDTH_ONLY}
+                return blocks_if_faster(call, widths_report, prune_structured, depth_call)
+            return handed_back(model, widths_report, inplace)
         if not blocks:
             return prune_structured(**call, unit="channel")
         strict = _WIDTHS_MUST_REACH.set(True)  # a miss raises: blocks may do better
@@ -641,8 +664,6 @@ def prune_structured(
     return StructuredReport(pruned, before, after, rows, [], settings, notes, latency)
 
 
-SPEED_SHORTFALL = 0.85  # a measured speedup below this share of the MAC ratio gets a depth hint
-
 # set while the default unit's width search runs for a model whose blocks could be removed
 # instead: a latency search that ends too slow then raises rather than returning its closest
 _WIDTHS_MUST_REACH: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -677,6 +698,19 @@ _WIDTH_ONLY = {
     "importance": (None,),
     "min_keep": (1,),  # units per group there, blocks per container in depth pruning
 }
+
+
+def _weighs_blocks(call: dict[str, Any]) -> bool:
+    """The default unit with a MAC target may compare its widths with whole blocks
+    (:mod:`prunekit.graph.unit_choice`): measured latency on, no latency target or allocation,
+    and no argument only width pruning takes."""
+    return (
+        call["target_macs"] is not None
+        and call["target_latency"] is None
+        and call["measure_latency"]
+        and not call["allocation"]
+        and all(call[name] in defaults for name, defaults in _WIDTH_ONLY.items())
+    )
 
 
 def _switchable_blocks(call: dict[str, Any]) -> list:
@@ -733,7 +767,7 @@ def _depth_instead(
 def _depth_hint(pruned: nn.Module, example_inputs: Any, latency: Latency, mac_x: float) -> str:
     """A note when the measured speedup falls well short of the MAC ratio and the model has
     blocks that ``unit="layer"`` could remove ("" otherwise)."""
-    if mac_x < 1.25 or latency.speedup >= SPEED_SHORTFALL * mac_x:
+    if MEASURING_BLOCKS.get() or mac_x < 1.25 or latency.speedup >= SPEED_SHORTFALL * mac_x:
         return ""
     try:
         blocks = find_blocks(pruned, example_inputs)

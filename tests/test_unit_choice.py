@@ -1,0 +1,152 @@
+"""The default unit with a MAC target: widths, or whole blocks when widths run too slow for their
+MACs and the blocks keep the outputs as close (fake latency: no timing here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit.graph as pg
+from prunekit.graph import latency as latency_module
+from prunekit.graph import unit_choice
+
+pytestmark = pytest.mark.usefixtures("one_thread", "lanes_8")
+
+X = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+IDLE = [1, 2, 4, 6, 7, 9]
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class Tower(nn.Module):
+    def __init__(self, idle: list[int] = ()) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(Residual() for _ in range(10))
+        self.head = nn.Linear(16, 4)
+        with torch.no_grad():
+            for i in idle:  # these blocks return their input: removing them changes nothing
+                self.blocks[i].down.weight.zero_()
+                self.blocks[i].down.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+@pytest.fixture
+def lanes_8(monkeypatch):
+    """The default multiple as on an AVX2 CPU (8), whatever this machine has."""
+    monkeypatch.setattr(latency_module, "cpu_round_to", lambda: 8)
+
+
+def block_cost_measure(per_block: float, calls: list):
+    """A model's latency: ``per_block`` ms per block it has plus 2 ms scaled by its MACs (dense
+    10 blocks): with a large ``per_block`` widths barely speed it up, blocks do."""
+    dense_macs = pg.count(Tower().eval(), X).macs
+
+    def measure(models, example_inputs, *, threads=None, **_):
+        calls.append(sorted(models))
+        ms = {
+            name: per_block * len(m.blocks) + 2.0 * pg.count(m, example_inputs).macs / dense_macs
+            for name, m in models.items()
+        }
+        return {"ms": ms, "batch": 4, "threads": 1, "repeats": 1, "device": "cpu"}
+
+    return measure
+
+
+def test_blocks_replace_widths_that_run_too_slow_for_their_macs(monkeypatch) -> None:
+    model = Tower(IDLE).eval()
+    calls: list = []
+    monkeypatch.setattr(latency_module, "measure", block_cost_measure(1.0, calls))
+    with pytest.warns(UserWarning, match=r"channel widths ran only 1\.\d\dx faster at 2\.0\dx"):
+        report = pg.prune_structured(model, X, target_macs=0.5, progress=False)
+    assert report.settings["unit"] == "layer"
+    assert report.settings["unit_switched_from"] == "channel"
+    # the head's MACs take 6 of 10 blocks; the idle ones go (influence 0): outputs unchanged
+    assert sorted(report.removed_layers) == sorted(f"blocks.{i}" for i in IDLE)
+    assert report.macs_ratio <= 0.5
+    torch.testing.assert_close(report.model(X), model(X))
+    assert ["blocks", "dense", "widths"] in calls  # all three timed side by side
+    chosen = report.settings["unit_choice"]
+    assert chosen["chosen"] == "blocks"
+    assert chosen["candidates"]["blocks"]["output_error"] == pytest.approx(0.0, abs=1e-6)
+    assert chosen["candidates"]["widths"]["output_error"] > 0.0
+    # the report's latency is that measurement's (dense: 10 blocks + 2 ms of MACs)
+    assert report.latency.dense_ms == pytest.approx(12.0)
+    assert report.latency.pruned_ms == pytest.approx(chosen["candidates"]["blocks"]["ms"])
+    assert "so whole blocks were removed instead" in report.notes[0]
+    assert len(model.blocks) == 10  # a copy, as asked
+
+
+def test_widths_stay_when_blocks_change_the_outputs_more(monkeypatch) -> None:
+    model = Tower(IDLE).eval()
+    monkeypatch.setattr(latency_module, "measure", block_cost_measure(1.0, []))
+    errors = iter([0.1, 0.5])  # widths, then blocks
+
+    monkeypatch.setattr(unit_choice, "output_error", lambda dense, net, x: next(errors))
+    report = pg.prune_structured(model, X, target_macs=0.5, progress=False)
+    assert report.settings["unit"] == "channel" and "unit_switched_from" not in report.settings
+    assert len(report.model.blocks) == 10 and report.macs_ratio <= 0.5
+    assert report.settings["unit_choice"]["chosen"] == "widths"
+    measured = [n for n in report.notes if "whole blocks were measured too" in n]
+    assert len(measured) == 1 and "their outputs are further from the dense model's" in measured[0]
+    assert not [n for n in report.notes if "unit='layer' removes whole blocks" in n]  # no hint
+    # the widths' latency is from the same three-way measurement
+    assert report.latency.pruned_ms == pytest.approx(
+        report.settings["unit_choice"]["candidates"]["widths"]["ms"]
+    )
+
+
+def test_no_blocks_are_built_when_widths_run_as_fast_as_their_macs(monkeypatch) -> None:
+    calls: list = []
+    monkeypatch.setattr(latency_module, "measure", block_cost_measure(0.0, calls))
+    report = pg.prune_structured(Tower(IDLE).eval(), X, target_macs=0.5, progress=False)
+    assert report.settings["unit"] == "channel" and "unit_choice" not in report.settings
+    assert not any("blocks" in c for c in calls)
+
+
+def test_inplace_switch_changes_the_model_itself(monkeypatch) -> None:
+    monkeypatch.setattr(latency_module, "measure", block_cost_measure(1.0, []))
+    with pytest.warns(UserWarning, match="whole blocks were removed instead"):
+        reference = pg.prune_structured(Tower(IDLE).eval(), X, target_macs=0.5, progress=False)
+    model = Tower(IDLE).eval()
+    with pytest.warns(UserWarning, match="whole blocks were removed instead"):
+        report = pg.prune_structured(model, X, target_macs=0.5, inplace=True, progress=False)
+    assert report.model is model and len(model.blocks) == 4
+    assert report.removed_layers == reference.removed_layers
+    assert model._prunekit_structure == reference.model._prunekit_structure
+    torch.testing.assert_close(model(X), reference.model(X))
+
+
+def test_inplace_widths_change_the_model_itself(monkeypatch) -> None:
+    monkeypatch.setattr(latency_module, "measure", block_cost_measure(1.0, []))
+    errors = iter([0.1, 0.5])
+    monkeypatch.setattr(unit_choice, "output_error", lambda dense, net, x: next(errors))
+    model = Tower(IDLE).eval()
+    report = pg.prune_structured(model, X, target_macs=0.5, inplace=True, progress=False)
+    assert report.model is model and len(model.blocks) == 10
+    assert pg.count(model, X).macs == report.macs_after < report.macs_before
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"unit": "channel"}, {"round_to": 1}, {"importance": "l1"}, {"target_params": 0.9},
+     {"measure_latency": False}],
+)  # fmt: skip
+def test_explicit_choices_never_switch_to_blocks(monkeypatch, kwargs) -> None:
+    calls: list = []
+    monkeypatch.setattr(latency_module, "measure", block_cost_measure(1.0, calls))
+    report = pg.prune_structured(Tower(IDLE).eval(), X, target_macs=0.5, progress=False, **kwargs)
+    assert report.settings["unit"] == "channel" and len(report.model.blocks) == 10
+    assert not any("blocks" in c for c in calls)
