@@ -1,7 +1,14 @@
 """Does structured pruning with default arguments make models as much faster as it makes them
 smaller? And does ``target_latency`` land where it is asked?
 
-Models (random weights: latency does not depend on the values):
+Models (latency does not depend on the weights, but the default call's choice between widths
+and whole blocks does: it keeps blocks only when their outputs stay as close to the dense
+model's, which says something about quality only for trained weights). With ``--weights
+trained`` (the default) the two CNNs are the ones ``structured_unit_choice.py`` trains on MNIST
+test images 0-4999 (padded to 32 x 32, three channels; cached under ``$PRUNEKIT_CACHE``, trained
+first when missing, about 8 minutes on one core) and the example inputs are MNIST images; with
+``--weights random`` (or without ../shared/data/mnist) they have random weights, randomised
+BatchNorm statistics and random inputs.
 * ResNet-56 for CIFAR (3 stages x 9 basic blocks, widths 16 / 32 / 64, option-A shortcuts:
   stride-2 subsampling and zero channel padding), 32 x 32 images;
 * a MobileNetV2-style net (the ImageNet MobileNetV2 block table, width 1.0, with the CIFAR
@@ -226,7 +233,29 @@ def timed(dense: nn.Module, pruned: nn.Module, x: object, args) -> tuple[float, 
     )
 
 
-def doc_figure(found: dict[tuple[str, int], dict[str, str]], threads: int) -> str:
+def cnn_weights(args) -> tuple[dict[str, nn.Module], torch.Tensor | None]:
+    """The CNNs trained on MNIST (and MNIST images as inputs) with ``--weights trained`` when the
+    data is there; else ({}, None): random weights and inputs."""
+    if args.weights != "trained":
+        return {}, None
+    import structured_unit_choice as trained_cnns  # imports this module: loaded here, not above
+    from train_common import find_folder, load_mnist
+
+    folder = find_folder(None, "mnist", ["t10k-images-idx3-ubyte.gz"])
+    if folder is None:
+        print("no ../shared/data/mnist: the CNNs keep random weights (--weights random)")
+        return {}, None
+    images, labels = load_mnist(folder)
+    images = trained_cnns.as_cifar(images)
+    models = {
+        name: trained_cnns.trained(name, images[:5000], labels[:5000], trained_cnns.EPOCHS)
+        for name in ("resnet56", "mobilenetv2")
+        if name in args.models
+    }
+    return models, images[:5000]
+
+
+def doc_figure(found: dict[tuple[str, int], dict[str, str]], threads: int, weights: str) -> str:
     """docs/structured.md's ``structured-speed`` block: per model and batch, the default call's
     MAC cut and measured speedup, and where ``target_latency=0.5`` landed."""
     rows = [
@@ -242,7 +271,7 @@ def doc_figure(found: dict[tuple[str, int], dict[str, str]], threads: int) -> st
             "`unit=\"layer\"`, `target_latency=0.5`: latency / dense (MACs)"]  # fmt: skip
     return figure(
         "structured-speed",
-        md_table(head, rows) + f"\n\n{threads} thread(s); random weights; speedup: median of "
+        md_table(head, rows) + f"\n\n{threads} thread(s); {weights}; speedup: median of "
         "round medians, dense and pruned timed alternately; the latency ratio is measured again "
         "after the search. Time that does not shrink: the share of dense time the smallest "
         "channel-pruned model (ratio 0.99, round_to=1) still takes; the speedup "
@@ -303,6 +332,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batches", nargs="*", type=int, default=[32, 1])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--weights", choices=["trained", "random"], default="trained",
+        help="the CNNs' weights: trained on MNIST (cached; the default) or random",
+    )  # fmt: skip
     parser.add_argument("--reps", type=int, default=10, help="timed calls per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-latency-target", action="store_true", help="skip target_latency")
@@ -342,12 +375,19 @@ def main() -> None:
     print(
         f"{'default ' if not extra else ''}call: prunekit.prune_structured(model, x, target_macs=0.5{shown})"
     )
+    trained, images = cnn_weights(args)
+    weights = (
+        "ResNet-56 and MobileNetV2 trained on MNIST (structured_unit_choice.py), MNIST inputs"
+        if trained
+        else "random weights"
+    )
+    print(f"weights: {weights}")
     rows, verdicts = [], []
     found: dict[tuple[str, int], dict[str, str]] = {}  # the figure's cells per model and batch
     for name in args.models:
-        dense = MODELS[name]()
+        dense = trained.get(name) or MODELS[name]()
         for batch in args.batches:
-            x = inputs_for(name, batch)
+            x = images[:batch] if name in trained else inputs_for(name, batch)
             cells = found.setdefault((name, batch), {})
             if not args.latency_only:
                 start = time.time()
@@ -506,7 +546,7 @@ def main() -> None:
         and not args.avx2_only
     )
     if full:  # the documented run; a partial one must not overwrite the table
-        doc_figure(found, args.threads)
+        doc_figure(found, args.threads, weights)
 
 
 if __name__ == "__main__":
