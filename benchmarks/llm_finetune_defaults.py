@@ -30,7 +30,13 @@ over the first half of the steps, masks updated every quarter epoch; same data a
 Verdict: the default call's perplexity is at most that of both other rows (one-shot and
 gradual sets each).
 
-Measured 2026-12-03 (1 thread, a shared 2-core machine; dense 5.263, 2 x 100 batches):
+Since the one-shot default peaks at the range test's best rate itself (before: a third of
+it; gradual rows unchanged), default row only, seeds 0 / 1, 1 thread: 50 % 5.209 / 5.224
+(lr 5.2e-4 / 3.7e-4), 70 % 5.205 / 5.222 (lr 2.7e-3 / 3.7e-3); the other rows do not depend on
+it (old defaults 5.240 / 5.252 and 5.348 / 5.359, plain loop 5.244 / 5.259 and 5.349 / 5.355).
+
+Measured 2026-12-03, before that change (1 thread, a shared 2-core machine; dense 5.263,
+2 x 100 batches):
 
 * 50 %: default 5.247, old defaults 5.240, plain loop 5.244 (one-shot 50 % is close to dense
   already; the three are level)
