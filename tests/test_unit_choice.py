@@ -10,6 +10,7 @@ from torch import nn
 import prunekit.graph as pg
 from prunekit.graph import latency as latency_module
 from prunekit.graph import unit_choice
+from test_structured_speed import Tower
 
 pytestmark = pytest.mark.usefixtures("one_thread", "lanes_8")
 
@@ -17,30 +18,15 @@ X = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
 IDLE = [1, 2, 4, 6, 7, 9]
 
 
-class Residual(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(torch.relu(self.up(x)))
-
-
-class Tower(nn.Module):
-    def __init__(self, idle: list[int] = ()) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.blocks = nn.ModuleList(Residual() for _ in range(10))
-        self.head = nn.Linear(16, 4)
-        with torch.no_grad():
-            for i in idle:  # these blocks return their input: removing them changes nothing
-                self.blocks[i].down.weight.zero_()
-                self.blocks[i].down.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
+def idle_tower() -> nn.Module:
+    """The 10-block residual MLP of test_structured_speed, blocks ``IDLE`` returning their input
+    (removing them changes nothing)."""
+    model = Tower().eval()
+    with torch.no_grad():
+        for i in IDLE:
+            model.blocks[i].down.weight.zero_()
+            model.blocks[i].down.bias.zero_()
+    return model
 
 
 @pytest.fixture
@@ -66,7 +52,7 @@ def block_cost_measure(per_block: float, calls: list):
 
 
 def test_blocks_replace_widths_that_run_too_slow_for_their_macs(monkeypatch) -> None:
-    model = Tower(IDLE).eval()
+    model = idle_tower()
     calls: list = []
     monkeypatch.setattr(latency_module, "measure", block_cost_measure(1.0, calls))
     with pytest.warns(UserWarning, match=r"channel widths ran only 1\.\d\dx faster at 2\.0\dx"):
@@ -90,7 +76,7 @@ def test_blocks_replace_widths_that_run_too_slow_for_their_macs(monkeypatch) -> 
 
 
 def test_widths_stay_when_blocks_change_the_outputs_more(monkeypatch) -> None:
-    model = Tower(IDLE).eval()
+    model = idle_tower()
     monkeypatch.setattr(latency_module, "measure", block_cost_measure(1.0, []))
     errors = iter([0.1, 0.5])  # widths, then blocks
 
@@ -111,7 +97,7 @@ def test_widths_stay_when_blocks_change_the_outputs_more(monkeypatch) -> None:
 def test_no_blocks_are_built_when_widths_run_as_fast_as_their_macs(monkeypatch) -> None:
     calls: list = []
     monkeypatch.setattr(latency_module, "measure", block_cost_measure(0.0, calls))
-    report = pg.prune_structured(Tower(IDLE).eval(), X, target_macs=0.5, progress=False)
+    report = pg.prune_structured(idle_tower(), X, target_macs=0.5, progress=False)
     assert report.settings["unit"] == "channel" and "unit_choice" not in report.settings
     assert not any("blocks" in c for c in calls)
 
@@ -119,8 +105,8 @@ def test_no_blocks_are_built_when_widths_run_as_fast_as_their_macs(monkeypatch) 
 def test_inplace_switch_changes_the_model_itself(monkeypatch) -> None:
     monkeypatch.setattr(latency_module, "measure", block_cost_measure(1.0, []))
     with pytest.warns(UserWarning, match="whole blocks were removed instead"):
-        reference = pg.prune_structured(Tower(IDLE).eval(), X, target_macs=0.5, progress=False)
-    model = Tower(IDLE).eval()
+        reference = pg.prune_structured(idle_tower(), X, target_macs=0.5, progress=False)
+    model = idle_tower()
     with pytest.warns(UserWarning, match="whole blocks were removed instead"):
         report = pg.prune_structured(model, X, target_macs=0.5, inplace=True, progress=False)
     assert report.model is model and len(model.blocks) == 4
@@ -133,7 +119,7 @@ def test_inplace_widths_change_the_model_itself(monkeypatch) -> None:
     monkeypatch.setattr(latency_module, "measure", block_cost_measure(1.0, []))
     errors = iter([0.1, 0.5])
     monkeypatch.setattr(unit_choice, "output_error", lambda dense, net, x: next(errors))
-    model = Tower(IDLE).eval()
+    model = idle_tower()
     report = pg.prune_structured(model, X, target_macs=0.5, inplace=True, progress=False)
     assert report.model is model and len(model.blocks) == 10
     assert pg.count(model, X).macs == report.macs_after < report.macs_before
@@ -147,6 +133,6 @@ def test_inplace_widths_change_the_model_itself(monkeypatch) -> None:
 def test_explicit_choices_never_switch_to_blocks(monkeypatch, kwargs) -> None:
     calls: list = []
     monkeypatch.setattr(latency_module, "measure", block_cost_measure(1.0, calls))
-    report = pg.prune_structured(Tower(IDLE).eval(), X, target_macs=0.5, progress=False, **kwargs)
+    report = pg.prune_structured(idle_tower(), X, target_macs=0.5, progress=False, **kwargs)
     assert report.settings["unit"] == "channel" and len(report.model.blocks) == 10
     assert not any("blocks" in c for c in calls)

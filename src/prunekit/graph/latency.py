@@ -90,6 +90,18 @@ class Latency:
     def speedup(self) -> float:
         return self.dense_ms / self.pruned_ms if self.pruned_ms > 0 else float("nan")
 
+    @classmethod
+    def of(cls, got: dict[str, Any], pruned: str, dense_ms: float | None = None) -> Latency:
+        """Model ``pruned`` against ``"dense"`` (or ``dense_ms``) in a :func:`measure` result."""
+        return cls(
+            dense_ms=float(got["ms"]["dense"] if dense_ms is None else dense_ms),
+            pruned_ms=float(got["ms"][pruned]),
+            batch=got["batch"],
+            threads=got["threads"],
+            repeats=got["repeats"],
+            device=got["device"],
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ratio": self.ratio, "speedup": self.speedup}
 
@@ -224,14 +236,7 @@ def measure_pair(
             min_repeats=min_repeats,
         )
         dense_ms = got["ms"]["dense"]
-    return Latency(
-        dense_ms=dense_ms,
-        pruned_ms=got["ms"]["pruned"],
-        batch=got["batch"],
-        threads=got["threads"],
-        repeats=got["repeats"],
-        device=got["device"],
-    )
+    return Latency.of(got, "pruned", dense_ms)
 
 
 @decided_by_main

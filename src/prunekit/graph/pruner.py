@@ -925,14 +925,7 @@ def _hardware_pick(
         f"hardware-aware widths: measured candidates (dense {dense_ms:.3g} ms): {shown}; "
         f"kept {chosen!r}"
     )
-    latency = Latency(
-        dense_ms=dense_ms,
-        pruned_ms=ms[chosen],
-        batch=got["batch"],
-        threads=got["threads"],
-        repeats=got["repeats"],
-        device=got["device"],
-    )
+    latency = Latency.of({**got, "ms": ms}, chosen, dense_ms)
     selection, reached = plans[chosen]
     return selection, reached, latency
 

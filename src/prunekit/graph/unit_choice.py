@@ -92,14 +92,7 @@ def blocks_if_faster(
         f"{100 * blocks.macs_ratio:.1f} % MACs (output error {error['blocks']:.3g})"
     )
     kept = widths if chosen == "widths" else blocks
-    kept.latency = Latency(
-        dense_ms=dense_ms,
-        pruned_ms=ms[chosen],
-        batch=got["batch"],
-        threads=got["threads"],
-        repeats=got["repeats"],
-        device=got["device"],
-    )
+    kept.latency = Latency.of(got, chosen)
     kept.settings["unit_choice"] = measured
     if chosen == "widths":
         why = (
