@@ -136,3 +136,19 @@ def test_explicit_choices_never_switch_to_blocks(monkeypatch, kwargs) -> None:
     report = pg.prune_structured(idle_tower(), X, target_macs=0.5, progress=False, **kwargs)
     assert report.settings["unit"] == "channel" and len(report.model.blocks) == 10
     assert not any("blocks" in c for c in calls)
+
+
+def test_widths_stay_when_blocks_are_barely_faster(monkeypatch) -> None:
+    def measure(models, example_inputs, *, threads=None, **_):
+        ms = {
+            name: 10.0 if name == "dense" else 7.95 if len(m.blocks) < 10 else 8.0
+            for name, m in models.items()
+        }  # widths 1.25x at about 2x fewer MACs: short; blocks under 1 % faster than them
+        return {"ms": ms, "batch": 4, "threads": 1, "repeats": 1, "device": "cpu"}
+
+    monkeypatch.setattr(latency_module, "measure", measure)
+    monkeypatch.setattr(unit_choice, "output_error", lambda dense, net, x: 0.2)  # level
+    report = pg.prune_structured(idle_tower(), X, target_macs=0.5, progress=False)
+    assert report.settings["unit_choice"]["chosen"] == "widths"
+    assert len(report.model.blocks) == 10
+    assert report.notes[-1].endswith("Kept the widths: they are not 3 % faster")

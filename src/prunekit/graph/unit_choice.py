@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from prunekit.graph import latency as _latency
-from prunekit.graph.hardware import choose, output_error
+from prunekit.graph.hardware import MAX_ERROR_RISE, MIN_GAIN, choose, output_error
 from prunekit.graph.latency import Latency
 from prunekit.graph.report import StructuredReport
 
@@ -97,8 +97,8 @@ def blocks_if_faster(
     if chosen == "widths":
         why = (
             "their outputs are further from the dense model's"
-            if error["blocks"] > error["widths"]
-            else "they are not faster enough"
+            if error["blocks"] > error["widths"] * (1 + MAX_ERROR_RISE)
+            else f"they are not {100 * MIN_GAIN:.0f} % faster"
         )
         widths.notes.append(
             f"the widths run {kept.latency.speedup:.2f}x faster at "
