@@ -72,6 +72,8 @@ def test_blocks_replace_widths_that_run_too_slow_for_their_macs(monkeypatch) -> 
     assert report.latency.dense_ms == pytest.approx(12.0)
     assert report.latency.pruned_ms == pytest.approx(chosen["candidates"]["blocks"]["ms"])
     assert "so whole blocks were removed instead" in report.notes[0]
+    header = str(report).splitlines()[0]  # the measurement is told in the note, not dumped here
+    assert "unit_switched_from=channel" in header and "candidates" not in header
     assert len(model.blocks) == 10  # a copy, as asked
 
 

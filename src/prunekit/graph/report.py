@@ -106,7 +106,8 @@ class StructuredReport:
         }
 
     def __str__(self) -> str:
-        shown = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        # nested measurements (hardware candidates, the widths-or-blocks choice) are in the notes
+        shown = ", ".join(f"{k}={v}" for k, v in self.settings.items() if not isinstance(v, dict))
         lines = [f"prunekit prune_structured ({shown})"]
 
         def pct(a: int, b: int) -> str:
