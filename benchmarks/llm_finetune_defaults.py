@@ -31,9 +31,11 @@ Verdict: the default call's perplexity is at most that of both other rows (one-s
 gradual sets each).
 
 Since the one-shot default peaks at the range test's best rate itself (before: a third of
-it; gradual rows unchanged), default row only, seeds 0 / 1, 1 thread: 50 % 5.209 / 5.224
-(lr 5.2e-4 / 3.7e-4), 70 % 5.205 / 5.222 (lr 2.7e-3 / 3.7e-3); the other rows do not depend on
-it (old defaults 5.240 / 5.252 and 5.348 / 5.359, plain loop 5.244 / 5.259 and 5.349 / 5.355).
+it; gradual rows unchanged), the documented run (``--seed 0 1 --threads 1``, 2026-12-05, exit
+status 0, every verdict PASS), seeds 0 / 1: 50 % default 5.209 / 5.224 (lr 5.2e-4 / 3.7e-4),
+old defaults 5.240 / 5.252, plain loop 5.244 / 5.259; 70 % default 5.205 / 5.223, old defaults
+5.348 / 5.359, plain loop 5.349 / 5.355; gradual default 5.224 / 5.241, gradual old defaults
+5.248 / 5.264, gradual plain loop 5.326 / 5.335.
 
 Measured 2026-12-03, before that change (1 thread, a shared 2-core machine; dense 5.263,
 2 x 100 batches):
