@@ -154,3 +154,16 @@ def test_widths_stay_when_blocks_are_barely_faster(monkeypatch) -> None:
     assert report.settings["unit_choice"]["chosen"] == "widths"
     assert len(report.model.blocks) == 10
     assert report.notes[-1].endswith("Kept the widths: they are not 3 % faster")
+
+
+def test_no_room_for_the_blocks_copy_keeps_the_widths(monkeypatch) -> None:
+    monkeypatch.setattr(latency_module, "measure", block_cost_measure(1.0, []))
+    widths = pg.prune_structured(idle_tower(), X, target_macs=0.5, unit="channel", progress=False)
+
+    def no_room(**_):
+        raise MemoryError("a copy of the model would not fit")
+
+    call = {"model": idle_tower(), "example_inputs": X, "inplace": False, "threads": None}
+    report = unit_choice.blocks_if_faster(call, widths, no_room, {})
+    assert report is widths and len(report.model.blocks) == 10
+    assert "not an option: a copy of the model would not fit" in report.notes[-1]

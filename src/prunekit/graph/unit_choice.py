@@ -60,7 +60,7 @@ def blocks_if_faster(
         return handed_back(model, widths, call["inplace"])
     try:
         blocks = prune(**{**depth_call, "inplace": False, "measure_latency": False}, unit="layer")
-    except ValueError as exc:  # no blocks, or none can go without breaking the target's bound
+    except (ValueError, MemoryError) as exc:  # no blocks fit the bound, or no room for a copy
         widths.notes.append(f"whole blocks to the same MAC target were not an option: {exc}")
         return handed_back(model, widths, call["inplace"])
     got = _latency.measure(
