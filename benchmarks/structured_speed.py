@@ -385,7 +385,7 @@ def main() -> None:
     rows, verdicts = [], []
     found: dict[tuple[str, int], dict[str, str]] = {}  # the figure's cells per model and batch
     for name in args.models:
-        dense = trained.get(name) or MODELS[name]()
+        dense = trained[name] if name in trained else MODELS[name]()
         for batch in args.batches:
             x = images[:batch] if name in trained else inputs_for(name, batch)
             cells = found.setdefault((name, batch), {})

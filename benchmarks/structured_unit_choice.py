@@ -39,7 +39,6 @@ single image (batch 1: block influence from one example), 1.5 points behind the 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
@@ -53,6 +52,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import structured_speed as speed  # noqa: E402
+from llm_oneshot import cache_dir  # noqa: E402
 from train_common import accuracy, find_folder, load_mnist, seed_everything  # noqa: E402
 
 import prunekit  # noqa: E402
@@ -60,10 +60,6 @@ from prunekit.graph.hardware import output_error  # noqa: E402
 
 EPOCHS = 3  # of training on 5,000 MNIST images: 96-98 % on the other 5,000
 ARCHS = {"resnet56": lambda: speed.ResNetCifar(56), "mobilenetv2": speed.MobileNetV2Cifar}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
 
 
 def as_cifar(images: torch.Tensor) -> torch.Tensor:

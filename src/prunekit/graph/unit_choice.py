@@ -50,14 +50,14 @@ def blocks_if_faster(
     prune: Callable[..., StructuredReport],
     depth_call: dict[str, Any],
 ) -> StructuredReport:
-    """``widths`` (pruned from a copy), or whole blocks to the same MAC target when they measure
-    faster with outputs as close to dense; ``call["inplace"]`` is honoured at the end.
+    """``widths`` (pruned from a copy, short of the speed their MACs promise: :func:`falls_short`),
+    or whole blocks to the same MAC target when they measure faster with outputs as close to
+    dense; ``call["inplace"]`` is honoured at the end.
 
     ``call`` holds the user's ``prune_structured`` arguments, ``depth_call`` those a
     ``unit="layer"`` call takes; ``prune`` is ``prune_structured``."""
     model, inputs = call["model"], call["example_inputs"]
-    if not falls_short(widths):
-        return handed_back(model, widths, call["inplace"])
+    fewer = widths.macs_before / max(widths.macs_after, 1)  # the widths' MAC ratio
     try:
         blocks = prune(**{**depth_call, "inplace": False, "measure_latency": False}, unit="layer")
     except (ValueError, MemoryError) as exc:  # no blocks fit the bound, or no room for a copy
@@ -101,16 +101,15 @@ def blocks_if_faster(
             else f"they are not {100 * MIN_GAIN:.0f} % faster"
         )
         widths.notes.append(
-            f"the widths run {kept.latency.speedup:.2f}x faster at "
-            f"{widths.macs_before / max(widths.macs_after, 1):.2f}x fewer MACs, so whole blocks "
-            f"were measured too: {shown}. Kept the widths: {why}"
+            f"the widths run {kept.latency.speedup:.2f}x faster at {fewer:.2f}x fewer MACs, "
+            f"so whole blocks were measured too: {shown}. Kept the widths: {why}"
         )
         return handed_back(model, widths, call["inplace"])
     reason = (
         f"target_macs={call['target_macs']}: channel widths ran only "
-        f"{dense_ms / ms['widths']:.2f}x faster at {widths.macs_before / max(widths.macs_after, 1):.2f}x "
-        f"fewer MACs (per-layer costs do not shrink with widths), so whole blocks were removed "
-        f"instead ({shown}). Pass unit='channel' to prune widths only"
+        f"{dense_ms / ms['widths']:.2f}x faster at {fewer:.2f}x fewer MACs (per-layer costs do "
+        f"not shrink with widths), so whole blocks were removed instead ({shown}). Pass "
+        "unit='channel' to prune widths only"
     )
     warnings.warn(f"prunekit: {reason}", UserWarning, stacklevel=3)
     blocks.notes.insert(0, reason)
